@@ -1,0 +1,178 @@
+"""`ckptflow` — the command line: convert, validate, demo.
+
+User errors (bad input, missing files, unconvertible tensors) end in `error: …` lines naming
+the file or tensor and a non-zero exit, never a traceback; `--verbose` shows Prefect's logs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+EXIT_USER_ERROR = 2
+
+
+def _quiet_prefect(verbose: bool) -> None:
+    # Must run before prefect is imported: settings are read at import time.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # The embedded server's telemetry needs the internet; without it, it logs an error at exit.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _silence_run_loggers() -> None:
+    # Prefect logs a failing flow's traceback; for user errors our one-line message is the report.
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
+    gbps = summary.get("gb_per_s_in")
+    print(f"output:   {summary['dest']}", file=out)
+    print(f"shards:   {summary['shards']} ({summary['cached_shards']} reused from an earlier run)", file=out)
+    print(f"tensors:  {summary['tensors']} ({summary['dropped_tensors']} scale tensors folded in)", file=out)
+    print(f"bytes:    {_human(summary['source_bytes'])} read → {_human(summary['bytes_written'])} written", file=out)
+    print(f"time:     {summary['seconds']:.2f} s total, {summary['shard_seconds']:.2f} s in shard tasks"
+          + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
+    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
+
+
+def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from storage.urls import parse_storage_options
+    from tasks import progress
+
+    from .convert import convert_flow
+
+    opts = parse_storage_options(getattr(args, "storage_options", None))
+    progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
+                    tqdm(unit="shard", desc="shards", disable=None, leave=False))
+    try:
+        flow = convert_flow.with_options(task_runner=_task_runner(args.max_workers))
+        return flow(source=source, dest=dest, dequant=True, work=work, storage_options=opts or None,
+                    fetch=getattr(args, "fetch", False),
+                    allow_missing_scale=getattr(args, "allow_missing_scale", False),
+                    checksum=getattr(args, "checksum", False))
+    finally:
+        progress.detach()
+
+
+def _task_runner(max_workers: int) -> Any:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max_workers)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    if not args.dequant:
+        print("error: nothing to do; choose a stage: --dequant", file=sys.stderr)
+        return EXIT_USER_ERROR
+    summary = _run_convert(args, args.source, args.dest, args.work)
+    print_summary(summary)
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from storage.checkpoint import scan_checkpoint
+    from storage.urls import open_location, parse_storage_options
+    from tasks.validate import find_problems
+
+    ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
+    problems = find_problems(ckpt)
+    errors = [p for p in problems if p.severity == "error"]
+    for p in problems:
+        print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else sys.stdout)
+    n = sum(len(h.tensors) for h in ckpt.headers.values())
+    if errors:
+        print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
+        return 1
+    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, index consistent")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from storage.urls import open_location
+
+    from .synthetic import make_deepseek_v3_fp8
+
+    root = args.dest.rstrip("/")
+    source, dest = f"{root}/source-fp8", f"{root}/output-bf16"
+    src = open_location(source)
+    if not src.fs.exists(src.path("model.safetensors.index.json")):
+        make_deepseek_v3_fp8(src)
+    print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
+    summary = _run_convert(args, source, dest, f"{root}/.work")
+    print_summary(summary)
+    print(f"\nnext: ckptflow validate {dest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptflow", description="Convert large LLM checkpoints, resumably.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert SOURCE into DEST (any fsspec URLs)")
+    c.add_argument("source")
+    c.add_argument("dest")
+    c.add_argument("--dequant", action="store_true", help="FP8 (e4m3 + weight_scale_inv) → BF16")
+    c.add_argument("--work", help="work location: shard records and fetched files "
+                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    c.add_argument("--storage-options", help="JSON of fsspec storage options for SOURCE and DEST")
+    c.add_argument("--fetch", action="store_true", help="copy a remote SOURCE into the work location first")
+    c.add_argument("--allow-missing-scale", action="store_true", help="keep FP8 tensors without a scale as FP8")
+    c.add_argument("--checksum", action="store_true", help="record each output shard's sha256")
+    c.add_argument("--max-workers", type=int, default=2, help="shard tasks at once (default 2)")
+    c.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("validate", help="check the index against every shard header")
+    v.add_argument("source")
+    v.add_argument("--storage-options")
+    v.set_defaults(func=cmd_validate)
+
+    d = sub.add_parser("demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
+    d.add_argument("dest", nargs="?", default="ckptflow-demo")
+    d.add_argument("--max-workers", type=int, default=2)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_prefect(args.verbose)
+    from storage.errors import UserError
+
+    if not args.verbose:
+        _silence_run_loggers()
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.verbose:
+            raise
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        for line in lines[1:]:
+            print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Which storage errors are worth a retry: throttling, timeouts, dropped connections.
+
+User errors (missing files, bad headers, wrong shapes) are never transient: retrying them only
+delays the message the user needs.
+"""
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+_TRANSIENT_NAMES = {
+    "ConnectionError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError",
+    "TimeoutError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
+    "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
+    "IncompleteReadError", "ResponseStreamingError", "ServerTimeoutError",
+}
+_TRANSIENT_WORDS = ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                    "503 Service", "Connection reset", "Connection was closed")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    seen = 0
+    while exc is not None and seen < 8:
+        if type(exc).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):
+            return True
+        text = str(exc)
+        if any(w in text for w in _TRANSIENT_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry only when the failure is a storage hiccup."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False

@@ -1,0 +1,29 @@
+"""Resume across flow runs: a cache policy keyed on what determines a shard's bytes.
+
+Prefect's DEFAULT policy includes RUN_ID, so it only hits inside one flow run, and TASK_SOURCE
+sees the task function but not the helpers and kernels it calls. This key is instead:
+stage + the shard plan's digest + fingerprints (name, size, etag/mtime) of the source files it
+reads + the destination URL + a code version bumped whenever output bytes could change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect.cache_policies import CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+# Bump when a change to planners, transforms or the writer could change any output byte.
+CODE_VERSION = "ckptflow-shards-1"
+
+
+@dataclass
+class ShardCachePolicy(CachePolicy):
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        shard = inputs["shard"]
+        return hash_objects(CODE_VERSION, inputs["stage"], shard.digest(),
+                            sorted(map(tuple, inputs["fingerprints"])), inputs["dest"])
+
+
+SHARD_CACHE = ShardCachePolicy()

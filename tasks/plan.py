@@ -1,0 +1,101 @@
+"""Plans are pure data: what every output shard holds and where each byte comes from.
+
+A stage's planner turns a `Checkpoint` (headers, index, config) into a `StagePlan` without
+reading a tensor. The executor then writes one `ShardPlan` per task. Plans are frozen
+dataclasses of strings and ints, so they hash stably into cache keys and pickle to Dask workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from storage.errors import UserError
+from storage.safetensors_format import TensorInfo, TensorSpec
+
+
+class PlanError(UserError, ValueError):
+    """The checkpoint cannot be converted as asked; the message names the tensor and the fix."""
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """A source tensor: its file, name, dtype, shape and absolute byte range."""
+
+    file: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @classmethod
+    def of(cls, file: str, info: TensorInfo) -> "SourceRef":
+        return cls(file, info.name, info.dtype, tuple(info.shape), info.start, info.end)
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """One output tensor: how to make it (`transform`) from which sources, with which params."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    transform: str                      # "copy" | "dequant_fp8" | "cast"
+    sources: tuple[SourceRef, ...]
+    params: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+    def param(self, key: str, default: Any = None) -> Any:
+        return dict(self.params).get(key, default)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    file: str
+    tensors: tuple[OutputTensor, ...]
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        return [t.spec for t in self.tensors]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.spec.nbytes for t in self.tensors)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(s.end - s.start for t in self.tensors for s in t.sources)
+
+    @property
+    def source_files(self) -> list[str]:
+        return sorted({s.file for t in self.tensors for s in t.sources})
+
+    def digest(self) -> str:
+        """A stable hash of everything that determines this shard's bytes."""
+        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    stage: str
+    shards: tuple[ShardPlan, ...]
+    config: dict[str, Any] | None = None          # config.json to write, None = copy as is
+    dropped: tuple[str, ...] = ()                 # source tensors consumed, not copied
+    warnings: tuple[str, ...] = field(default=())
+
+    def weight_map(self) -> dict[str, str]:
+        return {t.name: s.file for s in self.shards for t in s.tensors}
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(s.source_bytes for s in self.shards)

@@ -1,0 +1,36 @@
+"""The one Prefect task every stage runs per output shard: plan in, small JSON record out."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import task
+
+from storage.transient import retry_transient
+from storage.urls import open_location
+
+from .cache import SHARD_CACHE
+from .execute import write_shard
+from .plan import ShardPlan
+from . import progress
+
+
+@task(name="write-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer="json",
+      cache_result_in_memory=False, retries=3, retry_delay_seconds=[1, 4, 15],
+      retry_condition_fn=retry_transient)
+def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
+                     fingerprints: list[tuple[str, int, str | None]],
+                     storage_options: dict[str, Any] | None = None, digest: bool = False) -> dict[str, Any]:
+    """Write one output shard; returns {url, name, size, sha256, tensors, seconds}.
+
+    `fingerprints` is not read here: it is part of the cache key, so a changed source file
+    (new size or etag/mtime) makes this shard recompute instead of hitting an old record.
+    """
+    src = open_location(source, storage_options)
+    dst = open_location(dest, storage_options)
+    t0 = time.perf_counter()
+    record = write_shard(shard, src, dst, progress.add_bytes, digest=digest)
+    out = record.as_dict()
+    out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), source_bytes=shard.source_bytes)
+    progress.shard_done()
+    return out
