@@ -92,6 +92,11 @@ def _prepare_dest(src: Location, dst: Location) -> None:
     # An index left by an earlier run would vouch for shards this run has not written yet.
     if dst.fs.exists(dst.path(INDEX_NAME)):
         dst.fs.rm(dst.path(INDEX_NAME))
+    # Temp files of a killed run (object stores: incomplete multipart uploads, which a bucket
+    # lifecycle rule expires) are never mistaken for output, but need not pile up either.
+    if dst.is_local and dst.fs.exists(dst.root):
+        for path in dst.fs.glob(dst.path(".*.partial-*")):
+            dst.fs.rm(path)
 
 
 @flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)

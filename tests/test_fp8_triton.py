@@ -124,6 +124,17 @@ def test_overflow_and_subnormal_outputs_are_exercised() -> None:
     assert out_h[2].isinf().any() and (out_h[3][codes[3] & 0x7F != 0] == 0).any()  # fp16 overflow, underflow
 
 
+def test_round_half_to_even() -> None:
+    # Power-of-two weights keep the scale's bits exactly, so these scales are exact rounding ties:
+    # bf16 ties at 2^-8 ulps, fp16 ties at 2^-11 ulps, fp16 subnormal ties at 2^-25, and 65520.
+    ties = [1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-11 + 2**-20,
+            2**-25, 3 * 2**-25, 5 * 2**-25, 2**-25 + 2**-40, 65520.0, 65519.0, 2**-15 + 2**-25]
+    codes = torch.tensor([[0x38, 0xB8, 0x40, 0x08, 0x30]], dtype=torch.uint8).repeat(len(ties), 1)
+    scale = torch.tensor(ties, dtype=torch.float32)[:, None].expand(codes.shape).contiguous()
+    for out_dtype in (torch.bfloat16, torch.float16):
+        check(codes, scale, 1, out_dtype)
+
+
 def test_empty_weight() -> None:
     out = triton_weight_dequant(torch.empty(0, 5, dtype=torch.float8_e4m3fn), torch.empty(0, 1))
     assert out.shape == (0, 5) and out.dtype == torch.bfloat16
@@ -156,6 +167,19 @@ def test_validation_errors(kwargs: dict, exc: type[Exception], match: str) -> No
     args = {"weight": _w(), "scale_inv": torch.ones(1, 1), "block_size": 128, "out_dtype": torch.bfloat16} | kwargs
     with pytest.raises(exc, match=match):
         triton_weight_dequant(args["weight"], args["scale_inv"], args["block_size"], out_dtype=args["out_dtype"])
+
+
+def test_cpu_without_interpreter_is_refused() -> None:
+    import subprocess
+    import sys
+
+    code = ("import torch; from tasks.kernels.fp8_triton import triton_weight_dequant as f\n"
+            "try: f(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(1, 1))\n"
+            "except RuntimeError as e: print('refused:', e)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert "refused:" in res.stdout and "TRITON_INTERPRET=1" in res.stdout, res.stdout + res.stderr
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

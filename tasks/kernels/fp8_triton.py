@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 BF16_NAN_BITS = 0xFFFF  # what torch's vectorized CPU float->bf16 cast writes for any NaN
 _BF16_NAN: tl.constexpr = tl.constexpr(BF16_NAN_BITS)  # jit code may only read constexpr globals
@@ -116,7 +117,7 @@ def _fp8_block_dequant_kernel(
     elif OUT_KIND == 1:
         # Round to nearest-even on the bits. The carry handles overflow to inf and subnormals.
         r = (p + 0x7FFF + ((p >> 16) & 1)) >> 16
-        r = tl.where((p & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, r)
+        r = tl.where((p & 0x7FFFFFFF) > 0x7F800000, _BF16_NAN, r)
         tl.store(out_ptr + offs, r.to(tl.int16), mask=mask)
     else:
         tl.store(out_ptr + offs, _f32_bits_to_f16_bits(p).to(tl.int16), mask=mask)
@@ -165,6 +166,10 @@ def triton_weight_dequant(
     CPU tensors need ``TRITON_INTERPRET=1`` set before triton is imported.
     """
     _validate(weight, scale_inv, block_size, out_dtype)
+    # Triton chooses the interpreter when the kernel is decorated, so check the decorated object.
+    if weight.device.type == "cpu" and not isinstance(_fp8_block_dequant_kernel, InterpretedFunction):
+        raise RuntimeError("weight is on the CPU, but Triton kernels need a GPU there; set TRITON_INTERPRET=1 "
+                           "before importing triton, or use torch_reference_dequant")
     out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
     if weight.numel() == 0:
         return out

@@ -1,0 +1,80 @@
+"""Shared fixtures: generated checkpoints, one Prefect test server per session, a moto S3."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# moto and s3fs need credentials to exist; they are never sent anywhere but loopback.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect server for the whole session (each start costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint on loopback (moto's threaded server), as s3fs's own tests use."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_options(s3_endpoint):
+    """Storage options for s3fs pointing at the moto endpoint, with a fresh bucket per test."""
+    import uuid
+
+    import s3fs
+
+    opts = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**opts)
+    bucket = "ckpt-" + uuid.uuid4().hex[:10]
+    fs.mkdir(bucket)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return {"options": opts, "bucket": bucket}
+
+
+@pytest.fixture
+def demo_ckpt(tmp_path):
+    """A small DeepSeek-V3-layout FP8 checkpoint on local disk."""
+    from flows.synthetic import make_deepseek_v3_fp8
+    from storage.urls import open_location
+
+    path = tmp_path / "fp8"
+    make_deepseek_v3_fp8(open_location(str(path)))
+    return path
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable

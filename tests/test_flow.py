@@ -1,0 +1,78 @@
+"""The convert flow under a Prefect server: output, cache hits across runs, vanished outputs."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flows.convert import convert_flow
+from storage.errors import UserError
+
+
+def tree(path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+
+
+def test_convert_then_rerun_hits_cache_and_recomputes_vanished(prefect_harness, demo_ckpt, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    first = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert first["shards"] == 6 and first["cached_shards"] == 0
+    files = tree(out)
+    assert set(files) == {"config.json", "generation_config.json", "model.safetensors.index.json",
+                          "tokenizer.json", "tokenizer_config.json",
+                          *(f"model-0000{k}-of-00006.safetensors" for k in range(1, 7))}
+    config = json.loads(files["config.json"])
+    assert config["torch_dtype"] == "bfloat16" and "quantization_config" not in config
+    index = json.loads(files["model.safetensors.index.json"])
+    assert not any(k.endswith("_scale_inv") for k in index["weight_map"])
+    assert index["metadata"]["total_size"] == first["bytes_written"]
+    assert files["tokenizer.json"] == (demo_ckpt / "tokenizer.json").read_bytes()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+
+    second = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert second["cached_shards"] == 6
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == mtimes  # not rewritten
+
+    (out / "model-00003-of-00006.safetensors").unlink()
+    third = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert third["cached_shards"] == 5
+    assert [r["name"] for r in third["records"] if not r["cached"]] == ["model-00003-of-00006.safetensors"]
+    assert tree(out) == files
+
+
+def test_changed_source_shard_is_recomputed(prefect_harness, demo_ckpt, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    convert_flow(str(demo_ckpt), str(out), work=str(work))
+    shard = demo_ckpt / "model-00001-of-00006.safetensors"
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a new version
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert [r["name"] for r in again["records"] if not r["cached"]] == ["model-00001-of-00006.safetensors"]
+
+
+def test_bad_input_fails_before_writing_anything(prefect_harness, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    w = torch.zeros(4, 4).to(torch.float8_e4m3fn)
+    save_file({"a.weight": w, "b.weight": torch.ones(2)}, src / "model-1.safetensors")
+    save_file({"c.weight": w}, src / "model-2.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 40}, "weight_map": {
+        "a.weight": "model-1.safetensors", "b.weight": "model-1.safetensors", "c.weight": "model-2.safetensors"}}))
+    with pytest.raises(UserError) as err:
+        convert_flow(str(src), str(tmp_path / "out"), work=str(tmp_path / "work"))
+    assert "'a.weight' is F8_E4M3 but its scale 'a.weight_scale_inv' is not in the checkpoint" in str(err.value)
+    assert "'c.weight'" in str(err.value)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_failed_validation_leaves_dest_untouched(prefect_harness, demo_ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text("{}")
+    (demo_ckpt / "model-00004-of-00006.safetensors").write_bytes(b"\x00" * 4)
+    with pytest.raises(UserError):
+        convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "work"))
+    assert (out / "model.safetensors.index.json").read_text() == "{}"  # validation failed first: untouched

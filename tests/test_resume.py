@@ -1,0 +1,61 @@
+"""Resume after SIGKILL: committed shards are cache hits, the rest recompute, bytes identical."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from flows.convert import convert_flow
+
+from .conftest import PYTHON, ROOT, cli_env
+from .test_flow import tree
+
+# The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
+SLOW_CHILD = """
+import sys, time
+import tasks.shard_task as st
+real = st.write_shard
+def slow(*a, **k):
+    time.sleep(0.8)
+    return real(*a, **k)
+st.write_shard = slow
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = ["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(work), "--max-workers", "1", "--json"]
+    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if len(list(out.glob("*.safetensors"))) >= 2:
+            os.killpg(child.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    committed = sorted(p.name for p in out.glob("*.safetensors"))
+    assert 2 <= len(committed) < 6
+    assert not (out / "model.safetensors.index.json").exists()  # nothing claims the checkpoint complete
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
+
+    rerun = subprocess.run([PYTHON, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["cached_shards"] == len(committed)
+    assert summary["shards"] - summary["cached_shards"] == 6 - len(committed)  # recomputed shards
+    assert {n: (out / n).stat().st_mtime_ns for n in committed} == mtimes  # not rewritten
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]  # the killed temp file is gone
+
+    clean = tmp_path / "clean"
+    convert_flow(str(demo_ckpt), str(clean), work=str(tmp_path / "work-clean"))
+    assert tree(out) == tree(clean)
