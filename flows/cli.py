@@ -61,10 +61,12 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
     try:
         flow = convert_flow.with_options(task_runner=_task_runner(args.max_workers))
-        return flow(source=source, dest=dest, dequant=True, work=work, storage_options=opts or None,
+        return flow(source=source, dest=dest, dequant=getattr(args, "dequant", True), work=work,
+                    storage_options=opts or None, fix_dtypes=getattr(args, "fix_dtypes", False),
+                    allow_dtypes=getattr(args, "allow_dtype", None) or None,
                     fetch=getattr(args, "fetch", False),
                     allow_missing_scale=getattr(args, "allow_missing_scale", False),
-                    checksum=getattr(args, "checksum", False))
+                    checksum=getattr(args, "checksum", False), device=getattr(args, "device", "auto"))
     finally:
         progress.detach()
 
@@ -76,8 +78,8 @@ def _task_runner(max_workers: int) -> Any:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if not args.dequant:
-        print("error: nothing to do; choose a stage: --dequant", file=sys.stderr)
+    if not (args.dequant or args.fix_dtypes):
+        print("error: nothing to do; choose a stage: --dequant and/or --fix-dtypes", file=sys.stderr)
         return EXIT_USER_ERROR
     summary = _run_convert(args, args.source, args.dest, args.work)
     print_summary(summary)
@@ -101,6 +103,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
         return 1
     print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, index consistent")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from storage.checkpoint import scan_checkpoint
+    from storage.urls import open_location, parse_storage_options
+    from tasks.dtypes import check_dtypes
+    from tasks.validate import find_problems
+
+    if args.fix_dtypes_dest:
+        args.dequant, args.fix_dtypes, args.fetch = False, True, False
+        summary = _run_convert(args, args.path, args.fix_dtypes_dest, args.work)
+        print_summary(summary)
+        return 0
+    ckpt = scan_checkpoint(open_location(args.path, parse_storage_options(args.storage_options)))
+    errors = [p for p in find_problems(ckpt) if p.severity == "error"]
+    for p in errors:
+        print(f"error: {p}", file=sys.stderr)
+    report = check_dtypes(ckpt, tuple(args.allow_dtype or ()))
+    print(report.text())
+    if errors or not report.ok:
+        if not report.ok:
+            print(f"\nfix: ckptflow verify {args.path} --fix-dtypes DEST", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -136,9 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fetch", action="store_true", help="copy a remote SOURCE into the work location first")
     c.add_argument("--allow-missing-scale", action="store_true", help="keep FP8 tensors without a scale as FP8")
     c.add_argument("--checksum", action="store_true", help="record each output shard's sha256")
-    c.add_argument("--max-workers", type=int, default=2, help="shard tasks at once (default 2)")
+    c.add_argument("--device", default="auto", help="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")
+    c.add_argument("--max-workers", type=int, default=1,
+                   help="shard tasks at once (default 1: a CPU shard task already uses every core; "
+                        "raise it for object storage, where tasks wait on the network)")
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
     c.set_defaults(func=cmd_convert)
+
+    c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
+    c.add_argument("--allow-dtype", action="append", metavar="REGEX",
+                   help="tensor names allowed to differ from torch_dtype (repeatable)")
+
+    f = sub.add_parser("verify", help="check dtypes against config.json, index and total_size")
+    f.add_argument("path")
+    f.add_argument("--fix-dtypes", dest="fix_dtypes_dest", metavar="DEST",
+                   help="write a copy to DEST with mismatched tensors cast to the config's dtype")
+    f.add_argument("--allow-dtype", action="append", metavar="REGEX")
+    f.add_argument("--storage-options")
+    f.add_argument("--work")
+    f.add_argument("--max-workers", type=int, default=1)
+    f.set_defaults(func=cmd_verify, fix_dtypes=False)
 
     v = sub.add_parser("validate", help="check the index against every shard header")
     v.add_argument("source")
@@ -147,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
     d.add_argument("dest", nargs="?", default="ckptflow-demo")
-    d.add_argument("--max-workers", type=int, default=2)
+    d.add_argument("--max-workers", type=int, default=1)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -6,6 +6,7 @@ work location, so a rerun of the same command after a crash skips every committe
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,12 +17,15 @@ from storage.checkpoint import Checkpoint, scan_checkpoint
 from storage.files import CONFIG_NAME, INDEX_NAME, copy_file, index_document, list_files, write_json
 from storage.urls import Location, StorageError, open_location
 from tasks import progress
+from tasks.dequant import resolve_device
 from tasks.dequant_plan import plan_dequant
 from tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
+from tasks.dtypes import DtypeReport, check_dtypes, check_plan, fix_dtypes, identity_plan
 from tasks.plan import PlanError, StagePlan
 from tasks.shard_task import write_shard_task
 from tasks.validate import check, find_problems
 
+from .report import publish_dtype_report, publish_summary
 from .workdir import default_work, result_storage
 
 
@@ -48,7 +52,8 @@ def _output_is_whole(dst: Location, name: str, size: int) -> bool:
 
 
 def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, work: str,
-               storage_options: dict[str, Any] | None, digest: bool = False) -> list[dict[str, Any]]:
+               storage_options: dict[str, Any] | None, digest: bool = False, device: str = "cpu",
+               backend: str = "auto") -> list[dict[str, Any]]:
     """Submit one cached task per output shard and wait; returns records with a `cached` flag."""
     from storage.safetensors_format import file_size_for
 
@@ -60,7 +65,8 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
         task = write_shard_task.with_options(name=f"{plan.stage}-shard", result_storage=storage,
                                              refresh_cache=not whole)
         fps = [ckpt.fingerprint(f) for f in shard.source_files]
-        futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest))
+        futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
+                                   device, backend))
     wait(futures)
     records = []
     for shard, fut in zip(plan.shards, futures):
@@ -99,53 +105,85 @@ def _prepare_dest(src: Location, dst: Location) -> None:
             dst.fs.rm(path)
 
 
-@flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
-def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None = None,
-                 storage_options: dict[str, Any] | None = None, fetch: bool = False,
-                 allow_missing_scale: bool = False, checksum: bool = False) -> dict[str, Any]:
-    """Convert the checkpoint at `source` into `dest`; returns a summary of what was done."""
-    logger = get_run_logger()
-    t0 = time.perf_counter()
-    work = work or default_work(dest)
-    src = open_location(source, storage_options)
-    if fetch and not src.is_local:
-        src = _fetch(src, work, storage_options)
-    ckpt = scan_checkpoint(src)
-    warnings = check(ckpt)
-    for w in warnings:
-        logger.warning("%s", w)
-    if not dequant:
-        raise PlanError("nothing to do: choose a stage (--dequant)")
-    plan = plan_dequant(ckpt, allow_missing_scale=allow_missing_scale)
-    for w in plan.warnings:
-        logger.warning("%s", w)
-    dst = open_location(dest, storage_options)
-    _prepare_dest(src, dst)
-    progress.set_totals(plan.total_size, len(plan.shards))
-    records = run_shards(plan, ckpt, src, dst, work, storage_options, checksum)
-    finalize(plan, ckpt, src, dst)
+def build_plan(ckpt: Checkpoint, dequant: bool, fix: bool, allow_missing_scale: bool,
+               allow_dtypes: tuple[str, ...]) -> StagePlan:
+    """Compose the requested stages into one plan (one pass over the bytes)."""
+    if dequant:
+        plan = plan_dequant(ckpt, allow_missing_scale=allow_missing_scale)
+    elif fix:
+        plan = identity_plan(ckpt)
+    else:
+        raise PlanError("nothing to do: choose a stage (--dequant, --fix-dtypes)")
+    config = plan.config if plan.config is not None else ckpt.config
+    if fix:
+        plan = fix_dtypes(plan, config, allow_dtypes)
+        plan = replace(plan, stage=f"{plan.stage}+fix-dtypes")
+    predicted = check_plan(plan, config, allow_dtypes)
+    if not predicted.ok:
+        raise PlanError(f"{len(predicted.mismatches)} tensor(s) would not match config.json's torch_dtype "
+                        f"({predicted.expected}); add --fix-dtypes to cast them, or --allow-dtype REGEX for "
+                        "tensors that are meant to differ:\n" + "\n".join(f"  - {m}" for m in predicted.mismatches[:50]))
+    return plan
+
+
+def verify_output(dst: Location, allow_dtypes: tuple[str, ...] = ()) -> tuple[Checkpoint, DtypeReport]:
+    """Read back what was written: index ↔ headers, total_size, dtypes against config.json."""
     written = scan_checkpoint(dst)
     problems = [p for p in find_problems(written) if p.severity == "error"]
     if problems:
         raise StorageError(f"{dst.url}: the written checkpoint fails validation:\n"
                            + "\n".join(f"  - {p}" for p in problems))
-    seconds = time.perf_counter() - t0
+    report = check_dtypes(written, allow_dtypes)
+    publish_dtype_report(report, dst.url)
+    if not report.ok:
+        raise PlanError(f"{dst.url}: dtypes do not match config.json:\n{report.text()}")
+    return written, report
+
+
+@flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None = None,
+                 storage_options: dict[str, Any] | None = None, fetch: bool = False,
+                 allow_missing_scale: bool = False, checksum: bool = False, device: str = "auto",
+                 dequant_backend: str = "auto", fix_dtypes: bool = False,
+                 allow_dtypes: list[str] | None = None) -> dict[str, Any]:
+    """Convert the checkpoint at `source` into `dest`; returns a summary of what was done."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    work = work or default_work(dest)
+    allowed = tuple(allow_dtypes or ())
+    src = open_location(source, storage_options)
+    if fetch and not src.is_local:
+        src = _fetch(src, work, storage_options)
+    ckpt = scan_checkpoint(src)
+    for w in check(ckpt):
+        logger.warning("%s", w)
+    plan = build_plan(ckpt, dequant, fix_dtypes, allow_missing_scale, allowed)
+    for w in plan.warnings:
+        logger.warning("%s", w)
+    dst = open_location(dest, storage_options)
+    _prepare_dest(src, dst)
+    progress.set_totals(plan.total_size, len(plan.shards))
+    records = run_shards(plan, ckpt, src, dst, work, storage_options, checksum,
+                         resolve_device(device), dequant_backend)
+    finalize(plan, ckpt, src, dst)
+    written, report = verify_output(dst, allowed)
+    summary = summarize(plan, records, report, time.perf_counter() - t0)
+    summary.update(source=source, dest=dest, work=work)
+    publish_summary(summary)
+    logger.info("converted %d shard(s) (%d cached) into %s in %.1fs", summary["shards"],
+                summary["cached_shards"], dest, summary["seconds"])
+    return summary
+
+
+def summarize(plan: StagePlan, records: list[dict[str, Any]], report: DtypeReport, seconds: float) -> dict[str, Any]:
     computed = [r for r in records if not r["cached"]]
     compute_s = sum(r.get("seconds", 0.0) for r in computed)
-    dtypes: dict[str, int] = {}
-    for h in written.headers.values():
-        for info in h.tensors.values():
-            dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
-    summary = {
-        "source": source, "dest": dest, "work": work, "stage": plan.stage,
-        "shards": len(records), "cached_shards": len(records) - len(computed),
+    in_bytes = sum(r.get("source_bytes", 0) for r in computed)
+    return {
+        "stage": plan.stage, "shards": len(records), "cached_shards": len(records) - len(computed),
         "tensors": sum(r["tensors"] for r in records), "bytes_written": plan.total_size,
         "source_bytes": plan.source_bytes, "dropped_tensors": len(plan.dropped),
         "seconds": round(seconds, 3), "shard_seconds": round(compute_s, 3),
-        "gb_per_s_in": round(sum(r.get("source_bytes", 0) for r in computed) / compute_s / 1e9, 3)
-        if compute_s else None,
-        "dtypes": dict(sorted(dtypes.items())), "records": records,
+        "gb_per_s_in": round(in_bytes / compute_s / 1e9, 3) if compute_s else None,
+        "dtypes": {r["dtype"]: r["tensors"] for r in report.rows()}, "records": records,
     }
-    logger.info("converted %d shard(s) (%d cached) into %s in %.1fs", summary["shards"],
-                summary["cached_shards"], dest, seconds)
-    return summary

@@ -17,7 +17,7 @@ from storage.files import CONFIG_NAME, INDEX_NAME, index_document, write_bytes_a
 from storage.safetensors_format import TensorSpec
 from storage.urls import Location
 from storage.writer import SafetensorsWriter
-from tasks.fp8 import TORCH_TO_ST
+from tasks.torch_dtypes import TORCH_TO_ST
 
 BLOCK = 128
 

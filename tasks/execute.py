@@ -10,6 +10,8 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import product
 
 import numpy as np
 
@@ -59,10 +61,6 @@ class _BackgroundWriter:
 
 def _read_ahead(reader: RangeReader, file: str, ranges: list[tuple[int, int]],
                 pool: ThreadPoolExecutor) -> Iterator[memoryview | bytes]:
-    if reader.loc.is_local:  # mmap: the "read" is a page fault during compute
-        for a, b in ranges:
-            yield reader.read(file, a, b)
-        return
     pending = [pool.submit(reader.read, file, a, b) for a, b in ranges[:READ_AHEAD]]
     for i in range(len(ranges)):
         data = pending.pop(0).result()
@@ -72,21 +70,30 @@ def _read_ahead(reader: RangeReader, file: str, ranges: list[tuple[int, int]],
         yield data
 
 
-def _copy(t: OutputTensor, reader: RangeReader, pool: ThreadPoolExecutor) -> Iterator[bytes | memoryview]:
+@dataclass
+class ExecContext:
+    reader: RangeReader
+    pool: ThreadPoolExecutor
+    device: str = "cpu"        # where dequant runs: "cpu" or "cuda[:n]"
+    backend: str = "auto"      # weight_dequant backend: "auto" | "torch" | "triton"
+
+
+def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
     (src,) = t.sources
     ranges = [(a, min(a + CHUNK_BYTES, src.end)) for a in range(src.start, src.end, CHUNK_BYTES)]
-    yield from _read_ahead(reader, src.file, ranges, pool)
+    yield from _read_ahead(ctx.reader, src.file, ranges, ctx.pool)
 
 
-def _dequant(t: OutputTensor, reader: RangeReader, pool: ThreadPoolExecutor) -> Iterator[bytes | memoryview]:
+def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
     import torch
 
+    from .dequant import weight_dequant
     from .fp8 import FP8_DTYPES, dequant_rows
     from .fp8_layout import normalise_scale
 
     weight, scale = t.sources
     fp8 = FP8_DTYPES[weight.dtype]
-    scale_t = torch.frombuffer(bytearray(reader.read(scale.file, scale.start, scale.end)),
+    scale_t = torch.frombuffer(bytearray(ctx.reader.read(scale.file, scale.start, scale.end)),
                                dtype=torch.float32).reshape(scale.shape)
     bm, bn = normalise_scale(weight.shape, scale.shape, tuple(t.param("block")), t.name)
     rows, cols = weight.shape[-2:]
@@ -94,24 +101,50 @@ def _dequant(t: OutputTensor, reader: RangeReader, pool: ThreadPoolExecutor) -> 
     scales = scale_t.reshape(-1, 1, 1).expand(mats, 1, 1) if scale_t.numel() == 1 \
         else scale_t.reshape(mats, -(-rows // bm), -(-cols // bn))
     step = max(bm, (CHUNK_BYTES // max(cols, 1)) // bm * bm)  # whole block rows per chunk
-    pieces = [(e, r, min(r + step, rows)) for e in range(mats) for r in range(0, rows, step)]
+    pieces = [(e, r, min(r + step, rows)) for e, r in product(range(mats), range(0, rows, step))]
     ranges = [(weight.start + (e * rows + r0) * cols, weight.start + (e * rows + r1) * cols)
               for e, r0, r1 in pieces]
-    out_dtype = torch.bfloat16
-    for (e, r0, r1), raw in zip(pieces, _read_ahead(reader, weight.file, ranges, pool)):
+    on_cpu_tables = ctx.device == "cpu" and ctx.backend in ("auto", "torch")
+    for (e, r0, r1), raw in zip(pieces, _read_ahead(ctx.reader, weight.file, ranges, ctx.pool)):
         codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols)
-        out = np.empty((r1 - r0, cols), dtype=np.int16)
-        dequant_rows(codes, scales[e, r0 // bm: -(-r1 // bm)], (bm, bn), fp8, out, out_dtype)
-        yield memoryview(out).cast("B")
+        block_scales = scales[e, r0 // bm: -(-r1 // bm)]
+        if on_cpu_tables:
+            out = np.empty((r1 - r0, cols), dtype=np.int16)
+            dequant_rows(codes, block_scales, (bm, bn), fp8, out)
+            yield memoryview(out).cast("B")
+            continue
+        # Device path: this chunk to the device, dequant there, bf16 bytes back.
+        w = torch.from_numpy(codes.copy()).to(ctx.device, non_blocking=True).view(fp8)
+        s = block_scales.contiguous().to(ctx.device) if scale_t.numel() > 1 else scale_t
+        got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
+        yield memoryview(got.cpu().view(torch.int16).numpy()).cast("B")
 
 
-TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant}
+def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
+    """Cast element-wise with torch's own `.to()` (round to nearest-even), chunk by chunk."""
+    import torch
+
+    from .torch_dtypes import ST_TO_TORCH
+
+    (src,) = t.sources
+    src_dt, dst_dt = ST_TO_TORCH[src.dtype], ST_TO_TORCH[t.dtype]
+    step = max(1, CHUNK_BYTES // src_dt.itemsize) * src_dt.itemsize
+    ranges = [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)]
+    for raw in _read_ahead(ctx.reader, src.file, ranges, ctx.pool):
+        if not isinstance(raw, memoryview) or raw.readonly:
+            raw = bytearray(raw)  # torch wraps only writable buffers without a warning
+        out = torch.frombuffer(raw, dtype=src_dt).to(dst_dt)
+        yield memoryview(out.view(torch.uint8).numpy()).cast("B")
 
 
-def write_shard(shard: ShardPlan, src: Location, dst: Location,
-                progress: Progress | None = None, digest: bool = False) -> WrittenFile:
+TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast}
+
+
+def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progress | None = None,
+                digest: bool = False, device: str = "cpu", backend: str = "auto") -> WrittenFile:
     """Write `shard.file` under `dst` from sources under `src`; atomic; returns its record."""
     with RangeReader(src) as reader, ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
+        ctx = ExecContext(reader, pool, device, backend)
         writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest)
         bg = _BackgroundWriter(writer)
         try:
@@ -119,7 +152,7 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location,
                 transform = TRANSFORMS.get(t.transform)
                 if transform is None:
                     raise ValueError(f"{shard.file}: tensor {t.name!r} has unknown transform {t.transform!r}")
-                for piece in transform(t, reader, pool):
+                for piece in transform(t, ctx):
                     bg.put(t.name, piece)
                     if progress:
                         progress(len(piece))

@@ -20,10 +20,6 @@ import torch
 from .fp8_layout import normalise_scale
 
 FP8_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-TORCH_TO_ST: dict[torch.dtype, str] = {
-    torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
 _NP_INT = {2: np.int16, 4: np.int32}
 _ROWS_PER_STEP = 16   # rows per gather: keeps the int32 index buffer in L2

@@ -20,16 +20,18 @@ from . import progress
       retry_condition_fn=retry_transient)
 def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
                      fingerprints: list[tuple[str, int, str | None]],
-                     storage_options: dict[str, Any] | None = None, digest: bool = False) -> dict[str, Any]:
+                     storage_options: dict[str, Any] | None = None, digest: bool = False,
+                     device: str = "cpu", backend: str = "auto") -> dict[str, Any]:
     """Write one output shard; returns {url, name, size, sha256, tensors, seconds}.
 
     `fingerprints` is not read here: it is part of the cache key, so a changed source file
     (new size or etag/mtime) makes this shard recompute instead of hitting an old record.
+    `device`/`backend` are not in the key: every backend writes the same bytes.
     """
     src = open_location(source, storage_options)
     dst = open_location(dest, storage_options)
     t0 = time.perf_counter()
-    record = write_shard(shard, src, dst, progress.add_bytes, digest=digest)
+    record = write_shard(shard, src, dst, progress.add_bytes, digest=digest, device=device, backend=backend)
     out = record.as_dict()
     out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), source_bytes=shard.source_bytes)
     progress.shard_done()

@@ -6,12 +6,14 @@ before triton is imported.
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # conftest does this too; repeated for running this file alone
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import math  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from tasks.kernels.fp8_triton import (  # noqa: E402
     BF16_NAN_BITS,

@@ -6,10 +6,11 @@ variant must be byte-identical to a plain local → local conversion of the same
 """
 from __future__ import annotations
 
+import gc
+import hashlib
 import json
-import os
 import subprocess
-import uuid
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +147,16 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
         assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])
         assert_no_leftovers(fs, bucket)
 
+        # An output shard deleted behind our back, another cut short: both are rewritten even
+        # though their records say done; the rest are still reused.
+        shards = sorted(n for n in reference["output"] if n.endswith(".safetensors"))
+        fs.rm(f"{bucket}/out/{shards[0]}")
+        fs.pipe(f"{bucket}/out/{shards[1]}", reference["output"][shards[1]][:1000])
+        third = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts)
+        assert third["cached_shards"] == want["shards"] - 2
+        assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])
+        assert_no_leftovers(fs, bucket)
+
 
 def _mtimes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
@@ -216,7 +227,7 @@ def test_cli_uses_fsspec_env_config(s3_endpoint, s3_options, demo, reference, tm
 def _specs_and_data(nbytes: int):
     from storage.safetensors_format import TensorSpec
 
-    specs = [TensorSpec("a.weight", "BF16", (nbytes // 2,)), TensorSpec("b.bias", "F32", (4,))]
+    specs = [TensorSpec("a.weight", "F16", (nbytes // 2,)), TensorSpec("b.bias", "F32", (4,))]
     rng = np.random.default_rng(0)
     data = {"a.weight": rng.integers(0, 256, nbytes, dtype=np.uint8).tobytes(),
             "b.bias": np.arange(4, dtype=np.float32).tobytes()}
@@ -229,6 +240,7 @@ def small_blocks(s3_options):
     return {**s3_options["options"], "default_block_size": 5 * MiB}
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see the xfail below
 def test_writer_abort_on_s3_leaves_nothing(s3_options, small_blocks):
     from storage.urls import open_location
     from storage.writer import SafetensorsWriter
@@ -251,6 +263,30 @@ def test_writer_abort_on_s3_leaves_nothing(s3_options, small_blocks):
     assert pending_uploads(fs, bucket) == []
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "storage/writer.py AtomicFile.abort: on object stores it calls s3fs S3File.discard(), which "
+    "drops the buffer but leaves the file open; when it is collected, fsspec's "
+    "AbstractBufferedFile.__del__ calls close() -> flush(force=True) -> S3File._upload_chunk, "
+    "which raises AttributeError ('NoneType' object has no attribute 'tell'), printed as "
+    "'Exception ignored in ... __del__' after every aborted S3 write. Nothing is uploaded, "
+    "but the file should be marked closed after discard()"))
+def test_writer_abort_on_s3_closes_the_file(s3_options, monkeypatch):
+    from storage.urls import open_location
+    from storage.writer import SafetensorsWriter
+
+    seen: list = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    loc = open_location(f"s3://{s3_options['bucket']}/x", s3_options["options"])
+    specs, data = _specs_and_data(1 * MiB)
+    w = SafetensorsWriter(loc, "shard.safetensors", specs)
+    w.write("a.weight", data["a.weight"][:1000])
+    w.abort()
+    del w
+    gc.collect()
+    assert [f"{type(u.exc_value).__name__}: {u.exc_value}" for u in seen] == []
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see the xfail above
 def test_writer_short_commit_on_s3_leaves_nothing(s3_options, small_blocks):
     from storage.urls import open_location
     from storage.writer import SafetensorsWriter
@@ -299,10 +335,10 @@ def test_writer_commit_on_s3_is_visible_only_after_commit(nbytes, s3_options, sm
     body = fs.cat(key)
     assert body == build_header(specs, {"format": "pt"}) + a + data["b.bias"]
     assert record.size == len(body) and record.tensors == 2
-    import hashlib
     assert record.sha256 == hashlib.sha256(body).hexdigest()
     assert record.url == f"s3://{bucket}/x/shard.safetensors"
-    loaded = load(body)
+    loaded = load(body)  # safetensors itself reads it back
+    assert loaded["a.weight"].tobytes() == a
     assert loaded["b.bias"].tolist() == [0.0, 1.0, 2.0, 3.0]
     assert s3_keys(fs, bucket) == [key]
     assert pending_uploads(fs, bucket) == []
@@ -375,3 +411,82 @@ def test_read_header_on_s3_larger_than_the_probe(s3_options):
     assert set(header.tensors) == set(tensors)
     assert len(counter.calls) == 2
     assert counter.bytes == 8 + n
+
+
+# ------------------------------------------------------------------- known product bugs (xfail)
+
+
+def _put_folder_marker(fs: s3fs.S3FileSystem, bucket: str, key: str) -> None:
+    """A zero-byte "key/" object, as the S3 console's "Create folder" and many sync tools leave."""
+    fs.call_s3("put_object", Bucket=bucket, Key=key, Body=b"")
+    fs.invalidate_cache()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "storage/files.py list_files keeps S3 folder-marker objects (zero-byte keys ending in '/'), "
+    "which s3fs.find reports as type 'file': the marker 'src/' becomes a file named '' and "
+    "'src/extra/' one named 'extra/'. finalize() then copies them as other files: "
+    "copy_file(src, dst, '') writes dst.path('') — a stray zero-byte object at key 'out', next "
+    "to the 'out/' prefix — and 'extra/' becomes a zero-byte object 'out/extra'"))
+def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, reference, tmp_path):
+    from flows.convert import convert_flow
+
+    opts, bucket = s3_options["options"], s3_options["bucket"]
+    fs = fresh_fs(opts)
+    upload_dir(fs, demo, f"{bucket}/src")
+    _put_folder_marker(fs, bucket, "src/")
+    _put_folder_marker(fs, bucket, "src/extra/")
+
+    convert_flow(f"s3://{bucket}/src", f"s3://{bucket}/out", work=str(tmp_path / "work"),
+                 storage_options=opts)
+
+    objects = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix="out")["Contents"]
+    keys = sorted(o["Key"] for o in objects)
+    assert keys == sorted(f"out/{n}" for n in reference["output"])
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "storage/files.py list_files reports the S3 folder marker 'src/' as a file named ''; with "
+    "fetch=True, fetch_file copies it to the local work dir via AtomicFile(dst, ''), whose temp "
+    "name is '<work>/source/..partial-XXXX' and whose final path is the directory itself, so "
+    "the task fails (FileNotFoundError when the directory does not exist yet, else OSError "
+    "'Directory not empty' from os.replace) and the flow with it"))
+def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, reference, tmp_path):
+    from flows.convert import convert_flow
+
+    opts, bucket = s3_options["options"], s3_options["bucket"]
+    fs = fresh_fs(opts)
+    upload_dir(fs, demo, f"{bucket}/src")
+    _put_folder_marker(fs, bucket, "src/")
+
+    convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "work"),
+                 storage_options=opts, fetch=True)
+
+    assert local_tree(tmp_path / "work" / "source") == reference["source"]
+    assert_same_tree(local_tree(tmp_path / "out"), reference["output"])
+
+
+@pytest.mark.xfail(strict=True, raises=Exception, reason=(
+    "flows/convert.py _fetch opens the work location with open_location(f'{work}/source') and "
+    "tasks/fetch.py fetch_file opens its dest with open_location(dest), both without "
+    "storage_options, while result_storage(work, storage_options) does pass them: with --work "
+    "on a bucket that needs options (an endpoint, keys), --fetch talks to the default S3 "
+    "endpoint instead (here a dead loopback port, so nothing leaves the machine)"))
+def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, reference, tmp_path,
+                                          monkeypatch):
+    from flows.convert import convert_flow
+    from .conftest import free_port
+
+    opts, bucket = s3_options["options"], s3_options["bucket"]
+    fs = fresh_fs(opts)
+    upload_dir(fs, demo, f"{bucket}/src")
+    # An S3 client built without our options must fail fast, on loopback, not reach AWS.
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+    convert_flow(f"s3://{bucket}/src", f"s3://{bucket}/out", work=f"s3://{bucket}/work",
+                 storage_options=opts, fetch=True)
+
+    assert s3_tree(fs, f"{bucket}/work/source") == reference["source"]
+    assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])

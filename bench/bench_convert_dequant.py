@@ -1,0 +1,97 @@
+"""`ckptflow convert --dequant` vs the seed-000 whole-file baseline on a ≥ 1 GiB checkpoint.
+
+Prints wall time, throughput and peak RSS of each (each run in its own process, same machine,
+same page-cache state), their ratios, and Prefect's fixed start-up cost. Targets (issue 2):
+peak RSS ≤ ¼ of the baseline's, throughput ≥ 1.5× the baseline's.
+
+    python bench/bench_convert_dequant.py [--dir /tmp/ckptflow-bench] [--gib 1.2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import mib, run_measured  # noqa: E402
+
+
+def dims_for(gib: float):
+    from flows.synthetic import DeepSeekDims
+
+    # ~150 MiB of FP8 per MoE layer; 4 layers per shard ≈ 600 MiB shards (real ones are ~4-5 GB).
+    layers = max(2, round(gib * 1024 / 150))
+    return DeepSeekDims(vocab_size=8000, hidden_size=1600, intermediate_size=4200, moe_intermediate_size=520,
+                        num_hidden_layers=layers, first_k_dense_replace=1, num_attention_heads=16,
+                        n_routed_experts=60, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+                        qk_rope_head_dim=32, v_head_dim=64, num_nextn_predict_layers=0, layers_per_shard=4)
+
+
+def ensure_checkpoint(path: Path, gib: float) -> int:
+    from flows.synthetic import make_deepseek_v3_fp8
+    from storage.urls import open_location
+
+    if not (path / "model.safetensors.index.json").exists():
+        shutil.rmtree(path, ignore_errors=True)
+        print(f"generating a {gib} GiB DeepSeek-V3-shaped FP8 checkpoint in {path} …", flush=True)
+        make_deepseek_v3_fp8(open_location(str(path)), dims_for(gib))
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors import safe_open
+
+    for f in sorted(a.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as x, safe_open(str(b / f.name), "pt") as y:
+            if sorted(x.keys()) != sorted(y.keys()):
+                return False
+            for k in x.keys():
+                tx, ty = x.get_tensor(k), y.get_tensor(k)
+                if tx.dtype != ty.dtype or not torch.equal(tx.view(torch.uint8), ty.view(torch.uint8)):
+                    return False
+    return True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/ckptflow-bench")
+    ap.add_argument("--gib", type=float, default=1.2)
+    args = ap.parse_args()
+    root = Path(args.dir)
+    src = root / "fp8"
+    size = ensure_checkpoint(src, args.gib)
+    print(f"checkpoint: {size / 2**30:.2f} GiB in {len(list(src.glob('*.safetensors')))} shards")
+    base_out, flow_out, work = root / "out-baseline", root / "out-ckptflow", root / "work"
+    for p in (base_out, flow_out, work):
+        shutil.rmtree(p, ignore_errors=True)
+    # Warm the page cache for both runs alike.
+    for f in src.glob("*.safetensors"):
+        f.read_bytes()
+
+    b_wall, b_rss, _ = run_measured([sys.executable, "bench/baseline_dequant.py", str(src), str(base_out)])
+    c_wall, c_rss, out = run_measured([sys.executable, "-m", "flows.cli", "convert", str(src), str(flow_out),
+                                       "--dequant", "--work", str(work), "--json", "--device", "cpu"])
+    summary = json.loads(out.strip().splitlines()[-1])
+    flow_s = summary["seconds"]
+    startup = c_wall - flow_s
+    ok = same_tensors(base_out, flow_out)
+
+    print(f"\n{'':24}{'wall s':>9}{'GB/s in':>9}{'peak RSS':>11}")
+    print(f"{'baseline (seed 000)':24}{b_wall:9.2f}{size / b_wall / 1e9:9.3f}{mib(b_rss):>11}")
+    print(f"{'ckptflow (whole CLI)':24}{c_wall:9.2f}{size / c_wall / 1e9:9.3f}{mib(c_rss):>11}")
+    print(f"{'ckptflow (flow only)':24}{flow_s:9.2f}{size / flow_s / 1e9:9.3f}")
+    print(f"\nPrefect fixed start-up (ephemeral server + imports): {startup:.1f} s")
+    print(f"throughput ratio, whole CLI vs baseline:   {b_wall / c_wall:.2f}×   (target ≥ 1.5×)")
+    print(f"throughput ratio, flow only vs baseline:   {b_wall / flow_s:.2f}×")
+    print(f"peak RSS ratio ckptflow / baseline:        {c_rss / b_rss:.3f}   (target ≤ 0.25)")
+    print(f"outputs tensor-for-tensor identical:       {ok}")
+    if not ok:
+        raise SystemExit("outputs differ")
+
+
+if __name__ == "__main__":
+    main()

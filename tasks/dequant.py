@@ -1,0 +1,93 @@
+"""`weight_dequant`: block-wise FP8 → BF16 on whichever backend fits, all bit-identical.
+
+Backends:
+- "triton": the Triton kernel (`tasks.kernels.fp8_triton`), on a CUDA device — or on the CPU
+  under `TRITON_INTERPRET=1`, which is how it is tested here;
+- "torch": the lookup-table path (`tasks.fp8`): on the CPU with numpy gathers; on a GPU the
+  same tables (built on the CPU, so rounding and NaN bits match) gathered on the device;
+- "auto": Triton on CUDA devices with FP8 support (sm89+) for e4m3 block scales, else "torch".
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .fp8 import block_tables, torch_weight_dequant
+from .fp8_layout import normalise_scale
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_usable(weight: torch.Tensor) -> bool:
+    if weight.device.type == "cuda":
+        return torch.cuda.get_device_capability(weight.device) >= (8, 9)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def resolve_backend(backend: str, weight: torch.Tensor, scale_inv: torch.Tensor,
+                    block: tuple[int, int]) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    kernel_fits = (weight.dtype in (torch.float8_e4m3fn, torch.uint8) and block[0] == block[1]
+                   and scale_inv.dim() == weight.dim())
+    if backend == "auto":
+        return "triton" if weight.device.type == "cuda" and kernel_fits and triton_usable(weight) else "torch"
+    return backend
+
+
+def _gpu_lut_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """The table path on a GPU: tables from the CPU, one gather per element on the device."""
+    bm, bn = normalise_scale(tuple(weight.shape), tuple(scale_inv.shape), block)
+    rows, cols = weight.shape[-2:]
+    mats = weight.reshape(-1, rows, cols)
+    s = scale_inv.detach().cpu().reshape(-1, 1, 1) if scale_inv.numel() == 1 \
+        else scale_inv.detach().cpu().reshape(mats.shape[0], -(-rows // bm), -(-cols // bn))
+    tables = torch.from_numpy(block_tables(s, weight.dtype, out_dtype)).to(weight.device).reshape(-1)
+    rb, nb = s.shape[-2], s.shape[-1]
+    dev = weight.device
+    e = torch.arange(mats.shape[0], device=dev).view(-1, 1, 1) * (rb * nb)
+    r = (torch.arange(rows, device=dev) // bm).view(1, -1, 1) * nb
+    c = (torch.arange(cols, device=dev) // bn).view(1, 1, -1)
+    codes = mats.view(torch.uint8).to(torch.int64)
+    idx = codes if scale_inv.numel() == 1 else (e + r + c) * 256 + codes
+    return tables[idx].view(out_dtype).reshape(weight.shape)
+
+
+def weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int | tuple[int, int] = 128,
+                   *, backend: str = "auto", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dequantize `weight` (FP8, 2-D or 3-D) with per-block `scale_inv`; returns `out_dtype`.
+
+    out[..., i, j] = out_dtype(float32(weight[..., i, j]) * scale_inv[..., i // bm, j // bn]),
+    rounded to nearest-even on every backend. A one-element `scale_inv` is a per-tensor scale.
+    """
+    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if weight.dtype == torch.uint8:
+        weight = weight.view(torch.float8_e4m3fn)
+    chosen = resolve_backend(backend, weight, scale_inv, block)
+    if chosen == "triton":
+        from .kernels.fp8_triton import triton_weight_dequant
+
+        if block[0] != block[1]:
+            raise ValueError(f"the Triton kernel takes square blocks; got {block}: use backend='torch'")
+        return triton_weight_dequant(weight.contiguous(), scale_inv.to(weight.device).contiguous(), block[0],
+                                     out_dtype=out_dtype)
+    if weight.device.type == "cpu":
+        return torch_weight_dequant(weight, scale_inv, block, out_dtype)
+    return _gpu_lut_dequant(weight, scale_inv, block, out_dtype)
+
+
+def resolve_device(device: str) -> str:
+    """`--device auto|cpu|cuda[:n]` → the device shard tasks dequantize on."""
+    from storage.errors import UserError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
+        return device
+    raise UserError(f"--device must be auto, cpu or cuda[:N], got {device!r}")

@@ -1,0 +1,185 @@
+"""Verify dtypes: every floating tensor against config.json's `torch_dtype`, from headers alone.
+
+Seed 004's failure: expert weights restored as float32 under a bfloat16 config. The check is
+pure (a `Checkpoint` in, a `DtypeReport` out); `fix_dtypes` turns any stage's plan into one that
+casts the mismatched tensors on the way through, so fixing costs no extra pass.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from typing import Any
+
+from storage.checkpoint import Checkpoint
+from storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
+
+from .plan import OutputTensor, PlanError, ShardPlan, StagePlan
+
+# config.json dtype names → safetensors dtype strings
+CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
+                 "float64": "F64", "double": "F64"}
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
+
+
+def _dtype_name(value: Any, where: str) -> str:
+    name = str(value).removeprefix("torch.")
+    if name not in CONFIG_DTYPES:
+        raise PlanError(f"config.json: {where} is {value!r}; expected one of {', '.join(sorted(CONFIG_DTYPES))}")
+    return CONFIG_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ExpectedDtypes:
+    """What dtype each tensor should have: a default plus longest-prefix overrides (dict form)."""
+
+    default: str | None
+    by_prefix: tuple[tuple[str, str], ...] = ()
+    allowed_f32: tuple[str, ...] = ()        # regexes of tensors that are float32 by design
+    fp8_allowed: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = ()) -> "ExpectedDtypes":
+        config = config or {}
+        raw = config.get("torch_dtype", config.get("dtype"))
+        default, prefixes = None, []
+        if isinstance(raw, dict):  # {"": "bfloat16", "vision_tower": "float16", …}
+            for key, value in raw.items():
+                dt = _dtype_name(value, f"torch_dtype[{key!r}]")
+                if key in ("", "default"):
+                    default = dt
+                else:
+                    prefixes.append((key, dt))
+        elif raw is not None:
+            default = _dtype_name(raw, "torch_dtype")
+        table = json.loads(resources.files("tasks.presets").joinpath("dtype_exceptions.json").read_text())
+        allowed = tuple(table.get(config.get("model_type", ""), [])) + tuple(extra_allowed)
+        for pattern in allowed:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise PlanError(f"--allow-dtype pattern {pattern!r} is not a valid regex: {exc}") from None
+        return cls(default, tuple(sorted(prefixes, key=lambda kv: -len(kv[0]))), allowed,
+                   bool(config.get("quantization_config")))
+
+    def for_tensor(self, name: str) -> str | None:
+        for prefix, dt in self.by_prefix:
+            if name.startswith(prefix) or f".{prefix}." in f".{name}":
+                return dt
+        return self.default
+
+    def allows_f32(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.allowed_f32)
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    file: str
+    tensor: str
+    dtype: str
+    expected: str
+    reason: str = ""
+
+    def __str__(self) -> str:
+        why = f" ({self.reason})" if self.reason else ""
+        return f"{self.file}: tensor {self.tensor!r} is {self.dtype}, config says {self.expected}{why}"
+
+
+@dataclass
+class DtypeReport:
+    expected: str | None
+    table: dict[str, list[int]] = field(default_factory=dict)   # dtype → [tensors, bytes]
+    mismatches: list[Mismatch] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [{"dtype": d, "tensors": c, "bytes": b} for d, (c, b) in sorted(self.table.items())]
+
+    def text(self) -> str:
+        lines = [f"config torch_dtype: {self.expected or '(not set)'}", f"{'dtype':8}{'tensors':>9}{'bytes':>16}"]
+        lines += [f"{r['dtype']:8}{r['tensors']:>9}{r['bytes']:>16,}" for r in self.rows()]
+        if self.mismatches:
+            lines.append(f"{len(self.mismatches)} mismatch(es):")
+            lines += [f"  - {m}" for m in self.mismatches]
+        else:
+            lines.append("all floating tensors match the config")
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        out = [f"**config torch_dtype**: `{self.expected or 'not set'}`", "", "| dtype | tensors | bytes |",
+               "|---|---:|---:|"]
+        out += [f"| {r['dtype']} | {r['tensors']} | {r['bytes']:,} |" for r in self.rows()]
+        if self.mismatches:
+            out += ["", f"**{len(self.mismatches)} mismatch(es)**", ""] + [f"- `{m}`" for m in self.mismatches[:200]]
+        return "\n".join(out)
+
+
+Entry = tuple[str, str, str, int]  # (file, tensor, dtype, nbytes)
+
+
+def report_for(entries: list[Entry], config: dict[str, Any] | None,
+               extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
+    """The dtype report of tensors described by (file, name, dtype, nbytes) — written or planned."""
+    exp = ExpectedDtypes.from_config(config, extra_allowed)
+    report = DtypeReport(exp.default)
+    present = {name for _, name, _, _ in entries}
+    for file, name, dtype, nbytes in sorted(entries, key=lambda e: e[1]):
+        row = report.table.setdefault(dtype, [0, 0])
+        row[0] += 1
+        row[1] += nbytes
+        want = exp.for_tensor(name)
+        if want is None or dtype not in FLOAT_DTYPES or dtype == want:
+            continue
+        if dtype in FP8_DTYPES:
+            if not exp.fp8_allowed:
+                report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without a quantization_config"))
+            elif not any(name + s in present for s in SCALE_SUFFIXES):
+                report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without its scale tensor"))
+        elif not _by_design(exp, name, dtype):
+            report.mismatches.append(Mismatch(file, name, dtype, want))
+    return report
+
+
+def _by_design(exp: ExpectedDtypes, name: str, dtype: str) -> bool:
+    """Quantization scales and known float32 tensors keep their dtype whatever the config says."""
+    return dtype == "F32" and ((name.endswith(SCALE_SUFFIXES) and exp.fp8_allowed) or exp.allows_f32(name))
+
+
+def check_dtypes(ckpt: Checkpoint, extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
+    entries = [(f, n, i.dtype, i.nbytes) for n, (f, i) in ckpt.tensors().items()]
+    return report_for(entries, ckpt.config, extra_allowed)
+
+
+def check_plan(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
+    """The report the plan's output will get — known before a byte is written."""
+    entries = [(s.file, t.name, t.dtype, t.spec.nbytes) for s in plan.shards for t in s.tensors]
+    return report_for(entries, config, extra_allowed)
+
+
+def fix_dtypes(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = ()) -> StagePlan:
+    """Make `plan` cast every copied floating tensor whose dtype the config does not expect."""
+    exp = ExpectedDtypes.from_config(config, extra_allowed)
+    shards = []
+    for shard in plan.shards:
+        tensors = []
+        for t in shard.tensors:
+            want = exp.for_tensor(t.name)
+            wrong = (t.transform == "copy" and want is not None and t.dtype in FLOAT_DTYPES - FP8_DTYPES
+                     and t.dtype != want and not _by_design(exp, t.name, t.dtype))
+            tensors.append(replace(t, dtype=want, transform="cast") if wrong else t)
+        shards.append(ShardPlan(shard.file, tuple(tensors)))
+    return replace(plan, shards=tuple(shards))
+
+
+def identity_plan(ckpt: Checkpoint) -> StagePlan:
+    """Every tensor copied as is, same files: the base a lone `--fix-dtypes` casts on top of."""
+    from .plan import SourceRef
+
+    shards = tuple(ShardPlan(f, tuple(OutputTensor(n, i.dtype, tuple(i.shape), "copy", (SourceRef.of(f, i),))
+                                      for n, i in h.tensors.items()))
+                   for f, h in sorted(ckpt.headers.items()) if h.tensors)
+    return StagePlan("copy", shards, None)
