@@ -31,7 +31,7 @@ from .workdir import default_work, result_storage
 
 def _fetch(src: Location, work: str, storage_options: dict[str, Any] | None) -> Location:
     """Copy the source into `<work>/source`, skipping files fetched and verified before."""
-    dst = open_location(f"{work.rstrip('/')}/source")
+    dst = open_location(f"{work.rstrip('/')}/source", storage_options)
     names = list(list_files(src))
     listing = source_listing(src, names)
     local = list_files(dst) if dst.fs.exists(dst.root) else {}

@@ -24,10 +24,10 @@ def list_files(loc: Location) -> dict[str, int]:
     out: dict[str, int] = {}
     prefix = loc.root.rstrip("/") + "/"
     for path, info in found.items():
-        if info.get("type") == "directory":
-            continue
+        if info.get("type") == "directory" or path.endswith("/"):
+            continue  # object stores' zero-byte "folder" markers are listed as files
         rel = path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
-        if any(part.startswith(".") for part in rel.split("/")):
+        if not rel or any(part.startswith(".") for part in rel.split("/")):
             continue
         out[rel] = int(info.get("size") or 0)
     return dict(sorted(out.items()))

@@ -77,6 +77,7 @@ class AtomicFile:
         try:
             if self._direct and hasattr(self._f, "discard"):
                 self._f.discard()  # abort the multipart upload: no final object appears
+                self._f.closed = True  # else fsspec's __del__ flushes the discarded buffer
             else:
                 self._f.close()
                 self.loc.fs.rm(self._path)

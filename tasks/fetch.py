@@ -55,7 +55,7 @@ def read_markers(dst: Location, names: list[str], local_sizes: dict[str, int]) -
 def fetch_file(source: str, dest: str, name: str, meta: dict[str, Any],
                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     src = open_location(source, storage_options)
-    dst = open_location(dest)
+    dst = open_location(dest, storage_options)
     etag = meta.get("etag") or ""
     hashes = tuple(h for h, want in (("md5", _PLAIN_MD5.match(etag)), ("sha256", meta.get("sha256"))) if want)
     size, digests = copy_file(src, dst, name, hashes, on_bytes=progress.add_bytes)

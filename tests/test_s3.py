@@ -240,7 +240,6 @@ def small_blocks(s3_options):
     return {**s3_options["options"], "default_block_size": 5 * MiB}
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see the xfail below
 def test_writer_abort_on_s3_leaves_nothing(s3_options, small_blocks):
     from storage.urls import open_location
     from storage.writer import SafetensorsWriter
@@ -263,13 +262,6 @@ def test_writer_abort_on_s3_leaves_nothing(s3_options, small_blocks):
     assert pending_uploads(fs, bucket) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "storage/writer.py AtomicFile.abort: on object stores it calls s3fs S3File.discard(), which "
-    "drops the buffer but leaves the file open; when it is collected, fsspec's "
-    "AbstractBufferedFile.__del__ calls close() -> flush(force=True) -> S3File._upload_chunk, "
-    "which raises AttributeError ('NoneType' object has no attribute 'tell'), printed as "
-    "'Exception ignored in ... __del__' after every aborted S3 write. Nothing is uploaded, "
-    "but the file should be marked closed after discard()"))
 def test_writer_abort_on_s3_closes_the_file(s3_options, monkeypatch):
     from storage.urls import open_location
     from storage.writer import SafetensorsWriter
@@ -286,7 +278,6 @@ def test_writer_abort_on_s3_closes_the_file(s3_options, monkeypatch):
     assert [f"{type(u.exc_value).__name__}: {u.exc_value}" for u in seen] == []
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # see the xfail above
 def test_writer_short_commit_on_s3_leaves_nothing(s3_options, small_blocks):
     from storage.urls import open_location
     from storage.writer import SafetensorsWriter
@@ -413,7 +404,7 @@ def test_read_header_on_s3_larger_than_the_probe(s3_options):
     assert counter.bytes == 8 + n
 
 
-# ------------------------------------------------------------------- known product bugs (xfail)
+# ------------------------------------------------------------------- regressions found by these tests
 
 
 def _put_folder_marker(fs: s3fs.S3FileSystem, bucket: str, key: str) -> None:
@@ -422,12 +413,6 @@ def _put_folder_marker(fs: s3fs.S3FileSystem, bucket: str, key: str) -> None:
     fs.invalidate_cache()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "storage/files.py list_files keeps S3 folder-marker objects (zero-byte keys ending in '/'), "
-    "which s3fs.find reports as type 'file': the marker 'src/' becomes a file named '' and "
-    "'src/extra/' one named 'extra/'. finalize() then copies them as other files: "
-    "copy_file(src, dst, '') writes dst.path('') — a stray zero-byte object at key 'out', next "
-    "to the 'out/' prefix — and 'extra/' becomes a zero-byte object 'out/extra'"))
 def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, reference, tmp_path):
     from flows.convert import convert_flow
 
@@ -445,12 +430,6 @@ def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, refe
     assert keys == sorted(f"out/{n}" for n in reference["output"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "storage/files.py list_files reports the S3 folder marker 'src/' as a file named ''; with "
-    "fetch=True, fetch_file copies it to the local work dir via AtomicFile(dst, ''), whose temp "
-    "name is '<work>/source/..partial-XXXX' and whose final path is the directory itself, so "
-    "the task fails (FileNotFoundError when the directory does not exist yet, else OSError "
-    "'Directory not empty' from os.replace) and the flow with it"))
 def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, reference, tmp_path):
     from flows.convert import convert_flow
 
@@ -466,12 +445,6 @@ def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, refere
     assert_same_tree(local_tree(tmp_path / "out"), reference["output"])
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason=(
-    "flows/convert.py _fetch opens the work location with open_location(f'{work}/source') and "
-    "tasks/fetch.py fetch_file opens its dest with open_location(dest), both without "
-    "storage_options, while result_storage(work, storage_options) does pass them: with --work "
-    "on a bucket that needs options (an endpoint, keys), --fetch talks to the default S3 "
-    "endpoint instead (here a dead loopback port, so nothing leaves the machine)"))
 def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, reference, tmp_path,
                                           monkeypatch):
     from flows.convert import convert_flow
