@@ -186,4 +186,12 @@ def summarize(plan: StagePlan, records: list[dict[str, Any]], report: DtypeRepor
         "seconds": round(seconds, 3), "shard_seconds": round(compute_s, 3),
         "gb_per_s_in": round(in_bytes / compute_s / 1e9, 3) if compute_s else None,
         "dtypes": {r["dtype"]: r["tensors"] for r in report.rows()}, "records": records,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (not the Prefect server's, a separate process)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,7 +1,7 @@
 """Reading checkpoint bytes: headers with one small range read, tensors by byte range.
 
-Local files are read with `preadv`; remote files with ranged GETs (read ahead by the executor). Either way a caller asks
-for `(file, start, end)` and gets a buffer of exactly that many bytes.
+Local files are read with `preadv`, remote ones with ranged GETs (the executor reads ahead).
+Either way a caller asks for `(file, start, end)` and gets a buffer of exactly that many bytes.
 """
 from __future__ import annotations
 
@@ -70,12 +70,12 @@ class RangeReader:
                 self._fds[name] = fd
             return fd
 
-    def read(self, name: str, start: int, end: int) -> memoryview | bytes:
-        """Bytes [start, end) of file `name`."""
+    def read(self, name: str, start: int, end: int, out: Any = None) -> memoryview | bytes:
+        """Bytes [start, end) of file `name`; local reads land in `out` (≥ end - start bytes) if given."""
         self.bytes_read += end - start
         if self.loc.is_local:
             fd = self._fd(name)
-            buf = memoryview(bytearray(end - start))
+            buf = memoryview(out).cast("B")[:end - start] if out is not None else memoryview(bytearray(end - start))
             got = 0
             while got < len(buf):
                 n = os.preadv(fd, [buf[got:]], start + got)

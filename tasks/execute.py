@@ -10,7 +10,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 
 import numpy as np
@@ -19,15 +19,23 @@ from storage.reader import RangeReader
 from storage.urls import Location
 from storage.writer import SafetensorsWriter, WrittenFile
 
+from .buffers import BufferPool
 from .plan import OutputTensor, ShardPlan
 
-CHUNK_BYTES = 16 << 20
+CHUNK_BYTES = 8 << 20
 READ_AHEAD = 2
 Progress = Callable[[int], None]
 
 
+Release = Callable[[], None]
+
+
 class _BackgroundWriter:
-    """Runs `SafetensorsWriter.write` on its own thread behind a bounded queue."""
+    """Runs `SafetensorsWriter.write` on its own thread behind a bounded queue.
+
+    Each piece comes with a `release` callback, called once its bytes are written, so the
+    buffer goes back to the pool.
+    """
 
     def __init__(self, writer: SafetensorsWriter, depth: int = 2):
         self.writer = writer
@@ -41,16 +49,19 @@ class _BackgroundWriter:
             item = self._q.get()
             if item is None:
                 return
+            name, data, release = item
             if self._error is None:
                 try:
-                    self.writer.write(*item)
+                    self.writer.write(name, data)
                 except BaseException as exc:  # re-raised on the caller's thread
                     self._error = exc
+            if release is not None:
+                release()
 
-    def put(self, name: str, data: bytes | memoryview) -> None:
+    def put(self, name: str, data: bytes | memoryview, release: Release | None = None) -> None:
         if self._error is not None:
             raise self._error
-        self._q.put((name, data))
+        self._q.put((name, data, release))
 
     def close(self) -> None:
         self._q.put(None)
@@ -59,32 +70,50 @@ class _BackgroundWriter:
             raise self._error
 
 
-def _read_ahead(reader: RangeReader, file: str, ranges: list[tuple[int, int]],
-                pool: ThreadPoolExecutor) -> Iterator[memoryview | bytes]:
-    pending = [pool.submit(reader.read, file, a, b) for a, b in ranges[:READ_AHEAD]]
-    for i in range(len(ranges)):
-        data = pending.pop(0).result()
-        if i + READ_AHEAD < len(ranges):
-            a, b = ranges[i + READ_AHEAD]
-            pending.append(pool.submit(reader.read, file, a, b))
-        yield data
-
-
 @dataclass
 class ExecContext:
     reader: RangeReader
     pool: ThreadPoolExecutor
+    buffers: BufferPool = field(default_factory=BufferPool)
     device: str = "cpu"        # where dequant runs: "cpu" or "cuda[:n]"
     backend: str = "auto"      # weight_dequant backend: "auto" | "torch" | "triton"
 
+    def releaser(self, buf: np.ndarray) -> Release:
+        return lambda: self.buffers.give(buf)
 
-def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
+
+Piece = tuple[memoryview | bytes, Release | None]
+
+
+def _read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]]) -> Iterator[Piece]:
+    """Yield (bytes, release) for each range, READ_AHEAD reads in flight; release when done."""
+
+    def read(a: int, b: int) -> Piece:
+        if not ctx.reader.loc.is_local:
+            return ctx.reader.read(file, a, b), None
+        buf = ctx.buffers.take(b - a)
+        return ctx.reader.read(file, a, b, out=buf), ctx.releaser(buf)
+
+    pending = [ctx.pool.submit(read, a, b) for a, b in ranges[:READ_AHEAD]]
+    for i in range(len(ranges)):
+        piece = pending.pop(0).result()
+        if i + READ_AHEAD < len(ranges):
+            pending.append(ctx.pool.submit(read, *ranges[i + READ_AHEAD]))
+        yield piece
+
+
+def _done(release: Release | None) -> None:
+    if release is not None:
+        release()
+
+
+def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     (src,) = t.sources
     ranges = [(a, min(a + CHUNK_BYTES, src.end)) for a in range(src.start, src.end, CHUNK_BYTES)]
-    yield from _read_ahead(ctx.reader, src.file, ranges, ctx.pool)
+    yield from _read_ahead(ctx, src.file, ranges)  # the writer releases each read buffer
 
 
-def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
+def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     import torch
 
     from .dequant import weight_dequant
@@ -105,22 +134,24 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
     ranges = [(weight.start + (e * rows + r0) * cols, weight.start + (e * rows + r1) * cols)
               for e, r0, r1 in pieces]
     on_cpu_tables = ctx.device == "cpu" and ctx.backend in ("auto", "torch")
-    for (e, r0, r1), raw in zip(pieces, _read_ahead(ctx.reader, weight.file, ranges, ctx.pool)):
+    for (e, r0, r1), (raw, release) in zip(pieces, _read_ahead(ctx, weight.file, ranges)):
         codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols)
         block_scales = scales[e, r0 // bm: -(-r1 // bm)]
         if on_cpu_tables:
-            out = np.empty((r1 - r0, cols), dtype=np.int16)
-            dequant_rows(codes, block_scales, (bm, bn), fp8, out)
-            yield memoryview(out).cast("B")
+            buf = ctx.buffers.take((r1 - r0) * cols * 2)
+            dequant_rows(codes, block_scales, (bm, bn), fp8, buf.view(np.int16).reshape(r1 - r0, cols))
+            _done(release)
+            yield memoryview(buf), ctx.releaser(buf)
             continue
         # Device path: this chunk to the device, dequant there, bf16 bytes back.
         w = torch.from_numpy(codes.copy()).to(ctx.device, non_blocking=True).view(fp8)
+        _done(release)
         s = block_scales.contiguous().to(ctx.device) if scale_t.numel() > 1 else scale_t
         got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
-        yield memoryview(got.cpu().view(torch.int16).numpy()).cast("B")
+        yield memoryview(got.cpu().view(torch.int16).numpy()).cast("B"), None
 
 
-def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
+def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """Cast element-wise with torch's own `.to()` (round to nearest-even), chunk by chunk."""
     import torch
 
@@ -130,11 +161,15 @@ def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[bytes | memoryview]:
     src_dt, dst_dt = ST_TO_TORCH[src.dtype], ST_TO_TORCH[t.dtype]
     step = max(1, CHUNK_BYTES // src_dt.itemsize) * src_dt.itemsize
     ranges = [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)]
-    for raw in _read_ahead(ctx.reader, src.file, ranges, ctx.pool):
+    for raw, release in _read_ahead(ctx, src.file, ranges):
         if not isinstance(raw, memoryview) or raw.readonly:
             raw = bytearray(raw)  # torch wraps only writable buffers without a warning
-        out = torch.frombuffer(raw, dtype=src_dt).to(dst_dt)
-        yield memoryview(out.view(torch.uint8).numpy()).cast("B")
+        n = len(raw) // src_dt.itemsize
+        buf = ctx.buffers.take(n * dst_dt.itemsize)
+        # copy_ casts with the same kernels, and so the same rounding, as .to()
+        torch.from_numpy(buf).view(dst_dt).copy_(torch.frombuffer(raw, dtype=src_dt))
+        _done(release)
+        yield memoryview(buf), ctx.releaser(buf)
 
 
 TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast}
@@ -144,7 +179,7 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                 digest: bool = False, device: str = "cpu", backend: str = "auto") -> WrittenFile:
     """Write `shard.file` under `dst` from sources under `src`; atomic; returns its record."""
     with RangeReader(src) as reader, ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
-        ctx = ExecContext(reader, pool, device, backend)
+        ctx = ExecContext(reader, pool, device=device, backend=backend)
         writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest)
         bg = _BackgroundWriter(writer)
         try:
@@ -152,10 +187,10 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                 transform = TRANSFORMS.get(t.transform)
                 if transform is None:
                     raise ValueError(f"{shard.file}: tensor {t.name!r} has unknown transform {t.transform!r}")
-                for piece in transform(t, ctx):
-                    bg.put(t.name, piece)
+                for data, release in transform(t, ctx):
+                    bg.put(t.name, data, release)
                     if progress:
-                        progress(len(piece))
+                        progress(len(data))
             bg.close()
         except BaseException:
             try:

@@ -22,7 +22,8 @@ from .fp8_layout import normalise_scale
 FP8_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
 _NP_INT = {2: np.int16, 4: np.int32}
-_ROWS_PER_STEP = 16   # rows per gather: keeps the int32 index buffer in L2
+_STEP_ELEMENTS = 1 << 17  # elements per add+take: amortises numpy's per-call cost, index stays in L2
+_MIN_TASK_ELEMENTS = 1 << 17  # below this a thread-pool hop costs more than it saves
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -60,24 +61,31 @@ def dequant_rows(codes: np.ndarray, scales: torch.Tensor, block: tuple[int, int]
     bm, bn = block
     nb = scales.shape[1]
     tables = block_tables(scales, fp8, out_dtype).reshape(scales.shape[0], nb * 256)
-    col_offset = (np.arange(n, dtype=np.int32) // bn) * 256
+    # The smallest index type that addresses a row of tables: numpy's gather runs faster on it.
+    index_dtype = np.uint16 if nb * 256 <= 1 << 16 else np.int32
+    col_offset = ((np.arange(n) // bn) * 256).astype(index_dtype)
 
-    def work(r: int) -> None:
-        table = tables[r // bm]
-        stop = min(r + bm, rows)
-        step = max(1, min(_ROWS_PER_STEP, stop - r))
-        idx = np.empty((step, n), dtype=np.int32)
-        for i in range(r, stop, step):
-            k = min(step, stop - i)
-            np.add(codes[i:i + k], col_offset, out=idx[:k])
-            np.take(table, idx[:k], out=out[i:i + k], mode="clip")
+    # Tasks are spans of rows inside one block row (so one row of tables each): about four per
+    # thread for balance, but none so small that dispatch costs more than the gather.
+    threads = _threads()
+    span = min(bm, max(-(-rows // (4 * threads)), -(-_MIN_TASK_ELEMENTS // max(n, 1)), 1))
+    tasks = [(a, min(a + span, r + bm, rows)) for r in range(0, rows, bm) for a in range(r, min(r + bm, rows), span)]
+    step = max(1, _STEP_ELEMENTS // max(n, 1))
 
-    starts = range(0, rows, bm)
-    if len(starts) == 1 or _threads() == 1:
-        for r in starts:
-            work(r)
+    def work(span: tuple[int, int]) -> None:
+        a0, b0 = span
+        table = tables[a0 // bm]
+        idx = np.empty((min(step, b0 - a0), n), dtype=index_dtype)
+        for a in range(a0, b0, step):
+            b = min(a + step, b0)
+            np.add(codes[a:b], col_offset, out=idx[:b - a], casting="unsafe")
+            np.take(table, idx[:b - a], out=out[a:b], mode="clip")
+
+    if len(tasks) == 1 or threads == 1:
+        for span in tasks:
+            work(span)
     else:
-        list(_executor().map(work, starts))
+        list(_executor().map(work, tasks))
 
 
 def torch_weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
