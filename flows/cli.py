@@ -41,7 +41,7 @@ def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
     gbps = summary.get("gb_per_s_in")
     print(f"output:   {summary['dest']}", file=out)
     print(f"shards:   {summary['shards']} ({summary['cached_shards']} reused from an earlier run)", file=out)
-    print(f"tensors:  {summary['tensors']} ({summary['dropped_tensors']} scale tensors folded in)", file=out)
+    print(f"tensors:  {summary['tensors']} written ({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
     print(f"bytes:    {_human(summary['source_bytes'])} read → {_human(summary['bytes_written'])} written", file=out)
     print(f"time:     {summary['seconds']:.2f} s total, {summary['shard_seconds']:.2f} s in shard tasks"
           + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
@@ -66,7 +66,11 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
                     allow_dtypes=getattr(args, "allow_dtype", None) or None,
                     fetch=getattr(args, "fetch", False),
                     allow_missing_scale=getattr(args, "allow_missing_scale", False),
-                    checksum=getattr(args, "checksum", False), device=getattr(args, "device", "auto"))
+                    checksum=getattr(args, "checksum", False), device=getattr(args, "device", "auto"),
+                    reindex=getattr(args, "reindex", False), max_shard_size=getattr(args, "max_shard_size", "5GB"),
+                    fused_groups=getattr(args, "fused_groups", None), mp=getattr(args, "mp", None),
+                    preset=getattr(args, "preset", "deepseek-v3"),
+                    drop_unmatched=getattr(args, "drop_unmatched", False))
     finally:
         progress.detach()
 
@@ -78,8 +82,8 @@ def _task_runner(max_workers: int) -> Any:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    if not (args.dequant or args.fix_dtypes):
-        print("error: nothing to do; choose a stage: --dequant and/or --fix-dtypes", file=sys.stderr)
+    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp):
+        print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
         return EXIT_USER_ERROR
     summary = _run_convert(args, args.source, args.dest, args.work)
     print_summary(summary)
@@ -170,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
+    c.add_argument("--reindex", action="store_true", help="put every fused group (q/k/v, gate/up, …) in one file")
+    c.add_argument("--max-shard-size", default="5GB", help="reindex: largest output shard (default 5GB)")
+    c.add_argument("--fused-groups", metavar="FILE", help="reindex: JSON file of fused groups (default: built in)")
+    c.add_argument("--mp", type=int, metavar="N", help="model-parallel rank files model{r}-mp{N}.safetensors")
+    c.add_argument("--preset", default="deepseek-v3", help="MP name table: deepseek-v3, llama or a JSON file")
+    c.add_argument("--drop-unmatched", action="store_true", help="MP: drop names no preset row matches (warn)")
     c.add_argument("--allow-dtype", action="append", metavar="REGEX",
                    help="tensor names allowed to differ from torch_dtype (repeatable)")
 

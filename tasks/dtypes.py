@@ -23,6 +23,15 @@ CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32":
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
 
 
+def scale_names(name: str) -> tuple[str, ...]:
+    """Where an FP8 tensor's scale may be: `x.weight_scale_inv` (HF), `x.scale` (inference names)."""
+    return tuple(name + s for s in SCALE_SUFFIXES) + (name.rsplit(".", 1)[0] + ".scale",)
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIXES) or name.endswith(".scale")
+
+
 def _dtype_name(value: Any, where: str) -> str:
     name = str(value).removeprefix("torch.")
     if name not in CONFIG_DTYPES:
@@ -126,7 +135,7 @@ def report_for(entries: list[Entry], config: dict[str, Any] | None,
     """The dtype report of tensors described by (file, name, dtype, nbytes) — written or planned."""
     exp = ExpectedDtypes.from_config(config, extra_allowed)
     report = DtypeReport(exp.default)
-    present = {name for _, name, _, _ in entries}
+    present = {name for _, name, _, _ in entries}  # a scale may sit in another shard
     for file, name, dtype, nbytes in sorted(entries, key=lambda e: e[1]):
         row = report.table.setdefault(dtype, [0, 0])
         row[0] += 1
@@ -137,7 +146,7 @@ def report_for(entries: list[Entry], config: dict[str, Any] | None,
         if dtype in FP8_DTYPES:
             if not exp.fp8_allowed:
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without a quantization_config"))
-            elif not any(name + s in present for s in SCALE_SUFFIXES):
+            elif not any(s in present for s in scale_names(name)):
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without its scale tensor"))
         elif not _by_design(exp, name, dtype):
             report.mismatches.append(Mismatch(file, name, dtype, want))
@@ -146,11 +155,12 @@ def report_for(entries: list[Entry], config: dict[str, Any] | None,
 
 def _by_design(exp: ExpectedDtypes, name: str, dtype: str) -> bool:
     """Quantization scales and known float32 tensors keep their dtype whatever the config says."""
-    return dtype == "F32" and ((name.endswith(SCALE_SUFFIXES) and exp.fp8_allowed) or exp.allows_f32(name))
+    return dtype == "F32" and ((is_scale(name) and exp.fp8_allowed) or exp.allows_f32(name))
 
 
 def check_dtypes(ckpt: Checkpoint, extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
-    entries = [(f, n, i.dtype, i.nbytes) for n, (f, i) in ckpt.tensors().items()]
+    # every file's tensors: model-parallel rank files share names, each holding its own part
+    entries = [(f, n, i.dtype, i.nbytes) for f, h in sorted(ckpt.headers.items()) for n, i in h.tensors.items()]
     return report_for(entries, ckpt.config, extra_allowed)
 
 

@@ -16,6 +16,7 @@ from itertools import product
 import numpy as np
 
 from storage.reader import RangeReader
+from storage.safetensors_format import DTYPE_SIZES
 from storage.urls import Location
 from storage.writer import SafetensorsWriter, WrittenFile
 
@@ -172,7 +173,38 @@ def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         yield memoryview(buf), ctx.releaser(buf)
 
 
-TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast}
+def _slice(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """`source[..., start:stop, ...]` along `dim`, as raw bytes (any dtype, no decode).
+
+    The source is viewed as [outer, D, inner]; each outer row contributes one contiguous range.
+    Splits whose outer extent is 1 (dim 0) are a single range copy; otherwise whole outer rows
+    are read a chunk at a time and the wanted columns cut out with numpy.
+    """
+    (src,) = t.sources
+    dim, start, stop = t.param("dim"), t.param("start"), t.param("stop")
+    item = DTYPE_SIZES[src.dtype]
+    outer = int(np.prod(src.shape[:dim])) if dim else 1
+    size = src.shape[dim]
+    inner = int(np.prod(src.shape[dim + 1:])) * item
+    if outer == 1:
+        a = src.start + start * inner
+        ranges = [(x, min(x + CHUNK_BYTES, a + (stop - start) * inner))
+                  for x in range(a, a + (stop - start) * inner, CHUNK_BYTES)]
+        yield from _read_ahead(ctx, src.file, ranges)
+        return
+    row = size * inner
+    rows_per = max(1, CHUNK_BYTES // max(row, 1))
+    groups = [(o, min(o + rows_per, outer)) for o in range(0, outer, rows_per)]
+    ranges = [(src.start + o0 * row, src.start + o1 * row) for o0, o1 in groups]
+    for (o0, o1), (raw, release) in zip(groups, _read_ahead(ctx, src.file, ranges)):
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(o1 - o0, row)
+        buf = ctx.buffers.take((o1 - o0) * (stop - start) * inner)
+        buf.reshape(o1 - o0, -1)[:] = rows[:, start * inner: stop * inner]
+        _done(release)
+        yield memoryview(buf), ctx.releaser(buf)
+
+
+TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast, "slice": _slice}
 
 
 def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progress | None = None,

@@ -42,7 +42,7 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    transform: str                      # "copy" | "dequant_fp8" | "cast"
+    transform: str                      # "copy" | "dequant_fp8" | "cast" | "slice" (dim, start, stop)
     sources: tuple[SourceRef, ...]
     params: tuple[tuple[str, Any], ...] = ()
 
@@ -88,6 +88,8 @@ class StagePlan:
     config: dict[str, Any] | None = None          # config.json to write, None = copy as is
     dropped: tuple[str, ...] = ()                 # source tensors consumed, not copied
     warnings: tuple[str, ...] = field(default=())
+    write_index: bool = True                      # False: a layout without an index (MP files)
+    copy_files: tuple[str, ...] | None = None     # globs of non-weight files to copy; None = all
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.file for s in self.shards for t in s.tensors}

@@ -67,10 +67,10 @@ def header_problems(h: Header) -> list[Problem]:
     return out
 
 
-def index_problems(ckpt: Checkpoint) -> list[Problem]:
+def index_problems(ckpt: Checkpoint, require_index: bool = True) -> list[Problem]:
     index = ckpt.index
     if index is None:
-        if len(ckpt.weight_files) > 1:
+        if len(ckpt.weight_files) > 1 and require_index:
             return [Problem(INDEX_NAME, f"missing: the checkpoint has {len(ckpt.weight_files)} "
                                         ".safetensors files but no index to say which tensor is where")]
         return []
@@ -110,8 +110,12 @@ def index_problems(ckpt: Checkpoint) -> list[Problem]:
     return out
 
 
-def find_problems(ckpt: Checkpoint) -> list[Problem]:
-    """Every problem of the checkpoint, errors and warnings, in a stable order."""
+def find_problems(ckpt: Checkpoint, require_index: bool = True) -> list[Problem]:
+    """Every problem of the checkpoint, errors and warnings, in a stable order.
+
+    `require_index=False` accepts several files without an index: model-parallel layouts,
+    where every rank file holds its own part of the same names.
+    """
     out: list[Problem] = []
     if not ckpt.weight_files:
         out.append(Problem(ckpt.url, "no .safetensors files found"))
@@ -119,7 +123,7 @@ def find_problems(ckpt: Checkpoint) -> list[Problem]:
         out.append(Problem(f, reason))
     for f, h in sorted(ckpt.headers.items()):
         out.extend(header_problems(h))
-    out.extend(index_problems(ckpt))
+    out.extend(index_problems(ckpt, require_index))
     return out
 
 

@@ -184,3 +184,29 @@ def test_weight_dequant_backends_agree(monkeypatch):
             assert same_bits(weight_dequant(w, s, backend="triton"), ref)
     with pytest.raises(ValueError, match="backend must be one of"):
         weight_dequant(w, s, backend="cuda")
+
+
+@pytest.mark.parametrize("chunk", [16 << 20, 100])
+def test_slice_transform_cuts_any_dim_byte_exact(tmp_path, monkeypatch, chunk):
+    from storage.safetensors_format import TensorInfo
+    from tasks.plan import OutputTensor, ShardPlan, SourceRef
+
+    monkeypatch.setattr("tasks.execute.CHUNK_BYTES", chunk)
+    t = torch.arange(4 * 6 * 5, dtype=torch.int16).reshape(4, 6, 5)
+    f8 = torch.randint(0, 255, (7, 9), dtype=torch.uint8).view(torch.float8_e4m3fn)
+    save_file({"t": t, "f8": f8}, tmp_path / "src.safetensors")
+    src = open_location(str(tmp_path))
+    h = scan_checkpoint(src).headers["src.safetensors"]
+    cuts = [("t", 0, 1, 3), ("t", 1, 2, 5), ("t", 2, 1, 4), ("f8", 0, 3, 7), ("f8", 1, 0, 3)]
+    outs = []
+    for name, dim, a, b in cuts:
+        info = h.tensors[name]
+        shape = list(info.shape)
+        shape[dim] = b - a
+        outs.append(OutputTensor(f"{name}.{dim}.{a}", info.dtype, tuple(shape), "slice",
+                                 (SourceRef.of("src.safetensors", info),), (("dim", dim), ("start", a), ("stop", b))))
+    write_shard(ShardPlan("out.safetensors", tuple(outs)), src, open_location(str(tmp_path / "o")))
+    with safe_open(str(tmp_path / "o" / "out.safetensors"), "pt") as f:
+        for (name, dim, a, b), o in zip(cuts, outs):
+            want = {"t": t, "f8": f8}[name].narrow(dim, a, b - a)
+            assert torch.equal(f.get_tensor(o.name).view(torch.uint8), want.contiguous().view(torch.uint8))

@@ -1,0 +1,98 @@
+"""What a conversion does, as data, and how its stages become passes over the bytes.
+
+Stages are planned on headers alone; a later stage is planned on the *planned* output of the
+earlier one, so every planning error (missing scale, indivisible split, unmatched name, dtype
+mismatch) is raised before a byte is written. Copy-only stages fold into the previous pass;
+others (MP slices of dequantized tensors) run as a second pass through the work location.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from storage.checkpoint import Checkpoint
+from tasks.compose import compose, planned_checkpoint
+from tasks.dequant_plan import plan_dequant
+from tasks.dtypes import check_plan, fix_dtypes, identity_plan
+from tasks.plan import PlanError, StagePlan
+
+
+@dataclass(frozen=True)
+class Recipe:
+    dequant: bool = False
+    fix_dtypes: bool = False
+    reindex: bool = False
+    max_shard_size: str | int = "5GB"
+    fused_groups: str | None = None
+    mp: int | None = None
+    preset: str = "deepseek-v3"
+    allow_missing_scale: bool = False
+    allow_dtypes: tuple[str, ...] = ()
+    drop_unmatched: bool = False
+
+    def stages(self) -> list[str]:
+        return [s for s, on in (("dequant", self.dequant), ("fix-dtypes", self.fix_dtypes),
+                                ("reindex", self.reindex and not self.mp), ("mp", bool(self.mp))) if on]
+
+
+@dataclass(frozen=True)
+class Pass:
+    plan: StagePlan
+    into_work: bool          # True: writes an intermediate under the work location
+    replan: str | None = None  # stage to plan again on the real intermediate ("mp")
+
+
+def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
+    config = plan.config if plan.config is not None else ckpt.config
+    report = check_plan(plan, config, recipe.allow_dtypes)
+    if not report.ok:
+        raise PlanError(f"{len(report.mismatches)} tensor(s) would not match config.json's torch_dtype "
+                        f"({report.expected}); add --fix-dtypes to cast them, or --allow-dtype REGEX for "
+                        "tensors that are meant to differ:\n" + "\n".join(f"  - {m}" for m in report.mismatches[:50]))
+
+
+def plan_mp_stage(ckpt: Checkpoint, recipe: Recipe) -> StagePlan:
+    from tasks.mp_plan import load_preset, plan_mp
+
+    if recipe.mp is None or recipe.mp < 1:
+        raise PlanError(f"--mp must be a positive integer, got {recipe.mp}")
+    return plan_mp(ckpt, recipe.mp, load_preset(recipe.preset), drop_unmatched=recipe.drop_unmatched)
+
+
+def plan_passes(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Pass], list[str]]:
+    """The passes to run, and warnings about the recipe itself."""
+    warnings: list[str] = []
+    if not (recipe.dequant or recipe.fix_dtypes or recipe.reindex or recipe.mp):
+        raise PlanError("nothing to do: choose a stage (--dequant, --fix-dtypes, --reindex, --mp N)")
+    if recipe.reindex and recipe.mp:
+        warnings.append("--reindex is pointless before --mp (rank files are laid out by the MP "
+                        "preset); skipping it")
+    plan: StagePlan | None = None
+    if recipe.dequant:
+        plan = plan_dequant(ckpt, allow_missing_scale=recipe.allow_missing_scale)
+    if recipe.fix_dtypes:
+        base = plan or identity_plan(ckpt)
+        config = base.config if base.config is not None else ckpt.config
+        plan = replace(fix_dtypes(base, config, recipe.allow_dtypes), stage=f"{base.stage}+fix-dtypes"
+                       if plan else "fix-dtypes")
+    if recipe.reindex and not recipe.mp:
+        from tasks.reindex_plan import load_fused_groups, parse_size, plan_reindex
+
+        size = parse_size(recipe.max_shard_size)
+        groups = load_fused_groups(recipe.fused_groups)
+        upstream = planned_checkpoint(plan, "planned://", ckpt) if plan else ckpt
+        reindexed = plan_reindex(upstream, size, groups)
+        plan = compose(plan, reindexed) if plan else reindexed
+        if plan is None:  # compose() only fails for non-copy downstream tensors
+            raise PlanError("internal: reindex produced a non-copy tensor")
+    if recipe.mp:
+        if plan is None:
+            mp = plan_mp_stage(ckpt, recipe)
+            _check_dtypes(mp, ckpt, recipe)
+            return [Pass(mp, into_work=False)], warnings
+        _check_dtypes(plan, ckpt, recipe)
+        mp = plan_mp_stage(planned_checkpoint(plan, "planned://", ckpt), recipe)  # errors now, not later
+        _check_dtypes(mp, planned_checkpoint(plan, "planned://", ckpt), recipe)
+        return [Pass(plan, into_work=True), Pass(mp, into_work=False, replan="mp")], warnings
+    assert plan is not None  # one of the stages above ran
+    _check_dtypes(plan, ckpt, recipe)
+    return [Pass(plan, into_work=False)], warnings

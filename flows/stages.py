@@ -1,0 +1,116 @@
+"""Running one planned pass: fetch, shard tasks, finalize, read-back verification.
+
+These run inside a flow (they submit Prefect tasks and log to the run) but hold no recipe
+logic: which stages run, and in what order, is `flows.recipe`'s business.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.futures import wait
+
+from storage.checkpoint import Checkpoint, scan_checkpoint
+from storage.files import CONFIG_NAME, INDEX_NAME, copy_file, index_document, list_files, write_json
+from storage.safetensors_format import file_size_for
+from storage.urls import Location, StorageError, open_location
+from tasks import progress
+from tasks.dtypes import DtypeReport, check_dtypes
+from tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
+from tasks.plan import PlanError, StagePlan
+from tasks.shard_task import write_shard_task
+from tasks.validate import find_problems
+
+from .report import publish_dtype_report
+from .workdir import result_storage
+
+
+def fetch_source(src: Location, work: str, storage_options: dict[str, Any] | None) -> Location:
+    """Copy the source into `<work>/source`, skipping files fetched and verified before."""
+    dst = open_location(f"{work.rstrip('/')}/source", storage_options)
+    names = list(list_files(src))
+    listing = source_listing(src, names)
+    local = list_files(dst) if dst.fs.exists(dst.root) else {}
+    todo = plan_fetch(listing, read_markers(dst, names, local), local)
+    futures = [fetch_file.submit(src.url, dst.url, n, listing[n], storage_options) for n in todo]
+    wait(futures)
+    for f in futures:
+        f.result()
+    get_run_logger().info("fetched %d file(s), %d already present", len(todo), len(names) - len(todo))
+    return dst
+
+
+def prepare_dest(src: Location, dst: Location) -> None:
+    if src.fs.protocol == dst.fs.protocol and src.root.rstrip("/") == dst.root.rstrip("/"):
+        raise StorageError(f"DEST {dst.url} is the SOURCE; write the converted checkpoint elsewhere")
+    # An index left by an earlier run would vouch for shards this run has not written yet.
+    if dst.fs.exists(dst.path(INDEX_NAME)):
+        dst.fs.rm(dst.path(INDEX_NAME))
+    # Temp files of a killed run (object stores: incomplete multipart uploads, which a bucket
+    # lifecycle rule expires) are never mistaken for output, but need not pile up either.
+    if dst.is_local and dst.fs.exists(dst.root):
+        for path in dst.fs.glob(dst.path(".*.partial-*")):
+            dst.fs.rm(path)
+
+
+def _output_is_whole(dst: Location, name: str, size: int) -> bool:
+    try:
+        return int(dst.fs.info(dst.path(name))["size"]) == size
+    except FileNotFoundError:
+        return False
+
+
+def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, work: str,
+               storage_options: dict[str, Any] | None, digest: bool = False, device: str = "cpu",
+               backend: str = "auto") -> list[dict[str, Any]]:
+    """Submit one cached task per output shard and wait; returns records with a `cached` flag."""
+    storage = result_storage(work, storage_options)
+    futures = []
+    for shard in plan.shards:
+        whole = _output_is_whole(dst, shard.file, file_size_for(shard.specs, {"format": "pt"}))
+        # A record whose output has vanished (or was cut short) must not count as done.
+        task = write_shard_task.with_options(name=f"{plan.stage}-shard", result_storage=storage,
+                                             refresh_cache=not whole)
+        fps = [ckpt.fingerprint(f) for f in shard.source_files]
+        futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
+                                   device, backend))
+    wait(futures)
+    records = []
+    for fut in futures:
+        record = dict(fut.result())
+        record["cached"] = fut.state.name == "Cached"
+        if record["cached"]:
+            progress.add_bytes(record.get("size", 0))
+            progress.shard_done()
+        records.append(record)
+    return records
+
+
+def finalize(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location) -> None:
+    """Non-weight files, config.json, then the index — last, once every shard has committed."""
+    for name in ckpt.other_files():
+        if name == CONFIG_NAME and plan.config is not None:
+            continue
+        if plan.copy_files is not None and not any(fnmatch.fnmatch(name, g) for g in plan.copy_files):
+            continue
+        copy_file(src, dst, name)
+    if plan.config is not None:
+        write_json(dst, CONFIG_NAME, plan.config)
+    if plan.write_index and (ckpt.index is not None or len(plan.shards) > 1):
+        extra = {k: v for k, v in ((ckpt.index or {}).get("metadata") or {}).items() if k != "total_size"}
+        write_json(dst, INDEX_NAME, index_document(plan.weight_map(), plan.total_size, extra))
+
+
+def verify_output(dst: Location, plan: StagePlan, allow_dtypes: tuple[str, ...] = ()) -> tuple[Checkpoint, DtypeReport]:
+    """Read back what was written: index ↔ headers, total_size, dtypes against config.json."""
+    written = scan_checkpoint(dst)
+    problems = [p for p in find_problems(written, require_index=plan.write_index) if p.severity == "error"]
+    if problems:
+        raise StorageError(f"{dst.url}: the written checkpoint fails validation:\n"
+                           + "\n".join(f"  - {p}" for p in problems))
+    report = check_dtypes(written, allow_dtypes)
+    publish_dtype_report(report, dst.url)
+    if not report.ok:
+        raise PlanError(f"{dst.url}: dtypes do not match config.json:\n{report.text()}")
+    return written, report

@@ -1,0 +1,65 @@
+"""Chaining stages: a plan's output as a checkpoint, and fusing copy-only stages into one pass.
+
+`planned_checkpoint` describes what a plan will write (headers from its specs) so the next
+stage can be planned — and its errors raised — before any byte is written. `compose` folds a
+downstream plan made only of whole-tensor copies (reindex) into the upstream plan, so
+dequant + reindex is a single read-transform-write pass.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from storage.checkpoint import Checkpoint
+from storage.files import INDEX_NAME
+from storage.safetensors_format import Header, TensorInfo, build_header
+
+from .plan import OutputTensor, ShardPlan, StagePlan
+
+
+def planned_checkpoint(plan: StagePlan, url: str, source: Checkpoint) -> Checkpoint:
+    """The checkpoint `plan` will produce, as headers only (offsets exactly as the writer lays them)."""
+    headers: dict[str, Header] = {}
+    files: dict[str, int] = {}
+    for shard in plan.shards:
+        specs = shard.specs
+        data_start = len(build_header(specs, {"format": "pt"}))
+        tensors, offset = {}, data_start
+        for spec in specs:
+            tensors[spec.name] = TensorInfo(spec.name, spec.dtype, spec.shape, offset, offset + spec.nbytes)
+            offset += spec.nbytes
+        headers[shard.file] = Header(shard.file, offset, data_start, tensors, {"format": "pt"})
+        files[shard.file] = offset
+    config = plan.config if plan.config is not None else source.config
+    for name in source.other_files():
+        files.setdefault(name, 0)
+    index = None
+    if plan.write_index:
+        index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
+        files[INDEX_NAME] = 0
+    return Checkpoint(url, files, headers, {}, index, config, {f: None for f in headers})
+
+
+def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
+    """One plan doing both, when every downstream tensor is a whole copy of an upstream output.
+
+    Returns None when that does not hold (e.g. slices of a dequantized tensor): the stages then
+    run as two passes through the work location.
+    """
+    made: dict[str, OutputTensor] = {t.name: t for s in upstream.shards for t in s.tensors}
+    shards = []
+    for shard in downstream.shards:
+        tensors = []
+        for t in shard.tensors:
+            if t.transform != "copy" or len(t.sources) != 1 or t.sources[0].name not in made:
+                return None
+            tensors.append(replace(made[t.sources[0].name], name=t.name))
+        shards.append(ShardPlan(shard.file, tuple(tensors)))
+    merged: dict[str, Any] = {
+        "stage": f"{upstream.stage}+{downstream.stage}", "shards": tuple(shards),
+        "config": downstream.config if downstream.config is not None else upstream.config,
+        "dropped": upstream.dropped + downstream.dropped,
+        "warnings": upstream.warnings + downstream.warnings,
+        "write_index": downstream.write_index, "copy_files": downstream.copy_files,
+    }
+    return StagePlan(**merged)

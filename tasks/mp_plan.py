@@ -1,0 +1,193 @@
+"""Plan model-parallel shards: one file per rank, tensors renamed, split or routed by a preset.
+
+Pure: headers + config.json in, a `StagePlan` out. Every problem that would make a rank file
+wrong — a name no preset row covers, a split dim N does not divide, an expert count N does not
+divide, an FP8 scale whose blocks would straddle two ranks — is collected and raised as one
+`PlanError` before any byte is written. Each rank file is then one executor task ("copy" for
+whole tensors, "slice" for splits), so no process ever holds more than a few chunks.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.checkpoint import Checkpoint
+from storage.safetensors_format import FP8_DTYPES, TensorInfo
+
+from .dequant_plan import SCALE_SUFFIX, block_size_from_config
+from .mp_preset import Mapped, Preset, Split, load_preset
+from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
+
+
+@dataclass(frozen=True)
+class _Item:
+    file: str
+    info: TensorInfo
+    mapped: Mapped
+
+    @property
+    def target(self) -> str:
+        return self.mapped.target  # type: ignore[return-value]  (dropped rows never become items)
+
+    def label(self) -> str:
+        return f"{self.target!r} (from {self.info.name!r} in {self.file})"
+
+
+def _config_int(config: dict[str, Any], key: str, why: str, default: int | None = None) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PlanError(f"config.json: {key} is {value!r}; {why} needs it as a non-negative integer "
+                        "(fix config.json, or use a preset that does not need it)")
+    return value
+
+
+def _dropped_layers(preset: Preset, config: dict[str, Any], names: list[str]) -> tuple[set[str], list[str]]:
+    """Names inside the preset's dropped layer range, and names in layers beyond it (errors)."""
+    drop = preset.drop_layers
+    if drop is None:
+        return set(), []
+    head, _, tail = drop.prefix.partition("{layer}")
+    layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    layered = [(n, int(m.group(1))) for n in names if (m := layer_re.match(n))]
+    if not layered:
+        return set(), []
+    why = f"dropping layers by '{preset.source}'"
+    first = _config_int(config, drop.first, why)
+    count = _config_int(config, drop.count, why, default=0)
+    dropped = {n for n, i in layered if first <= i < first + count}
+    beyond = sorted({i for _, i in layered if i >= first + count})
+    errors = [f"layer {i}: tensors exist in layer {i}, but config.json says {drop.first}={first} and "
+              f"{drop.count}={count}, so no such layer should exist; fix config.json" for i in beyond]
+    return dropped, errors
+
+
+def _scale_alignment(items: dict[str, _Item], world: int, block: tuple[int, int]) -> list[str]:
+    """FP8 block scales must split with their weight, on block boundaries, or a rank dequantizes
+    its rows with another block's scale — silently wrong numbers, which the seed does not check."""
+    errors = []
+    for name, scale in items.items():
+        weight = items.get(name[: -len(SCALE_SUFFIX)]) if name.endswith(SCALE_SUFFIX) else None
+        if weight is None or weight.info.dtype not in FP8_DTYPES:
+            continue
+        ws, ss = weight.mapped.rule.split, scale.mapped.rule.split
+        if ws != ss or weight.mapped.captures.get("expert") != scale.mapped.captures.get("expert"):
+            errors.append(f"{scale.label()}: split {ss.value} but its weight {weight.label()} is split "
+                          f"{ws.value}; give both rows the same split in the preset")
+            continue
+        dim = ws.dim
+        if dim is None or world == 1 or dim >= len(weight.info.shape) or dim >= len(scale.info.shape):
+            continue
+        w_size, s_size = weight.info.shape[dim], scale.info.shape[dim]
+        if w_size % world or s_size % world:
+            continue  # reported as a divisibility error
+        rows_per_block = block[0] if dim == len(weight.info.shape) - 2 else \
+            block[1] if dim == len(weight.info.shape) - 1 else 1
+        if w_size // world != (s_size // world) * rows_per_block:
+            errors.append(f"{weight.label()}: split {ws.value} gives each rank {w_size // world} of {w_size} "
+                          f"along dim {dim}, not a whole number of {rows_per_block}-wide FP8 blocks, so its "
+                          f"scale {scale.info.name!r} cannot be split with it; choose N so that {w_size}/N "
+                          f"is a multiple of {rows_per_block}, or dequantize to BF16 first")
+    return errors
+
+
+def _outputs(item: _Item, world: int, per_rank: int | None) -> list[tuple[int, OutputTensor]]:
+    """(rank, output tensor) pairs for one source tensor; divisibility already checked."""
+    info, split = item.info, item.mapped.rule.split
+    src = SourceRef.of(item.file, info)
+    whole = OutputTensor(item.target, info.dtype, tuple(info.shape), "copy", (src,))
+    if split is Split.REPLICATED:
+        return [(r, whole) for r in range(world)]
+    if split is Split.EXPERT:
+        return [(int(item.mapped.captures["expert"]) // per_rank, whole)]  # type: ignore[operator]
+    dim = split.dim
+    if world == 1:
+        return [(0, whole)]
+    step = info.shape[dim] // world
+    shape = tuple(step if d == dim else s for d, s in enumerate(info.shape))
+    return [(r, OutputTensor(item.target, info.dtype, shape, "slice", (src,),
+                             (("dim", dim), ("start", r * step), ("stop", (r + 1) * step))))
+            for r in range(world)]
+
+
+def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
+            drop_unmatched: bool = False) -> StagePlan:
+    """`world` rank files laid out by `preset`; raises `PlanError` naming every problem at once."""
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise PlanError(f"model-parallel world size must be a positive integer, got {world!r}")
+    preset = preset if isinstance(preset, Preset) else load_preset(preset)
+    if ckpt.header_errors:
+        raise PlanError("cannot plan MP shards while some headers are unreadable (their tensors would be "
+                        "missing from every rank): " + "; ".join(f"{f}: {e}" for f, e in
+                                                                   sorted(ckpt.header_errors.items())))
+    config = ckpt.config or {}
+    # Source order (file, offset): each rank task then reads every file front to back.
+    tensors = sorted(((f, info) for f, info in ckpt.tensors().values()), key=lambda fi: (fi[0], fi[1].start))
+    try:
+        dropped_layer_names, errors = _dropped_layers(preset, config, [i.name for _, i in tensors])
+    except PlanError as exc:  # still report the other problems with it
+        dropped_layer_names, errors = set(), [str(exc)]
+    items: dict[str, _Item] = {}
+    unmatched: list[str] = []
+    dropped: list[str] = []
+    owner: dict[str, str] = {}
+    for file, info in tensors:
+        if info.name in dropped_layer_names:
+            dropped.append(info.name)
+            continue
+        mapped = preset.map_name(info.name)
+        if mapped is None:
+            unmatched.append(info.name)
+        elif mapped.target is None:
+            dropped.append(info.name)
+        elif mapped.target in owner:
+            errors.append(f"{info.name!r} and {owner[mapped.target]!r} both map to {mapped.target!r}; "
+                          "fix the preset so each output name has one source")
+        else:
+            owner[mapped.target] = info.name
+            items[info.name] = _Item(file, info, mapped)
+    if unmatched and not drop_unmatched:
+        errors.append(f"{len(unmatched)} tensor name(s) match no row of preset '{preset.source}' (add rows "
+                      "for them, or pass drop_unmatched=True to drop them):\n"
+                      + "\n".join(f"      {n}" for n in unmatched))
+    per_rank = None
+    if any(i.mapped.rule.split is Split.EXPERT for i in items.values()):
+        try:
+            n_experts = _config_int(config, preset.experts or "", f"partitioning experts by '{preset.source}'")
+        except PlanError as exc:
+            errors.append(str(exc))
+            n_experts = 0
+        if n_experts and n_experts % world:
+            errors.append(f"config.json: {preset.experts}={n_experts} routed experts cannot be split evenly "
+                          f"over {world} ranks; choose a world size that divides {n_experts}")
+        per_rank = max(1, n_experts // world)
+        errors += [f"{i.label()}: expert {i.mapped.captures['expert']} but config.json says "
+                   f"{preset.experts}={n_experts}; fix config.json"
+                   for i in items.values() if i.mapped.rule.split is Split.EXPERT
+                   and n_experts and int(i.mapped.captures["expert"]) >= n_experts]
+    for item in items.values():
+        dim, shape = item.mapped.rule.split.dim, item.info.shape
+        if dim is None:
+            continue
+        if dim >= len(shape):
+            errors.append(f"{item.label()}: a {item.mapped.rule.split.value} split needs dim {dim}, but the "
+                          f"tensor has shape {list(shape)}; mark its row REPLICATED or COLUMN in the preset")
+        elif shape[dim] % world:
+            errors.append(f"{item.label()}: {item.mapped.rule.split.value} split along dim {dim} of size "
+                          f"{shape[dim]} (shape {list(shape)}) is not divisible by N={world}")
+    if any(n.endswith(SCALE_SUFFIX) for n in items):
+        errors += _scale_alignment(items, world, block_size_from_config(ckpt.config))
+    if errors:
+        raise PlanError(f"cannot shard {ckpt.url} for {world}-way model parallelism with preset "
+                        f"'{preset.source}'; {len(errors)} problem(s), nothing was written:\n"
+                        + "\n".join(f"  - {e}" for e in errors))
+    ranks: list[list[OutputTensor]] = [[] for _ in range(world)]
+    for item in items.values():
+        for rank, out in _outputs(item, world, per_rank):
+            ranks[rank].append(out)
+    shards = tuple(ShardPlan(preset.output_file.format(rank=r, world=world), tuple(ts))
+                   for r, ts in enumerate(ranks))
+    warnings = tuple(f"{n}: matches no row of preset '{preset.source}', dropped" for n in unmatched)
+    return StagePlan("mp", shards, None, tuple(sorted(dropped + unmatched)), warnings,
+                     write_index=preset.write_index, copy_files=preset.copy_files)

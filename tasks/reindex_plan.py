@@ -1,0 +1,279 @@
+"""Plan `reindex`: rewrite the shards so that every fused group (q/k/v, gate/up, …) is in one file.
+
+llm-compressor's `reindex_fused_weights` walks files alphabetically and carries a split group
+into the next file; real checkpoints break that (every `q_proj` in one shard, every `k/v` in
+another; `layers.10` before `layers.2`). This planner decides globally, from headers alone:
+
+1. A *unit* is a fused group (every tensor of its modules) or an ungrouped tensor. A unit that
+   lies wholly in one file stays there — files that already satisfy the constraint keep all
+   their tensors.
+2. A file over `max_shard_size` sheds whole units (the fewest bytes it can) until it fits.
+3. Each split or shed unit, largest first, goes whole into the file that already holds most of
+   its bytes if it fits, else into the first file (numeric-aware name order) with room, else into
+   a new file. A unit bigger than the limit gets a file of its own and a warning.
+
+Shard size is the sum of tensor data bytes, headers excluded — the convention of Hugging Face's
+`max_shard_size`. Output files are renumbered `model-{k:05d}-of-{n:05d}.safetensors` over the
+surviving source files (numeric-aware order), then the new ones; empty files are dropped.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from importlib import resources
+
+from storage.checkpoint import Checkpoint
+from storage.safetensors_format import TensorInfo
+
+from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+PRESET = "fused_groups.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """One row of the fused-groups table: tensors whose `key` captures agree form one group."""
+
+    name: str
+    pattern: re.Pattern[str]
+    key: tuple[str, ...]
+
+    def id_of(self, tensor: str) -> str | None:
+        m = self.pattern.search(tensor)
+        return None if m is None else self.name + ":" + "|".join(m.group(k) or "" for k in self.key)
+
+
+def group_of(name: str, groups: list[FusedGroup]) -> str | None:
+    """The group id of tensor `name` (first matching row wins), or None if it is in no group."""
+    for g in groups:
+        gid = g.id_of(name)
+        if gid is not None:
+            return gid
+    return None
+
+
+def load_fused_groups(path: str | None = None) -> list[FusedGroup]:
+    """The fused-groups table in `path` (any fsspec URL or local path); None → the built-in one."""
+    if path is None:
+        return parse_fused_groups(resources.files("tasks.presets").joinpath(PRESET).read_text("utf-8"),
+                                  f"built-in {PRESET}")
+    import fsspec
+
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise PlanError(f"{path}: fused-groups file not found; pass a JSON file in the format of "
+                        f"tasks/presets/{PRESET}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise PlanError(f"{path}: cannot read the fused-groups file ({exc})") from None
+    return parse_fused_groups(text, path)
+
+
+def parse_fused_groups(text: str, where: str) -> list[FusedGroup]:
+    """Validate a fused-groups document; every problem names `where`, the row and the fix."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
+        raise PlanError(f'{where}: expected an object {{"groups": [{{"name", "pattern", "key"}}, …]}}')
+    extra = [k for k in doc if k != "groups" and not k.startswith("_")]
+    if extra:
+        raise PlanError(f"{where}: unknown top-level key(s) {extra}; only 'groups' (and '_…' comments)")
+    out: list[FusedGroup] = []
+    for i, row in enumerate(doc["groups"]):
+        label = f"{where}: groups[{i}]"
+        if not isinstance(row, dict):
+            raise PlanError(f"{label} is not an object with name, pattern and key")
+        extra = [k for k in row if k not in ("name", "pattern", "key") and not k.startswith("_")]
+        name, pattern, key = row.get("name"), row.get("pattern"), row.get("key")
+        if extra:
+            raise PlanError(f"{label}: unknown key(s) {extra}; a group has name, pattern, key")
+        if not isinstance(name, str) or not name or any(g.name == name for g in out):
+            raise PlanError(f"{label}: 'name' must be a non-empty string used once, got {name!r}")
+        label = f"{where}: group {name!r}"
+        if not isinstance(pattern, str) or not pattern:
+            raise PlanError(f"{label}: 'pattern' must be a non-empty regex string, got {pattern!r}")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise PlanError(f"{label}: pattern {pattern!r} is not a valid regex: {exc}") from None
+        captures = list(compiled.groupindex)
+        if key is None:
+            keys = tuple(c for c in captures if c != "member")
+        elif isinstance(key, str) or (isinstance(key, list) and all(isinstance(k, str) for k in key)):
+            keys = (key,) if isinstance(key, str) else tuple(key)
+        else:
+            raise PlanError(f"{label}: 'key' must be a capture name or a list of them, got {key!r}")
+        missing = [k for k in keys if k not in compiled.groupindex]
+        if missing:
+            raise PlanError(f"{label}: key {missing} is not a named capture of {pattern!r} "
+                            f"(it has {captures}); write (?P<{missing[0]}>…) in the pattern")
+        out.append(FusedGroup(name, compiled, keys))
+    return out
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB' → 5·10⁹ (as Hugging Face), '1.5GiB' → 1.5·2³⁰, '500MB', 123 or '123' → bytes."""
+    value = None
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str) and (m := _SIZE.match(size)) and m.group(2).upper() in _UNITS:
+        try:
+            value = int(Decimal(m.group(1)) * _UNITS[m.group(2).upper()])
+        except InvalidOperation:
+            value = None
+    if value is None or value <= 0:
+        raise PlanError(f"max shard size {size!r} is not a positive size; write e.g. 5GB (5·10⁹ bytes), "
+                        "500MB, 1.5GiB (2³⁰-based) or a number of bytes")
+    return value
+
+
+def natural_key(name: str) -> tuple:
+    """Numeric-aware order: model-2 before model-10."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name))
+
+
+Unit = tuple[str, str]          # ("group", group id) or ("tensor", name)
+Member = tuple[str, TensorInfo]  # (source file, header entry)
+
+
+@dataclass
+class _Bin:
+    origin: str | None                       # the source file it continues; None = new file
+    units: list[Unit] = field(default_factory=list)
+    load: int = 0
+
+
+def _units(ckpt: Checkpoint, files: list[str], groups: list[FusedGroup]) -> dict[Unit, list[Member]]:
+    units: dict[Unit, list[Member]] = {}
+    seen: dict[str, str] = {}
+    twice: list[str] = []
+    for f in files:
+        for name, info in sorted(ckpt.headers[f].tensors.items(), key=lambda kv: kv[1].start):
+            if name in seen:
+                twice.append(f"{name!r} in {seen[name]} and {f}")
+                continue
+            seen[name] = f
+            gid = group_of(name, groups)
+            units.setdefault(("group", gid) if gid is not None else ("tensor", name), []).append((f, info))
+    if twice:
+        raise PlanError(f"{ckpt.url}: {len(twice)} tensor(s) appear in two files (a stale shard left "
+                        "over?); remove the file that is not in the index:\n"
+                        + "\n".join(f"  - {t}" for t in twice[:20]))
+    return units
+
+
+def _shed(b: _Bin, size: dict[Unit, int], limit: int) -> list[Unit]:
+    """Units to take out of an over-full source file, moving as few bytes as it can."""
+    big = [u for u in b.units if size[u] > limit]
+    if big:  # the largest oversize unit keeps the file alone
+        keep = max(big, key=size.__getitem__)
+        out = [u for u in b.units if u != keep]
+    else:
+        out, left = [], list(b.units)
+        while sum(size[u] for u in left) > limit:
+            excess = sum(size[u] for u in left) - limit
+            enough = [u for u in left if size[u] >= excess]
+            u = min(enough, key=size.__getitem__) if enough else max(left, key=size.__getitem__)
+            left.remove(u)
+            out.append(u)
+    b.units = [u for u in b.units if u not in out]
+    b.load -= sum(size[u] for u in out)
+    return out
+
+
+def plan_reindex(ckpt: Checkpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                 groups: list[FusedGroup] | None = None) -> StagePlan:
+    """Every tensor copied into an output shard so that each fused group is in one file."""
+    limit = parse_size(max_shard_size)
+    groups = load_fused_groups(None) if groups is None else groups
+    if ckpt.header_errors:
+        raise PlanError("cannot reindex with unreadable shards (their tensors would be lost):\n"
+                        + "\n".join(f"  - {f}: {r}" for f, r in sorted(ckpt.header_errors.items())))
+    files = sorted(ckpt.headers, key=natural_key)
+    rank = {f: i for i, f in enumerate(files)}
+    units = _units(ckpt, files, groups)
+    if not units:
+        raise PlanError(f"{ckpt.url}: no tensors to reindex")
+    size = {u: sum(i.nbytes for _, i in ms) for u, ms in units.items()}
+    bins = {f: _Bin(f) for f in files}
+    pending: list[Unit] = []
+    for u, ms in units.items():
+        homes = {f for f, _ in ms}
+        if len(homes) == 1:
+            b = bins[ms[0][0]]
+            b.units.append(u)
+            b.load += size[u]
+        else:
+            pending.append(u)
+    for b in bins.values():
+        if b.load > limit and len(b.units) > 1:
+            pending += _shed(b, size, limit)
+    new: list[_Bin] = []
+    pending.sort(key=lambda u: (-size[u], rank[units[u][0][0]], units[u][0][1].start))
+    for u in pending:
+        held: dict[str, int] = {}
+        for f, info in units[u]:
+            held[f] = held.get(f, 0) + info.nbytes
+        homes = sorted(held, key=lambda f: (-held[f], rank[f]))
+        others = [f for f in files if f not in held and bins[f].load > 0]  # emptied files stay gone
+        fits = [b for b in [bins[f] for f in homes + others] + new
+                if size[u] <= limit and b.load + size[u] <= limit]
+        target = fits[0] if fits else _Bin(None)
+        if not fits:
+            new.append(target)
+        target.units.append(u)
+        target.load += size[u]
+    alive = [b for b in [*bins.values(), *new] if b.units]
+    shards, warnings = [], []
+    for k, b in enumerate(alive, start=1):
+        name = f"model-{k:05d}-of-{len(alive):05d}.safetensors"
+        members = sorted((m for u in b.units for m in units[u]),
+                         key=lambda m: (rank[m[0]], m[1].start, m[1].name))
+        shards.append(ShardPlan(name, tuple(OutputTensor(i.name, i.dtype, tuple(i.shape), "copy",
+                                                         (SourceRef.of(f, i),)) for f, i in members)))
+        for u in b.units:
+            if size[u] > limit:
+                what = f"group {u[1]!r} ({len(units[u])} tensors)" if u[0] == "group" else f"tensor {u[1]!r}"
+                warnings.append(f"{what} is {size[u]} bytes, over max_shard_size ({limit}); "
+                                f"it gets a shard of its own, {name}")
+    return StagePlan("reindex", tuple(shards), None, (), tuple(warnings))
+
+
+def _moved(plan: StagePlan, ckpt: Checkpoint) -> list[OutputTensor]:
+    """Output tensors that changed files: each output shard is matched to at most one source file
+    (greedily, most shared bytes first); a tensor moved if its first source is not its shard's match.
+    Name-agnostic, so it measures any plan (composed ones too) against its source checkpoint."""
+    rank = {f: i for i, f in enumerate(sorted(ckpt.headers, key=natural_key))}
+    shared: dict[tuple[int, str], list[int]] = {}
+    for k, s in enumerate(plan.shards):
+        for t in s.tensors:
+            src = t.sources[0]
+            acc = shared.setdefault((k, src.file), [0, 0])
+            acc[0] += src.end - src.start
+            acc[1] += 1
+    origin: dict[int, str] = {}
+    taken: set[str] = set()
+    for (k, f), _ in sorted(shared.items(), key=lambda kv: (
+            -kv[1][0], -kv[1][1], kv[0][0], rank.get(kv[0][1], len(rank)), kv[0][1])):
+        if k not in origin and f not in taken:
+            origin[k] = f
+            taken.add(f)
+    return [t for k, s in enumerate(plan.shards) for t in s.tensors if t.sources[0].file != origin.get(k)]
+
+
+def moved_tensors(plan: StagePlan, ckpt: Checkpoint) -> int:
+    """How many output tensors are not in the file that continues their source file."""
+    return len(_moved(plan, ckpt))
+
+
+def moved_bytes(plan: StagePlan, ckpt: Checkpoint) -> int:
+    return sum(t.sources[0].end - t.sources[0].start for t in _moved(plan, ckpt))
