@@ -60,6 +60,6 @@ def main(src: str, dst: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    import resource
+    from flows.convert import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's peak
 
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))

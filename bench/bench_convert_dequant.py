@@ -36,13 +36,12 @@ def dims_for(gib: float):
 
 
 def ensure_checkpoint(path: Path, gib: float) -> int:
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
-
     if not (path / "model.safetensors.index.json").exists():
         shutil.rmtree(path, ignore_errors=True)
         print(f"generating a {gib} GiB DeepSeek-V3-shaped FP8 checkpoint in {path} …", flush=True)
-        make_deepseek_v3_fp8(open_location(str(path)), dims_for(gib))
+        # in a child process, so the generator's memory does not inflate this one's
+        subprocess.run([sys.executable, __file__, "--generate-only", "--dir", str(path.parent),
+                        "--gib", str(gib)], check=True)
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
@@ -93,17 +92,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/ckptflow-bench")
     ap.add_argument("--gib", type=float, default=1.4)
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.dir)
     src = root / "fp8"
+    if args.generate_only:
+        from flows.synthetic import make_deepseek_v3_fp8
+        from storage.urls import open_location
+
+        make_deepseek_v3_fp8(open_location(str(src)), dims_for(args.gib))
+        return
     size = ensure_checkpoint(src, args.gib)
     print(f"checkpoint: {size / 2**30:.2f} GiB in {len(list(src.glob('*.safetensors')))} shards")
     base_out, flow_out, work = root / "out-baseline", root / "out-ckptflow", root / "work"
     for p in (base_out, flow_out, work):
         shutil.rmtree(p, ignore_errors=True)
-    # Warm the page cache for both runs alike.
+    # Warm the page cache for both runs alike (in small reads: this process's RSS stays small).
     for f in src.glob("*.safetensors"):
-        f.read_bytes()
+        with open(f, "rb") as fh:
+            while fh.read(16 << 20):
+                pass
 
     b_wall, _, out = run_measured([sys.executable, "bench/baseline_dequant.py", str(src), str(base_out)])
     b_rss = json.loads(out.strip().splitlines()[-1])["peak_rss_bytes"]

@@ -86,7 +86,18 @@ def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, An
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set so far (not the Prefect server's, a separate process)."""
+    """This process's peak resident set so far (not the Prefect server's, a separate process).
+
+    VmHWM, not getrusage: Linux carries the parent's high-water mark into a child's ru_maxrss
+    across fork + exec, so a child of a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -20,6 +20,9 @@ from .dequant_plan import SCALE_SUFFIX, block_size_from_config
 from .mp_preset import Mapped, Preset, Split, load_preset
 from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
+# load_preset / Preset live in mp_preset; re-exported because flows/recipe.py imports them from here.
+__all__ = ["plan_mp", "load_preset", "Preset", "Split"]
+
 
 @dataclass(frozen=True)
 class _Item:
@@ -111,6 +114,63 @@ def _outputs(item: _Item, world: int, per_rank: int | None) -> list[tuple[int, O
             for r in range(world)]
 
 
+def _map_all(preset: Preset, tensors: list[tuple[str, TensorInfo]], drop: set[str],
+             errors: list[str]) -> tuple[dict[str, _Item], list[str], list[str]]:
+    """(kept items by source name, dropped names, unmatched names); name collisions → errors."""
+    items: dict[str, _Item] = {}
+    dropped: list[str] = []
+    unmatched: list[str] = []
+    owner: dict[str, str] = {}
+    for file, info in tensors:
+        mapped = None if info.name in drop else preset.map_name(info.name)
+        if info.name in drop or (mapped is not None and mapped.target is None):
+            dropped.append(info.name)
+        elif mapped is None:
+            unmatched.append(info.name)
+        elif mapped.target in owner:
+            errors.append(f"{info.name!r} and {owner[mapped.target]!r} both map to {mapped.target!r}; "
+                          "fix the preset so each output name has one source")
+        else:
+            owner[mapped.target] = info.name
+            items[info.name] = _Item(file, info, mapped)
+    return items, dropped, unmatched
+
+
+def _experts_per_rank(items: dict[str, _Item], preset: Preset, config: dict[str, Any], world: int,
+                      errors: list[str]) -> int | None:
+    """Routed experts per rank (rank r owns experts [r·E/N, (r+1)·E/N)), or None if no EXPERT rows."""
+    experts = [i for i in items.values() if i.mapped.rule.split is Split.EXPERT]
+    if not experts:
+        return None
+    try:
+        n = _config_int(config, preset.experts or "", f"partitioning experts by '{preset.source}'")
+    except PlanError as exc:
+        errors.append(str(exc))
+        return None
+    if n == 0 or n % world:
+        errors.append(f"config.json: {preset.experts}={n} routed experts cannot be split evenly over "
+                      f"{world} ranks; choose a world size that divides {n}")
+    errors += [f"{i.label()}: expert {i.mapped.captures['expert']} but config.json says "
+               f"{preset.experts}={n}; fix config.json"
+               for i in experts if int(i.mapped.captures["expert"]) >= n]
+    return max(1, n // world)
+
+
+def _split_problems(items: dict[str, _Item], world: int) -> list[str]:
+    errors = []
+    for item in items.values():
+        split, shape = item.mapped.rule.split, item.info.shape
+        if split.dim is None:
+            continue
+        if split.dim >= len(shape):
+            errors.append(f"{item.label()}: a {split.value} split needs dim {split.dim}, but the tensor has "
+                          f"shape {list(shape)}; mark its row REPLICATED or COLUMN in the preset")
+        elif shape[split.dim] % world:
+            errors.append(f"{item.label()}: {split.value} split along dim {split.dim} of size "
+                          f"{shape[split.dim]} (shape {list(shape)}) is not divisible by N={world}")
+    return errors
+
+
 def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
             drop_unmatched: bool = False) -> StagePlan:
     """`world` rank files laid out by `preset`; raises `PlanError` naming every problem at once."""
@@ -123,59 +183,18 @@ def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
                                                                    sorted(ckpt.header_errors.items())))
     config = ckpt.config or {}
     # Source order (file, offset): each rank task then reads every file front to back.
-    tensors = sorted(((f, info) for f, info in ckpt.tensors().values()), key=lambda fi: (fi[0], fi[1].start))
+    tensors = sorted(ckpt.tensors().values(), key=lambda fi: (fi[0], fi[1].start))
     try:
-        dropped_layer_names, errors = _dropped_layers(preset, config, [i.name for _, i in tensors])
+        drop, errors = _dropped_layers(preset, config, [info.name for _, info in tensors])
     except PlanError as exc:  # still report the other problems with it
-        dropped_layer_names, errors = set(), [str(exc)]
-    items: dict[str, _Item] = {}
-    unmatched: list[str] = []
-    dropped: list[str] = []
-    owner: dict[str, str] = {}
-    for file, info in tensors:
-        if info.name in dropped_layer_names:
-            dropped.append(info.name)
-            continue
-        mapped = preset.map_name(info.name)
-        if mapped is None:
-            unmatched.append(info.name)
-        elif mapped.target is None:
-            dropped.append(info.name)
-        elif mapped.target in owner:
-            errors.append(f"{info.name!r} and {owner[mapped.target]!r} both map to {mapped.target!r}; "
-                          "fix the preset so each output name has one source")
-        else:
-            owner[mapped.target] = info.name
-            items[info.name] = _Item(file, info, mapped)
+        drop, errors = set(), [str(exc)]
+    items, dropped, unmatched = _map_all(preset, tensors, drop, errors)
     if unmatched and not drop_unmatched:
         errors.append(f"{len(unmatched)} tensor name(s) match no row of preset '{preset.source}' (add rows "
                       "for them, or pass drop_unmatched=True to drop them):\n"
                       + "\n".join(f"      {n}" for n in unmatched))
-    per_rank = None
-    if any(i.mapped.rule.split is Split.EXPERT for i in items.values()):
-        try:
-            n_experts = _config_int(config, preset.experts or "", f"partitioning experts by '{preset.source}'")
-        except PlanError as exc:
-            errors.append(str(exc))
-            n_experts = 0
-        if n_experts and n_experts % world:
-            errors.append(f"config.json: {preset.experts}={n_experts} routed experts cannot be split evenly "
-                          f"over {world} ranks; choose a world size that divides {n_experts}")
-        per_rank = max(1, n_experts // world)
-        errors += [f"{i.label()}: expert {i.mapped.captures['expert']} but config.json says "
-                   f"{preset.experts}={n_experts}; fix config.json"
-                   for i in items.values() if i.mapped.rule.split is Split.EXPERT
-                   and n_experts and int(i.mapped.captures["expert"]) >= n_experts]
-    for item in items.values():
-        dim, shape = item.mapped.rule.split.dim, item.info.shape
-        if dim is None:
-            continue
-        if dim >= len(shape):
-            errors.append(f"{item.label()}: a {item.mapped.rule.split.value} split needs dim {dim}, but the "
-                          f"tensor has shape {list(shape)}; mark its row REPLICATED or COLUMN in the preset")
-        elif shape[dim] % world:
-            errors.append(f"{item.label()}: {item.mapped.rule.split.value} split along dim {dim} of size "
-                          f"{shape[dim]} (shape {list(shape)}) is not divisible by N={world}")
+    per_rank = _experts_per_rank(items, preset, config, world, errors)
+    errors += _split_problems(items, world)
     if any(n.endswith(SCALE_SUFFIX) for n in items):
         errors += _scale_alignment(items, world, block_size_from_config(ckpt.config))
     if errors:
