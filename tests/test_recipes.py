@@ -1,0 +1,48 @@
+"""Stages chained in one flow: dequant → MP in two passes, planning errors before any write."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flows.convert import convert_flow
+from storage.errors import UserError
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as s:
+            out.update({k: s.get_tensor(k) for k in s.keys()})
+    return out
+
+def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt, tmp_path):
+    bf16 = tmp_path / "bf16"
+    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"))
+    ref = tensors(bf16)
+    out = tmp_path / "mp"
+    summary = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"))
+    assert summary["stage"] == "dequant+mp" and summary["cached_shards"] == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["config.json", "model0-mp2.safetensors", "model1-mp2.safetensors",
+                     "tokenizer.json", "tokenizer_config.json"]  # no index, no generation_config
+    ranks = [tensors(out / f"model{r}-mp2.safetensors") for r in range(2)]
+    assert torch.equal(torch.cat([r["embed.weight"] for r in ranks]), ref["model.embed_tokens.weight"])
+    assert torch.equal(torch.cat([r["layers.0.attn.wq_b.weight"] for r in ranks]),
+                       ref["model.layers.0.self_attn.q_b_proj.weight"])
+    assert torch.equal(torch.cat([r["layers.1.attn.wo.weight"] for r in ranks], dim=1),
+                       ref["model.layers.1.self_attn.o_proj.weight"])
+    assert torch.equal(ranks[1]["layers.2.ffn.experts.5.w2.weight"], ref["model.layers.2.mlp.experts.5.down_proj.weight"])
+    assert "layers.2.ffn.experts.5.w2.weight" not in ranks[0]
+    assert ranks[0]["layers.1.ffn.gate.bias"].dtype == torch.float32
+    assert not any(k.startswith("layers.3.") for r in ranks for k in r)  # the MTP layer is gone
+    assert not any(k.endswith(".scale") for r in ranks for k in r)
+
+    again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"))
+    assert again["cached_shards"] == again["shards"] == 8  # 6 dequant shards + 2 rank files
+
+def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
+    out = tmp_path / "mp3"
+    with pytest.raises(UserError, match="3"):
+        convert_flow(str(demo_ckpt), str(out), mp=3, work=str(tmp_path / "w"))
+    assert not out.exists()
+    assert not (tmp_path / "w" / "stages").exists()  # not even the dequant pass started
