@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -18,15 +17,15 @@ EXIT_USER_ERROR = 2
 def _quiet_prefect(verbose: bool) -> None:
     # Must run before prefect is imported: settings are read at import time.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    if not verbose:
+        # Prefect logs a failing run's traceback; for user errors our one-line message is the
+        # report, and warnings reach the user through the summary. Prefect re-reads its logging
+        # config more than once, so this goes through its environment overrides.
+        for logger in ("FLOW_RUNS", "TASK_RUNS"):
+            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # The embedded server's telemetry needs the internet; without it, it logs an error at exit.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
-def _silence_run_loggers() -> None:
-    # Prefect logs a failing flow's traceback; for user errors our one-line message is the report.
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def _human(n: float) -> str:
@@ -46,6 +45,8 @@ def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
     print(f"time:     {summary['seconds']:.2f} s total, {summary['shard_seconds']:.2f} s in shard tasks"
           + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
     print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
+    for w in summary.get("warnings", []):
+        print(f"warning:  {w}", file=sys.stderr)
 
 
 def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
@@ -134,6 +135,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_megatron(args: argparse.Namespace) -> int:
+    from storage.urls import parse_storage_options
+
+    from .megatron import megatron_flow
+
+    summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
+                            max_shard_size=args.max_shard_size, work=args.work,
+                            storage_options=parse_storage_options(args.storage_options) or None)
+    print(f"output:   {summary['dest']}  (GPT2LMHeadModel, from TP={summary['tp']}, "
+          f"checkpoint_version {summary['checkpoint_version']})")
+    print(f"shards:   {summary['shards']}, tensors: {summary['tensors']}, bytes: {_human(summary['bytes_written'])}")
+    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()))
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from storage.urls import open_location
 
@@ -193,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-workers", type=int, default=1)
     f.set_defaults(func=cmd_verify, fix_dtypes=False)
 
+    m = sub.add_parser("megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
+    m.add_argument("source", help=".pt file, Megatron checkpoint directory or NVIDIA .zip (any fsspec URL)")
+    m.add_argument("dest")
+    m.add_argument("--tokenizer", metavar="PATH", help="copy tokenizer files from here (no hub download)")
+    m.add_argument("--config", metavar="FILE", help="config.json values that override the checkpoint's args")
+    m.add_argument("--max-shard-size", default="5GB")
+    m.add_argument("--work")
+    m.add_argument("--storage-options")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_megatron)
+
     v = sub.add_parser("validate", help="check the index against every shard header")
     v.add_argument("source")
     v.add_argument("--storage-options")
@@ -210,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_prefect(args.verbose)
     from storage.errors import UserError
 
-    if not args.verbose:
-        _silence_run_loggers()
     try:
         return args.func(args)
     except UserError as exc:

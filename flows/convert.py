@@ -44,10 +44,10 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     if fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)
     ckpt = scan_checkpoint(src)
-    for w in check(ckpt):
-        logger.warning("%s", w)
-    passes, warnings = plan_passes(ckpt, recipe)
-    for w in warnings + [w for p in passes for w in p.plan.warnings]:
+    warnings = [str(w) for w in check(ckpt)]
+    passes, recipe_warnings = plan_passes(ckpt, recipe)
+    warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
+    for w in warnings:
         logger.warning("%s", w)
     dst = open_location(dest, storage_options)
     prepare_dest(src, dst)
@@ -62,7 +62,7 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
         written, report = verify_output(out, plan, recipe.allow_dtypes)
         src, ckpt = out, written
     summary = summarize(recipe, [p.plan for p in passes], records, report, time.perf_counter() - t0)
-    summary.update(source=source, dest=dest, work=work)
+    summary.update(source=source, dest=dest, work=work, warnings=warnings)
     publish_summary(summary)
     logger.info("converted %d shard(s) (%d cached) into %s in %.1fs", summary["shards"],
                 summary["cached_shards"], dest, summary["seconds"])

@@ -4,6 +4,7 @@ Prefect's DEFAULT policy includes RUN_ID, so it only hits inside one flow run, a
 sees the task function but not the helpers and kernels it calls. This key is instead:
 stage + the shard plan's digest + fingerprints (name, size, etag/mtime) of the source files it
 reads + the destination URL + a code version bumped whenever output bytes could change.
+Tasks without a shard plan (the Megatron import) put what determines their output in `params`.
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ CODE_VERSION = "ckptflow-shards-1"
 class ShardCachePolicy(CachePolicy):
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        shard = inputs["shard"]
-        return hash_objects(CODE_VERSION, inputs["stage"], shard.digest(),
-                            sorted(map(tuple, inputs["fingerprints"])), inputs["dest"])
+        shard = inputs.get("shard")
+        return hash_objects(CODE_VERSION, inputs["stage"], shard.digest() if shard is not None else None,
+                            inputs.get("params"), sorted(map(tuple, inputs["fingerprints"])), inputs["dest"])
 
 
 SHARD_CACHE = ShardCachePolicy()

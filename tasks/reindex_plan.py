@@ -10,7 +10,8 @@ another; `layers.10` before `layers.2`). This planner decides globally, from hea
 2. A file over `max_shard_size` sheds whole units (the fewest bytes it can) until it fits.
 3. Each split or shed unit, largest first, goes whole into the file that already holds most of
    its bytes if it fits, else into the first file (numeric-aware name order) with room, else into
-   a new file. A unit bigger than the limit gets a file of its own and a warning.
+   the newest new file, else a new file. A unit bigger than the limit gets a file of its own and
+   a warning.
 
 Shard size is the sum of tensor data bytes, headers excluded — the convention of Hugging Face's
 `max_shard_size`. Output files are renumbered `model-{k:05d}-of-{n:05d}.safetensors` over the
@@ -20,9 +21,11 @@ from __future__ import annotations
 
 import json
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from importlib import resources
+from itertools import chain
 
 from storage.checkpoint import Checkpoint
 from storage.safetensors_format import TensorInfo
@@ -147,7 +150,8 @@ Member = tuple[str, TensorInfo]  # (source file, header entry)
 
 @dataclass
 class _Bin:
-    origin: str | None                       # the source file it continues; None = new file
+    """An output file being filled: a source file's continuation, or a new file."""
+
     units: list[Unit] = field(default_factory=list)
     load: int = 0
 
@@ -177,15 +181,17 @@ def _shed(b: _Bin, size: dict[Unit, int], limit: int) -> list[Unit]:
     if big:  # the largest oversize unit keeps the file alone
         keep = max(big, key=size.__getitem__)
         out = [u for u in b.units if u != keep]
-    else:
-        out, left = [], list(b.units)
-        while sum(size[u] for u in left) > limit:
-            excess = sum(size[u] for u in left) - limit
-            enough = [u for u in left if size[u] >= excess]
-            u = min(enough, key=size.__getitem__) if enough else max(left, key=size.__getitem__)
-            left.remove(u)
-            out.append(u)
-    b.units = [u for u in b.units if u not in out]
+    else:  # repeatedly: the smallest unit that ends the excess, else the largest one
+        order = sorted(b.units, key=size.__getitem__)
+        sizes = [size[u] for u in order]
+        out, total = [], b.load
+        while total > limit:
+            j = min(bisect_left(sizes, total - limit), len(sizes) - 1)
+            sizes.pop(j)
+            out.append(order.pop(j))
+            total -= size[out[-1]]
+    gone = set(out)
+    b.units = [u for u in b.units if u not in gone]
     b.load -= sum(size[u] for u in out)
     return out
 
@@ -204,7 +210,7 @@ def plan_reindex(ckpt: Checkpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     if not units:
         raise PlanError(f"{ckpt.url}: no tensors to reindex")
     size = {u: sum(i.nbytes for _, i in ms) for u, ms in units.items()}
-    bins = {f: _Bin(f) for f in files}
+    bins = {f: _Bin() for f in files}
     pending: list[Unit] = []
     for u, ms in units.items():
         homes = {f for f, _ in ms}
@@ -224,11 +230,12 @@ def plan_reindex(ckpt: Checkpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         for f, info in units[u]:
             held[f] = held.get(f, 0) + info.nbytes
         homes = sorted(held, key=lambda f: (-held[f], rank[f]))
-        others = [f for f in files if f not in held and bins[f].load > 0]  # emptied files stay gone
-        fits = [b for b in [bins[f] for f in homes + others] + new
-                if size[u] <= limit and b.load + size[u] <= limit]
-        target = fits[0] if fits else _Bin(None)
-        if not fits:
+        # emptied source files stay gone; new files fill one at a time (largest units first)
+        others = (bins[f] for f in files if f not in held and bins[f].load > 0)
+        candidates = chain((bins[f] for f in homes), others, new[-1:])
+        target = next((b for b in candidates if b.load + size[u] <= limit), None)
+        if target is None:
+            target = _Bin()
             new.append(target)
         target.units.append(u)
         target.load += size[u]

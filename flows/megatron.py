@@ -1,0 +1,92 @@
+"""The Megatron flow: import (safe unpickle + mapping) → shard → finalize → verify.
+
+`ckptflow megatron SOURCE DEST [--tokenizer PATH] [--config FILE]`: SOURCE is a `.pt`, a
+Megatron checkpoint directory (`release/` or `iter_…/` with `mp_rank_0X/`), or NVIDIA's `.zip`,
+on any fsspec URL. Both passes are cached like the convert flow's shards.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from storage.checkpoint import scan_checkpoint
+from storage.files import list_files, read_json
+from storage.reader import file_info
+from storage.urls import Location, StorageError, open_location
+from tasks.megatron_task import IMPORTED, import_megatron
+from tasks.reindex_plan import parse_size
+from tasks.shard_plan import plan_size_shards
+
+from .report import publish_summary
+from .stages import finalize, prepare_dest, run_shards, verify_output
+from .workdir import default_work, result_storage
+
+
+def source_fingerprints(src: Location) -> list[tuple[str, int, str | None]]:
+    """(name, size, version) of the source file, or of every file under a source directory."""
+    if src.fs.isfile(src.root):
+        info = file_info(src, "")
+        return [(src.url, info["size"], info["version"])]
+    return [(n, size, file_info(src, n)["version"]) for n, size in list_files(src).items()]
+
+
+def _copy_tokenizer(tokenizer: str, dst: Location, storage_options: dict[str, Any] | None) -> list[str]:
+    from storage.files import copy_file
+
+    tok = open_location(tokenizer, storage_options)
+    names = [n for n in list_files(tok) if not n.endswith((".safetensors", ".bin", ".pt", ".pth"))
+             and n != "config.json"]
+    if not names:
+        raise StorageError(f"--tokenizer {tokenizer}: no tokenizer files found there")
+    for n in names:
+        copy_file(tok, dst, n)
+    return names
+
+
+@flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
+                  max_shard_size: str = "5GB", work: str | None = None,
+                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    work = work or default_work(dest)
+    src = open_location(source, storage_options)
+    if not src.fs.exists(src.root):
+        raise StorageError(f"{source}: not found")
+    override = None
+    if config:
+        cfg_loc = open_location(config, storage_options)
+        override = read_json(cfg_loc, "")
+    size = parse_size(max_shard_size)
+    stage_loc = open_location(f"{work.rstrip('/')}/stages/megatron", storage_options)
+    fps = source_fingerprints(src)
+    whole = stage_loc.fs.exists(stage_loc.path(IMPORTED)) and stage_loc.fs.exists(stage_loc.path("config.json"))
+    task = import_megatron.with_options(result_storage=result_storage(work, storage_options), refresh_cache=not whole)
+    fut = task.submit("megatron-import", source, stage_loc.url, fps, {"config_override": override}, storage_options)
+    imported = dict(fut.result())
+    import_cached = fut.state.name == "Cached"
+    ckpt = scan_checkpoint(stage_loc)
+    plan = plan_size_shards(ckpt, size, stage="megatron-shard")
+    dst = open_location(dest, storage_options)
+    prepare_dest(stage_loc, dst)
+    records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options)
+    finalize(plan, ckpt, stage_loc, dst)
+    if tokenizer:
+        logger.info("copied tokenizer files: %s", ", ".join(_copy_tokenizer(tokenizer, dst, storage_options)))
+    written, report = verify_output(dst, plan)
+    cached = sum(r.get("cached", False) for r in records)
+    summary = {
+        "stage": "megatron", "source": source, "dest": dest, "work": work,
+        "shards": len(records), "cached_shards": cached, "import_cached": import_cached,
+        "tensors": sum(r["tensors"] for r in records), "bytes_written": plan.total_size,
+        "source_bytes": imported.get("source_bytes", 0), "dropped_tensors": 0,
+        "seconds": round(time.perf_counter() - t0, 3), "shard_seconds": imported.get("seconds", 0.0),
+        "gb_per_s_in": None, "tp": imported.get("tp"), "checkpoint_version": imported.get("checkpoint_version"),
+        "dtypes": {r["dtype"]: r["tensors"] for r in report.rows()}, "records": records,
+    }
+    publish_summary(summary)
+    return summary

@@ -1,0 +1,48 @@
+"""The Megatron import task: a pickled checkpoint in, one safetensors file + config.json out.
+
+A `.pt` is one pickle, so this is the one step that holds the whole model in memory (GPT-2
+sizes); everything after it streams like the other stages. It is cached like a shard task
+(source fingerprints + config override + code version), so a rerun never unpickles again.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from prefect import task
+
+from storage.files import CONFIG_NAME, write_json
+from storage.safetensors_format import TensorSpec
+from storage.transient import retry_transient
+from storage.urls import open_location
+from storage.writer import SafetensorsWriter
+
+from .cache import SHARD_CACHE
+from .megatron_load import load_megatron
+from .megatron_map import convert_megatron
+from .torch_dtypes import TORCH_TO_ST
+
+IMPORTED = "model.safetensors"
+
+
+@task(name="megatron-import", cache_policy=SHARD_CACHE, persist_result=True, result_serializer="json",
+      cache_result_in_memory=False, retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient)
+def import_megatron(stage: str, source: str, dest: str, fingerprints: list[tuple[str, int, str | None]],
+                    params: dict[str, Any], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert the Megatron checkpoint at `source` into `dest/model.safetensors` + config.json."""
+    t0 = time.perf_counter()
+    ck = load_megatron(source, storage_options)
+    state, config = convert_megatron(ck, params.get("config_override"))
+    dst = open_location(dest, storage_options)
+    specs = [TensorSpec(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in state.items()]
+    with SafetensorsWriter(dst, IMPORTED, specs) as writer:
+        for name, t in state.items():
+            data = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            writer.write(name, data)
+        record = writer.commit()
+    write_json(dst, CONFIG_NAME, config)
+    out = record.as_dict()
+    out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), tp=ck.tp_size,
+               checkpoint_version=ck.checkpoint_version, source_bytes=sum(f[1] for f in fingerprints))
+    return out

@@ -1,0 +1,28 @@
+"""Plan plain size-bounded sharding, as Hugging Face's `save_pretrained` does.
+
+Tensors keep their order; a new shard starts when the next tensor would push the current one
+past `max_shard_size` (a tensor bigger than the limit gets a shard of its own). One shard is
+called `model.safetensors` and gets no index; more are `model-0000k-of-0000N.safetensors`.
+"""
+from __future__ import annotations
+
+from storage.checkpoint import Checkpoint
+
+from .plan import OutputTensor, ShardPlan, SourceRef, StagePlan
+
+
+def plan_size_shards(ckpt: Checkpoint, max_shard_size: int, stage: str = "shard") -> StagePlan:
+    groups: list[list[OutputTensor]] = [[]]
+    size = 0
+    for file in sorted(ckpt.headers):
+        for name, info in ckpt.headers[file].tensors.items():
+            if groups[-1] and size + info.nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(OutputTensor(name, info.dtype, tuple(info.shape), "copy", (SourceRef.of(file, info),)))
+            size += info.nbytes
+    groups = [g for g in groups if g]
+    n = len(groups)
+    names = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    return StagePlan(stage, tuple(ShardPlan(f, tuple(g)) for f, g in zip(names, groups)),
+                     write_index=n > 1)
