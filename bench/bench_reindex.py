@@ -82,8 +82,13 @@ def ensure_checkpoint(path: Path, gib: float) -> int:
 
 
 def rss_line(**extra: object) -> None:
-    """The child's last stdout line: its peak RSS and, in `seconds`, its time after imports."""
-    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, **extra}))
+    """The child's last stdout line: its peak RSS and, in `seconds`, its time after imports.
+
+    ru_maxrss starts from the parent's peak (a vforked child inherits it), so the parent keeps
+    torch out; VmHWM (this process image's own high-water mark) is printed beside it."""
+    hwm = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM")), 0)
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "vmhwm_bytes": hwm, **extra}))
 
 
 def child_ckptflow(src: str, dst: str, max_shard_size: str) -> None:
@@ -240,6 +245,7 @@ def main() -> None:
             "cp": ["cp", "-r", str(src), str(outs["cp"])]}
     runs: dict[str, list[tuple[float, int]]] = {k: [] for k in LABELS}
     inner: dict[str, list[float]] = {k: [] for k in LABELS}  # in-process seconds, imports excluded
+    hwm: dict[str, int] = {k: 0 for k in LABELS}
     info: dict = {}
     order = list(LABELS)
     for r in range(args.repeat):
@@ -254,6 +260,7 @@ def main() -> None:
             rss = wait_rss if k == "cp" else last_json(out)["peak_rss_bytes"]
             runs[k].append((wall, rss))
             inner[k].append(wall if k == "cp" else last_json(out)["seconds"])
+            hwm[k] = max(hwm[k], 0 if k == "cp" else last_json(out)["vmhwm_bytes"])
             if k == "ckptflow":
                 info = last_json(out)
                 plan_file.write_text(json.dumps(info["weight_map"]))
@@ -266,9 +273,11 @@ def main() -> None:
     print(f"\nplan: {info['shards']} output shards, moved {info['moved_tensors']} of {info['tensors']} tensors "
           f"({info['moved_bytes'] / 1e9:.3f} GB)")
     work = {k: statistics.median(v) for k, v in inner.items()}
-    print(f"\n{'':26}{'wall s':>8}{'GB/s':>7}{'after imports s':>17}{'peak RSS':>11}   (medians; RSS max)")
+    print(f"\n{'':26}{'wall s':>8}{'GB/s':>7}{'after imports s':>17}{'peak RSS':>11}{'VmHWM':>10}"
+          "   (medians; RSS max)")
     for k, label in LABELS.items():
-        print(f"{label:26}{wall[k]:8.2f}{size / wall[k] / 1e9:7.2f}{work[k]:17.2f}{mib(rss[k]):>11}")
+        print(f"{label:26}{wall[k]:8.2f}{size / wall[k] / 1e9:7.2f}{work[k]:17.2f}{mib(rss[k]):>11}"
+              f"{mib(hwm[k]) if hwm[k] else 'n/a':>10}")
     print(f"\nwall ckptflow / baseline:  {wall['ckptflow'] / wall['baseline']:.2f}×   (target ≤ 0.5×)")
     print(f"RSS  ckptflow / baseline:  {rss['ckptflow'] / rss['baseline']:.3f}   (target ≤ 0.25)")
     print(f"wall ckptflow / cp -r:     {wall['ckptflow'] / wall['cp']:.2f}×   (target ≤ 1.5×)")
