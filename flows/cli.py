@@ -60,9 +60,12 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     opts = parse_storage_options(getattr(args, "storage_options", None))
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
+    kind = getattr(args, "task_runner", "threads")
+    dask_address = getattr(args, "dask_address", None)
     try:
-        flow = convert_flow.with_options(task_runner=_task_runner(args.max_workers))
-        return flow(source=source, dest=dest, dequant=getattr(args, "dequant", True), work=work,
+        flow = convert_flow.with_options(task_runner=_task_runner(args.max_workers, kind, dask_address))
+        return flow(source=source, dest=dest, task_runner=kind, dask_address=dask_address,
+                    max_workers=args.max_workers, dequant=getattr(args, "dequant", True), work=work,
                     storage_options=opts or None, fix_dtypes=getattr(args, "fix_dtypes", False),
                     allow_dtypes=getattr(args, "allow_dtype", None) or None,
                     fetch=getattr(args, "fetch", False),
@@ -76,10 +79,10 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         progress.detach()
 
 
-def _task_runner(max_workers: int) -> Any:
-    from prefect.task_runners import ThreadPoolTaskRunner
+def _task_runner(max_workers: int | None, kind: str = "threads", dask_address: str | None = None) -> Any:
+    from .runners import make_task_runner
 
-    return ThreadPoolTaskRunner(max_workers=max_workers)
+    return make_task_runner(kind, max_workers, dask_address)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -185,9 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-missing-scale", action="store_true", help="keep FP8 tensors without a scale as FP8")
     c.add_argument("--checksum", action="store_true", help="record each output shard's sha256")
     c.add_argument("--device", default="auto", help="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")
-    c.add_argument("--max-workers", type=int, default=1,
-                   help="shard tasks at once (default 1: a CPU shard task already uses every core; "
-                        "raise it for object storage, where tasks wait on the network)")
+    c.add_argument("--max-workers", type=int, default=None,
+                   help="shard tasks at once (threads: default 1, a CPU shard task already uses every "
+                        "core; raise it for object storage, where tasks wait on the network. "
+                        "processes / dask LocalCluster: worker processes, default 2)")
+    c.add_argument("--task-runner", choices=("threads", "processes", "dask"), default="threads",
+                   help="where shard tasks run: threads of this process (default), a process pool, or "
+                        "Dask workers; processes and dask need a Prefect server (PREFECT_API_URL)")
+    c.add_argument("--dask-address", metavar="tcp://HOST:PORT",
+                   help="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
     c.set_defaults(func=cmd_convert)
 

@@ -6,9 +6,10 @@ work location, so a rerun of the same command after a crash skips every committe
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
+from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.checkpoint import scan_checkpoint
@@ -21,6 +22,7 @@ from tasks.validate import check
 
 from .recipe import Recipe, plan_mp_stage, plan_passes
 from .report import publish_summary
+from .runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_kind
 from .stages import fetch_source, finalize, prepare_dest, run_shards, verify_output
 from .workdir import default_work
 
@@ -32,8 +34,20 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
                  dequant_backend: str = "auto", fix_dtypes: bool = False,
                  allow_dtypes: list[str] | None = None, reindex: bool = False,
                  max_shard_size: str = "5GB", fused_groups: str | None = None, mp: int | None = None,
-                 preset: str = "deepseek-v3", drop_unmatched: bool = False) -> dict[str, Any]:
-    """Convert the checkpoint at `source` into `dest`; returns a summary of what was done."""
+                 preset: str = "deepseek-v3", drop_unmatched: bool = False,
+                 task_runner: Literal["threads", "processes", "dask"] = "threads",
+                 dask_address: str | None = None, max_workers: int | None = None) -> dict[str, Any]:
+    """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
+
+    `task_runner`/`dask_address`/`max_workers` pick where shard tasks run (`flows.runners`).
+    The CLI applies the runner with `with_options`; a run whose runner is not the one asked for
+    (a deployment run with `task_runner: dask`) reruns itself as a subflow on that runner.
+    """
+    current = FlowRunContext.get()
+    if current is not None and runner_kind(current.task_runner) != task_runner:
+        params = dict(current.parameters)
+        runner = make_task_runner(task_runner, max_workers, dask_address)
+        return convert_flow.with_options(task_runner=runner)(**params)
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
@@ -57,7 +71,10 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     for p in passes:
         plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
         out = open_location(f"{work.rstrip('/')}/stages/{plan.stage}", storage_options) if p.into_work else dst
-        records += run_shards(plan, ckpt, src, out, work, storage_options, checksum, device, dequant_backend)
+        # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
+        with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])):
+            records += run_shards(plan, ckpt, src, out, work, storage_options, checksum, device,
+                                  dequant_backend)
         finalize(plan, ckpt, src, out)
         written, report = verify_output(out, plan, recipe.allow_dtypes)
         src, ckpt = out, written

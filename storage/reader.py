@@ -59,7 +59,8 @@ class RangeReader:
         self._lock = threading.Lock()
         self.bytes_read = 0
 
-    def _fd(self, name: str) -> int:
+    def fd(self, name: str) -> int:
+        """An OS file descriptor of local file `name`, open until `close()`."""
         with self._lock:
             fd = self._fds.get(name)
             if fd is None:
@@ -74,7 +75,7 @@ class RangeReader:
         """Bytes [start, end) of file `name`; local reads land in `out` (≥ end - start bytes) if given."""
         self.bytes_read += end - start
         if self.loc.is_local:
-            fd = self._fd(name)
+            fd = self.fd(name)
             buf = memoryview(out).cast("B")[:end - start] if out is not None else memoryview(bytearray(end - start))
             got = 0
             while got < len(buf):

@@ -10,6 +10,7 @@ likes. Nothing appears under the final name until every byte is written:
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import uuid
@@ -51,15 +52,47 @@ class AtomicFile:
             loc.fs.makedirs(parent, exist_ok=True)
         self._direct = not loc.is_local and _buffered_object_store(loc.fs)
         self._path = self.final if self._direct else loc.path(temp_name(name))
-        self._f = loc.fs.open(self._path, "wb")
+        # Local files are plain unbuffered OS files, so `copy_range` can hand bytes to the kernel.
+        self._f = open(self._path, "wb", buffering=0) if loc.is_local else loc.fs.open(self._path, "wb")
         self.size = 0
         self._sha = hashlib.sha256() if digest else None
 
     def write(self, data: bytes | memoryview) -> None:
-        self._f.write(data)
+        view = memoryview(data)
+        while view:  # an unbuffered OS file may write less than asked
+            n = self._f.write(view)
+            view = view[n if n is not None else len(view):]
         if self._sha is not None:
             self._sha.update(data)
         self.size += len(data)
+
+    def copy_range(self, src_fd: int, offset: int, length: int) -> None:
+        """Append `length` bytes of the file open as `src_fd` from `offset`, in the kernel.
+
+        `copy_file_range` moves the bytes without bringing them through user space (a reflink
+        on filesystems that share extents). Falls back to reading when unsupported.
+        """
+        if self._sha is None and self.loc.is_local and hasattr(os, "copy_file_range"):
+            out_fd = self._f.fileno()
+            done = 0
+            try:
+                while done < length:
+                    n = os.copy_file_range(src_fd, out_fd, length - done, offset + done)
+                    if n == 0:
+                        raise OSError(f"{self.name}: source ended {length - done} bytes early")
+                    done += n
+                self.size += length
+                return
+            except OSError as exc:
+                if done or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        while length:
+            chunk = os.pread(src_fd, min(length, 8 << 20), offset)
+            if not chunk:
+                raise OSError(f"{self.name}: source ended {length} bytes early")
+            self.write(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
 
     @property
     def sha256(self) -> str | None:
@@ -106,6 +139,13 @@ class SafetensorsWriter:
 
     def write(self, name: str, data: bytes | memoryview) -> None:
         """Append bytes of tensor `name`; tensors must come in declared order, in any pieces."""
+        self._check(name, len(data))
+        self._file.write(data)
+        self._left -= len(data)
+        if self._left == 0:
+            self._advance()
+
+    def _check(self, name: str, length: int) -> None:
         while self._index < len(self.specs) and self._left == 0 and self.specs[self._index].nbytes == 0 \
                 and self.specs[self._index].name != name:
             self._advance()
@@ -113,10 +153,14 @@ class SafetensorsWriter:
         if spec is None or spec.name != name:
             expected = spec.name if spec else "nothing more"
             raise RuntimeError(f"{self.name}: got bytes for {name!r} but expected {expected!r}")
-        if len(data) > self._left:
+        if length > self._left:
             raise RuntimeError(f"{self.name}: tensor {name!r} got more than its {spec.nbytes} bytes")
-        self._file.write(data)
-        self._left -= len(data)
+
+    def copy_range(self, name: str, src_fd: int, offset: int, length: int) -> None:
+        """Like `write`, but the bytes are `length` bytes of `src_fd` from `offset` (see AtomicFile)."""
+        self._check(name, length)
+        self._file.copy_range(src_fd, offset, length)
+        self._left -= length
         if self._left == 0:
             self._advance()
 

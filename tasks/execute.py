@@ -31,6 +31,18 @@ Progress = Callable[[int], None]
 Release = Callable[[], None]
 
 
+@dataclass(frozen=True)
+class FileRange:
+    """Bytes to copy file-to-file in the kernel instead of through a buffer."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
 class _BackgroundWriter:
     """Runs `SafetensorsWriter.write` on its own thread behind a bounded queue.
 
@@ -53,7 +65,10 @@ class _BackgroundWriter:
             name, data, release = item
             if self._error is None:
                 try:
-                    self.writer.write(name, data)
+                    if isinstance(data, FileRange):
+                        self.writer.copy_range(name, data.fd, data.offset, data.length)
+                    else:
+                        self.writer.write(name, data)
                 except BaseException as exc:  # re-raised on the caller's thread
                     self._error = exc
             if release is not None:
@@ -78,12 +93,13 @@ class ExecContext:
     buffers: BufferPool = field(default_factory=BufferPool)
     device: str = "cpu"        # where dequant runs: "cpu" or "cuda[:n]"
     backend: str = "auto"      # weight_dequant backend: "auto" | "torch" | "triton"
+    kernel_copy: bool = False  # local → local and no hashing: copies go through copy_file_range
 
     def releaser(self, buf: np.ndarray) -> Release:
         return lambda: self.buffers.give(buf)
 
 
-Piece = tuple[memoryview | bytes, Release | None]
+Piece = tuple[memoryview | bytes | FileRange, Release | None]
 
 
 def _read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]]) -> Iterator[Piece]:
@@ -110,6 +126,9 @@ def _done(release: Release | None) -> None:
 
 def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     (src,) = t.sources
+    if ctx.kernel_copy:
+        yield FileRange(ctx.reader.fd(src.file), src.start, src.end - src.start), None
+        return
     ranges = [(a, min(a + CHUNK_BYTES, src.end)) for a in range(src.start, src.end, CHUNK_BYTES)]
     yield from _read_ahead(ctx, src.file, ranges)  # the writer releases each read buffer
 
@@ -211,7 +230,8 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                 digest: bool = False, device: str = "cpu", backend: str = "auto") -> WrittenFile:
     """Write `shard.file` under `dst` from sources under `src`; atomic; returns its record."""
     with RangeReader(src) as reader, ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
-        ctx = ExecContext(reader, pool, device=device, backend=backend)
+        ctx = ExecContext(reader, pool, device=device, backend=backend,
+                          kernel_copy=src.is_local and dst.is_local and not digest)
         writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest)
         bg = _BackgroundWriter(writer)
         try:

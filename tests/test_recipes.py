@@ -46,3 +46,26 @@ def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
         convert_flow(str(demo_ckpt), str(out), mp=3, work=str(tmp_path / "w"))
     assert not out.exists()
     assert not (tmp_path / "w" / "stages").exists()  # not even the dequant pass started
+
+
+def test_dequant_and_reindex_compose_into_one_pass(prefect_harness, demo_ckpt, tmp_path):
+    bf16 = tmp_path / "bf16"
+    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"))
+    out = tmp_path / "reindexed"
+    summary = convert_flow(str(demo_ckpt), str(out), reindex=True, max_shard_size="1MB", work=str(tmp_path / "w2"))
+    assert summary["stage"] == "dequant+reindex"
+    assert not (tmp_path / "w2" / "stages").exists()  # one pass: no intermediate checkpoint
+    got, ref = tensors(out), tensors(bf16)
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(got[k].view(torch.uint8), ref[k].view(torch.uint8)) for k in ref)
+    import json
+
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    for layer in range(4):
+        p = f"model.layers.{layer}.self_attn."
+        files = {weight_map[p + x] for x in ("q_a_proj.weight", "kv_a_proj_with_mqa.weight")}
+        assert len(files) == 1, files  # the MLA pair shares a file
+        for e in range(8):
+            q = f"model.layers.{layer}.mlp.experts.{e}."
+            if q + "gate_proj.weight" in weight_map:
+                assert weight_map[q + "gate_proj.weight"] == weight_map[q + "up_proj.weight"]

@@ -140,3 +140,29 @@ def test_transformers_loads_what_the_writer_wrote(tmp_path):
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copy_range_in_kernel_or_by_reading(tmp_path, monkeypatch, kernel):
+    import errno
+    import os
+
+    if not kernel:  # e.g. across filesystems on older kernels
+        def refuse(*a, **k):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    payload = os.urandom(3 * (1 << 20) + 5)
+    (tmp_path / "src.bin").write_bytes(payload)
+    loc = open_location(str(tmp_path))
+    specs = [TensorSpec("a", "U8", (100,)), TensorSpec("b", "U8", (len(payload) - 200,))]
+    w = SafetensorsWriter(loc, "out.safetensors", specs)
+    fd = os.open(tmp_path / "src.bin", os.O_RDONLY)
+    try:
+        w.write("a", payload[:100])
+        w.copy_range("b", fd, 150, len(payload) - 200)
+        w.commit()
+    finally:
+        os.close(fd)
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
+        assert bytes(f.get_tensor("b").numpy()) == payload[150:len(payload) - 50]
+        assert bytes(f.get_tensor("a").numpy()) == payload[:100]

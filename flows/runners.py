@@ -1,0 +1,87 @@
+"""Where shard tasks run: threads in this process, a process pool, or a Dask cluster.
+
+`make_task_runner(kind, max_workers, dask_address)` builds the Prefect task runner for
+`convert_flow.with_options(task_runner=...)`. Every runner writes the same bytes: a shard task
+takes URLs and a plan, and returns a small JSON record, so any process on any machine that
+reaches the storage and the Prefect API can run it.
+
+Multi-process runners need a Prefect server every process talks to (`prefect server start` +
+`PREFECT_API_URL`): without one, each worker process would start its own temporary SQLite-backed
+server, and the workers' task runs, cache records and concurrency limits would not be shared.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from storage.errors import UserError
+
+RUNNERS = ("threads", "processes", "dask")
+
+# Shard tasks carry this tag, so a Prefect tag concurrency limit can cap them across every
+# worker (`prefect concurrency-limit create ckptflow-shard 4`); GPU runs also carry GPU_TAG.
+SHARD_TAG = "ckptflow-shard"
+GPU_TAG = "ckptflow-gpu"
+
+
+class RunnerError(UserError):
+    """A task runner that cannot work as asked (unknown kind, no Prefect server, no dask)."""
+
+
+def api_url() -> str | None:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL") or None
+
+
+def check_runner(kind: str, dask_address: str | None = None) -> None:
+    """Raise a `RunnerError` saying what to do when `kind` cannot run here."""
+    if kind not in RUNNERS:
+        raise RunnerError(f"unknown task runner {kind!r}; choose one of: {', '.join(RUNNERS)}")
+    if dask_address and kind != "dask":
+        raise RunnerError(f"--dask-address is for --task-runner dask, not {kind!r}")
+    if kind != "threads" and not api_url():
+        raise RunnerError(
+            f"--task-runner {kind} runs shard tasks in other processes, which must all talk to one "
+            "Prefect server; start one (`prefect server start`) and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or use --task-runner threads")
+    if kind == "dask":
+        try:
+            import prefect_dask  # noqa: F401
+        except ImportError as exc:
+            raise RunnerError("--task-runner dask needs prefect-dask: pip install 'ckptflow[dask]'") from exc
+
+
+def make_task_runner(kind: str = "threads", max_workers: int | None = None,
+                     dask_address: str | None = None) -> Any:
+    """The Prefect task runner for `kind` ("threads" | "processes" | "dask").
+
+    threads:   `ThreadPoolTaskRunner(max_workers)` (default 1: a CPU shard task already uses
+               every core through torch; raise it for object storage, where tasks wait on I/O).
+    processes: `ProcessPoolTaskRunner(max_workers)` (spawned processes on this machine).
+    dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
+               `distributed.LocalCluster` of `max_workers` single-threaded worker processes.
+    """
+    check_runner(kind, dask_address)
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max_workers or 1)
+    if kind == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=max_workers or 2)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": max_workers or 2, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+def runner_kind(runner: Any) -> str | None:
+    """The kind a task runner instance is, or None for one ckptflow did not make."""
+    name = type(runner).__name__
+    return {"ThreadPoolTaskRunner": "threads", "ProcessPoolTaskRunner": "processes",
+            "DaskTaskRunner": "dask"}.get(name)
