@@ -10,8 +10,8 @@ cache before each run, outputs removed and synced between runs:
   (b) ckptflow  — scan headers, `plan_reindex`, `write_shard` per output shard, index, other
                   files; no Prefect (the CLI adds Prefect's fixed start-up on top);
   (c) cp -r     — the physical floor: the same bytes read and written once;
-  (*) a prototype row: the same plan written with `os.copy_file_range` per tensor — not
-      ckptflow's executor; it shows what a local "copy" fast path in tasks/execute.py could reach.
+
+Local → local, ckptflow's executor copies each tensor with `copy_file_range`, as cp does.
 
 Targets (issue 4): wall ≤ 0.5× baseline, peak RSS ≤ ¼ baseline, wall ≤ 1.5× cp -r.
 
@@ -144,34 +144,6 @@ def child_baseline(src: str, dst: str, plan_file: str) -> None:
     rss_line(seconds=time.perf_counter() - t0)
 
 
-def child_zerocopy(src: str, dst: str, max_shard_size: str) -> None:
-    """Prototype, not ckptflow's executor: the same plan, each tensor copied inside the kernel
-    (`os.copy_file_range`, as cp does) — what a local→local "copy" fast path could reach."""
-    from storage.checkpoint import scan_checkpoint
-    from storage.safetensors_format import build_header
-    from storage.urls import open_location
-    from tasks.reindex_plan import parse_size, plan_reindex
-
-    t0 = time.perf_counter()
-    plan = plan_reindex(scan_checkpoint(open_location(src)), parse_size(max_shard_size))
-    os.makedirs(dst, exist_ok=True)
-    fds: dict[str, int] = {}
-    for shard in plan.shards:
-        tmp = os.path.join(dst, f".{shard.file}.partial")
-        with open(tmp, "wb") as out:
-            out.write(build_header(shard.specs, {"format": "pt"}))
-            out.flush()
-            for t in shard.tensors:
-                (ref,) = t.sources
-                fd = fds.setdefault(ref.file, os.open(os.path.join(src, ref.file), os.O_RDONLY))
-                at, left = ref.start, ref.end - ref.start
-                while left:
-                    n = os.copy_file_range(fd, out.fileno(), left, at)
-                    at, left = at + n, left - n
-        os.replace(tmp, os.path.join(dst, shard.file))
-    rss_line(seconds=time.perf_counter() - t0)
-
-
 def child_generate(path: str, gib: str) -> None:
     ensure_checkpoint(Path(path), float(gib))
 
@@ -209,10 +181,9 @@ def same_tensors(a: Path, b: Path) -> bool:
     return True
 
 
-CHILDREN = {"ckptflow": child_ckptflow, "baseline": child_baseline, "zerocopy": child_zerocopy,
-            "generate": child_generate, "compare": child_compare}
-LABELS = {"baseline": "baseline (load/save)", "ckptflow": "ckptflow executor", "cp": "cp -r (floor)",
-          "zerocopy": "plan + copy_file_range*"}
+CHILDREN = {"ckptflow": child_ckptflow, "baseline": child_baseline, "generate": child_generate,
+            "compare": child_compare}
+LABELS = {"baseline": "baseline (load/save)", "ckptflow": "ckptflow executor", "cp": "cp -r (floor)"}
 
 
 def last_json(out: str) -> dict:
@@ -241,7 +212,6 @@ def main() -> None:
     plan_file = root / "plan.json"
     cmds = {"ckptflow": me + ["ckptflow", str(src), str(outs["ckptflow"]), args.max_shard_size],
             "baseline": me + ["baseline", str(src), str(outs["baseline"]), str(plan_file)],
-            "zerocopy": me + ["zerocopy", str(src), str(outs["zerocopy"]), args.max_shard_size],
             "cp": ["cp", "-r", str(src), str(outs["cp"])]}
     runs: dict[str, list[tuple[float, int]]] = {k: [] for k in LABELS}
     inner: dict[str, list[float]] = {k: [] for k in LABELS}  # in-process seconds, imports excluded
@@ -269,7 +239,7 @@ def main() -> None:
     wall = {k: statistics.median(w for w, _ in v) for k, v in runs.items()}
     rss = {k: max(m for _, m in v) for k, v in runs.items()}
     ok = all(last_json(run_measured(me + ["compare", str(outs["baseline"]), str(outs[k])])[2])["same"]
-             for k in ("ckptflow", "zerocopy"))
+             for k in ("ckptflow",))
     print(f"\nplan: {info['shards']} output shards, moved {info['moved_tensors']} of {info['tensors']} tensors "
           f"({info['moved_bytes'] / 1e9:.3f} GB)")
     work = {k: statistics.median(v) for k, v in inner.items()}
@@ -282,11 +252,9 @@ def main() -> None:
     print(f"RSS  ckptflow / baseline:  {rss['ckptflow'] / rss['baseline']:.3f}   (target ≤ 0.25)")
     print(f"wall ckptflow / cp -r:     {wall['ckptflow'] / wall['cp']:.2f}×   (target ≤ 1.5×)")
     print(f"after imports, ckptflow / baseline: {work['ckptflow'] / work['baseline']:.2f}×, "
-          f"ckptflow / cp -r: {work['ckptflow'] / work['cp']:.2f}×, copy_file_range* / cp -r: "
-          f"{work['zerocopy'] / work['cp']:.2f}×")
+          f"ckptflow / cp -r: {work['ckptflow'] / work['cp']:.2f}×")
     print(f"outputs tensor-for-tensor identical to the baseline's: {ok}")
-    print("* a prototype in this file, not ckptflow's executor: the same plan, each tensor copied by the\n"
-          "  kernel; the CLI (`ckptflow convert --reindex`) adds Prefect's fixed start-up on top of the executor")
+    print("the CLI (`ckptflow convert --reindex`) adds Prefect's fixed start-up on top of the executor")
     if not ok:
         raise SystemExit("outputs differ")
 
