@@ -1,6 +1,8 @@
 """The one Prefect task every stage runs per output shard: plan in, small JSON record out."""
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any
 
@@ -33,6 +35,7 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
     t0 = time.perf_counter()
     record = write_shard(shard, src, dst, progress.add_bytes, digest=digest, device=device, backend=backend)
     out = record.as_dict()
-    out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), source_bytes=shard.source_bytes)
+    out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), source_bytes=shard.source_bytes,
+               worker=f"{socket.gethostname()}:{os.getpid()}")  # which process ran it (scale-out)
     progress.shard_done()
     return out

@@ -1,0 +1,369 @@
+"""Operations: scale-out runners against a real Prefect server, storage faults, parameter checks.
+
+The runner tests start `prefect server start` on loopback (one per module) and run the CLI in
+subprocesses with `PREFECT_API_URL` pointing at it: multi-process runners need a server every
+process talks to, and the rest of the session runs under `prefect_test_harness`, which must
+not leak into them. The fault tests put a small HTTP proxy in front of moto that drops
+connections on chosen requests, so every byte still goes over real HTTP.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from .conftest import PYTHON, ROOT, cli_env, free_port
+from .test_flow import tree
+
+# ------------------------------------------------------------------------ a real Prefect server
+
+
+def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def _server_env(home: Path, **extra: str) -> dict[str, str]:
+    env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                  PREFECT_LOGGING_LEVEL="WARNING", **extra)
+    for var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on a free loopback port; yields its API URL; killed at the end."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=_server_env(home), cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("prefect server exited:\n" + (home / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefect server did not come up:\n" + (home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield {"url": url, "home": home}
+    finally:
+        _kill_group(proc)
+        log.close()
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen([PYTHON, "-m", "flows.cli", *args], env=env, cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        _kill_group(proc, grace=5)  # a Dask LocalCluster's workers go with their group
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def shard_workers(work: Path) -> set[str]:
+    """The `worker` (host:pid) of every shard record persisted under the work location."""
+    workers = set()
+    for path in (work / "results").iterdir():
+        record = json.loads(json.loads(path.read_text())["result"])
+        workers.add(record["worker"])
+    return workers
+
+
+def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra: str) -> Path:
+    out, work = base / f"out-{name}", base / f"work-{name}"
+    proc = run_cli(["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(work), "--json", *extra], env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["cached_shards"] == 0 and summary["shards"] == 6
+    return out
+
+
+@pytest.fixture(scope="module")
+def threaded_output(prefect_server, tmp_path_factory):
+    """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce."""
+    from flows.synthetic import make_deepseek_v3_fp8
+    from storage.urls import open_location
+
+    base = tmp_path_factory.mktemp("runners")
+    src = base / "fp8"
+    make_deepseek_v3_fp8(open_location(str(src)))
+    env = _server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"])
+    out = convert(src, base, "threads", env)
+    return {"source": src, "base": base, "env": env, "tree": tree(out), "work": base / "work-threads"}
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_matches_threads_on_two_workers(threaded_output):
+    t = threaded_output
+    out = convert(t["source"], t["base"], "dask", t["env"], "--task-runner", "dask", "--max-workers", "2")
+    assert tree(out) == t["tree"]
+    workers = shard_workers(t["base"] / "work-dask")
+    main = shard_workers(t["work"])
+    assert len(workers) == 2, f"shard tasks ran on {workers}, expected both Dask workers"
+    assert not workers & main, "Dask shard tasks ran in the CLI's own process"
+
+
+@pytest.mark.slow
+def test_process_pool_matches_threads(threaded_output):
+    t = threaded_output
+    out = convert(t["source"], t["base"], "processes", t["env"], "--task-runner", "processes",
+                  "--max-workers", "2")
+    assert tree(out) == t["tree"]
+    assert not shard_workers(t["base"] / "work-processes") & shard_workers(t["work"])
+
+
+@pytest.mark.slow
+def test_multiprocess_runner_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
+    env = _server_env(tmp_path / "home")
+    proc = run_cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask"], env,
+                   timeout=120)
+    assert proc.returncode == 2
+    assert "PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- runner selection
+
+
+def test_make_task_runner_kinds(monkeypatch):
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.runners import RunnerError, make_task_runner, runner_kind
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    threads = make_task_runner("threads", 3)
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    assert isinstance(make_task_runner("processes", 2), ProcessPoolTaskRunner)
+    local = make_task_runner("dask", 2)
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 2
+    assert local.cluster_kwargs["processes"] is True and local.cluster_kwargs["threads_per_worker"] == 1
+    remote = make_task_runner("dask", dask_address="tcp://10.0.0.1:8786")
+    assert remote.address == "tcp://10.0.0.1:8786"
+    assert [runner_kind(r) for r in (threads, local)] == ["threads", "dask"]
+    with pytest.raises(RunnerError, match="unknown task runner 'ray'"):
+        make_task_runner("ray")
+    with pytest.raises(RunnerError, match="--dask-address is for --task-runner dask"):
+        make_task_runner("threads", dask_address="tcp://x:1")
+
+
+def test_invalid_flow_parameters_are_rejected():
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.convert import convert_flow
+
+    ok = convert_flow.validate_parameters({"source": "s3://b/in", "dest": "s3://b/out", "mp": "2"})
+    assert ok["mp"] == 2  # coerced the way a deployment's --param string is
+    with pytest.raises(ParameterTypeError, match="task_runner"):
+        convert_flow.validate_parameters({"source": "a", "dest": "b", "task_runner": "gpu-cluster"})
+    with pytest.raises(ParameterTypeError, match="mp"):
+        convert_flow.validate_parameters({"source": "a", "dest": "b", "mp": "two"})
+    with pytest.raises(ParameterTypeError, match="dest"):
+        convert_flow.validate_parameters({"source": "a"})
+
+
+# ------------------------------------------------------------------------------ storage faults
+
+
+class FaultyProxy:
+    """An HTTP/1.1 proxy on loopback in front of moto; `fault(method, headers)` picks requests to
+    break: "drop" closes the connection without a response, "deny" answers 403 AccessDenied."""
+
+    def __init__(self, upstream: str):
+        self.upstream = upstream.split("//", 1)[1]
+        self.rules: list[tuple] = []  # (predicate, action, remaining)
+        self.seen: dict[str, int] = {"drop": 0, "deny": 0, "ok": 0}
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _handle(self):
+                body = self._read_body()
+                action = proxy._action(self.command, self.headers)
+                if action == "drop":
+                    self.close_connection = True
+                    try:
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                    return
+                if action == "deny":
+                    msg = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                           b"<Message>Access Denied</Message></Error>")
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                if body is not None:
+                    headers["Content-Length"] = str(len(body))
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            def _read_body(self):
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    parts = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(parts)
+                        parts.append(self.rfile.read(size))
+                        self.rfile.readline()
+                n = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(n) if n else (b"" if self.command in ("PUT", "POST") else None)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def add_rule(self, predicate, action: str, times: int) -> None:
+        with self.lock:
+            self.rules.append([predicate, action, times])
+
+    def _action(self, method: str, headers) -> str:
+        with self.lock:
+            for rule in self.rules:
+                predicate, action, remaining = rule
+                if remaining > 0 and predicate(method, headers):
+                    rule[2] -= 1
+                    self.seen[action] += 1
+                    return action
+            self.seen["ok"] += 1
+            return "ok"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def data_range_read(method: str, headers) -> bool:
+    """A ranged GET past the start of an object: shard tasks reading tensor bytes (the flow
+    itself reads headers from offset 0 and small JSON files whole)."""
+    rng = headers.get("Range") or ""
+    return method == "GET" and rng.startswith("bytes=") and not rng.startswith("bytes=0-")
+
+
+@pytest.fixture
+def faulty_s3(s3_endpoint, s3_options, monkeypatch):
+    """s3 options through the proxy, with s3fs's and botocore's own retries off, so a dropped
+    connection reaches the shard task and only ckptflow's retry can save the run."""
+    import s3fs
+
+    proxy = FaultyProxy(s3_endpoint)
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    s3fs.S3FileSystem.clear_instance_cache()
+    opts = {"key": "testing", "secret": "testing", "skip_instance_cache": True,
+            "client_kwargs": {"endpoint_url": proxy.url},
+            "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}
+    direct = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"])
+    yield {"proxy": proxy, "options": opts, "bucket": s3_options["bucket"], "direct": direct}
+    proxy.close()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _task_run_counts(flow_run_id) -> list[int]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return [r.run_count for r in runs if r.name.startswith("dequant-shard")]
+
+    return asyncio.run(read())
+
+
+def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, faulty_s3, demo_ckpt, tmp_path):
+    from flows.convert import convert_flow
+
+    proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
+    fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
+    reference = tmp_path / "reference"
+    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "w0"))
+
+    proxy.add_rule(data_range_read, "drop", 2)
+    state = convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "w1"),
+                         storage_options=faulty_s3["options"], return_state=True)
+    summary = state.result()
+
+    assert proxy.seen["drop"] == 2, proxy.seen
+    assert summary["shards"] == 6 and summary["cached_shards"] == 0
+    assert tree(tmp_path / "out") == tree(reference)
+    counts = _task_run_counts(state.state_details.flow_run_id)
+    assert len(counts) == 6 and sum(c - 1 for c in counts) >= 1, counts  # Prefect retried the shard
+
+
+def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_path):
+    """AccessDenied is the user's to fix: each shard task fails once, with no retry delay."""
+    from flows.convert import convert_flow
+
+    proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
+    fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
+    proxy.add_rule(data_range_read, "deny", 1000)
+    t0 = time.perf_counter()
+    state = convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "w"),
+                         storage_options=faulty_s3["options"], return_state=True)
+    elapsed = time.perf_counter() - t0
+    assert state.is_failed()
+    counts = _task_run_counts(state.state_details.flow_run_id)
+    assert counts and all(c == 1 for c in counts), counts
+    assert proxy.seen["deny"] == len(counts), proxy.seen  # one denied read per task, none retried
+    assert elapsed < 20, elapsed
