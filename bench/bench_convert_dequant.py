@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import mib, run_measured  # noqa: E402
+from bench.common import mib, run_measured, same_tensors  # noqa: E402
 
 
 def dims_for(gib: float):
@@ -43,21 +43,6 @@ def ensure_checkpoint(path: Path, gib: float) -> int:
         subprocess.run([sys.executable, __file__, "--generate-only", "--dir", str(path.parent),
                         "--gib", str(gib)], check=True)
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
-
-
-def same_tensors(a: Path, b: Path) -> bool:
-    import torch
-    from safetensors import safe_open
-
-    for f in sorted(a.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as x, safe_open(str(b / f.name), "pt") as y:
-            if sorted(x.keys()) != sorted(y.keys()):
-                return False
-            for k in x.keys():
-                tx, ty = x.get_tensor(k), y.get_tensor(k)
-                if tx.dtype != ty.dtype or not torch.equal(tx.view(torch.uint8), ty.view(torch.uint8)):
-                    return False
-    return True
 
 
 @contextmanager

@@ -23,19 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import mib, run_measured  # noqa: E402
+from bench.common import mib, run_measured, same_tensors  # noqa: E402
+from bench.seed001 import is_routed_expert, seed_rename  # noqa: E402
 
 REUSE = Path("/tmp/ckptflow-bench/fp8")  # bench_convert_dequant.py's checkpoint, when present
-SEED_RENAMES = (("self_attn", "attn"), ("mlp", "ffn"), ("weight_scale_inv", "scale"),
-                ("e_score_correction_bias", "bias"))
-SEED_MAPPING = {  # seed 001's table: second-to-last name part → (new part, split dim)
-    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None),
-    "post_attention_layernorm": ("ffn_norm", None), "q_proj": ("wq", 0), "q_a_proj": ("wq_a", None),
-    "q_a_layernorm": ("q_norm", None), "q_b_proj": ("wq_b", 0), "kv_a_proj_with_mqa": ("wkv_a", None),
-    "kv_a_layernorm": ("kv_norm", None), "kv_b_proj": ("wkv_b", 0), "o_proj": ("wo", 1),
-    "gate": ("gate", None), "gate_proj": ("w1", 0), "down_proj": ("w2", 1), "up_proj": ("w3", 0),
-    "norm": ("norm", None), "lm_head": ("head", 0), "scale": ("scale", None),
-}
 
 
 def peak_rss() -> dict[str, int]:
@@ -74,14 +65,9 @@ def baseline(src: str, dst: str, world: int) -> None:
                 if name.startswith(mtp):
                     continue
                 param = f.get_tensor(name)
-                name = name.removeprefix("model.")
-                for a, b in SEED_RENAMES:
-                    name = name.replace(a, b)
-                key = name.split(".")[-2]
-                new_key, dim = SEED_MAPPING[key]
-                name = name.replace(key, new_key)
+                name, dim = seed_rename(name)
                 for i in range(world):
-                    if "experts" in name and "shared_experts" not in name:
+                    if is_routed_expert(name):
                         if int(name.split(".")[-3]) // n_local != i:
                             continue
                         state_dicts[i][name] = param
@@ -145,25 +131,6 @@ def ensure_checkpoint(src: Path | None, root: Path, fresh: bool) -> Path:
     return path
 
 
-def same_tensors(a: Path, b: Path, world: int) -> tuple[bool, int]:
-    import torch
-    from safetensors import safe_open
-
-    count = 0
-    for r in range(world):
-        name = f"model{r}-mp{world}.safetensors"
-        with safe_open(str(a / name), "pt") as x, safe_open(str(b / name), "pt") as y:
-            if sorted(x.keys()) != sorted(y.keys()):
-                return False, count
-            for k in x.keys():
-                tx, ty = x.get_tensor(k), y.get_tensor(k)
-                if tx.dtype != ty.dtype or tx.shape != ty.shape or \
-                        not torch.equal(tx.contiguous().view(torch.uint8), ty.contiguous().view(torch.uint8)):
-                    return False, count
-                count += 1
-    return True, count
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "generate":
         return generate(sys.argv[2])
@@ -194,7 +161,7 @@ def main() -> None:
     c_wall, _, out = run_measured([sys.executable, me, "ckptflow", str(src), str(flow_out), str(args.world),
                                    str(args.jobs)])
     child = json.loads(out.strip().splitlines()[-1])
-    ok, count = same_tensors(base_out, flow_out, args.world)
+    ok = same_tensors(base_out, flow_out, [f"model{r}-mp{args.world}.safetensors" for r in range(args.world)])
     written = sum(p.stat().st_size for p in flow_out.glob("*.safetensors"))
 
     print()
@@ -206,7 +173,7 @@ def main() -> None:
     print(f"\nwritten: {written / 2**30:.2f} GiB in {args.world} rank files")
     print(f"wall ratio ckptflow / baseline:      {c_wall / b_wall:.2f}×   (target ≤ 1.2×)")
     print(f"peak RSS ratio ckptflow / baseline:  {child['peak_rss_bytes'] / b_rss:.3f}   (target ≤ 0.25)")
-    print(f"outputs tensor-for-tensor identical: {ok} ({count} tensors)")
+    print(f"outputs tensor-for-tensor identical: {ok}")
     print("(the `ckptflow convert` CLI adds Prefect's fixed start-up, a few seconds, on top)")
     if not ok:
         raise SystemExit("outputs differ")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import mib, run_measured  # noqa: E402
+from bench.common import mib, run_measured, same_tensors  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 
@@ -161,24 +161,6 @@ def warm(src: Path) -> None:
             with open(f, "rb", buffering=0) as fh:
                 while fh.readinto(buf):
                     pass
-
-
-def same_tensors(a: Path, b: Path) -> bool:
-    import torch
-    from safetensors import safe_open
-
-    names = sorted(p.name for p in a.glob("*.safetensors"))
-    if names != sorted(p.name for p in b.glob("*.safetensors")):
-        return False
-    for name in names:
-        with safe_open(str(a / name), "pt") as x, safe_open(str(b / name), "pt") as y:
-            if sorted(x.keys()) != sorted(y.keys()):
-                return False
-            for k in x.keys():
-                tx, ty = x.get_tensor(k), y.get_tensor(k)
-                if tx.dtype != ty.dtype or not torch.equal(tx.view(torch.uint8), ty.view(torch.uint8)):
-                    return False
-    return True
 
 
 CHILDREN = {"ckptflow": child_ckptflow, "baseline": child_baseline, "generate": child_generate,

@@ -29,3 +29,23 @@ def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[flo
 
 def mib(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
+
+
+def same_tensors(a: Path, b: Path, names: list[str] | None = None) -> bool:
+    """Every tensor of every .safetensors file (or of `names`) in `a` equals `b`'s, bit for bit."""
+    import torch
+    from safetensors import safe_open
+
+    names = names or sorted(p.name for p in a.glob("*.safetensors"))
+    if names != sorted(p.name for p in b.glob("*.safetensors") if p.name in names):
+        return False
+    for name in names:
+        with safe_open(str(a / name), "pt") as x, safe_open(str(b / name), "pt") as y:
+            if sorted(x.keys()) != sorted(y.keys()):
+                return False
+            for k in x.keys():
+                tx, ty = x.get_tensor(k), y.get_tensor(k)
+                if tx.dtype != ty.dtype or tx.shape != ty.shape or \
+                        not torch.equal(tx.contiguous().view(torch.uint8), ty.contiguous().view(torch.uint8)):
+                    return False
+    return True

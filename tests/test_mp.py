@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bench.seed001 import is_routed_expert, seed_rename  # the seed's rules, re-expressed
 from flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
 from storage.checkpoint import scan_checkpoint
 from storage.files import write_json
@@ -26,32 +27,6 @@ from tests.test_dequant import fake_ckpt
 # Every split dim here divides by 4 and, for FP8 weights, gives each rank whole 128-row blocks.
 ALIGNED = DeepSeekDims(intermediate_size=512, moe_intermediate_size=512, num_attention_heads=16,
                        qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32)
-
-# ---- seed 001, re-expressed: chained renames, then a lookup on the second-to-last name part.
-SEED_RENAMES = (("self_attn", "attn"), ("mlp", "ffn"), ("weight_scale_inv", "scale"),
-                ("e_score_correction_bias", "bias"))
-SEED_MAPPING = {
-    "embed_tokens": ("embed", 0), "input_layernorm": ("attn_norm", None),
-    "post_attention_layernorm": ("ffn_norm", None), "q_proj": ("wq", 0), "q_a_proj": ("wq_a", None),
-    "q_a_layernorm": ("q_norm", None), "q_b_proj": ("wq_b", 0), "kv_a_proj_with_mqa": ("wkv_a", None),
-    "kv_a_layernorm": ("kv_norm", None), "kv_b_proj": ("wkv_b", 0), "o_proj": ("wo", 1),
-    "gate": ("gate", None), "gate_proj": ("w1", 0), "down_proj": ("w2", 1), "up_proj": ("w3", 0),
-    "norm": ("norm", None), "lm_head": ("head", 0), "scale": ("scale", None),
-}
-
-
-def seed_rename(name: str) -> tuple[str, int | None]:
-    new = name[len("model."):] if name.startswith("model.") else name
-    for a, b in SEED_RENAMES:
-        new = new.replace(a, b)
-    key = new.split(".")[-2]
-    target, dim = SEED_MAPPING[key]
-    return new.replace(key, target), dim
-
-
-def is_routed_expert(name: str) -> bool:
-    return "experts" in name and "shared_experts" not in name
-
 
 def source_tensors(src: Path) -> dict[str, torch.Tensor]:
     """Every source tensor but the MTP layers (the seed's `model.layers.61`, i.e. index
