@@ -134,10 +134,18 @@ def test_dask_local_cluster_matches_threads_on_two_workers(threaded_output):
 
 
 @pytest.mark.slow
-def test_process_pool_matches_threads(threaded_output):
+def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
+    """`task_runner="processes"` as a parameter (as a deployment run passes it, with no
+    `with_options`): the flow reruns itself as a subflow on a process pool."""
     t = threaded_output
-    out = convert(t["source"], t["base"], "processes", t["env"], "--task-runner", "processes",
-                  "--max-workers", "2")
+    out, work = t["base"] / "out-processes", t["base"] / "work-processes"
+    code = ("import json, sys; from flows.convert import convert_flow; "
+            "s = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], task_runner='processes', max_workers=2); "
+            "print(json.dumps({k: s[k] for k in ('shards', 'cached_shards')}))")
+    proc = subprocess.run([PYTHON, "-c", code, str(t["source"]), str(out), str(work)], env=t["env"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"shards": 6, "cached_shards": 0}
     assert tree(out) == t["tree"]
     assert not shard_workers(t["base"] / "work-processes") & shard_workers(t["work"])
 
@@ -214,6 +222,7 @@ class FaultyProxy:
 
             def _handle(self):
                 body = self._read_body()
+                self.headers["X-Request-Path"] = self.path
                 action = proxy._action(self.command, self.headers)
                 if action == "drop":
                     self.close_connection = True
@@ -233,7 +242,8 @@ class FaultyProxy:
                     return
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection", "content-length")}
+                           if k.lower() not in ("transfer-encoding", "connection", "content-length",
+                                                "x-request-path")}
                 if body is not None:
                     headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
@@ -299,6 +309,21 @@ def data_range_read(method: str, headers) -> bool:
     return method == "GET" and rng.startswith("bytes=") and not rng.startswith("bytes=0-")
 
 
+class SameRequest:
+    """Matches the first request `first` matches, and then only retries of that very request
+    (same path and range): a connection that keeps dropping for one read, which outlasts the
+    HTTP stack's own retries (aiohttp re-sends on a reused connection; botocore, s3fs)."""
+
+    def __init__(self, first):
+        self.first, self.key = first, None
+
+    def __call__(self, method: str, headers) -> bool:
+        key = (method, headers.get("Range"), headers.get("X-Request-Path"))
+        if self.key is None and self.first(method, headers):
+            self.key = key
+        return key == self.key
+
+
 @pytest.fixture
 def faulty_s3(s3_endpoint, s3_options, monkeypatch):
     """s3 options through the proxy, with s3fs's and botocore's own retries off, so a dropped
@@ -339,12 +364,14 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
     reference = tmp_path / "reference"
     convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "w0"))
 
-    proxy.add_rule(data_range_read, "drop", 2)
+    # Six drops of one read: more than the HTTP stack retries (at most 4 attempts with s3fs's and
+    # botocore's retries at 1), so the shard task fails and Prefect's retry has to finish it.
+    proxy.add_rule(SameRequest(data_range_read), "drop", 6)
     state = convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "w1"),
                          storage_options=faulty_s3["options"], return_state=True)
     summary = state.result()
 
-    assert proxy.seen["drop"] == 2, proxy.seen
+    assert proxy.seen["drop"] == 6, proxy.seen
     assert summary["shards"] == 6 and summary["cached_shards"] == 0
     assert tree(tmp_path / "out") == tree(reference)
     counts = _task_run_counts(state.state_details.flow_run_id)
@@ -367,3 +394,22 @@ def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_
     assert counts and all(c == 1 for c in counts), counts
     assert proxy.seen["deny"] == len(counts), proxy.seen  # one denied read per task, none retried
     assert elapsed < 20, elapsed
+
+
+def test_deployment_file_parameters_validate_against_their_flows():
+    """Every deployment in deployments/prefect.yaml names a real flow and valid parameters."""
+    import importlib
+
+    import yaml
+
+    doc = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    assert doc["pull"][0]["prefect.deployments.steps.git_clone"]["id"] == "clone-step"
+    names = set()
+    for dep in doc["deployments"]:
+        path, fn = dep["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), fn)
+        flow.validate_parameters(dep["parameters"])
+        assert dep["work_pool"]["name"] == "ckptflow-process"
+        assert all(not s.get("active", True) for s in dep.get("schedules", []))
+        names.add(flow.name)
+    assert names == {"ckptflow-convert", "ckptflow-megatron"}
