@@ -12,6 +12,7 @@ numpy's add/take release the GIL.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -25,6 +26,7 @@ _NP_INT = {2: np.int16, 4: np.int32}
 _STEP_ELEMENTS = 1 << 17  # elements per add+take: amortises numpy's per-call cost, index stays in L2
 _MIN_TASK_ELEMENTS = 1 << 17  # below this a thread-pool hop costs more than it saves
 _pool: ThreadPoolExecutor | None = None
+_scratch = threading.local()
 
 
 def _threads() -> int:
@@ -36,6 +38,14 @@ def _executor() -> ThreadPoolExecutor:
     if _pool is None:
         _pool = ThreadPoolExecutor(_threads(), thread_name_prefix="ckptflow-fp8")
     return _pool
+
+
+def _index_buffer(size: int, dtype: type) -> np.ndarray:
+    """This thread's reusable index scratch (no malloc/free churn per step)."""
+    buf = getattr(_scratch, "idx", None)
+    if buf is None or buf.nbytes < size * np.dtype(dtype).itemsize:
+        buf = _scratch.idx = np.empty(size * np.dtype(dtype).itemsize, dtype=np.uint8)
+    return buf[: size * np.dtype(dtype).itemsize].view(dtype)
 
 
 def code_values(fp8: torch.dtype) -> torch.Tensor:
@@ -75,7 +85,7 @@ def dequant_rows(codes: np.ndarray, scales: torch.Tensor, block: tuple[int, int]
     def work(span: tuple[int, int]) -> None:
         a0, b0 = span
         table = tables[a0 // bm]
-        idx = np.empty((min(step, b0 - a0), n), dtype=index_dtype)
+        idx = _index_buffer(min(step, b0 - a0) * n, index_dtype).reshape(-1, n)
         for a in range(a0, b0, step):
             b = min(a + step, b0)
             np.add(codes[a:b], col_offset, out=idx[:b - a], casting="unsafe")
