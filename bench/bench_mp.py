@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import mib, run_measured, same_tensors  # noqa: E402
-from bench.seed001 import is_routed_expert, seed_rename  # noqa: E402
+from bench.seed001 import seed_rank_state_dicts  # noqa: E402
 
 REUSE = Path("/tmp/ckptflow-bench/fp8")  # bench_convert_dequant.py's checkpoint, when present
 
@@ -50,32 +50,9 @@ def warm(src: Path) -> None:
 
 def baseline(src: str, dst: str, world: int) -> None:
     """Seed 001's algorithm and memory profile (MTP layers taken from config.json, not '61')."""
-    import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    config = json.load(open(os.path.join(src, "config.json")))
-    first = config["num_hidden_layers"]
-    mtp = tuple(f"model.layers.{first + k}." for k in range(config.get("num_nextn_predict_layers", 0)))
-    n_local = config["n_routed_experts"] // world
-    state_dicts: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-    for file in sorted(Path(src).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name.startswith(mtp):
-                    continue
-                param = f.get_tensor(name)
-                name, dim = seed_rename(name)
-                for i in range(world):
-                    if is_routed_expert(name):
-                        if int(name.split(".")[-3]) // n_local != i:
-                            continue
-                        state_dicts[i][name] = param
-                    elif dim is None:
-                        state_dicts[i][name] = param
-                    else:
-                        step = param.size(dim) // world
-                        state_dicts[i][name] = param.narrow(dim, i * step, step).contiguous()
+    state_dicts = seed_rank_state_dicts(src, world)
     os.makedirs(dst, exist_ok=True)
     for i in range(world):
         save_file(state_dicts[i], os.path.join(dst, f"model{i}-mp{world}.safetensors"))

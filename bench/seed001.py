@@ -30,3 +30,37 @@ def seed_rename(name: str) -> tuple[str, int | None]:
 
 def is_routed_expert(name: str) -> bool:
     return "experts" in name and "shared_experts" not in name
+
+
+def seed_rank_state_dicts(src: str, world: int) -> list[dict]:
+    """Seed 001's algorithm and memory profile: every rank's whole state dict in memory.
+
+    MTP layers come from config.json (the seed hard-codes "model.layers.61").
+    """
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    config = json.loads((Path(src) / "config.json").read_text())
+    first = config["num_hidden_layers"]
+    mtp = tuple(f"model.layers.{first + k}." for k in range(config.get("num_nextn_predict_layers", 0)))
+    n_local = config["n_routed_experts"] // world
+    ranks: list[dict] = [{} for _ in range(world)]
+    for file in sorted(Path(src).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name.startswith(mtp):
+                    continue
+                param = f.get_tensor(name)
+                new, dim = seed_rename(name)
+                for r in range(world):
+                    if is_routed_expert(new):
+                        if int(new.split(".")[-3]) // n_local == r:
+                            ranks[r][new] = param
+                    elif dim is None:
+                        ranks[r][new] = param
+                    else:
+                        step = param.size(dim) // world
+                        ranks[r][new] = param.narrow(dim, r * step, step).contiguous()
+    return ranks

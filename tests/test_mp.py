@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bench.seed001 import is_routed_expert, seed_rename  # the seed's rules, re-expressed
+from bench.seed001 import is_routed_expert, seed_rank_state_dicts, seed_rename  # the seed, re-expressed
 from flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
 from storage.checkpoint import scan_checkpoint
 from storage.files import write_json
@@ -42,20 +42,7 @@ def source_tensors(src: Path) -> dict[str, torch.Tensor]:
 
 
 def seed_reference(src: Path, world: int) -> list[dict[str, torch.Tensor]]:
-    n_local = json.loads((src / "config.json").read_text())["n_routed_experts"] // world
-    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(world)]
-    for name, param in source_tensors(src).items():
-        new, dim = seed_rename(name)
-        for r in range(world):
-            if is_routed_expert(new):
-                if int(new.split(".")[-3]) // n_local == r:
-                    ranks[r][new] = param
-            elif dim is None:
-                ranks[r][new] = param
-            else:
-                step = param.size(dim) // world
-                ranks[r][new] = param.narrow(dim, r * step, step).contiguous()
-    return ranks
+    return seed_rank_state_dicts(str(src), world)
 
 
 # ---- helpers
