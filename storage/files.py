@@ -33,10 +33,6 @@ def list_files(loc: Location) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def exists(loc: Location, name: str) -> bool:
-    return loc.fs.exists(loc.path(name))
-
-
 def read_json(loc: Location, name: str) -> Any:
     try:
         with loc.fs.open(loc.path(name), "rb") as f:

@@ -57,7 +57,6 @@ class RangeReader:
         self.loc = loc
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.bytes_read = 0
 
     def fd(self, name: str) -> int:
         """An OS file descriptor of local file `name`, open until `close()`."""
@@ -73,7 +72,6 @@ class RangeReader:
 
     def read(self, name: str, start: int, end: int, out: Any = None) -> memoryview | bytes:
         """Bytes [start, end) of file `name`; local reads land in `out` (≥ end - start bytes) if given."""
-        self.bytes_read += end - start
         if self.loc.is_local:
             fd = self.fd(name)
             buf = memoryview(out).cast("B")[:end - start] if out is not None else memoryview(bytearray(end - start))

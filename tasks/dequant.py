@@ -13,8 +13,7 @@ import os
 
 import torch
 
-from .fp8 import block_tables, torch_weight_dequant
-from .fp8_layout import normalise_scale
+from .fp8 import block_tables, matrix_scales, torch_weight_dequant
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -39,11 +38,9 @@ def resolve_backend(backend: str, weight: torch.Tensor, scale_inv: torch.Tensor,
 def _gpu_lut_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                      out_dtype: torch.dtype) -> torch.Tensor:
     """The table path on a GPU: tables from the CPU, one gather per element on the device."""
-    bm, bn = normalise_scale(tuple(weight.shape), tuple(scale_inv.shape), block)
+    (bm, bn), s = matrix_scales(tuple(weight.shape), scale_inv, block)
     rows, cols = weight.shape[-2:]
     mats = weight.reshape(-1, rows, cols)
-    s = scale_inv.detach().cpu().reshape(-1, 1, 1) if scale_inv.numel() == 1 \
-        else scale_inv.detach().cpu().reshape(mats.shape[0], -(-rows // bm), -(-cols // bn))
     tables = torch.from_numpy(block_tables(s, weight.dtype, out_dtype)).to(weight.device).reshape(-1)
     rb, nb = s.shape[-2], s.shape[-1]
     dev = weight.device

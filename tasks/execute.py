@@ -137,18 +137,15 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     import torch
 
     from .dequant import weight_dequant
-    from .fp8 import FP8_DTYPES, dequant_rows
-    from .fp8_layout import normalise_scale
+    from .fp8 import FP8_DTYPES, dequant_rows, matrix_scales
 
     weight, scale = t.sources
     fp8 = FP8_DTYPES[weight.dtype]
     scale_t = torch.frombuffer(bytearray(ctx.reader.read(scale.file, scale.start, scale.end)),
                                dtype=torch.float32).reshape(scale.shape)
-    bm, bn = normalise_scale(weight.shape, scale.shape, tuple(t.param("block")), t.name)
+    (bm, bn), scales = matrix_scales(weight.shape, scale_t, tuple(t.param("block")), t.name)
     rows, cols = weight.shape[-2:]
-    mats = int(np.prod(weight.shape[:-2])) if len(weight.shape) > 2 else 1
-    scales = scale_t.reshape(-1, 1, 1).expand(mats, 1, 1) if scale_t.numel() == 1 \
-        else scale_t.reshape(mats, -(-rows // bm), -(-cols // bn))
+    mats = scales.shape[0]
     step = max(bm, (CHUNK_BYTES // max(cols, 1)) // bm * bm)  # whole block rows per chunk
     pieces = [(e, r, min(r + step, rows)) for e, r in product(range(mats), range(0, rows, step))]
     ranges = [(weight.start + (e * rows + r0) * cols, weight.start + (e * rows + r1) * cols)

@@ -98,6 +98,19 @@ def dequant_rows(codes: np.ndarray, scales: torch.Tensor, block: tuple[int, int]
         list(_executor().map(work, tasks))
 
 
+def matrix_scales(weight_shape: tuple[int, ...], scale_inv: torch.Tensor, block: tuple[int, int],
+                  name: str = "weight") -> tuple[tuple[int, int], torch.Tensor]:
+    """The block (bm, bn) and the scales as [matrices, ceil(rows/bm), ceil(cols/bn)] float32.
+
+    A 2-D weight is one matrix, a 3-D one (stacked experts) several; a per-tensor scale becomes
+    one 1×1 grid per matrix, its block covering the whole matrix.
+    """
+    bm, bn = normalise_scale(tuple(weight_shape), tuple(scale_inv.shape), block, name)
+    mats = int(np.prod(weight_shape[:-2])) if len(weight_shape) > 2 else 1
+    s = scale_inv.detach().cpu().to(torch.float32)
+    return (bm, bn), s.reshape(1, 1, 1).expand(mats, 1, 1) if s.numel() == 1 else s.reshape(mats, *s.shape[-2:])
+
+
 def torch_weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
                          out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """The CPU path on whole tensors: 2-D or 3-D weight, block or per-tensor scale."""
@@ -107,11 +120,9 @@ def torch_weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
         raise TypeError(f"scale_inv must be float32, got {scale_inv.dtype}")
     if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
-    bm, bn = normalise_scale(tuple(weight.shape), tuple(scale_inv.shape), block)
+    (bm, bn), scales = matrix_scales(tuple(weight.shape), scale_inv, block)
     w = weight.detach().cpu().contiguous()
-    s = scale_inv.detach().cpu().to(torch.float32)
     mats = w.reshape(-1, *w.shape[-2:])
-    scales = s.reshape(-1, 1, 1).expand(mats.shape[0], 1, 1) if s.numel() == 1 else s.reshape(-1, *s.shape[-2:])
     out = torch.empty(w.shape, dtype=out_dtype)
     out_mats = out.view(_INT_VIEW[out_dtype.itemsize]).reshape(mats.shape)
     for e in range(mats.shape[0]):
