@@ -86,6 +86,7 @@ def _task_runner(max_workers: int | None, kind: str = "threads", dask_address: s
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    # Checked here too (the recipe checks it again) so a usage slip costs no Prefect start-up.
     if not (args.dequant or args.fix_dtypes or args.reindex or args.mp):
         print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -90,8 +90,9 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Pass], list[str]
             _check_dtypes(mp, ckpt, recipe)
             return [Pass(mp, into_work=False)], warnings
         _check_dtypes(plan, ckpt, recipe)
-        mp = plan_mp_stage(planned_checkpoint(plan, "planned://", ckpt), recipe)  # errors now, not later
-        _check_dtypes(mp, planned_checkpoint(plan, "planned://", ckpt), recipe)
+        intermediate = planned_checkpoint(plan, "planned://", ckpt)
+        mp = plan_mp_stage(intermediate, recipe)  # errors now, not after the first pass
+        _check_dtypes(mp, intermediate, recipe)
         return [Pass(plan, into_work=True), Pass(mp, into_work=False, replan="mp")], warnings
     assert plan is not None  # one of the stages above ran
     _check_dtypes(plan, ckpt, recipe)
