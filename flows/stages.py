@@ -12,13 +12,14 @@ from prefect import get_run_logger
 from prefect.futures import wait
 
 from storage.checkpoint import Checkpoint, scan_checkpoint
-from storage.files import CONFIG_NAME, INDEX_NAME, copy_file, index_document, list_files, write_json
+from storage.files import CONFIG_NAME, INDEX_NAME, copy_file, index_document, list_files, read_json, write_json
 from storage.safetensors_format import file_size_for
 from storage.urls import Location, StorageError, open_location
 from tasks import progress
 from tasks.dtypes import DtypeReport, check_dtypes
 from tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
 from tasks.plan import PlanError, StagePlan
+from tasks.cache import shard_key
 from tasks.shard_task import write_shard_task
 from tasks.validate import find_problems
 
@@ -66,20 +67,25 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
                backend: str = "auto") -> list[dict[str, Any]]:
     """Submit one cached task per output shard and wait; returns records with a `cached` flag."""
     storage = result_storage(work, storage_options)
-    futures = []
+    journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
+    futures: list[Any] = []
     for shard in plan.shards:
         whole = _output_is_whole(dst, shard.file, file_size_for(shard.specs, {"format": "pt"}))
+        fps = [ckpt.fingerprint(f) for f in shard.source_files]
+        entry = f"{shard_key(plan.stage, shard, fps, dst.url)}.json"
+        if whole and journal.fs.exists(journal.path(entry)):
+            futures.append(dict(read_json(journal, entry)))  # committed by a run that died before Prefect's record
+            continue
         # A record whose output has vanished (or was cut short) must not count as done.
         task = write_shard_task.with_options(name=f"{plan.stage}-shard", result_storage=storage,
                                              refresh_cache=not whole)
-        fps = [ckpt.fingerprint(f) for f in shard.source_files]
         futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
-                                   device, backend))
-    wait(futures)
+                                   device, backend, journal.url))
+    wait([f for f in futures if not isinstance(f, dict)])
     records = []
     for fut in futures:
-        record = dict(fut.result())
-        record["cached"] = fut.state.name == "Cached"
+        record = fut if isinstance(fut, dict) else dict(fut.result())
+        record["cached"] = isinstance(fut, dict) or fut.state.name == "Cached"
         if record["cached"]:
             progress.add_bytes(record.get("size", 0))
             progress.shard_done()

@@ -18,13 +18,18 @@ from prefect.utilities.hashing import hash_objects
 CODE_VERSION = "ckptflow-shards-1"
 
 
+def shard_key(stage: str, shard: Any, fingerprints: list, dest: str, params: Any = None) -> str:
+    """What determines one task's output; the Prefect cache key and the commit journal's name."""
+    return hash_objects(CODE_VERSION, stage, shard.digest() if shard is not None else None,
+                        params, sorted(map(tuple, fingerprints)), dest)
+
+
 @dataclass
 class ShardCachePolicy(CachePolicy):
     def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
                     **kwargs: Any) -> str | None:
-        shard = inputs.get("shard")
-        return hash_objects(CODE_VERSION, inputs["stage"], shard.digest() if shard is not None else None,
-                            inputs.get("params"), sorted(map(tuple, inputs["fingerprints"])), inputs["dest"])
+        return shard_key(inputs["stage"], inputs.get("shard"), inputs["fingerprints"], inputs["dest"],
+                         inputs.get("params"))
 
 
 SHARD_CACHE = ShardCachePolicy()

@@ -8,10 +8,11 @@ from typing import Any
 
 from prefect import task
 
+from storage.files import write_json
 from storage.transient import retry_transient
 from storage.urls import open_location
 
-from .cache import SHARD_CACHE
+from .cache import SHARD_CACHE, shard_key
 from .execute import write_shard
 from .plan import ShardPlan
 from . import progress
@@ -23,12 +24,16 @@ from . import progress
 def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
                      fingerprints: list[tuple[str, int, str | None]],
                      storage_options: dict[str, Any] | None = None, digest: bool = False,
-                     device: str = "cpu", backend: str = "auto") -> dict[str, Any]:
+                     device: str = "cpu", backend: str = "auto", journal: str | None = None) -> dict[str, Any]:
     """Write one output shard; returns {url, name, size, sha256, tensors, seconds}.
 
     `fingerprints` is not read here: it is part of the cache key, so a changed source file
     (new size or etag/mtime) makes this shard recompute instead of hitting an old record.
     `device`/`backend` are not in the key: every backend writes the same bytes.
+
+    `journal` (a URL in the work location) gets `<key>.json` right after the shard commits.
+    Prefect persists its own record only once the task has returned; a run killed in between
+    would otherwise redo a shard that is already whole.
     """
     src = open_location(source, storage_options)
     dst = open_location(dest, storage_options)
@@ -37,5 +42,7 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
     out = record.as_dict()
     out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), source_bytes=shard.source_bytes,
                worker=f"{socket.gethostname()}:{os.getpid()}")  # which process ran it (scale-out)
+    if journal:
+        write_json(open_location(journal, storage_options), f"{shard_key(stage, shard, fingerprints, dest)}.json", out)
     progress.shard_done()
     return out

@@ -76,3 +76,20 @@ def test_failed_validation_leaves_dest_untouched(prefect_harness, demo_ckpt, tmp
     with pytest.raises(UserError):
         convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "work"))
     assert (out / "model.safetensors.index.json").read_text() == "{}"  # validation failed first: untouched
+
+
+def test_shard_committed_before_prefect_recorded_it_is_not_redone(prefect_harness, demo_ckpt, tmp_path):
+    """A kill between a shard's commit and Prefect's result record: the commit journal covers it."""
+    import shutil
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    convert_flow(str(demo_ckpt), str(out), work=str(work))
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    shutil.rmtree(work / "results")  # as if every run had died before Prefect persisted its records
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert again["cached_shards"] == 6
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == mtimes
+    shutil.rmtree(work / "results")
+    (out / "model-00002-of-00006.safetensors").unlink()  # a journal entry without its output is not enough
+    third = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert [r["name"] for r in third["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
