@@ -21,7 +21,7 @@ from tasks.plan import StagePlan
 from tasks.validate import check
 
 from .recipe import Recipe, plan_mp_stage, plan_passes
-from .report import publish_summary
+from .report import RunProgress, publish_summary
 from .runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_kind
 from .stages import fetch_source, finalize, prepare_dest, run_shards, verify_output
 from .workdir import default_work
@@ -66,7 +66,9 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     dst = open_location(dest, storage_options)
     prepare_dest(src, dst)
     device = resolve_device(device)
-    progress.set_totals(sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes))
+    total_bytes, total_shards = sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes)
+    progress.set_totals(total_bytes, total_shards)
+    run_progress = RunProgress(total_shards, total_bytes)
     records: list[dict[str, Any]] = []
     for p in passes:
         plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
@@ -74,7 +76,7 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
         # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
         with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])):
             records += run_shards(plan, ckpt, src, out, work, storage_options, checksum, device,
-                                  dequant_backend)
+                                  dequant_backend, on_commit=run_progress.shard_committed)
         finalize(plan, ckpt, src, out)
         written, report = verify_output(out, plan, recipe.allow_dtypes)
         src, ckpt = out, written

@@ -1,9 +1,11 @@
-"""Prefect artifacts for a run: the dtype report and a summary, visible in the UI per flow run."""
+"""Prefect artifacts for a run: the dtype report, a summary and live progress, per flow run in the UI."""
 from __future__ import annotations
 
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_run_logger
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
 
 from tasks.dtypes import DtypeReport
 
@@ -27,3 +29,40 @@ def publish_summary(summary: dict[str, Any]) -> None:
         f"| dtypes | {', '.join(f'{k}×{v}' for k, v in summary['dtypes'].items())} |",
     ]
     create_markdown_artifact(key="convert-summary", markdown="\n".join(lines), description="conversion summary")
+
+
+class RunProgress:
+    """The run's `convert-progress` artifact, advanced as each output shard commits (or is found
+    committed by an earlier run); percent is by bytes, since shards differ in size.
+
+    The artifact is for watching a run, not part of its result: an API hiccup while updating it
+    is logged and the conversion goes on.
+    """
+
+    def __init__(self, shards: int, total_bytes: int, key: str = "convert-progress"):
+        self.shards, self.total_bytes = shards, max(total_bytes, 1)
+        self.done_shards = self.done_bytes = 0
+        self.artifact_id = None
+        self._call(lambda: setattr(self, "artifact_id", create_progress_artifact(
+            0.0, key=key, description=self.description())))
+
+    def description(self) -> str:
+        return (f"{self.done_shards}/{self.shards} shards committed, "
+                f"{self.done_bytes / 1e9:.2f} of {self.total_bytes / 1e9:.2f} GB")
+
+    def percent(self) -> float:
+        return round(min(100.0, 100.0 * self.done_bytes / self.total_bytes), 2)
+
+    def shard_committed(self, record: dict[str, Any]) -> None:
+        self.done_shards += 1
+        self.done_bytes += int(record.get("size", 0))
+        if self.artifact_id is not None:
+            self._call(lambda: update_progress_artifact(self.artifact_id, self.percent(),
+                                                        description=self.description()))
+
+    @staticmethod
+    def _call(fn: Any) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - observability must not fail the conversion
+            get_run_logger().warning("progress artifact not updated: %s", exc)

@@ -6,10 +6,10 @@ logic: which stages run, and in what order, is `flows.recipe`'s business.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any
+from typing import Any, Callable
 
 from prefect import get_run_logger
-from prefect.futures import wait
+from prefect.futures import as_completed, wait
 
 from storage.checkpoint import Checkpoint, scan_checkpoint
 from storage.files import CONFIG_NAME, INDEX_NAME, copy_file, index_document, list_files, read_json, write_json
@@ -64,8 +64,13 @@ def _output_is_whole(dst: Location, name: str, size: int) -> bool:
 
 def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, work: str,
                storage_options: dict[str, Any] | None, digest: bool = False, device: str = "cpu",
-               backend: str = "auto") -> list[dict[str, Any]]:
-    """Submit one cached task per output shard and wait; returns records with a `cached` flag."""
+               backend: str = "auto",
+               on_commit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Submit one cached task per output shard and wait; returns records with a `cached` flag.
+
+    `on_commit(record)` is called for every shard as it commits (or is found committed), in
+    completion order, in this thread.
+    """
     storage = result_storage(work, storage_options)
     journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
     futures: list[Any] = []
@@ -81,7 +86,16 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
                                              refresh_cache=not whole)
         futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
                                    device, backend, journal.url))
-    wait([f for f in futures if not isinstance(f, dict)])
+    on_commit = on_commit or (lambda record: None)
+    for fut in futures:
+        if isinstance(fut, dict):
+            on_commit(fut)
+    for fut in as_completed([f for f in futures if not isinstance(f, dict)]):
+        try:
+            record = fut.result()  # not fut.state: the API may not have recorded it yet
+        except Exception:  # noqa: BLE001 - raised again below, in plan order, after every task ends
+            continue
+        on_commit(record)
     records = []
     for fut in futures:
         record = fut if isinstance(fut, dict) else dict(fut.result())

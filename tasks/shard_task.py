@@ -6,7 +6,7 @@ import socket
 import time
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from storage.files import write_json
 from storage.transient import retry_transient
@@ -45,4 +45,10 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
     if journal:
         write_json(open_location(journal, storage_options), f"{shard_key(stage, shard, fingerprints, dest)}.json", out)
     progress.shard_done()
+    seconds = max(out["seconds"], 1e-9)
+    # One key=value line per shard: greppable in the worker's output and the run's logs in the UI.
+    get_run_logger().info(
+        "shard committed stage=%s file=%s tensors=%d bytes_in=%d bytes_out=%d seconds=%.3f gbps_in=%.3f worker=%s",
+        stage, shard.file, out["tensors"], shard.source_bytes, out["size"], out["seconds"],
+        shard.source_bytes / seconds / 1e9, out["worker"])
     return out

@@ -413,3 +413,72 @@ def test_deployment_file_parameters_validate_against_their_flows():
         assert all(not s.get("active", True) for s in dep.get("schedules", []))
         names.add(flow.name)
     assert names == {"ckptflow-convert", "ckptflow-megatron"}
+
+
+# ------------------------------------------------------------------------------- observability
+
+
+def _run_artifacts(flow_run_id) -> dict[str, object]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return {a.key: a for a in asyncio.run(read())}
+
+
+def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_harness, demo_ckpt, tmp_path,
+                                                                        monkeypatch, request):
+    import logging
+
+    import flows.report as report
+    from flows.convert import convert_flow
+
+    updates: list[tuple[float, str]] = []
+    real_update = report.update_progress_artifact
+
+    def spy(artifact_id, progress, description=None):
+        updates.append((progress, description))
+        return real_update(artifact_id, progress, description=description)
+
+    monkeypatch.setattr(report, "update_progress_artifact", spy)
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    task_logger = logging.getLogger("prefect.task_runs")  # Prefect's task loggers do not propagate
+    request.addfinalizer(lambda level=task_logger.level: task_logger.setLevel(level))
+    task_logger.setLevel(logging.INFO)  # setLevel, not .level =: it also clears the enabled-for cache
+    monkeypatch.setattr(task_logger, "handlers", [*task_logger.handlers, handler])
+    out = tmp_path / "out"
+    state = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"), return_state=True)
+    summary = state.result()
+
+    # One update per committed shard, never going backwards, ending at 100 %.
+    assert len(updates) == summary["shards"] == 6
+    percents = [p for p, _ in updates]
+    assert percents == sorted(percents) and 0 < percents[0] < 100 and percents[-1] == 100.0
+    sizes = sorted(p.stat().st_size for p in out.glob("*.safetensors"))
+    assert percents[0] >= round(100 * sizes[0] / summary["bytes_written"], 2) - 0.01
+    assert updates[-1][1].startswith("6/6 shards committed")
+
+    artifacts = _run_artifacts(state.state_details.flow_run_id)
+    assert {"convert-progress", "convert-summary", "dtypes", "dtype-check"} <= set(artifacts)
+    assert float(artifacts["convert-progress"].data) == 100.0
+    assert "6 (0 cache hits)" in artifacts["convert-summary"].data
+    rows = json.loads(artifacts["dtypes"].data) if isinstance(artifacts["dtypes"].data, str) else artifacts["dtypes"].data
+    assert {r["dtype"] for r in rows} == set(summary["dtypes"])
+
+    # A structured line per shard, naming the file and its numbers.
+    lines = [line for line in lines if line.startswith("shard committed")]
+    assert sorted(line.split(" file=")[1].split()[0] for line in lines) == sorted(p.name for p in out.glob("*.safetensors"))
+    assert all("tensors=" in line and "gbps_in=" in line and "worker=" in line for line in lines)
+
+    # A rerun finds every shard committed: the artifact reaches 100 % from cache alone.
+    updates.clear()
+    again = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"))
+    assert again["cached_shards"] == 6 and [p for p, _ in updates][-1] == 100.0 and len(updates) == 6
