@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from .listing import list_tree
 from .urls import Location, StorageError
 from .writer import AtomicFile
 
@@ -17,20 +18,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 def list_files(loc: Location) -> dict[str, int]:
     """Every file under `loc` (relative name → size), skipping hidden/temp names."""
-    try:
-        found = loc.fs.find(loc.root, detail=True)
-    except FileNotFoundError:
-        raise StorageError(f"{loc.url}: no such directory") from None
-    out: dict[str, int] = {}
-    prefix = loc.root.rstrip("/") + "/"
-    for path, info in found.items():
-        if info.get("type") == "directory" or path.endswith("/"):
-            continue  # object stores' zero-byte "folder" markers are listed as files
-        rel = path[len(prefix):] if path.startswith(prefix) else path.rsplit("/", 1)[-1]
-        if not rel or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        out[rel] = int(info.get("size") or 0)
-    return dict(sorted(out.items()))
+    return {name: stat.size for name, stat in list_tree(loc).items()}
 
 
 def read_json(loc: Location, name: str) -> Any:

@@ -9,6 +9,7 @@ import os
 import threading
 from typing import Any
 
+from .listing import version_of
 from .safetensors_format import HEADER_PROBE_BYTES, Header, HeaderError, header_length, parse_header
 from .urls import Location, StorageError
 
@@ -38,10 +39,8 @@ def file_info(loc: Location, name: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise StorageError(f"{loc.url_of(name)}: file not found") from None
     etag = info.get("ETag") or info.get("etag")
-    version = etag or info.get("md5Hash") or info.get("mtime") or info.get("LastModified") \
-        or info.get("last_modified") or info.get("created")
     lfs = info.get("lfs") if isinstance(info.get("lfs"), dict) else {}
-    return {"size": int(info["size"]), "version": str(version) if version is not None else None,
+    return {"size": int(info["size"]), "version": version_of(info),
             "etag": str(etag).strip('"') if etag else None, "sha256": lfs.get("sha256")}
 
 
