@@ -6,7 +6,7 @@ work location, so a rerun of the same command after a crash skips every committe
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, tags
 from prefect.context import FlowRunContext
@@ -20,6 +20,7 @@ from tasks.dtypes import DtypeReport
 from tasks.plan import StagePlan
 from tasks.validate import check
 
+from .params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
 from .recipe import Recipe, plan_mp_stage, plan_passes
 from .report import RunProgress, publish_summary
 from .runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_kind
@@ -30,13 +31,13 @@ from .workdir import default_work
 @flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
 def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None = None,
                  storage_options: dict[str, Any] | None = None, fetch: bool = False,
-                 allow_missing_scale: bool = False, checksum: bool = False, device: str = "auto",
-                 dequant_backend: str = "auto", fix_dtypes: bool = False,
+                 allow_missing_scale: bool = False, checksum: bool = False, device: Device = "auto",
+                 dequant_backend: DequantBackend = "auto", fix_dtypes: bool = False,
                  allow_dtypes: list[str] | None = None, reindex: bool = False,
-                 max_shard_size: str = "5GB", fused_groups: str | None = None, mp: int | None = None,
+                 max_shard_size: ShardSize = "5GB", fused_groups: str | None = None, mp: Positive | None = None,
                  preset: str = "deepseek-v3", drop_unmatched: bool = False,
-                 task_runner: Literal["threads", "processes", "dask"] = "threads",
-                 dask_address: str | None = None, max_workers: int | None = None) -> dict[str, Any]:
+                 task_runner: TaskRunnerKind = "threads",
+                 dask_address: str | None = None, max_workers: Positive | None = None) -> dict[str, Any]:
     """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
 
     `task_runner`/`dask_address`/`max_workers` pick where shard tasks run (`flows.runners`).

@@ -20,6 +20,7 @@ from tasks.megatron_task import IMPORTED, import_megatron
 from tasks.reindex_plan import parse_size
 from tasks.shard_plan import plan_size_shards
 
+from .params import ShardSize
 from .report import publish_summary
 from .stages import finalize, prepare_dest, run_shards, verify_output
 from .workdir import default_work, result_storage
@@ -48,7 +49,7 @@ def _copy_tokenizer(tokenizer: str, dst: Location, storage_options: dict[str, An
 
 @flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
-                  max_shard_size: str = "5GB", work: str | None = None,
+                  max_shard_size: ShardSize = "5GB", work: str | None = None,
                   storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one."""
     logger = get_run_logger()
