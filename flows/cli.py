@@ -1,4 +1,4 @@
-"""`ckptflow` — the command line: convert, validate, demo.
+"""`ckptflow` — the command line: convert, watch, validate, verify, megatron, demo.
 
 User errors (bad input, missing files, unconvertible tensors) end in `error: …` lines naming
 the file or tensor and a non-zero exit, never a traceback; `--verbose` shows Prefect's logs.
@@ -52,6 +52,16 @@ def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"warning:  {w}", file=sys.stderr)
 
 
+def convert_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `ConvertOptions` fields a command line names (commands without a flag get its default)."""
+    from .params import ConvertOptions
+
+    names = {"allow_dtypes": "allow_dtype"}
+    return {field: getattr(args, names.get(field, field), default.default)
+            for field, default in ConvertOptions.model_fields.items()
+            if hasattr(args, names.get(field, field))} | {"allow_dtypes": getattr(args, "allow_dtype", None) or None}
+
+
 def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -60,24 +70,18 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
     from .convert import convert_flow
 
+    from .params import ConvertOptions
+
     opts = parse_storage_options(getattr(args, "storage_options", None))
+    options = convert_options(args)
+    ConvertOptions(**options)  # bad values fail here, with one line each, before Prefect starts
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
-    kind = getattr(args, "task_runner", "threads")
-    dask_address = getattr(args, "dask_address", None)
     try:
-        flow = convert_flow.with_options(task_runner=_task_runner(args.max_workers, kind, dask_address))
-        return flow(source=source, dest=dest, task_runner=kind, dask_address=dask_address,
-                    max_workers=args.max_workers, dequant=getattr(args, "dequant", True), work=work,
-                    storage_options=opts or None, fix_dtypes=getattr(args, "fix_dtypes", False),
-                    allow_dtypes=getattr(args, "allow_dtype", None) or None,
-                    fetch=getattr(args, "fetch", False),
-                    allow_missing_scale=getattr(args, "allow_missing_scale", False),
-                    checksum=getattr(args, "checksum", False), device=getattr(args, "device", "auto"),
-                    reindex=getattr(args, "reindex", False), max_shard_size=getattr(args, "max_shard_size", "5GB"),
-                    fused_groups=getattr(args, "fused_groups", None), mp=getattr(args, "mp", None),
-                    preset=getattr(args, "preset", "deepseek-v3"),
-                    drop_unmatched=getattr(args, "drop_unmatched", False))
+        runner = _task_runner(options.get("max_workers"), options.get("task_runner", "threads"),
+                              options.get("dask_address"))
+        return convert_flow.with_options(task_runner=runner)(
+            source=source, dest=dest, work=work, storage_options=opts or None, **options)
     finally:
         progress.detach()
 
@@ -97,6 +101,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print_summary(summary)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp):
+        print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
+        return EXIT_USER_ERROR
+    from storage.urls import parse_storage_options
+
+    from .params import ConvertOptions
+    from .watch import watch_flow
+
+    summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
+                         options=ConvertOptions(**convert_options(args)), work_prefix=args.work_prefix,
+                         max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
+                         dry_run=args.dry_run, storage_options=parse_storage_options(args.storage_options) or None)
+    for c in summary["checkpoints"]:
+        r = c.get("result")
+        done = f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else ""
+        print(f"{c['name']:<24} {c['action']:<11} {c['reason']}{done}")
+    if not summary["checkpoints"]:
+        print(f"{args.source_prefix}: no checkpoints found (folders holding *.safetensors)")
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
@@ -176,17 +204,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ckptflow", description="Convert large LLM checkpoints, resumably.")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs and tracebacks")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("convert", help="convert SOURCE into DEST (any fsspec URLs)")
-    c.add_argument("source")
-    c.add_argument("dest")
+def _add_convert_options(c: argparse.ArgumentParser) -> None:
+    """The recipe and runtime flags of a conversion (`flows.params.ConvertOptions`)."""
     c.add_argument("--dequant", action="store_true", help="FP8 (e4m3 + weight_scale_inv) → BF16")
-    c.add_argument("--work", help="work location: shard records and fetched files "
-                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
+    c.add_argument("--reindex", action="store_true", help="put every fused group (q/k/v, gate/up, …) in one file")
+    c.add_argument("--max-shard-size", default="5GB", help="reindex: largest output shard (default 5GB)")
+    c.add_argument("--fused-groups", metavar="FILE", help="reindex: JSON file of fused groups (default: built in)")
+    c.add_argument("--mp", type=int, metavar="N", help="model-parallel rank files model{r}-mp{N}.safetensors")
+    c.add_argument("--preset", default="deepseek-v3", help="MP name table: deepseek-v3, llama or a JSON file")
+    c.add_argument("--drop-unmatched", action="store_true", help="MP: drop names no preset row matches (warn)")
+    c.add_argument("--allow-dtype", action="append", metavar="REGEX",
+                   help="tensor names allowed to differ from torch_dtype (repeatable)")
     c.add_argument("--storage-options", help="JSON of fsspec storage options for SOURCE and DEST")
     c.add_argument("--fetch", action="store_true", help="copy a remote SOURCE into the work location first")
     c.add_argument("--allow-missing-scale", action="store_true", help="keep FP8 tensors without a scale as FP8")
@@ -201,18 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
                         "Dask workers; processes and dask need a Prefect server (PREFECT_API_URL)")
     c.add_argument("--dask-address", metavar="tcp://HOST:PORT",
                    help="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ckptflow", description="Convert large LLM checkpoints, resumably.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert SOURCE into DEST (any fsspec URLs)")
+    c.add_argument("source")
+    c.add_argument("dest")
+    c.add_argument("--work", help="work location: shard records and fetched files "
+                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    _add_convert_options(c)
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
     c.set_defaults(func=cmd_convert)
 
-    c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
-    c.add_argument("--reindex", action="store_true", help="put every fused group (q/k/v, gate/up, …) in one file")
-    c.add_argument("--max-shard-size", default="5GB", help="reindex: largest output shard (default 5GB)")
-    c.add_argument("--fused-groups", metavar="FILE", help="reindex: JSON file of fused groups (default: built in)")
-    c.add_argument("--mp", type=int, metavar="N", help="model-parallel rank files model{r}-mp{N}.safetensors")
-    c.add_argument("--preset", default="deepseek-v3", help="MP name table: deepseek-v3, llama or a JSON file")
-    c.add_argument("--drop-unmatched", action="store_true", help="MP: drop names no preset row matches (warn)")
-    c.add_argument("--allow-dtype", action="append", metavar="REGEX",
-                   help="tensor names allowed to differ from torch_dtype (repeatable)")
+    w = sub.add_parser("watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "
+                                     "DEST_PREFIX is missing or stale (what a schedule runs)")
+    w.add_argument("source_prefix", help="e.g. s3://models/incoming: each folder holding *.safetensors is one checkpoint")
+    w.add_argument("dest_prefix", help="each checkpoint NAME is converted into DEST_PREFIX/NAME")
+    w.add_argument("--work-prefix", help="shard records and markers, per checkpoint "
+                                         "(default: DEST_PREFIX/.ckptflow-work)")
+    w.add_argument("--max-concurrent", type=int, default=2, help="conversions at once (default 2)")
+    w.add_argument("--settle-seconds", type=float, default=600,
+                   help="skip a checkpoint a file of which changed more recently than this "
+                        "(still uploading; default 600)")
+    w.add_argument("--dry-run", action="store_true", help="list what would be converted, and why; convert nothing")
+    _add_convert_options(w)
+    w.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    w.set_defaults(func=cmd_watch)
 
     f = sub.add_parser("verify", help="check dtypes against config.json, index and total_size")
     f.add_argument("path")
@@ -247,6 +294,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_parameter_error(exc: BaseException) -> bool:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        return True
+    from prefect.exceptions import ParameterTypeError
+
+    return isinstance(exc, ParameterTypeError)
+
+
+def _parameter_problems(exc: BaseException) -> str:
+    """One `name: what is wrong` per bad value, from a pydantic or a Prefect parameter error."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        lines = [line.strip(" -") for line in str(exc).splitlines()[1:] if line.strip()]
+        return "; ".join(lines) or str(exc)
+    from .params import ConvertOptions
+
+    out = []
+    for e in errors():
+        name = ".".join(map(str, e["loc"]))
+        field = ConvertOptions.model_fields.get(str(e["loc"][-1]))
+        if e["type"] == "string_pattern_mismatch" and field is not None and field.description:
+            out.append(f"{name}: {e.get('input')!r} is not valid ({field.description})")
+        else:
+            out.append(f"{name}: {e['msg']}")
+    return "; ".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_prefect(args.verbose)
@@ -261,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {lines[0]}", file=sys.stderr)
         for line in lines[1:]:
             print(line, file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:
+        if args.verbose or not _is_parameter_error(exc):
+            raise
+        print(f"error: invalid option: {_parameter_problems(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

@@ -1,0 +1,121 @@
+"""The watch flow: convert every checkpoint under a prefix whose output is missing or stale.
+
+Meant for a schedule (`deployments/prefect.yaml`, `watch-incoming`): each run lists
+`source_prefix` once, decides with `tasks.watch_plan` which checkpoints need converting, and
+runs `convert_flow` for each as its own subflow run, `max_concurrent` at a time. A conversion
+that dies resumes at the next run from its committed shards (each checkpoint has its own work
+location); one checkpoint failing does not stop the others, but fails the watch run.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from storage.errors import UserError
+from storage.files import read_json, write_json
+from storage.listing import list_tree
+from storage.urls import open_location
+from tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, group_by_folder, marker, plan_watch
+
+from .convert import convert_flow
+from .params import ConvertOptions, NonNegative, Positive
+
+
+class WatchFailed(UserError):
+    """Some conversions of a watch run failed (each is named with its error)."""
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix.rstrip('/')}/{name}"
+
+
+@task(name="convert-checkpoint", cache_policy=NO_CACHE, persist_result=False)
+def convert_checkpoint(name: str, source: str, dest: str, work: str, options: dict[str, Any],
+                       fingerprint: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """One checkpoint: a `convert_flow` subflow run, then the marker that says it is done."""
+    summary = convert_flow.with_options(flow_run_name=f"convert-{name}")(
+        source=source, dest=dest, work=work, storage_options=storage_options, **options)
+    output = list_tree(open_location(dest, storage_options))
+    recipe = ConvertOptions(**options).recipe_key()
+    write_json(open_location(work, storage_options), MARKER_NAME, marker(fingerprint, recipe, dest, output))
+    return {k: summary[k] for k in ("shards", "cached_shards", "bytes_written", "seconds")}
+
+
+@flow(name="ckptflow-watch", log_prints=True)
+def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = ConvertOptions(),
+               work_prefix: str | None = None, max_concurrent: Positive = 2,
+               settle_seconds: NonNegative = 600, dry_run: bool = False,
+               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Convert each checkpoint `source_prefix/<name>` into `dest_prefix/<name>` unless its output
+    is up to date; `work_prefix/<name>` (default `dest_prefix/.ckptflow-work/<name>`) holds its
+    shard records and the marker of its last finished conversion."""
+    logger = get_run_logger()
+    work_prefix = work_prefix or _join(dest_prefix, ".ckptflow-work")
+    recipe = options.recipe_key()
+    found = find_checkpoints(list_tree(open_location(source_prefix, storage_options)))
+    dst = open_location(dest_prefix, storage_options)
+    outputs = group_by_folder(list_tree(dst)) if dst.fs.exists(dst.root) else {}
+    markers = read_markers(work_prefix, list(found), storage_options)
+    plan = plan_watch(found, markers, outputs, recipe, time.time(), settle_seconds)
+    for d in plan.decisions:
+        logger.info("%s: %s (%s)", d.name, d.action, d.reason)
+    results: dict[str, Any] = {}
+    if plan.to_convert() and not dry_run:
+        results = run_conversions(plan, source_prefix, dest_prefix, work_prefix, options, found,
+                                  max_concurrent, storage_options)
+    summary = {"source_prefix": source_prefix, "dest_prefix": dest_prefix, "dry_run": dry_run,
+               "checkpoints": [{"name": d.name, "action": d.action, "reason": d.reason,
+                                **({"result": results[d.name]} if d.name in results else {})}
+                               for d in plan.decisions]}
+    publish_watch_summary(summary)
+    failed = {n: r["error"] for n, r in results.items() if "error" in r}
+    if failed:
+        raise WatchFailed(f"{len(failed)} of {len(results)} conversion(s) failed:\n"
+                          + "\n".join(f"  - {n}: " + e.replace("\n", "\n    ") for n, e in failed.items()))
+    return summary
+
+
+def read_markers(work_prefix: str, names: list[str], storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    work = open_location(work_prefix, storage_options)
+    if not work.fs.exists(work.root):
+        return {}
+    present = set(list_tree(work))
+    return {n: read_json(work, f"{n}/{MARKER_NAME}") for n in names if f"{n}/{MARKER_NAME}" in present}
+
+
+def run_conversions(plan: WatchPlan, source_prefix: str, dest_prefix: str, work_prefix: str,
+                    options: ConvertOptions, found: dict[str, Any], max_concurrent: int,
+                    storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """One `convert-checkpoint` task (and so one subflow run) per checkpoint, `max_concurrent` at once."""
+    results: dict[str, Any] = {}
+    with ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
+        futures = {d.name: runner.submit(convert_checkpoint, parameters={
+            "name": d.name, "source": _join(source_prefix, d.name), "dest": _join(dest_prefix, d.name),
+            "work": _join(work_prefix, d.name), "options": options.model_dump(),
+            "fingerprint": found[d.name].fingerprint, "storage_options": storage_options})
+            for d in plan.to_convert()}
+        for name, fut in futures.items():
+            try:
+                results[name] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported per checkpoint; the others go on
+                results[name] = {"error": str(exc) or type(exc).__name__}
+    return results
+
+
+def publish_watch_summary(summary: dict[str, Any]) -> None:
+    rows = ["| checkpoint | action | reason | result |", "|---|---|---|---|"]
+    for c in summary["checkpoints"]:
+        r = c.get("result")
+        result = ("–" if r is None else f"failed: {r['error'].splitlines()[0]}" if "error" in r
+                  else f"{r['shards']} shards ({r['cached_shards']} cached), {r['bytes_written']:,} bytes")
+        rows.append(f"| {c['name']} | {c['action']} | {c['reason']} | {result} |")
+    head = f"### ckptflow watch `{summary['source_prefix']}` → `{summary['dest_prefix']}`"
+    if summary["dry_run"]:
+        head += " (dry run)"
+    create_markdown_artifact(key="watch-summary", markdown=head + "\n\n" + "\n".join(rows),
+                             description="checkpoints found and what was done")

@@ -1,0 +1,213 @@
+"""The watch flow: which checkpoints under a prefix get converted, and that they really are.
+
+The planner is pure and tested on listings; the flow runs against moto's S3 server, with one
+subflow per checkpoint, and its outputs are compared byte for byte with a local conversion.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from storage.listing import FileStat
+from tasks.watch_plan import find_checkpoints, marker, plan_watch
+
+from .test_flow import tree
+
+RECIPE = {"dequant": True, "mp": None}
+
+
+def stat(size: int, version: str = "v1", modified: float = 1000.0) -> FileStat:
+    return FileStat(size, version, modified)
+
+
+def listing(**ckpts: dict[str, FileStat]) -> dict[str, FileStat]:
+    return {f"{name}/{rel}": s for name, files in ckpts.items() for rel, s in files.items()}
+
+
+CKPT = {"config.json": stat(10), "model.safetensors.index.json": stat(20),
+        "model-00001-of-00002.safetensors": stat(300), "model-00002-of-00002.safetensors": stat(400)}
+OUT = {"config.json": stat(11), "model.safetensors.index.json": stat(21), "model-00001-of-00002.safetensors": stat(600)}
+
+
+def decisions(plan) -> dict[str, tuple[str, str]]:
+    return {d.name: (d.action, d.reason) for d in plan.decisions}
+
+
+def test_checkpoints_are_top_level_folders_with_weights_or_an_index():
+    found = find_checkpoints({**listing(a=CKPT, b={"config.json": stat(1), "sub/x.safetensors": stat(2)},
+                                        c={"model.safetensors": stat(5)}),
+                              "loose.safetensors": stat(9)})
+    assert list(found) == ["a", "c"]  # b has weights only below its top; loose files belong to none
+    assert set(found["a"].files) == set(CKPT)
+    assert found["a"].newest == 1000.0
+
+
+def test_plan_new_up_to_date_and_each_kind_of_stale():
+    found = find_checkpoints(listing(a=CKPT, b=CKPT, c=CKPT, d=CKPT, e=CKPT, f=CKPT))
+    done = {n: marker(found[n].fingerprint, RECIPE, f"s3://out/{n}", OUT) for n in "bcdef"}
+    done["c"]["source_fingerprint"] = find_checkpoints(
+        listing(c={**CKPT, "model-00002-of-00002.safetensors": stat(400, "v2")}))["c"].fingerprint
+    done["d"]["recipe"] = "another"
+    outputs = {n: dict(OUT) for n in "bcdef"}
+    del outputs["e"]["model-00001-of-00002.safetensors"]
+    outputs["f"]["model-00001-of-00002.safetensors"] = stat(599)
+    plan = plan_watch(found, done, outputs, RECIPE, now=5000.0, settle_seconds=60)
+    assert decisions(plan) == {
+        "a": ("convert", "new"),
+        "b": ("up to date", "output matches"),
+        "c": ("convert", "source changed"),
+        "d": ("convert", "options changed"),
+        "e": ("convert", "output missing model-00001-of-00002.safetensors"),
+        "f": ("convert", "output changed: model-00001-of-00002.safetensors"),
+    }
+    assert [d.name for d in plan.to_convert()] == ["a", "c", "d", "e", "f"]
+
+
+def test_a_rewritten_source_file_changes_the_fingerprint_but_a_new_mtime_alone_does_not_settle_forever():
+    base = find_checkpoints(listing(a=CKPT))["a"]
+    resized = find_checkpoints(listing(a={**CKPT, "config.json": stat(12)}))["a"]
+    renamed = find_checkpoints(listing(a={**{k: v for k, v in CKPT.items() if k != "config.json"},
+                                          "config2.json": stat(10)}))["a"]
+    assert len({base.fingerprint, resized.fingerprint, renamed.fingerprint}) == 3
+    assert find_checkpoints(listing(a=dict(CKPT)))["a"].fingerprint == base.fingerprint
+
+
+def test_a_checkpoint_still_uploading_waits_for_the_next_run():
+    found = find_checkpoints(listing(a={**CKPT, "model-00002-of-00002.safetensors": stat(400, modified=4990.0)}))
+    plan = plan_watch(found, {}, {}, RECIPE, now=5000.0, settle_seconds=60)
+    assert decisions(plan)["a"][0] == "settling" and "10s ago" in decisions(plan)["a"][1]
+    assert not plan.to_convert()
+    assert plan_watch(found, {}, {}, RECIPE, now=5051.0, settle_seconds=60).to_convert()
+
+
+# ------------------------------------------------------------------------- the flow, over S3
+
+
+@pytest.fixture
+def bucket_with_checkpoints(s3_options, demo_ckpt, tmp_path):
+    """incoming/{alpha,beta}: the demo FP8 checkpoint twice; incoming/notes: not a checkpoint."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"])
+    b = s3_options["bucket"]
+    for name in ("alpha", "beta"):
+        fs.put(str(demo_ckpt) + "/", f"{b}/incoming/{name}/", recursive=True)
+    fs.pipe(f"{b}/incoming/notes/README.md", b"not a checkpoint")
+    return {"fs": fs, "bucket": b, "options": s3_options["options"], "src": demo_ckpt, "tmp": tmp_path}
+
+
+def s3_tree(fs, prefix: str) -> dict[str, bytes]:
+    fs.invalidate_cache()
+    return {p[len(prefix) + 1:]: fs.cat_file(p) for p in sorted(fs.find(prefix))
+            if not any(part.startswith(".") for part in p[len(prefix) + 1:].split("/"))}
+
+
+def by_name(summary) -> dict[str, tuple[str, str]]:
+    return {c["name"]: (c["action"], c["reason"]) for c in summary["checkpoints"]}
+
+
+def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_harness, bucket_with_checkpoints):
+    from flows.convert import convert_flow
+    from flows.watch import WatchFailed, watch_flow
+
+    w = bucket_with_checkpoints
+    fs, b, opts = w["fs"], w["bucket"], w["options"]
+    reference = w["tmp"] / "reference"
+    convert_flow(str(w["src"]), str(reference), work=str(w["tmp"] / "ref-work"))
+    expected = tree(reference)
+    run = dict(source_prefix=f"s3://{b}/incoming", dest_prefix=f"s3://{b}/converted", settle_seconds=0,
+               storage_options=opts)
+
+    state = watch_flow(**run, return_state=True)
+    first = state.result()
+    assert by_name(first) == {"alpha": ("convert", "new"), "beta": ("convert", "new")}
+    for name in ("alpha", "beta"):
+        assert s3_tree(fs, f"{b}/converted/{name}") == expected
+        assert json.loads(fs.cat_file(f"{b}/converted/.ckptflow-work/{name}/watch.json"))["dest"] \
+            == f"s3://{b}/converted/{name}"
+    assert not fs.exists(f"{b}/converted/notes")
+    subflows = _child_flow_runs(state.state_details.flow_run_id)
+    assert sorted(subflows) == ["convert-alpha", "convert-beta"]
+    assert all(s == "COMPLETED" for s in subflows.values())
+
+    # Nothing changed: nothing is converted, nothing is rewritten.
+    stamps = {p: fs.info(p)["LastModified"] for p in fs.find(f"{b}/converted")}
+    second = watch_flow(**run)
+    assert by_name(second) == {"alpha": ("up to date", "output matches"), "beta": ("up to date", "output matches")}
+    assert {p: fs.info(p)["LastModified"] for p in fs.find(f"{b}/converted")} == stamps
+
+    # beta's source gets a new config (its shards' fingerprints are unchanged: all cache hits);
+    # one of alpha's outputs is deleted (that shard alone is recomputed).
+    cfg = json.loads(fs.cat_file(f"{b}/incoming/beta/config.json"))
+    cfg["note"] = "re-uploaded"
+    fs.pipe(f"{b}/incoming/beta/config.json", json.dumps(cfg).encode())
+    fs.rm(f"{b}/converted/alpha/model-00002-of-00006.safetensors")
+    third = watch_flow(**run)
+    assert by_name(third) == {"alpha": ("convert", "output missing model-00002-of-00006.safetensors"),
+                              "beta": ("convert", "source changed")}
+    results = {c["name"]: c["result"] for c in third["checkpoints"]}
+    assert results["alpha"]["cached_shards"] == 5 and results["beta"]["cached_shards"] == 6
+    assert s3_tree(fs, f"{b}/converted/alpha") == expected
+    assert json.loads(fs.cat_file(f"{b}/converted/beta/config.json"))["note"] == "re-uploaded"
+
+    # A broken checkpoint fails the watch run, naming it; the others are still converted.
+    fs.put(str(w["src"]) + "/", f"{b}/incoming/gamma/", recursive=True)
+    fs.pipe(f"{b}/incoming/gamma/model-00003-of-00006.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    fs.put(str(w["src"]) + "/", f"{b}/incoming/delta/", recursive=True)
+    state = watch_flow(**run, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(WatchFailed, match=r"1 of 2 conversion\(s\) failed:\n  - gamma: .*\n      - model-00003-of-00006.safetensors: header"):
+        state.result()
+    assert s3_tree(fs, f"{b}/converted/delta") == expected
+    assert not fs.exists(f"{b}/converted/gamma/model.safetensors.index.json")
+
+
+def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, bucket_with_checkpoints):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.watch import watch_flow
+
+    w = bucket_with_checkpoints
+    b = w["bucket"]
+    summary = watch_flow(f"s3://{b}/incoming", f"s3://{b}/converted", settle_seconds=0, dry_run=True,
+                         storage_options=w["options"])
+    assert by_name(summary) == {"alpha": ("convert", "new"), "beta": ("convert", "new")}
+    assert not w["fs"].exists(f"{b}/converted")
+    ok = watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b",
+                                         "options": {"mp": "4", "dequant": False}})
+    assert ok["options"].mp == 4 and ok["options"].dequant is False
+    for bad, field in [({"mp": 0}, "mp"), ({"max_shard_size": "big"}, "max_shard_size"),
+                       ({"dequantize": True}, "dequantize")]:
+        with pytest.raises(ParameterTypeError, match=field):
+            watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b", "options": bad})
+    with pytest.raises(ParameterTypeError, match="max_concurrent"):
+        watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b", "max_concurrent": 0})
+
+
+def test_convert_options_mirror_the_convert_flow_signature():
+    """ConvertOptions is convert_flow's recipe as a model: same names, same defaults."""
+    import inspect
+
+    from flows.convert import convert_flow
+    from flows.params import ConvertOptions
+
+    params = {n: p.default for n, p in inspect.signature(convert_flow.fn).parameters.items()
+              if n not in ("source", "dest", "work", "storage_options")}
+    assert params == ConvertOptions().model_dump()
+
+
+def _child_flow_runs(parent_flow_run_id) -> dict[str, str]:
+    """name → state type of every flow run started from a task of the given flow run."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent_flow_run_id])))
+            return {r.name: r.state_type.value for r in runs}
+
+    return asyncio.run(read())
