@@ -22,62 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, ROOT, cli_env, free_port
+from .conftest import PYTHON, ROOT, kill_group, server_env
 from .test_flow import tree
 
 # ------------------------------------------------------------------------ a real Prefect server
-
-
-def _kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
-
-
-def _server_env(home: Path, **extra: str) -> dict[str, str]:
-    env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                  PREFECT_LOGGING_LEVEL="WARNING", **extra)
-    for var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH"):
-        env.pop(var, None)
-    env.update(extra)
-    return env
-
-
-@pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port; yields its API URL; killed at the end."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=_server_env(home), cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("prefect server exited:\n" + (home / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not come up:\n" + (home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield {"url": url, "home": home}
-    finally:
-        _kill_group(proc)
-        log.close()
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -86,7 +34,7 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subpr
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:
-        _kill_group(proc, grace=5)  # a Dask LocalCluster's workers go with their group
+        kill_group(proc, grace=5)  # a Dask LocalCluster's workers go with their group
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -117,7 +65,7 @@ def threaded_output(prefect_server, tmp_path_factory):
     base = tmp_path_factory.mktemp("runners")
     src = base / "fp8"
     make_deepseek_v3_fp8(open_location(str(src)))
-    env = _server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"])
+    env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"])
     out = convert(src, base, "threads", env)
     return {"source": src, "base": base, "env": env, "tree": tree(out), "work": base / "work-threads"}
 
@@ -152,7 +100,7 @@ def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
 
 @pytest.mark.slow
 def test_multiprocess_runner_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
-    env = _server_env(tmp_path / "home")
+    env = server_env(tmp_path / "home")
     proc = run_cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask"], env,
                    timeout=120)
     assert proc.returncode == 2
@@ -406,13 +354,13 @@ def test_deployment_file_parameters_validate_against_their_flows():
     assert doc["pull"][0]["prefect.deployments.steps.git_clone"]["id"] == "clone-step"
     names = set()
     for dep in doc["deployments"]:
-        path, fn = dep["entrypoint"].split(":")
-        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), fn)
+        module, fn = dep["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(module), fn)
         flow.validate_parameters(dep["parameters"])
         assert dep["work_pool"]["name"] == "ckptflow-process"
         assert all(not s.get("active", True) for s in dep.get("schedules", []))
         names.add(flow.name)
-    assert names == {"ckptflow-convert", "ckptflow-megatron"}
+    assert names == {"ckptflow-convert", "ckptflow-watch", "ckptflow-megatron"}
 
 
 # ------------------------------------------------------------------------------- observability
