@@ -152,13 +152,15 @@ def test_invalid_flow_parameters_are_rejected():
 
 
 class FaultyProxy:
-    """An HTTP/1.1 proxy on loopback in front of moto; `fault(method, headers)` picks requests to
-    break: "drop" closes the connection without a response, "deny" answers 403 AccessDenied."""
+    """An HTTP/1.1 proxy on loopback in front of moto; rules pick requests to break: "drop" closes
+    the connection without a response, "deny" answers 403 AccessDenied, "delay" forwards the
+    request after `delay` seconds (a slow store)."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, delay: float = 0.5):
+        self.delay = delay
         self.upstream = upstream.split("//", 1)[1]
         self.rules: list[tuple] = []  # (predicate, action, remaining)
-        self.seen: dict[str, int] = {"drop": 0, "deny": 0, "ok": 0}
+        self.seen: dict[str, int] = {"drop": 0, "deny": 0, "delay": 0, "ok": 0}
         self.lock = threading.Lock()
         proxy = self
 
@@ -188,6 +190,8 @@ class FaultyProxy:
                     self.end_headers()
                     self.wfile.write(msg)
                     return
+                if action == "delay":
+                    time.sleep(proxy.delay)
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("transfer-encoding", "connection", "content-length",
@@ -430,3 +434,59 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
     updates.clear()
     again = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"))
     assert again["cached_shards"] == 6 and [p for p, _ in updates][-1] == 100.0 and len(updates) == 6
+
+
+# ------------------------------------------------------------------ concurrency limits by tag
+
+
+def _shard_task_runs(env: dict[str, str], flow_name_prefix: str = "dequant-shard") -> list[dict]:
+    """Tags and running interval of every shard task run the server knows of, oldest first."""
+    code = ("import asyncio, json\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        runs = await c.read_task_runs()\n"
+            "        print(json.dumps([{'id': str(r.id), 'flow_run_id': str(r.flow_run_id), 'tags': r.tags,\n"
+            "                           'start': r.start_time.timestamp(), 'end': r.end_time.timestamp()}\n"
+            f"                          for r in runs if r.name.startswith({flow_name_prefix!r}) and r.end_time]))\n"
+            "asyncio.run(main())\n")
+    proc = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _overlaps(runs: list[dict]) -> int:
+    spans = sorted((r["start"], r["end"]) for r in runs)
+    return sum(1 for (_, end), (start, _) in zip(spans, spans[1:]) if start < end)
+
+
+@pytest.mark.slow
+def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_output, faulty_s3, tmp_path):
+    """`prefect concurrency-limit create ckptflow-shard 1` serialises shard tasks even on a
+    2-process pool, where they otherwise overlap."""
+    env, proxy, bucket = threaded_output["env"], faulty_s3["proxy"], faulty_s3["bucket"]
+    faulty_s3["direct"].put(str(threaded_output["source"]) + "/", f"{bucket}/src/", recursive=True)
+    proxy.delay = 0.03  # every tensor read waits: the bigger shard tasks take seconds, as on a slow store
+    proxy.add_rule(data_range_read, "delay", 100_000)
+    options = json.dumps({k: v for k, v in faulty_s3["options"].items() if k != "skip_instance_cache"})
+
+    def run(name: str) -> list[dict]:
+        before = {r["id"] for r in _shard_task_runs(env)}
+        proc = run_cli(["convert", f"s3://{bucket}/src", str(tmp_path / f"out-{name}"), "--dequant", "--work",
+                        str(tmp_path / f"work-{name}"), "--storage-options", options,
+                        "--task-runner", "processes", "--max-workers", "2"], env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        runs = [r for r in _shard_task_runs(env) if r["id"] not in before]
+        assert len(runs) == 6 and all("ckptflow-shard" in r["tags"] for r in runs), runs
+        assert tree(tmp_path / f"out-{name}") == threaded_output["tree"]
+        return runs
+
+    assert _overlaps(run("free")) >= 1
+    limit = subprocess.run([PYTHON, "-m", "prefect", "concurrency-limit", "create", "ckptflow-shard", "1"],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert limit.returncode == 0, limit.stdout + limit.stderr
+    try:
+        assert _overlaps(run("limited")) == 0
+    finally:
+        subprocess.run([PYTHON, "-m", "prefect", "concurrency-limit", "delete", "ckptflow-shard"],
+                       env=env, capture_output=True, text=True, timeout=60)
