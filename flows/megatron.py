@@ -21,7 +21,7 @@ from tasks.reindex_plan import parse_size
 from tasks.shard_plan import plan_size_shards
 
 from .params import ShardSize
-from .report import publish_summary
+from .report import RunProgress, publish_summary
 from .stages import finalize, prepare_dest, run_shards, verify_output
 from .workdir import default_work, result_storage
 
@@ -74,7 +74,8 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     plan = plan_size_shards(ckpt, size, stage="megatron-shard")
     dst = open_location(dest, storage_options)
     prepare_dest(stage_loc, dst)
-    records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options)
+    run_progress = RunProgress(len(plan.shards), plan.total_size)
+    records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options, on_commit=run_progress.shard_committed)
     finalize(plan, ckpt, stage_loc, dst)
     if tokenizer:
         logger.info("copied tokenizer files: %s", ", ".join(_copy_tokenizer(tokenizer, dst, storage_options)))
