@@ -52,14 +52,17 @@ def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"warning:  {w}", file=sys.stderr)
 
 
+_DEST_OF = {"allow_dtypes": "allow_dtype"}  # ConvertOptions field → argparse dest, where they differ
+
+
 def convert_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `ConvertOptions` fields a command line names (commands without a flag get its default)."""
+    """The `ConvertOptions` fields from a command line; flags a command lacks get their default."""
     from .params import ConvertOptions
 
-    names = {"allow_dtypes": "allow_dtype"}
-    return {field: getattr(args, names.get(field, field), default.default)
-            for field, default in ConvertOptions.model_fields.items()
-            if hasattr(args, names.get(field, field))} | {"allow_dtypes": getattr(args, "allow_dtype", None) or None}
+    out = {field: getattr(args, _DEST_OF.get(field, field), info.default)
+           for field, info in ConvertOptions.model_fields.items()}
+    out["allow_dtypes"] = out["allow_dtypes"] or None
+    return out
 
 
 def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
@@ -69,7 +72,6 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     from tasks import progress
 
     from .convert import convert_flow
-
     from .params import ConvertOptions
 
     opts = parse_storage_options(getattr(args, "storage_options", None))

@@ -37,3 +37,37 @@ def test_usage_errors(tmp_path):
     assert run.returncode == 2 and "nope: no files found" in run.stderr and "Traceback" not in run.stderr
     run = ckptflow("convert", str(tmp_path), str(tmp_path / "o"), "--dequant", "--storage-options", "{bad")
     assert run.returncode == 2 and "--storage-options is not valid JSON" in run.stderr
+
+
+def test_bad_option_values_are_one_line_errors_before_prefect_starts(tmp_path):
+    run = ckptflow("convert", str(tmp_path), str(tmp_path / "o"), "--dequant", "--mp", "0", "--device", "tpu",
+                   "--max-shard-size", "5 furlongs")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.splitlines() == [
+        "error: invalid option: max_shard_size: '5 furlongs' is not valid (largest output shard, e.g. 5GB, "
+        "500MB, 1.5GiB); mp: Input should be greater than or equal to 1; device: 'tpu' is not valid "
+        "(where to dequantize: auto (CUDA if visible), cpu, cuda[:N])"]
+    run = ckptflow("watch", str(tmp_path), str(tmp_path / "o"), "--dequant", "--max-concurrent", "0")
+    assert run.returncode == 2 and "max_concurrent" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_watch_converts_each_checkpoint_under_a_prefix(tmp_path):
+    from flows.synthetic import make_deepseek_v3_fp8
+    from storage.urls import open_location
+
+    for name in ("m1", "m2"):
+        make_deepseek_v3_fp8(open_location(str(tmp_path / "in" / name)))
+    (tmp_path / "in" / "README.md").write_text("not a checkpoint")
+    run = ckptflow("watch", str(tmp_path / "in"), str(tmp_path / "out"), "--dequant", "--settle-seconds", "0", "--json")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["m1", "convert", "new", "→", "6", "shards", "(0", "reused)"]
+    assert lines[1].split()[:3] == ["m2", "convert", "new"]
+    summary = json.loads(lines[-1])
+    assert [c["result"]["shards"] for c in summary["checkpoints"]] == [6, 6]
+    for name in ("m1", "m2"):
+        config = json.loads((tmp_path / "out" / name / "config.json").read_text())
+        assert config["torch_dtype"] == "bfloat16"
+        assert (tmp_path / "out" / ".ckptflow-work" / name / "watch.json").is_file()
