@@ -66,17 +66,19 @@ def convert_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from storage.urls import parse_storage_options
-    from tasks import progress
 
-    from .convert import convert_flow
     from .params import ConvertOptions
 
     opts = parse_storage_options(getattr(args, "storage_options", None))
     options = convert_options(args)
-    ConvertOptions(**options)  # bad values fail here, with one line each, before Prefect starts
+    ConvertOptions(**options)  # bad values fail here, one line each, before torch or Prefect load
+    from tqdm import tqdm
+
+    from tasks import progress
+
+    from .convert import convert_flow
+
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
     try:
@@ -113,10 +115,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from storage.urls import parse_storage_options
 
     from .params import ConvertOptions
+
+    options = ConvertOptions(**convert_options(args))  # before torch and Prefect load
     from .watch import watch_flow
 
     summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
-                         options=ConvertOptions(**convert_options(args)), work_prefix=args.work_prefix,
+                         options=options, work_prefix=args.work_prefix,
                          max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
                          dry_run=args.dry_run, storage_options=parse_storage_options(args.storage_options) or None)
     for c in summary["checkpoints"]:
@@ -206,6 +210,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _add_convert_options(c: argparse.ArgumentParser) -> None:
     """The recipe and runtime flags of a conversion (`flows.params.ConvertOptions`)."""
     c.add_argument("--dequant", action="store_true", help="FP8 (e4m3 + weight_scale_inv) → BF16")
@@ -254,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("dest_prefix", help="each checkpoint NAME is converted into DEST_PREFIX/NAME")
     w.add_argument("--work-prefix", help="shard records and markers, per checkpoint "
                                          "(default: DEST_PREFIX/.ckptflow-work)")
-    w.add_argument("--max-concurrent", type=int, default=2, help="conversions at once (default 2)")
-    w.add_argument("--settle-seconds", type=float, default=600,
+    w.add_argument("--max-concurrent", type=_at_least_one, default=2, help="conversions at once (default 2)")
+    w.add_argument("--settle-seconds", type=_not_negative, default=600,
                    help="skip a checkpoint a file of which changed more recently than this "
                         "(still uploading; default 600)")
     w.add_argument("--dry-run", action="store_true", help="list what would be converted, and why; convert nothing")
