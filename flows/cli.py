@@ -98,7 +98,7 @@ def _task_runner(max_workers: int | None, kind: str = "threads", dask_address: s
 
 def cmd_convert(args: argparse.Namespace) -> int:
     # Checked here too (the recipe checks it again) so a usage slip costs no Prefect start-up.
-    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp):
+    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp is not None):
         print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
         return EXIT_USER_ERROR
     summary = _run_convert(args, args.source, args.dest, args.work)
@@ -109,7 +109,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp):
+    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp is not None):
         print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
         return EXIT_USER_ERROR
     from storage.urls import parse_storage_options
@@ -117,21 +117,31 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from .params import ConvertOptions
 
     options = ConvertOptions(**convert_options(args))  # before torch and Prefect load
-    from .watch import watch_flow
+    from .watch import WatchFailed, watch_flow
 
-    summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
-                         options=options, work_prefix=args.work_prefix,
-                         max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
-                         dry_run=args.dry_run, storage_options=parse_storage_options(args.storage_options) or None)
-    for c in summary["checkpoints"]:
-        r = c.get("result")
-        done = f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else ""
-        print(f"{c['name']:<24} {c['action']:<11} {c['reason']}{done}")
+    try:
+        summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
+                             options=options, work_prefix=args.work_prefix,
+                             max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
+                             dry_run=args.dry_run,
+                             storage_options=parse_storage_options(args.storage_options) or None)
+    except WatchFailed as exc:
+        print_watch(exc.summary, args.json)  # what did convert is news too
+        raise
+    print_watch(summary, args.json)
     if not summary["checkpoints"]:
         print(f"{args.source_prefix}: no checkpoints found (folders holding *.safetensors)")
-    if args.json:
-        print(json.dumps(summary))
     return 0
+
+
+def print_watch(summary: dict[str, Any], as_json: bool) -> None:
+    for c in summary["checkpoints"]:
+        r = c.get("result") or {}
+        done = (" → failed" if "error" in r else
+                f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else "")
+        print(f"{c['name']:<24} {c['action']:<11} {c['reason']}{done}")
+    if as_json:
+        print(json.dumps(summary))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -246,6 +256,8 @@ def _add_convert_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--fetch", action="store_true", help="copy a remote SOURCE into the work location first")
     c.add_argument("--allow-missing-scale", action="store_true", help="keep FP8 tensors without a scale as FP8")
     c.add_argument("--checksum", action="store_true", help="record each output shard's sha256")
+    c.add_argument("--prune", action="store_true",
+                   help="delete weight files in DEST this conversion does not write (an earlier layout's)")
     c.add_argument("--device", default="auto", help="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")
     c.add_argument("--max-workers", type=int, default=None,
                    help="shard tasks at once (threads: default 1, a CPU shard task already uses every "

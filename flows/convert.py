@@ -23,7 +23,7 @@ from tasks.validate import check
 from .params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
 from .recipe import Recipe, plan_mp_stage, plan_passes
 from .report import RunProgress, publish_summary
-from .runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_kind
+from .runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from .stages import fetch_source, finalize, prepare_dest, run_shards, verify_output
 from .workdir import default_work
 
@@ -37,18 +37,21 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
                  max_shard_size: ShardSize = "5GB", fused_groups: str | None = None, mp: Positive | None = None,
                  preset: str = "deepseek-v3", drop_unmatched: bool = False,
                  task_runner: TaskRunnerKind = "threads",
-                 dask_address: str | None = None, max_workers: Positive | None = None) -> dict[str, Any]:
+                 dask_address: str | None = None, max_workers: Positive | None = None,
+                 prune: bool = False) -> dict[str, Any]:
     """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
 
     `task_runner`/`dask_address`/`max_workers` pick where shard tasks run (`flows.runners`).
     The CLI applies the runner with `with_options`; a run whose runner is not the one asked for
-    (a deployment run with `task_runner: dask`) reruns itself as a subflow on that runner.
+    (a deployment run with `task_runner: dask` or `max_workers: 4`) reruns itself as a subflow
+    on that runner. `prune` deletes weight files in `dest` this run does not write (else they
+    stop the run before it writes anything).
     """
     current = FlowRunContext.get()
-    if current is not None and runner_kind(current.task_runner) != task_runner:
-        params = dict(current.parameters)
+    if current is not None:
         runner = make_task_runner(task_runner, max_workers, dask_address)
-        return convert_flow.with_options(task_runner=runner)(**params)
+        if runner_settings(current.task_runner) != runner_settings(runner):
+            return convert_flow.with_options(task_runner=runner)(**dict(current.parameters))
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
@@ -65,7 +68,7 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     for w in warnings:
         logger.warning("%s", w)
     dst = open_location(dest, storage_options)
-    prepare_dest(src, dst)
+    prepare_dest(src, dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune)
     device = resolve_device(device)
     total_bytes, total_shards = sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes)
     progress.set_totals(total_bytes, total_shards)

@@ -73,7 +73,7 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     ckpt = scan_checkpoint(stage_loc)
     plan = plan_size_shards(ckpt, size, stage="megatron-shard")
     dst = open_location(dest, storage_options)
-    prepare_dest(stage_loc, dst)
+    prepare_dest(stage_loc, dst, {shard.file for shard in plan.shards})
     run_progress = RunProgress(len(plan.shards), plan.total_size)
     records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options, on_commit=run_progress.shard_committed)
     finalize(plan, ckpt, stage_loc, dst)

@@ -44,9 +44,10 @@ class ConvertOptions(BaseModel):
     task_runner: TaskRunnerKind = "threads"
     dask_address: str | None = None
     max_workers: Positive | None = None
+    prune: bool = False
 
     def recipe_key(self) -> dict[str, object]:
         """The options that change the output's bytes (not where or how fast it is computed)."""
         return self.model_dump(include={"dequant", "fix_dtypes", "allow_dtypes", "reindex", "max_shard_size",
                                         "fused_groups", "mp", "preset", "drop_unmatched",
-                                        "allow_missing_scale", "checksum"})
+                                        "allow_missing_scale"})

@@ -85,3 +85,14 @@ def runner_kind(runner: Any) -> str | None:
     name = type(runner).__name__
     return {"ThreadPoolTaskRunner": "threads", "ProcessPoolTaskRunner": "processes",
             "DaskTaskRunner": "dask"}.get(name)
+
+
+def runner_settings(runner: Any) -> tuple[str | None, int | None, str | None]:
+    """(kind, workers, scheduler address) of a task runner: two runners with the same settings
+    run shard tasks the same way."""
+    kind = runner_kind(runner)
+    if kind in ("threads", "processes"):
+        return kind, getattr(runner, "_max_workers", None), None
+    if kind == "dask":
+        return kind, (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers"), getattr(runner, "address", None)
+    return None, None, None

@@ -12,7 +12,7 @@ from prefect import get_run_logger
 from prefect.futures import as_completed, wait
 
 from storage.checkpoint import Checkpoint, scan_checkpoint
-from storage.files import CONFIG_NAME, INDEX_NAME, copy_file, index_document, list_files, read_json, write_json
+from storage.files import CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files, read_json, write_json
 from storage.safetensors_format import file_size_for
 from storage.urls import Location, StorageError, open_location
 from tasks import progress
@@ -42,9 +42,24 @@ def fetch_source(src: Location, work: str, storage_options: dict[str, Any] | Non
     return dst
 
 
-def prepare_dest(src: Location, dst: Location) -> None:
+def prepare_dest(src: Location, dst: Location, planned: set[str], prune: bool = False) -> None:
+    """Make DEST ready for a run that writes the weight files `planned`.
+
+    Weight files already in DEST that this run will not write (an earlier conversion with
+    another layout) would make the result fail validation: with `prune` they are deleted (the
+    watch flow owns its output folders), otherwise the run stops here, before writing anything.
+    """
     if src.fs.protocol == dst.fs.protocol and src.root.rstrip("/") == dst.root.rstrip("/"):
         raise StorageError(f"DEST {dst.url} is the SOURCE; write the converted checkpoint elsewhere")
+    present = list_files(dst) if dst.fs.exists(dst.root) else {}
+    foreign = sorted(n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in planned)
+    if foreign and not prune:
+        raise StorageError(
+            f"DEST {dst.url} holds {len(foreign)} weight file(s) this conversion does not write "
+            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}), left by an earlier conversion "
+            "with another layout? Delete them, or choose an empty DEST")
+    for name in foreign:
+        dst.fs.rm(dst.path(name))
     # An index left by an earlier run would vouch for shards this run has not written yet.
     if dst.fs.exists(dst.path(INDEX_NAME)):
         dst.fs.rm(dst.path(INDEX_NAME))

@@ -19,26 +19,33 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from storage.errors import UserError
 from storage.files import read_json, write_json
 from storage.listing import list_tree
-from storage.urls import open_location
-from tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, group_by_folder, marker, plan_watch
+from storage.urls import Location, StorageError, open_location
+from tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
 
 from .convert import convert_flow
 from .params import ConvertOptions, NonNegative, Positive
+from .runners import make_task_runner
 
 
 class WatchFailed(UserError):
-    """Some conversions of a watch run failed (each is named with its error)."""
+    """Some conversions of a watch run failed (each is named with its error); `summary` is the
+    run's report all the same."""
 
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix.rstrip('/')}/{name}"
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
 
 
 @task(name="convert-checkpoint", cache_policy=NO_CACHE, persist_result=False)
 def convert_checkpoint(name: str, source: str, dest: str, work: str, options: dict[str, Any],
                        fingerprint: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    """One checkpoint: a `convert_flow` subflow run, then the marker that says it is done."""
-    summary = convert_flow.with_options(flow_run_name=f"convert-{name}")(
+    """One checkpoint: a `convert_flow` subflow run, then the marker that says it is done.
+
+    The watch flow owns `dest`: weight files an earlier conversion left there with another
+    layout are pruned."""
+    options = {**options, "prune": True}
+    runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
+    summary = convert_flow.with_options(flow_run_name=f"convert-{name}", task_runner=runner)(
         source=source, dest=dest, work=work, storage_options=storage_options, **options)
     output = list_tree(open_location(dest, storage_options))
     recipe = ConvertOptions(**options).recipe_key()
@@ -55,19 +62,24 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     is up to date; `work_prefix/<name>` (default `dest_prefix/.ckptflow-work/<name>`) holds its
     shard records and the marker of its last finished conversion."""
     logger = get_run_logger()
-    work_prefix = work_prefix or _join(dest_prefix, ".ckptflow-work")
-    recipe = options.recipe_key()
-    found = find_checkpoints(list_tree(open_location(source_prefix, storage_options)))
     dst = open_location(dest_prefix, storage_options)
-    outputs = group_by_folder(list_tree(dst)) if dst.fs.exists(dst.root) else {}
-    markers = read_markers(work_prefix, list(found), storage_options)
+    work = open_location(work_prefix or dst.url_of(".ckptflow-work"), storage_options)
+    recipe = options.recipe_key()
+    src = open_location(source_prefix, storage_options)
+    if not src.fs.exists(src.root):
+        raise StorageError(f"{source_prefix}: no such folder or prefix; check the source_prefix")
+    found = find_checkpoints(list_tree(src))
+    if not found:
+        logger.warning("%s: no checkpoints found (folders holding *.safetensors or %s)", source_prefix,
+                       "model.safetensors.index.json")
+    outputs = list_tree(dst) if dst.fs.exists(dst.root) else {}
+    markers = read_watch_markers(work, list(found))
     plan = plan_watch(found, markers, outputs, recipe, time.time(), settle_seconds)
     for d in plan.decisions:
         logger.info("%s: %s (%s)", d.name, d.action, d.reason)
     results: dict[str, Any] = {}
     if plan.to_convert() and not dry_run:
-        results = run_conversions(plan, source_prefix, dest_prefix, work_prefix, options, found,
-                                  max_concurrent, storage_options)
+        results = run_conversions(plan, src, dst, work, options, found, max_concurrent, storage_options)
     summary = {"source_prefix": source_prefix, "dest_prefix": dest_prefix, "dry_run": dry_run,
                "checkpoints": [{"name": d.name, "action": d.action, "reason": d.reason,
                                 **({"result": results[d.name]} if d.name in results else {})}
@@ -76,27 +88,36 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     failed = {n: r["error"] for n, r in results.items() if "error" in r}
     if failed:
         raise WatchFailed(f"{len(failed)} of {len(results)} conversion(s) failed:\n"
-                          + "\n".join(f"  - {n}: " + e.replace("\n", "\n    ") for n, e in failed.items()))
+                          + "\n".join(f"  - {n}: " + e.replace("\n", "\n    ") for n, e in failed.items()),
+                          summary)
     return summary
 
 
-def read_markers(work_prefix: str, names: list[str], storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    work = open_location(work_prefix, storage_options)
+def read_watch_markers(work: Location, names: list[str]) -> dict[str, Any]:
+    """The marker of each checkpoint's last finished conversion; an unreadable one counts as none
+    (that checkpoint is converted again, mostly from cached shards)."""
     if not work.fs.exists(work.root):
         return {}
     present = set(list_tree(work))
-    return {n: read_json(work, f"{n}/{MARKER_NAME}") for n in names if f"{n}/{MARKER_NAME}" in present}
+    markers = {}
+    for n in names:
+        if f"{n}/{MARKER_NAME}" in present:
+            try:
+                markers[n] = read_json(work, f"{n}/{MARKER_NAME}")
+            except StorageError as exc:
+                get_run_logger().warning("%s; converting %s again", exc, n)
+    return markers
 
 
-def run_conversions(plan: WatchPlan, source_prefix: str, dest_prefix: str, work_prefix: str,
-                    options: ConvertOptions, found: dict[str, Any], max_concurrent: int,
+def run_conversions(plan: WatchPlan, src: Location, dst: Location, work: Location, options: ConvertOptions,
+                    found: dict[str, Any], max_concurrent: int,
                     storage_options: dict[str, Any] | None) -> dict[str, Any]:
     """One `convert-checkpoint` task (and so one subflow run) per checkpoint, `max_concurrent` at once."""
     results: dict[str, Any] = {}
     with ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
         futures = {d.name: runner.submit(convert_checkpoint, parameters={
-            "name": d.name, "source": _join(source_prefix, d.name), "dest": _join(dest_prefix, d.name),
-            "work": _join(work_prefix, d.name), "options": options.model_dump(),
+            "name": d.name, "source": src.url_of(d.name), "dest": dst.url_of(d.name),
+            "work": work.url_of(d.name), "options": options.model_dump(),
             "fingerprint": found[d.name].fingerprint, "storage_options": storage_options})
             for d in plan.to_convert()}
         for name, fut in futures.items():

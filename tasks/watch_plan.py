@@ -1,8 +1,9 @@
 """Which checkpoints under a prefix need converting: a pure planner for the watch flow.
 
 Input is one listing of the source prefix, one of the destination prefix, and the markers the
-watch flow wrote after each conversion it finished. A checkpoint is a top-level folder of the
-prefix with a `*.safetensors` file or an index at its top. It is converted when:
+watch flow wrote after each conversion it finished. A checkpoint is a folder under the prefix,
+at any depth, with a `*.safetensors` file or an index directly in it (`org/model`); folders
+below a checkpoint belong to it. It is converted when:
 
 - new: no marker (never converted, or a conversion that did not finish);
 - source changed: the fingerprint of its files (names, sizes, etags / mtimes) differs;
@@ -11,6 +12,7 @@ prefix with a `*.safetensors` file or an index at its top. It is converted when:
 
 and skipped while settling: a file changed less than `settle_seconds` ago, as while an upload
 is still going on (a half-uploaded checkpoint would fail validation, or be converted twice).
+Stores that give no modification times cannot settle; the decision says so.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ MARKER_NAME = "watch.json"
 
 @dataclass(frozen=True)
 class FoundCheckpoint:
-    name: str                      # folder under the prefix
+    name: str                      # folder under the prefix: "model" or "org/model"
     files: dict[str, FileStat]     # relative to that folder
     fingerprint: str               # sha256 over (name, size, version) of every file
     newest: float | None           # latest modification time of any file
@@ -58,26 +60,26 @@ def recipe_fingerprint(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def group_by_folder(listing: dict[str, FileStat]) -> dict[str, dict[str, FileStat]]:
-    """`a/x.safetensors`, `a/config.json`, `b/…` → {"a": {"x.safetensors": …, …}, "b": …}.
-    Files directly under the prefix belong to no checkpoint and are left out."""
-    out: dict[str, dict[str, FileStat]] = {}
-    for path, stat in listing.items():
-        if "/" in path:
-            top, rest = path.split("/", 1)
-            out.setdefault(top, {})[rest] = stat
-    return out
+def checkpoint_folders(listing: dict[str, FileStat]) -> list[str]:
+    """The shallowest folders with weights or an index directly in them, in sorted order.
+    Files directly under the prefix belong to no checkpoint (the prefix is not one)."""
+    holders = {path.rsplit("/", 1)[0] for path in listing
+               if "/" in path and (path.endswith(".safetensors") or path.rsplit("/", 1)[1] == INDEX_NAME)}
+    return sorted(h for h in holders if not any(h.startswith(other + "/") for other in holders))
+
+
+def files_under(listing: dict[str, FileStat], folder: str) -> dict[str, FileStat]:
+    prefix = folder + "/"
+    return {path[len(prefix):]: stat for path, stat in listing.items() if path.startswith(prefix)}
 
 
 def find_checkpoints(listing: dict[str, FileStat]) -> dict[str, FoundCheckpoint]:
     found = {}
-    for name, files in group_by_folder(listing).items():
-        top = [f for f in files if "/" not in f]
-        if not any(f.endswith(".safetensors") or f == INDEX_NAME for f in top):
-            continue
+    for name in checkpoint_folders(listing):
+        files = files_under(listing, name)
         times = [s.modified for s in files.values() if s.modified is not None]
         found[name] = FoundCheckpoint(name, files, source_fingerprint(files), max(times) if times else None)
-    return dict(sorted(found.items()))
+    return found
 
 
 def marker(fingerprint: str, recipe: dict[str, Any], dest: str, output: dict[str, FileStat]) -> dict[str, Any]:
@@ -88,8 +90,9 @@ def marker(fingerprint: str, recipe: dict[str, Any], dest: str, output: dict[str
 
 
 def plan_watch(found: dict[str, FoundCheckpoint], markers: dict[str, dict[str, Any]],
-               outputs: dict[str, dict[str, FileStat]], recipe: dict[str, Any], now: float,
+               outputs: dict[str, FileStat], recipe: dict[str, Any], now: float,
                settle_seconds: float) -> WatchPlan:
+    """`outputs` is the listing of the destination prefix; `markers` by checkpoint name."""
     plan = WatchPlan()
     key = recipe_fingerprint(recipe)
     for name, ckpt in found.items():
@@ -98,7 +101,9 @@ def plan_watch(found: dict[str, FoundCheckpoint], markers: dict[str, dict[str, A
             plan.decisions.append(WatchDecision(name, "settling", f"a file changed {age:.0f}s ago "
                                                 f"(< settle_seconds={settle_seconds:g}); next run"))
             continue
-        reason = _stale_reason(ckpt, markers.get(name), outputs.get(name, {}), key)
+        reason = _stale_reason(ckpt, markers.get(name), files_under(outputs, name), key)
+        if reason and ckpt.newest is None and settle_seconds > 0:
+            reason += " (the store gives no modification times: not checked for a finished upload)"
         plan.decisions.append(WatchDecision(name, "convert" if reason else "up to date", reason or "output matches"))
     return plan
 

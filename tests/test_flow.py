@@ -93,3 +93,18 @@ def test_shard_committed_before_prefect_recorded_it_is_not_redone(prefect_harnes
     (out / "model-00002-of-00006.safetensors").unlink()  # a journal entry without its output is not enough
     third = convert_flow(str(demo_ckpt), str(out), work=str(work))
     assert [r["name"] for r in third["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
+
+
+def test_weight_files_of_another_layout_in_dest_stop_the_run_unless_pruned(prefect_harness, demo_ckpt, tmp_path):
+    out = tmp_path / "out"
+    convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w1"))
+    before = tree(out)
+    with pytest.raises(UserError, match=r"holds 6 weight file\(s\) this conversion does not write "
+                                        r"\(model-00001-of-00006.safetensors, .*Delete them, or choose an empty DEST"):
+        convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w2"), reindex=True, max_shard_size="400KB")
+    assert tree(out) == before  # stopped before writing or deleting anything
+
+    summary = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w2"), reindex=True,
+                           max_shard_size="400KB", prune=True)
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(names) == summary["shards"] > 6 and not any("-of-00006" in n for n in names)

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from storage.listing import FileStat
+from storage.urls import StorageError
 from tasks.watch_plan import find_checkpoints, marker, plan_watch
 
 from .test_flow import tree
@@ -34,11 +35,11 @@ def decisions(plan) -> dict[str, tuple[str, str]]:
     return {d.name: (d.action, d.reason) for d in plan.decisions}
 
 
-def test_checkpoints_are_top_level_folders_with_weights_or_an_index():
+def test_checkpoints_are_folders_with_weights_or_an_index():
     found = find_checkpoints({**listing(a=CKPT, b={"config.json": stat(1), "sub/x.safetensors": stat(2)},
                                         c={"model.safetensors": stat(5)}),
                               "loose.safetensors": stat(9)})
-    assert list(found) == ["a", "c"]  # b has weights only below its top; loose files belong to none
+    assert list(found) == ["a", "b/sub", "c"]  # b itself holds no weights; loose files belong to none
     assert set(found["a"].files) == set(CKPT)
     assert found["a"].newest == 1000.0
 
@@ -49,9 +50,9 @@ def test_plan_new_up_to_date_and_each_kind_of_stale():
     done["c"]["source_fingerprint"] = find_checkpoints(
         listing(c={**CKPT, "model-00002-of-00002.safetensors": stat(400, "v2")}))["c"].fingerprint
     done["d"]["recipe"] = "another"
-    outputs = {n: dict(OUT) for n in "bcdef"}
-    del outputs["e"]["model-00001-of-00002.safetensors"]
-    outputs["f"]["model-00001-of-00002.safetensors"] = stat(599)
+    outputs = listing(**{n: dict(OUT) for n in "bcdef"})
+    del outputs["e/model-00001-of-00002.safetensors"]
+    outputs["f/model-00001-of-00002.safetensors"] = stat(599)
     plan = plan_watch(found, done, outputs, RECIPE, now=5000.0, settle_seconds=60)
     assert decisions(plan) == {
         "a": ("convert", "new"),
@@ -64,13 +65,33 @@ def test_plan_new_up_to_date_and_each_kind_of_stale():
     assert [d.name for d in plan.to_convert()] == ["a", "c", "d", "e", "f"]
 
 
-def test_a_rewritten_source_file_changes_the_fingerprint_but_a_new_mtime_alone_does_not_settle_forever():
+def test_fingerprint_follows_names_sizes_and_versions():
     base = find_checkpoints(listing(a=CKPT))["a"]
     resized = find_checkpoints(listing(a={**CKPT, "config.json": stat(12)}))["a"]
+    rewritten = find_checkpoints(listing(a={**CKPT, "config.json": stat(10, version="v2")}))["a"]
     renamed = find_checkpoints(listing(a={**{k: v for k, v in CKPT.items() if k != "config.json"},
                                           "config2.json": stat(10)}))["a"]
-    assert len({base.fingerprint, resized.fingerprint, renamed.fingerprint}) == 3
-    assert find_checkpoints(listing(a=dict(CKPT)))["a"].fingerprint == base.fingerprint
+    touched = find_checkpoints(listing(a={**CKPT, "config.json": stat(10, modified=2000.0)}))["a"]
+    assert len({base.fingerprint, resized.fingerprint, rewritten.fingerprint, renamed.fingerprint}) == 4
+    assert touched.fingerprint == base.fingerprint  # a newer mtime alone, same etag: same bytes
+
+
+def test_nested_checkpoints_are_found_at_any_depth_and_own_their_subfolders():
+    found = find_checkpoints(listing(**{"org/m1": CKPT, "org/m2": {**CKPT, "original/x.safetensors": stat(7)},
+                                        "solo": {"model.safetensors": stat(5)}}))
+    assert list(found) == ["org/m1", "org/m2", "solo"]
+    assert "original/x.safetensors" in found["org/m2"].files  # part of org/m2, not a checkpoint of its own
+    outputs = listing(**{"org/m1": OUT})
+    done = {"org/m1": marker(found["org/m1"].fingerprint, RECIPE, "x", OUT)}
+    plan = plan_watch(found, done, outputs, RECIPE, now=5000.0, settle_seconds=60)
+    assert decisions(plan) == {"org/m1": ("up to date", "output matches"), "org/m2": ("convert", "new"),
+                               "solo": ("convert", "new")}
+
+
+def test_a_store_without_modification_times_says_it_cannot_settle():
+    found = find_checkpoints(listing(a={"model.safetensors": FileStat(5, "e1", None)}))
+    (d,) = plan_watch(found, {}, {}, RECIPE, now=5000.0, settle_seconds=60).decisions
+    assert d.action == "convert" and "gives no modification times" in d.reason
 
 
 def test_a_checkpoint_still_uploading_waits_for_the_next_run():
@@ -161,6 +182,19 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
         state.result()
     assert s3_tree(fs, f"{b}/converted/delta") == expected
     assert not fs.exists(f"{b}/converted/gamma/model.safetensors.index.json")
+    assert not fs.exists(f"{b}/converted/.ckptflow-work/gamma/watch.json")
+
+    # gamma is fixed: the next run converts it (and only it); then new options change every
+    # output's layout, and the old layout's shards are pruned rather than left to clash.
+    fs.put(str(w["src"] / "model-00003-of-00006.safetensors"), f"{b}/incoming/gamma/model-00003-of-00006.safetensors")
+    fixed = watch_flow(**run)
+    assert {n: a for n, (a, _) in by_name(fixed).items()} == {
+        "alpha": "up to date", "beta": "up to date", "delta": "up to date", "gamma": "convert"}
+    assert s3_tree(fs, f"{b}/converted/gamma") == expected
+    relaid = watch_flow(**run, options={"dequant": True, "reindex": True, "max_shard_size": "400KB"})
+    assert {a for a, _ in by_name(relaid).values()} == {"convert"}
+    names = sorted(n for n in s3_tree(fs, f"{b}/converted/alpha") if n.endswith(".safetensors"))
+    assert names and all("-of-00006" not in n for n in names), names
 
 
 def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, bucket_with_checkpoints):
@@ -174,11 +208,13 @@ def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, b
                          storage_options=w["options"])
     assert by_name(summary) == {"alpha": ("convert", "new"), "beta": ("convert", "new")}
     assert not w["fs"].exists(f"{b}/converted")
+    with pytest.raises(StorageError, match="incomng: no such folder or prefix"):
+        watch_flow(f"s3://{b}/incomng", f"s3://{b}/converted", storage_options=w["options"])
     ok = watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b",
                                          "options": {"mp": "4", "dequant": False}})
     assert ok["options"].mp == 4 and ok["options"].dequant is False
-    for bad, field in [({"mp": 0}, "mp"), ({"max_shard_size": "big"}, "max_shard_size"),
-                       ({"dequantize": True}, "dequantize")]:
+    for bad, field in [({"mp": 0}, "options.mp"), ({"max_shard_size": "big"}, "options.max_shard_size"),
+                       ({"dequantize": True}, "options.dequantize")]:
         with pytest.raises(ParameterTypeError, match=field):
             watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b", "options": bad})
     with pytest.raises(ParameterTypeError, match="max_concurrent"):
