@@ -24,7 +24,7 @@ from tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, marker, p
 
 from .convert import convert_flow
 from .params import ConvertOptions, NonNegative, Positive
-from .runners import make_task_runner
+from .runners import check_runner, make_task_runner
 
 
 class WatchFailed(UserError):
@@ -62,6 +62,7 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     is up to date; `work_prefix/<name>` (default `dest_prefix/.ckptflow-work/<name>`) holds its
     shard records and the marker of its last finished conversion."""
     logger = get_run_logger()
+    check_runner(options.task_runner, options.dask_address)  # once, not once per checkpoint
     dst = open_location(dest_prefix, storage_options)
     work = open_location(work_prefix or dst.url_of(".ckptflow-work"), storage_options)
     recipe = options.recipe_key()
