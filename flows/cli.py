@@ -78,28 +78,29 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     from tasks import progress
 
     from .convert import convert_flow
+    from .runners import make_task_runner
 
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
     try:
-        runner = _task_runner(options.get("max_workers"), options.get("task_runner", "threads"),
-                              options.get("dask_address"))
+        runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
         return convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
     finally:
         progress.detach()
 
 
-def _task_runner(max_workers: int | None, kind: str = "threads", dask_address: str | None = None) -> Any:
-    from .runners import make_task_runner
-
-    return make_task_runner(kind, max_workers, dask_address)
+def _no_stage_chosen(args: argparse.Namespace) -> bool:
+    """Says so when a convert or watch command line names no stage. The recipe checks it again;
+    this costs no Prefect start-up."""
+    if args.dequant or args.fix_dtypes or args.reindex or args.mp is not None:
+        return False
+    print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
+    return True
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    # Checked here too (the recipe checks it again) so a usage slip costs no Prefect start-up.
-    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp is not None):
-        print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
+    if _no_stage_chosen(args):
         return EXIT_USER_ERROR
     summary = _run_convert(args, args.source, args.dest, args.work)
     print_summary(summary)
@@ -109,8 +110,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    if not (args.dequant or args.fix_dtypes or args.reindex or args.mp is not None):
-        print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
+    if _no_stage_chosen(args):
         return EXIT_USER_ERROR
     from storage.urls import parse_storage_options
 

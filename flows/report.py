@@ -42,9 +42,7 @@ class RunProgress:
     def __init__(self, shards: int, total_bytes: int, key: str = "convert-progress"):
         self.shards, self.total_bytes = shards, max(total_bytes, 1)
         self.done_shards = self.done_bytes = 0
-        self.artifact_id = None
-        self._call(lambda: setattr(self, "artifact_id", create_progress_artifact(
-            0.0, key=key, description=self.description())))
+        self.artifact_id = self._call(lambda: create_progress_artifact(0.0, key=key, description=self.description()))
 
     def description(self) -> str:
         return (f"{self.done_shards}/{self.shards} shards committed, "
@@ -61,8 +59,10 @@ class RunProgress:
                                                         description=self.description()))
 
     @staticmethod
-    def _call(fn: Any) -> None:
+    def _call(fn: Any) -> Any:
+        """`fn()`, or None (logged) when the API call fails."""
         try:
-            fn()
+            return fn()
         except Exception as exc:  # noqa: BLE001 - observability must not fail the conversion
             get_run_logger().warning("progress artifact not updated: %s", exc)
+            return None

@@ -94,5 +94,6 @@ def runner_settings(runner: Any) -> tuple[str | None, int | None, str | None]:
     if kind in ("threads", "processes"):
         return kind, getattr(runner, "_max_workers", None), None
     if kind == "dask":
-        return kind, (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers"), getattr(runner, "address", None)
+        workers = (getattr(runner, "cluster_kwargs", None) or {}).get("n_workers")
+        return kind, workers, getattr(runner, "address", None)
     return None, None, None

@@ -12,14 +12,15 @@ from prefect import get_run_logger
 from prefect.futures import as_completed, wait
 
 from storage.checkpoint import Checkpoint, scan_checkpoint
-from storage.files import CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files, read_json, write_json
+from storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
+                           read_json, write_json)
 from storage.safetensors_format import file_size_for
 from storage.urls import Location, StorageError, open_location
 from tasks import progress
+from tasks.cache import shard_key
 from tasks.dtypes import DtypeReport, check_dtypes
 from tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
 from tasks.plan import PlanError, StagePlan
-from tasks.cache import shard_key
 from tasks.shard_task import write_shard_task
 from tasks.validate import find_problems
 
