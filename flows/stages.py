@@ -71,13 +71,6 @@ def prepare_dest(src: Location, dst: Location, planned: set[str], prune: bool = 
             dst.fs.rm(path)
 
 
-def _output_is_whole(dst: Location, name: str, size: int) -> bool:
-    try:
-        return int(dst.fs.info(dst.path(name))["size"]) == size
-    except FileNotFoundError:
-        return False
-
-
 def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, work: str,
                storage_options: dict[str, Any] | None, digest: bool = False, device: str = "cpu",
                backend: str = "auto",
@@ -90,8 +83,9 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     storage = result_storage(work, storage_options)
     journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
     futures: list[Any] = []
+    present = list_files(dst) if dst.fs.exists(dst.root) else {}  # one listing, not a HEAD per shard
     for shard in plan.shards:
-        whole = _output_is_whole(dst, shard.file, file_size_for(shard.specs, {"format": "pt"}))
+        whole = present.get(shard.file) == file_size_for(shard.specs, {"format": "pt"})
         fps = [ckpt.fingerprint(f) for f in shard.source_files]
         entry = f"{shard_key(plan.stage, shard, fps, dst.url)}.json"
         if whole and journal.fs.exists(journal.path(entry)):
