@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 EXIT_USER_ERROR = 2
+_WATCHDOG: Any = None  # the orphan watcher of this CLI process (flows.watchdog), kept alive
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -73,6 +74,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     opts = parse_storage_options(getattr(args, "storage_options", None))
     options = convert_options(args)
     ConvertOptions(**options)  # bad values fail here, one line each, before torch or Prefect load
+    refuse_overlap_early(source, dest, work, opts)
     from tqdm import tqdm
 
     from tasks import progress
@@ -88,6 +90,18 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
     finally:
         progress.detach()
+
+
+def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:
+    """SOURCE, DEST and the work location must not nest: said in a second, before Prefect starts.
+    The flows check again (deployment runs do not come through here)."""
+    from storage.overlap import refuse_overlap
+    from storage.urls import open_location
+
+    from .workdir import default_work
+
+    refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", open_location(dest, opts)),
+                   ("--work", open_location(work or default_work(dest), opts)))
 
 
 def _no_stage_chosen(args: argparse.Namespace) -> bool:
@@ -189,6 +203,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_megatron(args: argparse.Namespace) -> int:
     from storage.urls import parse_storage_options
 
+    refuse_overlap_early(args.source, args.dest, args.work, parse_storage_options(args.storage_options))
     from .megatron import megatron_flow
 
     summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
@@ -361,11 +376,21 @@ def _parameter_problems(exc: BaseException) -> str:
     return "; ".join(out)
 
 
+# Commands that start Prefect (and so a temporary server, maybe worker processes).
+_STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_prefect(args.verbose)
     from storage.errors import UserError
+    from storage.faults import explain
 
+    if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
+        from . import watchdog
+
+        global _WATCHDOG
+        _WATCHDOG = watchdog.start()
     try:
         return args.func(args)
     except UserError as exc:
@@ -377,9 +402,15 @@ def main(argv: list[str] | None = None) -> int:
             print(line, file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
-        if args.verbose or not _is_parameter_error(exc):
+        if args.verbose:
             raise
-        print(f"error: invalid option: {_parameter_problems(exc)}", file=sys.stderr)
+        if _is_parameter_error(exc):
+            print(f"error: invalid option: {_parameter_problems(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        line = explain(exc)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)

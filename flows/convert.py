@@ -5,6 +5,7 @@ work location, so a rerun of the same command after a crash skips every committe
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -13,6 +14,8 @@ from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.checkpoint import scan_checkpoint
+from storage.lock import dest_lock
+from storage.overlap import refuse_overlap
 from storage.urls import open_location
 from tasks import progress
 from tasks.dequant import resolve_device
@@ -59,6 +62,9 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
                     fused_groups=fused_groups, mp=mp, preset=preset, allow_missing_scale=allow_missing_scale,
                     allow_dtypes=tuple(allow_dtypes or ()), drop_unmatched=drop_unmatched)
     src = open_location(source, storage_options)
+    dst = open_location(dest, storage_options)
+    refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", open_location(work, storage_options)))
+    origin = src
     if fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)
     ckpt = scan_checkpoint(src)
@@ -67,23 +73,25 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
     for w in warnings:
         logger.warning("%s", w)
-    dst = open_location(dest, storage_options)
-    prepare_dest(src, dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune)
     device = resolve_device(device)
     total_bytes, total_shards = sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes)
     progress.set_totals(total_bytes, total_shards)
     run_progress = RunProgress(total_shards, total_bytes)
     records: list[dict[str, Any]] = []
-    for p in passes:
-        plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
-        out = open_location(f"{work.rstrip('/')}/stages/{plan.stage}", storage_options) if p.into_work else dst
-        # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
-        with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])):
-            records += run_shards(plan, ckpt, src, out, work, storage_options, checksum, device,
-                                  dequant_backend, on_commit=run_progress.shard_committed)
-        finalize(plan, ckpt, src, out)
-        written, report = verify_output(out, plan, recipe.allow_dtypes)
-        src, ckpt = out, written
+    with dest_lock(dst):
+        prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune,
+                     protected=(origin, src))
+        for p in passes:
+            plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
+            out = open_location(f"{work.rstrip('/')}/stages/{plan.stage}", storage_options) if p.into_work else dst
+            # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
+            with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])), \
+                    (dest_lock(out) if p.into_work else contextlib.nullcontext()):
+                records += run_shards(plan, ckpt, src, out, work, storage_options, checksum, device,
+                                      dequant_backend, on_commit=run_progress.shard_committed)
+                finalize(plan, ckpt, src, out)
+                written, report = verify_output(out, plan, recipe.allow_dtypes)
+            src, ckpt = out, written
     summary = summarize(recipe, [p.plan for p in passes], records, report, time.perf_counter() - t0)
     summary.update(source=source, dest=dest, work=work, warnings=warnings)
     publish_summary(summary)

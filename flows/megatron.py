@@ -14,6 +14,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from storage.checkpoint import scan_checkpoint
 from storage.files import list_files, read_json
+from storage.listing import file_identity
+from storage.lock import dest_lock
+from storage.overlap import refuse_overlap
 from storage.reader import file_info
 from storage.urls import Location, StorageError, open_location
 from tasks.megatron_task import IMPORTED, import_megatron
@@ -47,6 +50,25 @@ def _copy_tokenizer(tokenizer: str, dst: Location, storage_options: dict[str, An
     return names
 
 
+def _import(source: str, stage_loc: Location, fps: list[tuple[str, int, str | None]], override: Any,
+            work: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
+    """Run (or reuse) the import task; returns its record and whether it was reused.
+
+    A cached record is trusted only while the file it committed is untouched (same identity)
+    and config.json is there; anything else imports again."""
+    storage = result_storage(work, storage_options)
+    params = {"config_override": override}
+    for refresh in (False, True):
+        task = import_megatron.with_options(result_storage=storage, refresh_cache=refresh)
+        fut = task.submit("megatron-import", source, stage_loc.url, fps, params, storage_options)
+        imported = dict(fut.result())
+        cached = fut.state.name == "Cached"
+        if not cached or (imported.get("identity") == file_identity(stage_loc, IMPORTED)
+                          and stage_loc.fs.exists(stage_loc.path("config.json"))):
+            return imported, cached
+    raise AssertionError("unreachable: a refreshed import is never Cached")
+
+
 @flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
                   max_shard_size: ShardSize = "5GB", work: str | None = None,
@@ -58,6 +80,8 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     src = open_location(source, storage_options)
     if not src.fs.exists(src.root):
         raise StorageError(f"{source}: not found")
+    dst = open_location(dest, storage_options)
+    refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", open_location(work, storage_options)))
     override = None
     if config:
         cfg_loc = open_location(config, storage_options)
@@ -65,21 +89,18 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     size = parse_size(max_shard_size)
     stage_loc = open_location(f"{work.rstrip('/')}/stages/megatron", storage_options)
     fps = source_fingerprints(src)
-    whole = stage_loc.fs.exists(stage_loc.path(IMPORTED)) and stage_loc.fs.exists(stage_loc.path("config.json"))
-    task = import_megatron.with_options(result_storage=result_storage(work, storage_options), refresh_cache=not whole)
-    fut = task.submit("megatron-import", source, stage_loc.url, fps, {"config_override": override}, storage_options)
-    imported = dict(fut.result())
-    import_cached = fut.state.name == "Cached"
-    ckpt = scan_checkpoint(stage_loc)
-    plan = plan_size_shards(ckpt, size, stage="megatron-shard")
-    dst = open_location(dest, storage_options)
-    prepare_dest(stage_loc, dst, {shard.file for shard in plan.shards})
-    run_progress = RunProgress(len(plan.shards), plan.total_size)
-    records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options, on_commit=run_progress.shard_committed)
-    finalize(plan, ckpt, stage_loc, dst)
-    if tokenizer:
-        logger.info("copied tokenizer files: %s", ", ".join(_copy_tokenizer(tokenizer, dst, storage_options)))
-    written, report = verify_output(dst, plan)
+    with dest_lock(dst), dest_lock(stage_loc):
+        imported, import_cached = _import(source, stage_loc, fps, override, work, storage_options)
+        ckpt = scan_checkpoint(stage_loc)
+        plan = plan_size_shards(ckpt, size, stage="megatron-shard")
+        prepare_dest(dst, {shard.file for shard in plan.shards}, protected=(src,))
+        run_progress = RunProgress(len(plan.shards), plan.total_size)
+        records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options,
+                             on_commit=run_progress.shard_committed)
+        finalize(plan, ckpt, stage_loc, dst)
+        if tokenizer:
+            logger.info("copied tokenizer files: %s", ", ".join(_copy_tokenizer(tokenizer, dst, storage_options)))
+        written, report = verify_output(dst, plan)
     cached = sum(r.get("cached", False) for r in records)
     summary = {
         "stage": "megatron", "source": source, "dest": dest, "work": work,

@@ -14,7 +14,8 @@ from prefect.futures import as_completed, wait
 from storage.checkpoint import Checkpoint, scan_checkpoint
 from storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
                            read_json, write_json)
-from storage.safetensors_format import file_size_for
+from storage.listing import file_identities
+from storage.overlap import refuse_under
 from storage.urls import Location, StorageError, open_location
 from tasks import progress
 from tasks.cache import shard_key
@@ -43,15 +44,16 @@ def fetch_source(src: Location, work: str, storage_options: dict[str, Any] | Non
     return dst
 
 
-def prepare_dest(src: Location, dst: Location, planned: set[str], prune: bool = False) -> None:
-    """Make DEST ready for a run that writes the weight files `planned`.
+def prepare_dest(dst: Location, planned: set[str], prune: bool = False,
+                 protected: tuple[Location, ...] = ()) -> None:
+    """Make DEST ready for a run that writes the weight files `planned`; call it holding
+    `dest_lock(dst)`, after `refuse_overlap` has checked DEST against SOURCE and the work location.
 
     Weight files already in DEST that this run will not write (an earlier conversion with
     another layout) would make the result fail validation: with `prune` they are deleted (the
     watch flow owns its output folders), otherwise the run stops here, before writing anything.
+    Nothing under a `protected` location (SOURCE) is ever deleted, whatever the paths say.
     """
-    if src.fs.protocol == dst.fs.protocol and src.root.rstrip("/") == dst.root.rstrip("/"):
-        raise StorageError(f"DEST {dst.url} is the SOURCE; write the converted checkpoint elsewhere")
     present = list_files(dst) if dst.fs.exists(dst.root) else {}
     foreign = sorted(n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in planned)
     if foreign and not prune:
@@ -60,12 +62,16 @@ def prepare_dest(src: Location, dst: Location, planned: set[str], prune: bool = 
             f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}), left by an earlier conversion "
             "with another layout? Delete them, or choose an empty DEST")
     for name in foreign:
+        for loc in protected:
+            refuse_under(dst.path(name), dst, loc)
+    for name in foreign:
         dst.fs.rm(dst.path(name))
     # An index left by an earlier run would vouch for shards this run has not written yet.
     if dst.fs.exists(dst.path(INDEX_NAME)):
         dst.fs.rm(dst.path(INDEX_NAME))
     # Temp files of a killed run (object stores: incomplete multipart uploads, which a bucket
-    # lifecycle rule expires) are never mistaken for output, but need not pile up either.
+    # lifecycle rule expires) are never mistaken for output, but need not pile up either. The
+    # caller holds DEST's lock, so no live run is writing them.
     if dst.is_local and dst.fs.exists(dst.root):
         for path in dst.fs.glob(dst.path(".*.partial-*")):
             dst.fs.rm(path)
@@ -83,17 +89,19 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     storage = result_storage(work, storage_options)
     journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
     futures: list[Any] = []
-    present = list_files(dst) if dst.fs.exists(dst.root) else {}  # one listing, not a HEAD per shard
+    identities = file_identities(dst, [shard.file for shard in plan.shards])
+    journaled = set(list_files(journal)) if journal.fs.exists(journal.root) else set()
     for shard in plan.shards:
-        whole = present.get(shard.file) == file_size_for(shard.specs, {"format": "pt"})
         fps = [ckpt.fingerprint(f) for f in shard.source_files]
         entry = f"{shard_key(plan.stage, shard, fps, dst.url)}.json"
-        if whole and journal.fs.exists(journal.path(entry)):
-            futures.append(dict(read_json(journal, entry)))  # committed by a run that died before Prefect's record
+        record = read_journal(journal, entry) if entry in journaled and identities[shard.file] else None
+        if record is not None and record.get("identity") == identities[shard.file]:
+            futures.append(record)  # the very file this plan committed, untouched since
             continue
-        # A record whose output has vanished (or was cut short) must not count as done.
+        # Anything else is written again: no file, a file changed since its commit (same size or
+        # not), or a commit whose record was lost. Prefect's own record cannot prove the file.
         task = write_shard_task.with_options(name=f"{plan.stage}-shard", result_storage=storage,
-                                             refresh_cache=not whole)
+                                             refresh_cache=True)
         futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
                                    device, backend, journal.url))
     on_commit = on_commit or (lambda record: None)
@@ -115,6 +123,16 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
             progress.shard_done()
         records.append(record)
     return records
+
+
+def read_journal(journal: Location, entry: str) -> dict[str, Any] | None:
+    """A commit journal entry, or None when it is missing, empty or damaged (a power cut can
+    leave any of those): such a shard is simply written again."""
+    try:
+        record = read_json(journal, entry)
+    except StorageError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("identity"), str) else None
 
 
 def finalize(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location) -> None:

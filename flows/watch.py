@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from storage.errors import UserError
 from storage.files import read_json, write_json
 from storage.listing import list_tree
+from storage.overlap import refuse_overlap
 from storage.urls import Location, StorageError, open_location
 from tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
 
@@ -67,6 +68,9 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     work = open_location(work_prefix or dst.url_of(".ckptflow-work"), storage_options)
     recipe = options.recipe_key()
     src = open_location(source_prefix, storage_options)
+    # The work prefix lives inside DEST_PREFIX by default (hidden, never listed as output).
+    refuse_overlap(("SOURCE_PREFIX", src), ("DEST_PREFIX", dst), ("--work-prefix", work),
+                   allow_nested=frozenset({("--work-prefix", "DEST_PREFIX")}))
     if not src.fs.exists(src.root):
         raise StorageError(f"{source_prefix}: no such folder or prefix; check the source_prefix")
     found = find_checkpoints(list_tree(src))

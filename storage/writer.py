@@ -17,8 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .listing import file_identity
 from .safetensors_format import TensorSpec, build_header
-from .urls import Location
+from .urls import Location, StorageError
 
 
 @dataclass(frozen=True)
@@ -30,10 +31,20 @@ class WrittenFile:
     size: int
     sha256: str | None  # None unless the writer was asked to hash (it costs ~1 s/GB of CPU)
     tensors: int
+    identity: str | None = None  # what proves, on resume, that the file is still this one
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "name": self.name, "size": self.size, "sha256": self.sha256,
-                "tensors": self.tensors}
+                "tensors": self.tensors, "identity": self.identity}
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in `path` durable (a directory's entries are data of their own)."""
+    fd = os.open(path or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def temp_name(name: str) -> str:
@@ -44,11 +55,11 @@ def temp_name(name: str) -> str:
 class AtomicFile:
     """A binary file that becomes visible under its final name only on `commit()`."""
 
-    def __init__(self, loc: Location, name: str, digest: bool = False):
-        self.loc, self.name = loc, name
+    def __init__(self, loc: Location, name: str, digest: bool = False, expected_size: int | None = None):
+        self.loc, self.name, self.expected_size = loc, name, expected_size
         self.final = loc.path(name)
         parent = os.path.dirname(self.final)
-        if parent:
+        if parent and not loc.is_object_store:  # s3fs's makedirs creates a missing bucket
             loc.fs.makedirs(parent, exist_ok=True)
         self._direct = not loc.is_local and _buffered_object_store(loc.fs)
         self._path = self.final if self._direct else loc.path(temp_name(name))
@@ -59,9 +70,12 @@ class AtomicFile:
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while view:  # an unbuffered OS file may write less than asked
-            n = self._f.write(view)
-            view = view[n if n is not None else len(view):]
+        try:
+            while view:  # an unbuffered OS file may write less than asked
+                n = self._f.write(view)
+                view = view[n if n is not None else len(view):]
+        except OSError as exc:
+            raise self._disk_error(exc, len(view)) from None
         if self._sha is not None:
             self._sha.update(data)
         self.size += len(data)
@@ -85,7 +99,7 @@ class AtomicFile:
                 return
             except OSError as exc:
                 if done or exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
+                    raise self._disk_error(exc, length - done) from exc
         while length:
             chunk = os.pread(src_fd, min(length, 8 << 20), offset)
             if not chunk:
@@ -98,11 +112,31 @@ class AtomicFile:
     def sha256(self) -> str | None:
         return self._sha.hexdigest() if self._sha is not None else None
 
+    def _disk_error(self, exc: OSError, pending: int) -> Exception:
+        """ENOSPC and friends, as one line naming the file and the bytes still to write."""
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return exc
+        need = (f"; {self.expected_size - self.size:,} more bytes were needed for it"
+                if self.expected_size else f"; {pending:,} bytes were still to be written")
+        return StorageError(f"{self.loc.url_of(self.name)}: {os.strerror(exc.errno).lower()} after "
+                            f"{self.size:,} bytes{need}. Nothing was published under that name; free "
+                            "space (or choose another DEST) and run the same command again to resume")
+
     def commit(self) -> None:
+        """Publish the file under its final name.
+
+        Locally the bytes and then the directory entry are fsynced, so a power cut leaves either
+        no file or the whole file under the final name, never a renamed file of zeros."""
+        if self.loc.is_local:
+            try:
+                os.fsync(self._f.fileno())
+            except OSError as exc:
+                raise self._disk_error(exc, 0) from None
         self._f.close()  # completes the multipart upload on object stores
         if not self._direct:
             if self.loc.is_local:
                 os.replace(self._path, self.final)
+                fsync_dir(os.path.dirname(self.final))
             else:
                 self.loc.fs.mv(self._path, self.final)
 
@@ -132,8 +166,9 @@ class SafetensorsWriter:
     def __init__(self, loc: Location, name: str, specs: list[TensorSpec],
                  metadata: dict[str, str] | None = None, digest: bool = False):
         self.loc, self.name, self.specs = loc, name, specs
-        self._file = AtomicFile(loc, name, digest)
-        self._file.write(build_header(specs, metadata or {"format": "pt"}))
+        header = build_header(specs, metadata or {"format": "pt"})
+        self._file = AtomicFile(loc, name, digest, expected_size=len(header) + sum(s.nbytes for s in specs))
+        self._file.write(header)
         self._index = 0
         self._left = specs[0].nbytes if specs else 0
 
@@ -177,7 +212,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.name}: tensor {missing!r} was not fully written; nothing committed")
         self._file.commit()
         return WrittenFile(self.loc.url_of(self.name), self.name, self._file.size,
-                           self._file.sha256, len(self.specs))
+                           self._file.sha256, len(self.specs), file_identity(self.loc, self.name))
 
     def abort(self) -> None:
         self._file.abort()
