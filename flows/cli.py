@@ -93,15 +93,20 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
 
 def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:
-    """SOURCE, DEST and the work location must not nest: said in a second, before Prefect starts.
-    The flows check again (deployment runs do not come through here)."""
+    """SOURCE, DEST and the work location must not nest, and DEST must not be a file: said in a
+    second, before Prefect starts. The flows check again (deployment runs do not come through here)."""
     from storage.overlap import refuse_overlap
     from storage.urls import open_location
 
     from .workdir import default_work
 
-    refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", open_location(dest, opts)),
+    dst = open_location(dest, opts)
+    refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", dst),
                    ("--work", open_location(work or default_work(dest), opts)))
+    if dst.is_local and os.path.exists(dst.root) and not os.path.isdir(dst.root):
+        from storage.urls import StorageError
+
+        raise StorageError(f"DEST {dest} is a file, not a directory; choose a directory")
 
 
 def _no_stage_chosen(args: argparse.Namespace) -> bool:

@@ -1,0 +1,310 @@
+"""Never lose or fake data: overlapping paths, tampered or changed files, one run per DEST, full or
+read-only disks, damaged journals, orphaned children. Through the real CLI where a user meets it."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.convert import convert_flow
+
+from .conftest import PYTHON, ROOT, cli_env
+from .test_flow import tree
+
+
+def digest_tree(path: Path) -> dict[str, str]:
+    """sha256 of every file under `path`, hidden ones included: what 'unchanged' means."""
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(run: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, no traceback, exactly one `error:` line, which holds every needle."""
+    out = run.stdout + run.stderr
+    assert run.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+# --- SOURCE is read-only, however DEST is spelled --------------------------------------------
+
+def _spellings(src: Path) -> dict[str, tuple[list[str], str]]:
+    """Command lines that name SOURCE again as DEST, a parent or a child of it, or the work dir."""
+    parent = src.parent
+    (parent / "link").symlink_to(src)
+    return {
+        "dotdot": (["convert", str(src), f"{parent}/../{parent.name}/{src.name}", "--dequant"], "same place"),
+        "dot-slash": (["convert", str(src), f"{parent}/./{src.name}/", "--dequant"], "same place"),
+        "symlink": (["convert", str(src), str(parent / "link"), "--dequant"], "same place"),
+        "inside-via-link": (["convert", str(src), str(parent / "link" / "out"), "--dequant"], "lies inside"),
+        "prune-parent": (["convert", str(src), str(parent), "--dequant", "--prune"], "lies inside"),
+        "work-in-source": (["convert", str(src), str(parent / "out"), "--dequant", "--work", str(src / "w")],
+                           "lies inside"),
+        "megatron": (["megatron", str(src), str(src / "hf")], "lies inside"),
+        "watch": (["watch", str(parent), f"{parent}/./", "--dequant"], "same place"),
+    }
+
+
+@pytest.mark.slow
+def test_overlapping_paths_are_refused_before_anything_is_touched(demo_ckpt, tmp_path):
+    before = digest_tree(tmp_path)
+    for case, (args, how) in _spellings(demo_ckpt).items():
+        t0 = time.monotonic()
+        run = ckptflow(*args)
+        line = one_error_line(run, how, str(demo_ckpt.parent).rstrip("/"))
+        assert "nothing was written" in line, (case, line)
+        assert time.monotonic() - t0 < 30, case  # refused before Prefect starts
+        assert digest_tree(tmp_path) == before, case  # not a byte changed, nothing created
+
+
+def test_prune_never_deletes_under_source(demo_ckpt, tmp_path):
+    from flows.stages import prepare_dest
+    from storage.urls import StorageError, open_location
+
+    before = digest_tree(demo_ckpt)
+    with pytest.raises(StorageError, match="refusing to delete .* inside SOURCE"):
+        # The overlap check runs first in every flow; this is the guard behind it.
+        prepare_dest(open_location(str(demo_ckpt)), set(), prune=True, protected=(open_location(str(demo_ckpt)),))
+    assert digest_tree(demo_ckpt) == before
+
+
+# --- a reused file proves it is the one that was committed ------------------------------------
+
+def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    first = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    clean = tree(out)
+    victim = out / "model-00004-of-00006.safetensors"
+    st = victim.stat()
+    with open(victim, "r+b") as f:  # 64 bytes flipped inside the data, size and mtime kept
+        f.seek(st.st_size // 2)
+        chunk = f.read(64)
+        f.seek(st.st_size // 2)
+        f.write(bytes(b ^ 0xFF for b in chunk))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert [r["name"] for r in again["records"] if not r["cached"]] == [victim.name]
+    assert again["cached_shards"] == first["shards"] - 1
+    assert tree(out) == clean
+
+
+def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, demo_ckpt, tmp_path):
+    from flows.synthetic import make_deepseek_v3_fp8
+    from storage.urls import open_location
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    convert_flow(str(demo_ckpt), str(out), work=str(work))
+    # Another checkpoint of the same layout, other values: copy one shard's bytes over in place.
+    other = tmp_path / "other"
+    make_deepseek_v3_fp8(open_location(str(other)), seed=1)
+    name = "model-00003-of-00006.safetensors"
+    victim, new = demo_ckpt / name, (other / name).read_bytes()
+    st = victim.stat()
+    assert len(new) == st.st_size and new != victim.read_bytes()
+    with open(victim, "r+b") as f:
+        f.write(new)
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert name in [r["name"] for r in again["records"] if not r["cached"]]
+    fresh = tmp_path / "fresh"
+    convert_flow(str(demo_ckpt), str(fresh), work=str(tmp_path / "work-fresh"))
+    assert tree(out) == tree(fresh)
+
+
+def test_empty_or_damaged_journal_entries_count_as_absent(prefect_harness, demo_ckpt, tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    convert_flow(str(demo_ckpt), str(out), work=str(work))
+    clean = tree(out)
+    entries = sorted((work / "journal").glob("*.json"))
+    assert len(entries) == 6
+    entries[0].write_bytes(b"")            # what a power cut leaves
+    entries[1].write_bytes(b"{\"size\": ")  # cut mid-write
+    entries[2].write_text("[1, 2]")         # valid JSON, wrong shape
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    assert again["cached_shards"] == 3
+    assert tree(out) == clean
+
+
+def test_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
+    from storage import writer
+    from storage.safetensors_format import TensorSpec
+    from storage.urls import open_location
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(writer.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(writer.os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1])
+    w = writer.SafetensorsWriter(open_location(str(tmp_path)), "a.safetensors", [TensorSpec("x", "U8", (4,))])
+    w.write("x", b"\x01\x02\x03\x04")
+    record = w.commit()
+    assert events == ["fsync", "rename", "fsync"]  # file bytes, publish, then the directory entry
+    assert record.identity and record.identity.startswith(f"{record.size}:")
+
+
+# --- one DEST, one run ------------------------------------------------------------------------
+
+# The real CLI (main() as the console script calls it), holding after its first shard until the
+# file named by CKPTFLOW_TEST_GO exists (or 120 s pass), so a test can act while it runs.
+SLOW_CLI = """
+import os, sys, time
+import tasks.shard_task as st
+real, done = st.write_shard, []
+def slow(*a, **k):
+    go = os.environ["CKPTFLOW_TEST_GO"]
+    deadline = time.monotonic() + 120
+    while done and not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done.append(1)
+    return real(*a, **k)
+st.write_shard = slow
+from flows.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_dest_one_refuses_and_output_is_exact(demo_ckpt, tmp_path):
+    out = tmp_path / "out"
+    args = ["convert", str(demo_ckpt), str(out), "--dequant"]
+    go = tmp_path / "go"
+    first = subprocess.Popen([PYTHON, "-c", SLOW_CLI, *args, "--work", str(tmp_path / "w1")], cwd=ROOT,
+                             env=cli_env(CKPTFLOW_TEST_GO=str(go)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*.safetensors")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        second = ckptflow(*args, "--work", str(tmp_path / "w2"))
+        one_error_line(second, f"DEST {out} is being written by another ckptflow run", f"pid {first.pid}")
+        assert first.poll() is None  # the refusal came while the first run held DEST
+        go.touch()
+        assert first.wait(300) == 0, first.communicate()[1][-3000:]
+    finally:
+        first.kill()
+    clean = tmp_path / "clean"
+    convert_flow_in_subprocess = ckptflow(*args[:2], str(clean), "--dequant", "--work", str(tmp_path / "w3"))
+    assert convert_flow_in_subprocess.returncode == 0, convert_flow_in_subprocess.stderr[-3000:]
+    assert tree(out) == tree(clean)
+
+
+# --- full and read-only disks -----------------------------------------------------------------
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mnt = tmp_path / "small"
+    if not _mount_tmpfs(mnt, "size=2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_naming_the_file_and_leaves_nothing_complete(demo_ckpt, small_disk, tmp_path):
+    before = digest_tree(demo_ckpt)
+    out = small_disk / "out"  # the BF16 output is ~5 MB; the disk holds 2 MB
+    run = ckptflow("convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w"))
+    line = one_error_line(run, "no space left on device", ".safetensors", "more bytes were needed")
+    assert "run the same command again to resume" in line
+    assert digest_tree(demo_ckpt) == before
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "config.json").exists()
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]  # the cut temp file is gone
+    from storage.urls import open_location
+    from storage.reader import read_header
+
+    for shard in out.glob("*.safetensors"):  # what was published is whole
+        h = read_header(open_location(str(out)), shard.name)
+        assert max(t.end for t in h.tensors.values()) == shard.stat().st_size
+
+
+@pytest.mark.slow
+def test_read_only_or_file_dest_is_one_line(demo_ckpt, tmp_path):
+    ro = tmp_path / "ro"
+    if not _mount_tmpfs(ro, "size=1m,ro"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        run = ckptflow("convert", str(demo_ckpt), str(ro / "out"), "--dequant", "--work", str(tmp_path / "w"))
+        one_error_line(run, str(ro), "read-only")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    run = ckptflow("convert", str(demo_ckpt), str(afile), "--dequant", "--work", str(tmp_path / "w"))
+    one_error_line(run, str(afile), "is a file")
+    assert afile.read_text() == "not a folder"
+
+
+def test_symlinked_directory_in_source_is_followed_once(tmp_path):
+    from storage.files import list_files
+    from storage.urls import open_location
+
+    src = tmp_path / "src"
+    (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "sub" / "vocab.txt").write_text("a b")
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "linked").symlink_to(tmp_path / "elsewhere")
+    (src / "loop").symlink_to(src)          # a loop is walked once
+    (src / "broken").symlink_to(tmp_path / "nowhere")
+    assert list_files(open_location(str(src))) == {"config.json": 2, "linked/sub/vocab.txt": 3}
+
+
+# --- no orphans -------------------------------------------------------------------------------
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.slow
+def test_cli_sigkilled_alone_leaves_no_child_behind(demo_ckpt, tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    cli = subprocess.Popen([PYTHON, "-c", SLOW_CLI, "convert", str(demo_ckpt), str(out), "--dequant",
+                            "--work", str(tmp_path / "w")], cwd=ROOT,
+                           env=cli_env(CKPTFLOW_TEST_GO=str(tmp_path / "never")),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list(out.glob("*.safetensors")) and cli.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        children = _descendants(cli.pid)
+        assert cli.poll() is None and any("python" in c.name() for c in children), "no server child seen"
+        os.kill(cli.pid, signal.SIGKILL)  # the CLI alone, as the OOM killer does
+        cli.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+                                                  for c in children):
+            time.sleep(0.2)
+        survivors = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert not survivors, [(c.pid, c.cmdline()) for c in survivors]
+    finally:
+        try:
+            os.killpg(cli.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
