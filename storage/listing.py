@@ -131,7 +131,9 @@ def file_identity(loc: Location, name: str) -> str | None:
 
 
 def _remote_identity(info: dict[str, Any]) -> str:
-    tag = info.get("VersionId") or info.get("version_id") or version_of(info)
+    # The ETag (else the store's version field): a listing and a HEAD give the same one, which a
+    # version id is not (S3 lists no VersionId), so both ways of asking agree.
+    tag = str(version_of(info) or "").strip('"')
     return f"{int(info.get('size') or 0)}:{tag}"
 
 

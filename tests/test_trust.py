@@ -3,6 +3,7 @@ read-only disks, damaged journals, orphaned children. Through the real CLI where
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -308,3 +309,45 @@ def test_cli_sigkilled_alone_leaves_no_child_behind(demo_ckpt, tmp_path):
             os.killpg(cli.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# --- the same rules on object storage -----------------------------------------------------------
+
+def test_object_store_lock_refuses_a_live_holder_and_takes_over_a_dead_one(s3_options, monkeypatch):
+    from storage import lock
+    from storage.urls import open_location
+
+    dst = open_location(f"s3://{s3_options['bucket']}/out", s3_options["options"])
+    with lock.dest_lock(dst):
+        held = json_of(dst, lock.LOCK_NAME)
+        assert held["pid"] == os.getpid()
+        with pytest.raises(lock.DestBusy, match=rf"s3://{s3_options['bucket']}/out is being written by another"):
+            with lock.dest_lock(dst):
+                pass
+    assert not dst.fs.exists(dst.path(lock.LOCK_NAME))  # released on exit
+    with dst.fs.open(dst.path(lock.LOCK_NAME), "wb") as f:  # a run that died 10 minutes ago
+        f.write(json.dumps({"pid": 1, "host": "gone", "token": "x", "heartbeat": time.time() - 600}).encode())
+    with lock.dest_lock(dst):
+        assert json_of(dst, lock.LOCK_NAME)["pid"] == os.getpid()
+
+
+def json_of(loc, name):
+    with loc.fs.open(loc.path(name), "rb") as f:
+        return json.loads(f.read())
+
+
+def test_tampered_shard_on_s3_is_rewritten(prefect_harness, s3_options, demo_ckpt, tmp_path):
+    import s3fs
+
+    opts, bucket = s3_options["options"], s3_options["bucket"]
+    dest, work = f"s3://{bucket}/out", str(tmp_path / "work")
+    convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts)
+    fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
+    name = f"{bucket}/out/model-00002-of-00006.safetensors"
+    good = fs.cat_file(name)
+    bad = bytearray(good)
+    bad[len(bad) // 2: len(bad) // 2 + 64] = bytes(64)  # same size, other bytes, a new ETag
+    fs.pipe_file(name, bytes(bad))
+    again = convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts)
+    assert [r["name"] for r in again["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
+    assert fs.cat_file(name) == good
