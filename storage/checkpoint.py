@@ -5,14 +5,20 @@ header (in parallel), the index and config.json — and returns plain data.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from .files import CONFIG_NAME, INDEX_NAME, list_files, read_json
 from .reader import file_info, read_header
-from .safetensors_format import Header, HeaderError, TensorInfo
+from .safetensors_format import MAX_TENSORS_TOTAL, Header, HeaderError, TensorInfo
+from .strict_json import kind, short
 from .urls import Location, StorageError
+
+# DeepSeek-V3 has 163 weight files, the biggest real checkpoints a few hundred; a listing of more
+# is not one checkpoint, and each file costs a header read.
+MAX_WEIGHT_FILES = 20_000
 
 
 @dataclass(frozen=True)
@@ -53,17 +59,32 @@ class Checkpoint:
 
 
 def scan_checkpoint(loc: Location, max_workers: int = 16) -> Checkpoint:
+    """List `loc`, read every shard header, the index and config.json; refuse what is not a checkpoint.
+
+    Raises `StorageError` before any stage writes anything when the index or config.json has
+    the wrong shape, or when the checkpoint holds more tensors than any real one.
+    """
     files = list_files(loc)
     if not files:
         raise StorageError(f"{loc.url}: no files found; is this the checkpoint directory?")
     weight_files = [n for n in files if n.endswith(".safetensors")]
+    if len(weight_files) > MAX_WEIGHT_FILES:
+        raise StorageError(f"{loc.url}: {len(weight_files)} .safetensors files; ckptflow reads at most "
+                           f"{MAX_WEIGHT_FILES} (real checkpoints have a few hundred) — is this one checkpoint?")
+    index = check_index(loc, read_json(loc, INDEX_NAME, strict=True)) if INDEX_NAME in files else None
+    config = check_config(loc, read_json(loc, CONFIG_NAME)) if CONFIG_NAME in files else None
+    counted = _TensorCount(loc.url)
 
-    def one(name: str) -> tuple[str, Header | str, str | None]:
+    def one(name: str) -> tuple[str, Header | str | None, str | None]:
+        if counted.over:
+            return name, None, None  # the scan has failed already; read nothing more
         try:
             version = file_info(loc, name)["version"]
-            return name, read_header(loc, name, files[name]), version
+            header = read_header(loc, name, files[name])
         except HeaderError as exc:
             return name, exc.reason, None
+        counted.add(len(header.tensors))
+        return name, header, version
 
     headers: dict[str, Header] = {}
     errors: dict[str, str] = {}
@@ -73,8 +94,68 @@ def scan_checkpoint(loc: Location, max_workers: int = 16) -> Checkpoint:
             versions[name] = version
             if isinstance(result, Header):
                 headers[name] = result
-            else:
+            elif result is not None:
                 errors[name] = result
-    index = read_json(loc, INDEX_NAME) if INDEX_NAME in files else None
-    config = read_json(loc, CONFIG_NAME) if CONFIG_NAME in files else None
+    counted.check()
     return Checkpoint(loc.url, files, headers, errors, index, config, versions)
+
+
+class _TensorCount:
+    """Tensors parsed so far over every thread; past MAX_TENSORS_TOTAL the scan stops reading."""
+
+    def __init__(self, url: str):
+        self.url, self.total, self.over = url, 0, False
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+            self.over = self.over or self.total > MAX_TENSORS_TOTAL
+
+    def check(self) -> None:
+        if self.over:
+            raise StorageError(f"{self.url}: more than {MAX_TENSORS_TOTAL} tensors in all; ckptflow reads at "
+                               "most that many (the largest real checkpoints, Kimi-K2 and DeepSeek-V3, have "
+                               "~140k and ~91k) — is this one checkpoint?")
+
+
+def check_index(loc: Location, index: Any) -> dict[str, Any]:
+    """`index` if it has the shape transformers writes; else a `StorageError` saying what is wrong."""
+    where = loc.url_of(INDEX_NAME)
+    if not isinstance(index, dict):
+        raise StorageError(f'{where}: must be an object with "weight_map" and "metadata", got {kind(index)}')
+    weight_map = index.get("weight_map")
+    if weight_map is not None:  # a missing one is reported by validate, with every other problem
+        if not isinstance(weight_map, dict):
+            raise StorageError(f'{where}: "weight_map" must be an object of tensor name → file name, '
+                               f"got {kind(weight_map)}")
+        bad = next(((t, f) for t, f in weight_map.items() if not isinstance(f, str)), None)
+        if bad is not None:
+            raise StorageError(f'{where}: "weight_map" must map tensor names to file names, but '
+                               f"{short(bad[0], 120)} maps to {kind(bad[1])}")
+        if len(weight_map) > MAX_TENSORS_TOTAL:
+            raise StorageError(f'{where}: "weight_map" lists {len(weight_map)} tensors; ckptflow reads at most '
+                               f"{MAX_TENSORS_TOTAL} (Kimi-K2 has ~140k) — the index is corrupt or hostile")
+    metadata = index.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise StorageError(f'{where}: "metadata" must be an object (of "total_size" and the like), '
+                               f"got {kind(metadata)}")
+        total = metadata.get("total_size")
+        if total is not None and not _is_size(total):
+            raise StorageError(f'{where}: "metadata.total_size" must be a whole number of bytes, got '
+                               f"{short(total, 60)} ({kind(total)})")
+    return index
+
+
+def _is_size(x: Any) -> bool:
+    # Some writers store total_size as 1.2e10; a whole, finite, non-negative number is fine.
+    if isinstance(x, bool):
+        return False
+    return (isinstance(x, int) and x >= 0) or (isinstance(x, float) and x.is_integer() and x >= 0)
+
+
+def check_config(loc: Location, config: Any) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise StorageError(f"{loc.url_of(CONFIG_NAME)}: must be a JSON object of model settings, got {kind(config)}")
+    return config

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .listing import list_tree
+from .safetensors_format import MAX_TENSORS_TOTAL
+from .strict_json import Budget, JSONRefused, gc_paused, loads
 from .urls import Location, StorageError
 from .writer import AtomicFile
 
@@ -21,16 +23,35 @@ def list_files(loc: Location) -> dict[str, int]:
     return {name: stat.size for name, stat in list_tree(loc).items()}
 
 
-def read_json(loc: Location, name: str) -> Any:
+# Real config.json and index files are under 10 MB (an index of Kimi-K2's ~140k tensors is ~14 MB
+# at most); past this the file is not one, and parsing it would cost gigabytes.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+# Bounds on a JSON file's structure (see storage/strict_json.py): an index needs one ':' and one
+# ',' per tensor, so these fit MAX_TENSORS_TOTAL tensors and keep a parse under ~400 MB.
+JSON_BUDGET = Budget(objects=1 << 18, members=MAX_TENSORS_TOTAL + 65536, items=2 * MAX_TENSORS_TOTAL + 65536,
+                     why=f"no real config or index (of at most {MAX_TENSORS_TOTAL} tensors) is that large")
+
+
+def read_json(loc: Location, name: str, strict: bool = False) -> Any:
+    """A small JSON file, bounded in size and structure; every failure is a `StorageError`.
+
+    `strict` also refuses duplicate keys and NaN/Infinity, as an index must (transformers' own
+    loader accepts both in config.json, which is only passed through).
+    """
     try:
         with loc.fs.open(loc.path(name), "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise StorageError(f"{loc.url_of(name)}: file not found") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise StorageError(f"{loc.url_of(name)}: larger than {MAX_JSON_BYTES >> 20} MiB; no real config "
+                           "or index is, so it is not one (corrupt or hostile)")
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StorageError(f"{loc.url_of(name)}: not valid JSON ({exc})") from None
+        JSON_BUDGET.check(raw)
+        with gc_paused():
+            return loads(raw, unique_keys=strict, allow_nan=not strict)
+    except JSONRefused as exc:
+        raise StorageError(f"{loc.url_of(name)}: {str(exc).removeprefix('is ')}") from None
 
 
 def write_bytes_atomic(loc: Location, name: str, data: bytes) -> None:

@@ -10,8 +10,14 @@ import threading
 from typing import Any
 
 from .listing import version_of
-from .safetensors_format import HEADER_PROBE_BYTES, Header, HeaderError, header_length, parse_header
+from .safetensors_format import (HEADER_PROBE_BYTES, Header, HeaderError, decode_header, header_length,
+                                  parse_header_text)
 from .urls import Location, StorageError
+
+# Headers larger than the probe are read and parsed one at a time. Real ones are a few KB to a
+# few MB, so this costs nothing; but 16 threads each holding a 100 MB hostile header and its
+# parsed form at once would hold gigabytes, and parsing holds the GIL anyway.
+_LARGE_HEADER = threading.Lock()
 
 
 def _cat(loc: Location, name: str, start: int, end: int) -> bytes:
@@ -27,9 +33,17 @@ def read_header(loc: Location, name: str, file_size: int | None = None) -> Heade
         file_size = file_info(loc, name)["size"]
     probe = _cat(loc, name, 0, min(file_size, HEADER_PROBE_BYTES))
     n = header_length(name, probe, file_size)
-    if 8 + n > len(probe):
-        probe += _cat(loc, name, len(probe), 8 + n)
-    return parse_header(name, probe, file_size)
+    if 8 + n <= len(probe):
+        return parse_header_text(name, decode_header(name, probe, n), n, file_size)
+    with _LARGE_HEADER:
+        raw = probe + _cat(loc, name, len(probe), 8 + n)
+        del probe
+        if len(raw) < 8 + n:
+            raise HeaderError(name, f"the file ended after {len(raw)} of its {8 + n} header bytes; it "
+                                    "changed while being read or is truncated — fetch it again")
+        text = decode_header(name, raw, n)
+        del raw  # only the text is needed from here on: one copy of the header, not two
+        return parse_header_text(name, text, n, file_size)
 
 
 def file_info(loc: Location, name: str) -> dict[str, Any]:

@@ -5,12 +5,21 @@ at once; `validate_task` is the Prefect task around scanning + checking.
 """
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from storage.checkpoint import Checkpoint
 from storage.errors import UserError
 from storage.files import INDEX_NAME
 from storage.safetensors_format import DTYPE_SIZES, Header
+from storage.strict_json import short
+
+# A hostile header can make every one of 200k tensors wrong: list this many per file (and per
+# index), then count the rest, so memory and output stay bounded and the first ones still show.
+MAX_PROBLEMS_PER_FILE = 100
+MAX_INDEX_PROBLEMS = 1000
+MAX_LINE = 380  # a problem prints as one line of at most this many characters
 
 
 @dataclass(frozen=True)
@@ -21,8 +30,10 @@ class Problem:
     severity: str = "error"   # "error" stops a conversion; "warning" is reported only
 
     def __str__(self) -> str:
-        where = f"{self.file}: tensor {self.tensor!r}: " if self.tensor else f"{self.file}: "
-        return where + self.message
+        file = self.file if len(self.file) <= 160 else self.file[:159] + "…"
+        where = f"{file}: tensor {short(self.tensor, 160)}: " if self.tensor else f"{file}: "
+        text = where + self.message
+        return text if len(text) <= MAX_LINE else text[:MAX_LINE - 1] + "…"
 
 
 class ValidationFailed(UserError):
@@ -36,78 +47,104 @@ class ValidationFailed(UserError):
         super().__init__(f"{url}: {len(errors)} problem(s) found; nothing was converted\n{lines}{more}")
 
 
-def header_problems(h: Header) -> list[Problem]:
-    """Offsets in bounds, matching dtype × shape, non-overlapping, covering the data exactly."""
+def _capped(problems: Iterable[Problem], file: str, limit: int) -> list[Problem]:
+    """The first `limit` problems, then one that counts the rest."""
     out: list[Problem] = []
+    more = more_errors = 0
+    for p in problems:
+        if len(out) < limit:
+            out.append(p)
+        else:
+            more += 1
+            more_errors += p.severity == "error"
+    if more:
+        out.append(Problem(file, f"… and {more} more problem(s) not listed",
+                           severity="error" if more_errors else "warning"))
+    return out
+
+
+def header_problems(h: Header, limit: int = MAX_PROBLEMS_PER_FILE) -> list[Problem]:
+    """Offsets in bounds, matching dtype × shape, non-overlapping, covering the data exactly."""
+    return _capped(_header_problems(h), h.file, limit)
+
+
+def _header_problems(h: Header) -> Iterator[Problem]:
     cursor = h.data_start
+    truncated = False
     for info in h.tensors.values():  # ordered by start offset
         size = DTYPE_SIZES.get(info.dtype)
         if size is None:
-            out.append(Problem(h.file, f"unknown dtype {info.dtype!r} (known: "
-                                       f"{', '.join(sorted(DTYPE_SIZES))})", info.name))
+            yield Problem(h.file, f"unknown dtype {short(info.dtype, 40)} (known: "
+                                  f"{', '.join(sorted(DTYPE_SIZES))})", info.name)
         if info.end < info.start:
-            out.append(Problem(h.file, f"data_offsets end before they start "
-                                       f"[{info.start - h.data_start}, {info.end - h.data_start}]", info.name))
+            yield Problem(h.file, f"data_offsets end before they start "
+                                  f"[{info.start - h.data_start}, {info.end - h.data_start}]", info.name)
             continue
         if info.end > h.file_size:
-            out.append(Problem(h.file, f"data runs to byte {info.end} but the file has {h.file_size} "
-                                       "bytes; the file is truncated — fetch it again", info.name))
+            truncated = True
+            yield Problem(h.file, f"data runs to byte {info.end} but the file has {h.file_size} "
+                                  "bytes; the file is truncated — fetch it again", info.name)
         expected = info.expected_nbytes()
         if expected is not None and expected != info.nbytes:
-            out.append(Problem(h.file, f"holds {info.nbytes} bytes but {info.dtype} × "
-                                       f"{list(info.shape)} needs {expected}", info.name))
+            yield Problem(h.file, f"holds {info.nbytes} bytes but {info.dtype} × "
+                                  f"{short(list(info.shape), 80)} needs {expected}", info.name)
         if info.start < cursor:
-            out.append(Problem(h.file, "data overlaps the previous tensor's bytes", info.name))
+            yield Problem(h.file, "data overlaps the previous tensor's bytes", info.name)
         elif info.start > cursor:
-            out.append(Problem(h.file, f"{info.start - cursor} unused bytes before this tensor "
-                                       "(safetensors requires contiguous data)", info.name))
+            yield Problem(h.file, f"{info.start - cursor} unused bytes before this tensor "
+                                  "(safetensors requires contiguous data)", info.name)
         cursor = max(cursor, info.end)
-    if cursor < h.file_size and not any(p.message.startswith("data runs") for p in out):
-        out.append(Problem(h.file, f"{h.file_size - cursor} trailing bytes after the last tensor"))
-    return out
+    if cursor < h.file_size and not truncated:
+        yield Problem(h.file, f"{h.file_size - cursor} trailing bytes after the last tensor")
 
 
 def index_problems(ckpt: Checkpoint, require_index: bool = True) -> list[Problem]:
+    return _capped(_index_problems(ckpt, require_index), INDEX_NAME, MAX_INDEX_PROBLEMS)
+
+
+def _index_problems(ckpt: Checkpoint, require_index: bool) -> Iterator[Problem]:
     index = ckpt.index
     if index is None:
         if len(ckpt.weight_files) > 1 and require_index:
-            return [Problem(INDEX_NAME, f"missing: the checkpoint has {len(ckpt.weight_files)} "
-                                        ".safetensors files but no index to say which tensor is where")]
-        return []
+            yield Problem(INDEX_NAME, f"missing: the checkpoint has {len(ckpt.weight_files)} "
+                                      ".safetensors files but no index to say which tensor is where")
+        return
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        return [Problem(INDEX_NAME, "has no 'weight_map' object")]
-    out: list[Problem] = []
-    for f in sorted(set(weight_map.values()) - set(ckpt.files)):
-        n = sum(1 for v in weight_map.values() if v == f)
-        out.append(Problem(f, f"listed in {INDEX_NAME} for {n} tensor(s) but the file is missing"))
-    present: dict[str, list[str]] = {}
+        yield Problem(INDEX_NAME, "has no 'weight_map' object")
+        return
+    per_file = Counter(weight_map.values())  # one pass: a hostile index may name 500k files
+    for f in sorted(set(per_file) - set(ckpt.files)):
+        yield Problem(f, f"listed in {INDEX_NAME} for {per_file[f]} tensor(s) but the file is missing")
+    first: dict[str, str] = {}           # tensor → the first file holding it
+    more: dict[str, list[str]] = {}      # tensor → every file, for tensors in several only
     for f, h in sorted(ckpt.headers.items()):
         for t in h.tensors:
-            present.setdefault(t, []).append(f)
+            if first.setdefault(t, f) != f:
+                more.setdefault(t, [first[t]]).append(f)
     for t, f in sorted(weight_map.items()):
         h = ckpt.headers.get(f)
         if h is not None and t not in h.tensors:
-            found = present.get(t)
-            hint = f" (it is in {', '.join(found)})" if found else ""
-            out.append(Problem(f, f"listed in {INDEX_NAME} but not in this file{hint}", t))
-    for t, files in sorted(present.items()):
+            found = more.get(t) or ([first[t]] if t in first else [])
+            hint = f" (it is in {short(', '.join(found[:5]), 160)})" if found else ""
+            yield Problem(f, f"listed in {INDEX_NAME} but not in this file{hint}", t)
+    for t, f0 in sorted(first.items()):
+        files = more.get(t, [f0])
         if len(files) > 1:
-            out.append(Problem(files[0], f"appears in {len(files)} files: {', '.join(files)}", t))
+            yield Problem(files[0], f"appears in {len(files)} files: {', '.join(files)}", t)
         for f in files:
             if t not in weight_map:
-                out.append(Problem(f, f"in this file but not in {INDEX_NAME}", t))
-    for f in sorted(set(ckpt.headers) - set(weight_map.values())):
+                yield Problem(f, f"in this file but not in {INDEX_NAME}", t)
+    for f in sorted(set(ckpt.headers) - set(per_file)):
         if ckpt.headers[f].tensors:
             continue  # its tensors were each reported as missing from the index
-        out.append(Problem(f, f"not referenced by {INDEX_NAME}", severity="warning"))
+        yield Problem(f, f"not referenced by {INDEX_NAME}", severity="warning")
     total = (index.get("metadata") or {}).get("total_size") if isinstance(index.get("metadata"), dict) else None
     actual = sum(i.nbytes for h in ckpt.headers.values() for i in h.tensors.values())
     if total is None:
-        out.append(Problem(INDEX_NAME, "has no metadata.total_size", severity="warning"))
+        yield Problem(INDEX_NAME, "has no metadata.total_size", severity="warning")
     elif not ckpt.header_errors and int(total) != actual:
-        out.append(Problem(INDEX_NAME, f"metadata.total_size is {total} but the tensors hold {actual} bytes"))
-    return out
+        yield Problem(INDEX_NAME, f"metadata.total_size is {total} but the tensors hold {actual} bytes")
 
 
 def find_problems(ckpt: Checkpoint, require_index: bool = True) -> list[Problem]:
