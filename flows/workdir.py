@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from storage.urls import open_location
+from storage.remote import check_writable_dest
+from storage.urls import effective_options, open_location
 
 
 def default_work(dest: str) -> str:
@@ -29,6 +30,10 @@ def result_storage(work: str, storage_options: dict[str, Any] | None = None) -> 
         return path
     from prefect.filesystems import RemoteFileSystem
 
-    block = RemoteFileSystem(basepath=loc.url_of("results"), settings=storage_options or {})
+    # Prefect's RemoteFileSystem calls `makedirs` before each write, and s3fs's makedirs creates a
+    # missing bucket: the work bucket must be there (and writable) before Prefect writes a record.
+    check_writable_dest(loc)
+    # The options open_location really uses, so Prefect's own writes get the same bounded timeouts.
+    block = RemoteFileSystem(basepath=loc.url_of("results"), settings=effective_options(work, storage_options))
     block.save("ckptflow-" + hashlib.sha256(work.encode()).hexdigest()[:12], overwrite=True)
     return block

@@ -17,6 +17,9 @@ from .errors import UserError
 from fsspec.implementations.local import LocalFileSystem
 
 
+OBJECT_STORE_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
 class StorageError(UserError):
     """A user-facing storage problem: the message names the URL and what to do."""
 
@@ -32,6 +35,13 @@ class Location:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, LocalFileSystem)
+
+    @property
+    def is_object_store(self) -> bool:
+        """Buckets of keys, not directories: nothing to make before writing, and `makedirs` on
+        s3fs would create a missing bucket."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return any(p in OBJECT_STORE_PROTOCOLS for p in protocols)
 
     def path(self, name: str) -> str:
         """The filesystem path of `name` (relative, '/'-separated) under this location."""
@@ -59,12 +69,45 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     return value
 
 
+def protocol_of(url: str) -> str | None:
+    """The protocol of a plain URL ("s3" for s3://b/k); None for local paths and chained URLs."""
+    if "::" in url or "://" not in url:
+        return None
+    return url.split("://", 1)[0].lower()
+
+
 def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
-    """Open `url` (any fsspec URL or a local path) as a `Location`."""
+    """Open `url` (any fsspec URL or a local path) as a `Location`.
+
+    On s3:// the options are checked first (a wrong name or type is one line here, not a
+    traceback at the first request) and get bounded timeouts and retries (`storage.s3_options`).
+    """
+    options = dict(storage_options or {})
+    s3 = protocol_of(url) in ("s3", "s3a")
+    if s3:
+        from .s3_options import check_s3_options, with_s3_defaults
+
+        check_s3_options(url, options)
+        options = with_s3_defaults(options, fsspec.config.conf.get("s3"))
     try:
-        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:
+        fs, root = fsspec.core.url_to_fs(url, **options)
+    except (ImportError, ValueError, TypeError, KeyError) as exc:  # a constructor's refusal of an option
         raise StorageError(f"cannot open {url!r}: {exc}") from None
+    if s3:
+        from .s3_options import bound_s3fs_retries
+
+        bound_s3fs_retries(fs)
     if isinstance(fs, LocalFileSystem):
         root = fs._strip_protocol(root)  # absolute, so renames and temp files stay on one disk
     return Location(url, fs, root.rstrip("/") or root)
+
+
+def effective_options(url: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options `open_location` really passes for `url`, for code that builds its own filesystem
+    from them (Prefect's `RemoteFileSystem` result storage)."""
+    options = dict(storage_options or {})
+    if protocol_of(url) in ("s3", "s3a"):
+        from .s3_options import with_s3_defaults
+
+        options = with_s3_defaults(options, fsspec.config.conf.get("s3"))
+    return options
