@@ -107,6 +107,10 @@ def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[st
         from storage.urls import StorageError
 
         raise StorageError(f"DEST {dest} is a file, not a directory; choose a directory")
+    from storage.remote import check_writable_dest
+
+    check_writable_dest(dst)
+    check_writable_dest(open_location(work or default_work(dest), opts))
 
 
 def _no_stage_chosen(args: argparse.Namespace) -> bool:

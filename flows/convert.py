@@ -16,6 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from storage.checkpoint import scan_checkpoint
 from storage.lock import dest_lock
 from storage.overlap import refuse_overlap
+from storage.remote import check_writable_dest
 from storage.urls import open_location
 from tasks import progress
 from tasks.dequant import resolve_device
@@ -78,6 +79,7 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     progress.set_totals(total_bytes, total_shards)
     run_progress = RunProgress(total_shards, total_bytes)
     records: list[dict[str, Any]] = []
+    check_writable_dest(dst)  # before the lock's first write: a missing bucket is never created
     with dest_lock(dst):
         prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune,
                      protected=(origin, src))

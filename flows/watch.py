@@ -20,6 +20,7 @@ from storage.errors import UserError
 from storage.files import read_json, write_json
 from storage.listing import list_tree
 from storage.overlap import refuse_overlap
+from storage.remote import check_writable_dest
 from storage.urls import Location, StorageError, open_location
 from tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
 
@@ -73,6 +74,8 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
                    allow_nested=frozenset({("--work-prefix", "DEST_PREFIX")}))
     if not src.fs.exists(src.root):
         raise StorageError(f"{source_prefix}: no such folder or prefix; check the source_prefix")
+    if not dry_run:
+        check_writable_dest(dst)
     found = find_checkpoints(list_tree(src))
     if not found:
         logger.warning("%s: no checkpoints found (folders holding *.safetensors or %s)", source_prefix,

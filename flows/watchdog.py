@@ -44,7 +44,10 @@ def watch(root: int) -> None:
     known: dict[int, str] = {}
     while os.getppid() == root:
         for _ in range(3):  # a chain (server → its workers) may appear within one poll
+            count = len(known)
             _descendants(root, known)
+            if len(known) == count:
+                break
         time.sleep(POLL_S)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         alive = [pid for pid, started in known.items() if (_stat(pid) or (0, None))[1] == started]

@@ -82,5 +82,7 @@ def _check_local(loc: Location) -> None:
     if not os.path.isdir(path):
         raise StorageError(f"{loc.url}: {path} is a file, not a directory; choose a directory for DEST")
     if not os.access(path, os.W_OK | os.X_OK):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise StorageError(f"{loc.url}: {path} is on a read-only filesystem; choose a writable DEST")
         raise StorageError(f"{loc.url}: {path} is not writable by this user; choose a location you can "
                            "write, or fix its permissions")

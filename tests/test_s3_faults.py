@@ -152,9 +152,8 @@ def test_convert_into_a_missing_bucket_stops_and_creates_no_bucket(s3_options, d
     run = ckptflow("convert", str(demo_ckpt), dest, "--dequant", "--storage-options", json.dumps(opts),
                    "--work", str(tmp_path / "w"),
                    env=cli_env(PREFECT_HOME=str(tmp_path / "prefect-home")))
-    # Named as DEST once the CLI's pre-flight checks it (storage.remote.check_writable_dest), else
-    # as the bucket the first write was refused by: the bucket's URL is in the line either way.
-    assert_one_error(run, f"s3://{missing}", f"bucket '{missing}' does not exist", "never creates buckets")
+    # The CLI's pre-flight (storage.remote.check_writable_dest) names DEST, before Prefect starts.
+    assert_one_error(run, f"{dest}: bucket {missing!r} does not exist; create it first", "never creates buckets")
     assert not bucket_exists(opts, missing)
     assert tree_digest(demo_ckpt) == before
 
