@@ -156,6 +156,13 @@ def _is_size(x: Any) -> bool:
 
 
 def check_config(loc: Location, config: Any) -> dict[str, Any]:
+    """`config` if it is an object whose fields ckptflow reads have their JSON types."""
+    where = loc.url_of(CONFIG_NAME)
     if not isinstance(config, dict):
-        raise StorageError(f"{loc.url_of(CONFIG_NAME)}: must be a JSON object of model settings, got {kind(config)}")
+        raise StorageError(f"{where}: must be a JSON object of model settings, got {kind(config)}")
+    for key, want, ok in (("quantization_config", "an object", lambda v: isinstance(v, dict)),
+                          ("model_type", "a string", lambda v: isinstance(v, str))):
+        value = config.get(key)
+        if value is not None and not ok(value):
+            raise StorageError(f'{where}: "{key}" must be {want}, got {short(value, 60)} ({kind(value)})')
     return config

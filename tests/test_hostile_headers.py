@@ -254,6 +254,9 @@ JSON_CASES = {
                               '"metadata" must be an object'),
     "index_not_json": (INDEX, '{"weight_map": ', "not valid JSON"),
     "config_a_list": ("config.json", json.dumps([{"torch_dtype": "float32"}]), "must be a JSON object"),
+    "config_quantization_a_list": ("config.json", json.dumps({"quantization_config": [128, 128]}),
+                                   '"quantization_config" must be an object, got [128, 128] (a list)'),
+    "config_model_type_a_list": ("config.json", json.dumps({"model_type": ["llama"]}), '"model_type" must be a string'),
     "config_empty_lists": ("config.json", "[" + "[]," * 2_000_000 + "[]]", "list items"),
 }
 
