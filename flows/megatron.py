@@ -3,6 +3,11 @@
 `ckptflow megatron SOURCE DEST [--tokenizer PATH] [--config FILE]`: SOURCE is a `.pt`, a
 Megatron checkpoint directory (`release/` or `iter_…/` with `mp_rank_0X/`), or NVIDIA's `.zip`,
 on any fsspec URL. Both passes are cached like the convert flow's shards.
+
+`megatron_preflight` makes every check the import task makes that needs no tensor bytes (zip
+directory, tracker, pickle scan, names, config, every shape), in bounded memory and without
+Prefect: the CLI can call it before starting a Prefect server. The flow makes them again before
+it locks or writes DEST, and the import task once more before it unpickles.
 """
 from __future__ import annotations
 
@@ -17,8 +22,11 @@ from storage.files import list_files, read_json
 from storage.listing import file_identity
 from storage.lock import dest_lock
 from storage.overlap import refuse_overlap
+from storage.remote import check_writable_dest
 from storage.reader import file_info
 from storage.urls import Location, StorageError, open_location
+from tasks.megatron_load import inspect_megatron
+from tasks.megatron_map import convert_megatron
 from tasks.megatron_task import IMPORTED, import_megatron
 from tasks.reindex_plan import parse_size
 from tasks.shard_plan import plan_size_shards
@@ -69,6 +77,23 @@ def _import(source: str, stage_loc: Location, fps: list[tuple[str, int, str | No
     raise AssertionError("unreachable: a refreshed import is never Cached")
 
 
+def megatron_preflight(source: str, config: str | None = None,
+                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check SOURCE converts, reading pickles and zip directories only; the GPT-2 config it would
+    get. Raises a UserError (one line, naming the file or tensor) for anything the import refuses."""
+    src = open_location(source, storage_options)
+    if not src.fs.exists(src.root):
+        raise StorageError(f"{source}: not found")
+    override = read_json(open_location(config, storage_options), "") if config else None
+    return _preflight(source, override, storage_options)
+
+
+def _preflight(source: str, override: Any, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    ck = inspect_megatron(source, storage_options)  # meta tensors: shapes and dtypes, no bytes
+    # check_replicated compares values, which meta tensors lack; the import task compares them.
+    return convert_megatron(ck, override, check_replicated=False)[1]
+
+
 @flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
                   max_shard_size: ShardSize = "5GB", work: str | None = None,
@@ -89,6 +114,8 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     size = parse_size(max_shard_size)
     stage_loc = open_location(f"{work.rstrip('/')}/stages/megatron", storage_options)
     fps = source_fingerprints(src)
+    _preflight(source, override, storage_options)  # a hostile SOURCE is refused before DEST is touched
+    check_writable_dest(dst)
     with dest_lock(dst), dest_lock(stage_loc):
         imported, import_cached = _import(source, stage_loc, fps, override, work, storage_options)
         ckpt = scan_checkpoint(stage_loc)

@@ -9,42 +9,50 @@ Accepted shapes, as Megatron-LM and NVIDIA ship them:
 
 Pickles are never trusted: `torch.load(weights_only=True)` with an explicit allowlist of what real
 Megatron checkpoints hold besides tensors. Anything else is refused before it can run, with the
-global it asked for named in the error.
+global it asked for named in the error. Nor are sizes: before torch sees a file, `megatron_pickle`
+checks that loading it allocates no more than the file holds, zip members are refused on their
+declared size before a byte is inflated, and the tracker file is read 64 bytes at most.
 """
 from __future__ import annotations
 
-import functools
 import io
 import posixpath
 import re
 import zipfile
+import zlib
 from argparse import Namespace
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pickle import UnpicklingError
 from typing import IO, Any, NoReturn
 
-import numpy as np
+__all__ = ["MegatronCheckpoint", "MegatronEnum", "MegatronLoadError", "UnsafeCheckpointError",
+           "find_rank_files", "inspect_megatron", "load_megatron", "megatron_arg"]
+
 import torch
 
-from storage.errors import UserError
 from storage.files import list_files
 from storage.urls import open_location
 
+from .megatron_safe import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError, human, safe_globals,
+                           unsafe_global)
+from .megatron_torchfile import scan_torch_file
+
 TRACKER = "latest_checkpointed_iteration.txt"
+TRACKER_CAP = 64          # it holds "release" or an iteration number; read no more than this
+MAX_ITERATION = 10**12    # Megatron writes iter_%07d; a trillion steps is past any real run
+# Archive members are inflated into memory (torch seeks back and forth in a file; a deflate stream
+# cannot seek), so each member's declared size is checked before a byte is inflated. Deflate
+# shrinks trained weights ~1.1x (zeros ~1000x): a member may be MEMBER_RATIO times its compressed
+# size, or up to RATIO_FREE whatever its ratio (small files of zeros are fine), and at most half
+# the memory available (torch copies it once more); past that, unzip it: a .pt on disk is mmapped.
+MEMBER_RATIO = 20
+RATIO_FREE = 64 << 20
 # Only these top-level entries are kept: optimizer and RNG states can be 3x the model's size.
 KEEP = ("model", "args", "checkpoint_version", "iteration")
 _RANK_RE = re.compile(r"^(?P<dir>(?:.*/)?)mp_rank_(?P<tp>\d{2})(?:_(?P<pp>\d{3}))?/model_optim_rng\.pt$")
 _ZIP_MAGIC = b"PK\x03\x04"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>")
-
-
-class MegatronLoadError(UserError):
-    """The location holds no loadable Megatron-LM checkpoint; the message names the file."""
-
-
-class UnsafeCheckpointError(MegatronLoadError):
-    """The pickle asked for a global outside the allowlist; nothing from it was run."""
 
 
 @dataclass
@@ -59,62 +67,26 @@ class MegatronCheckpoint:
         return len(self.ranks)
 
 
-class MegatronEnum:
-    """Stand-in for a Megatron enum in `args` (ModelType, AttnBackend): keeps the value only.
-
-    Recent Megatron pickles `args.model_type` / `args.attention_backend` as its own enum classes;
-    mapping their names to this class lets such checkpoints load without importing Megatron and
-    without running anything from the file (an enum unpickles as `Class(value)`).
-    """
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        return f"{type(self).__qualname__}({self.value!r})"
-
-
-_MEGATRON_ENUMS = ("megatron.core.enums.ModelType", "megatron.model.enums.ModelType",
-                   "megatron.core.transformer.enums.AttnBackend")
-# numpy dtype classes a saved RNG state / numpy scalar may name (numpy >= 1.25 BUILDs them).
-_NUMPY_DTYPES = ("BoolDType", "Int8DType", "Int16DType", "Int32DType", "Int64DType", "UInt8DType",
-                 "UInt16DType", "UInt32DType", "UInt64DType", "Float16DType", "Float32DType",
-                 "Float64DType", "LongDType", "ULongDType", "LongLongDType", "ULongLongDType")
-
-
-def safe_globals() -> list[Any]:
-    """The allowlist beyond torch's own (tensors, torch dtypes, OrderedDict, _codecs.encode...)."""
-    return list(_safe_globals())
-
-
-@functools.cache
-def _safe_globals() -> tuple[Any, ...]:
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray  # type: ignore[no-redef]
-    allowed: list[Any] = [Namespace, np.ndarray, np.dtype]  # args; np.random.get_state() arrays
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # files from numpy 1.x and 2.x
-        allowed += [(multiarray._reconstruct, f"{mod}._reconstruct"), (multiarray.scalar, f"{mod}.scalar")]
-    dtypes = getattr(np, "dtypes", None)
-    allowed += [getattr(dtypes, n) for n in _NUMPY_DTYPES if dtypes is not None and hasattr(dtypes, n)]
-    for name in _MEGATRON_ENUMS:
-        module, cls = name.rsplit(".", 1)
-        allowed.append((type(cls, (MegatronEnum,), {"__module__": module}), name))
-    return tuple(allowed)
-
-
 def _refused_global(message: str) -> str | None:
     m = _GLOBAL_RE.search(message)
     return (m.group(1) or m.group(2)) if m else None
 
 
-def _torch_load(src: str | IO[bytes], label: str, head: bytes) -> Any:
-    """`torch.load` under the allowlist; every failure becomes a MegatronLoadError naming `label`."""
+def _torch_load(f: IO[bytes], size: int, label: str, path: str | None, meta: bool) -> Any:
+    """`torch.load` of `f` (or of the local `path`) under the allowlist, after the bounded scan;
+    `meta`: the scan's tree only (meta tensors). Every failure is a MegatronLoadError naming `label`."""
+    f.seek(0)
+    head = f.read(8)
     if not (head.startswith(_ZIP_MAGIC) or head[:1] == b"\x80"):  # zip format, or legacy pickle
         raise MegatronLoadError(f"{label}: not a PyTorch checkpoint (it starts with {head[:8]!r}, "
                                 "not a torch.save header); pass a Megatron-LM model_optim_rng.pt")
-    mmap = isinstance(src, str) and head.startswith(_ZIP_MAGIC)  # mmap: optimizer bytes stay on disk
+    tree = scan_torch_file(f, size, label)
+    if meta:
+        return tree
+    del tree
+    f.seek(0)
+    mmap = path is not None and head.startswith(_ZIP_MAGIC)  # mmap: optimizer bytes stay on disk
+    src: str | IO[bytes] = path if path is not None else f
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
@@ -123,10 +95,7 @@ def _torch_load(src: str | IO[bytes], label: str, head: bytes) -> Any:
         if name is None:
             raise MegatronLoadError(f"{label}: cannot be unpickled safely ({_last_line(exc)}); "
                                     "the file is corrupt or not a Megatron-LM checkpoint") from None
-        raise UnsafeCheckpointError(
-            f"{label}: refused: its pickle asks for {name}, which is not on the allowlist of what "
-            "Megatron-LM checkpoints hold (tensors, argparse.Namespace, numpy RNG state). Nothing "
-            "from it was run. Only if you trust the file, re-save it without that object.") from None
+        raise unsafe_global(label, name) from None
     except Exception as exc:  # noqa: BLE001 - corrupt input fails in torch in unbounded ways
         raise MegatronLoadError(f"{label}: cannot be read as a PyTorch checkpoint (truncated or "
                                 f"corrupt?): {_last_line(exc)}") from None
@@ -165,10 +134,13 @@ def find_rank_files(names: Iterable[str], read_text: Callable[[str], str], where
             ranks.setdefault(m["dir"], []).append((int(m["tp"]), int(m["pp"] or 0), n))
     trackers = sorted((n for n in names if posixpath.basename(n) == TRACKER), key=lambda n: n.count("/"))
     if trackers:  # Megatron's own rule: the tracker file names the checkpoint to load
-        text = read_text(trackers[0]).strip()
-        if text != "release" and not text.isdigit():
-            raise MegatronLoadError(f"{where}: {trackers[0]} holds {text[:40]!r}; expected 'release' or "
-                                    "an iteration number")
+        raw = read_text(trackers[0])  # callers read TRACKER_CAP + 1 characters at most
+        text = raw.strip()
+        if len(raw) > TRACKER_CAP or not (text == "release" or re.fullmatch(r"[0-9]{1,13}", text)
+                                          and int(text) <= MAX_ITERATION):
+            held = f"more than {TRACKER_CAP} bytes" if len(raw) > TRACKER_CAP else repr(text[:40])
+            raise MegatronLoadError(f"{where}: {trackers[0]} holds {held}; expected 'release' or an "
+                                    f"iteration number (at most {MAX_ITERATION:.0e})")
         sub = "release" if text == "release" else f"iter_{int(text):07d}"
         chosen = posixpath.join(posixpath.dirname(trackers[0]), sub) + "/"
         chosen = chosen.lstrip("/")
@@ -204,35 +176,43 @@ def _no_ranks(names: list[str], where: str, what: str, under: str) -> NoReturn:
     raise MegatronLoadError(f"{where}: {what}")
 
 
-def load_megatron(url: str, storage_options: dict[str, Any] | None = None) -> MegatronCheckpoint:
-    """Load every tensor-parallel rank of the Megatron-LM checkpoint at `url` (file, dir or zip)."""
+def load_megatron(url: str, storage_options: dict[str, Any] | None = None,
+                  meta: bool = False) -> MegatronCheckpoint:
+    """Load every tensor-parallel rank of the Megatron-LM checkpoint at `url` (file, dir or zip).
+
+    `meta=True` reads the pickles only: tensors are meta tensors (shape, dtype; no bytes), which is
+    enough to check a checkpoint converts before any tensor is read (see `inspect_megatron`).
+    """
     loc = open_location(url, storage_options)
     fs, root = loc.fs, loc.root
     loaded: list[tuple[str, dict[str, Any]]] = []
     if fs.isdir(root):
         def read_text(name: str) -> str:
-            return fs.cat_file(loc.path(name)).decode(errors="replace")
+            return fs.cat_file(loc.path(name), start=0, end=TRACKER_CAP + 1).decode(errors="replace")
         for rel in find_rank_files(list_files(loc), read_text, url):
-            loaded.append((loc.url_of(rel), _load_file(fs, loc.path(rel), loc.url_of(rel), loc.is_local)))
+            path, label = loc.path(rel), loc.url_of(rel)
+            loaded.append((label, _load_file(fs, path, label, loc.is_local, meta)))
     elif fs.isfile(root):
         with fs.open(root, "rb") as f:
             head = f.read(8)
         if head.startswith(_ZIP_MAGIC) and not _is_torch_zip(fs, root, url):
-            loaded = _load_archive(fs, root, url)
+            loaded = _load_archive(fs, root, url, meta)
         else:
-            loaded.append((url, _load_file(fs, root, url, loc.is_local)))
+            loaded.append((url, _load_file(fs, root, url, loc.is_local, meta)))
     else:
         raise MegatronLoadError(f"{url}: no such file or directory")
     return _assemble(loaded, url)
 
 
-def _load_file(fs: Any, path: str, label: str, local: bool) -> dict[str, Any]:
+def inspect_megatron(url: str, storage_options: dict[str, Any] | None = None) -> MegatronCheckpoint:
+    """`load_megatron` with meta tensors: every check that needs no tensor bytes, in bounded memory."""
+    return load_megatron(url, storage_options, meta=True)
+
+
+def _load_file(fs: Any, path: str, label: str, local: bool, meta: bool) -> dict[str, Any]:
+    # Remote: fsspec's buffered file serves torch's seeks with range reads; local: torch opens the path.
     with fs.open(path, "rb") as f:
-        head = f.read(8)
-        if not local:  # remote: fsspec's buffered file serves torch's seeks with range reads
-            f.seek(0)
-            return _as_megatron(_torch_load(f, label, head), label)
-    return _as_megatron(_torch_load(path, label, head), label)
+        return _as_megatron(_torch_load(f, fs.size(path), label, path if local else None, meta), label)
 
 
 def _is_torch_zip(fs: Any, path: str, url: str) -> bool:
@@ -245,21 +225,62 @@ def _is_torch_zip(fs: Any, path: str, url: str) -> bool:
 def _zip(f: IO[bytes], url: str) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(f)
-    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as exc:
         raise MegatronLoadError(f"{url}: a zip (torch.save's format, or an archive) that cannot be read "
                                 f"({exc}): truncated or corrupt; download it again") from None
 
 
-def _load_archive(fs: Any, path: str, url: str) -> list[tuple[str, dict[str, Any]]]:
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            line = next(ln for ln in f if ln.startswith(b"MemAvailable:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None  # not Linux: the ratio and the archive's own size still bound a member
+
+
+def _member_cap(info: zipfile.ZipInfo, archive_size: int, label: str) -> int:
+    """The bytes `info` may inflate to, from the zip directory alone (see MEMBER_RATIO)."""
+    size = info.file_size
+    if info.compress_size > archive_size:
+        raise MegatronLoadError(f"{label}: the zip directory says {human(info.compress_size)} compressed, "
+                                f"in a {human(archive_size)} archive: corrupt or forged; refused")
+    if size > max(RATIO_FREE, MEMBER_RATIO * info.compress_size):
+        raise MegatronLoadError(f"{label}: would inflate {human(info.compress_size)} to {human(size)} "
+                                f"({size // max(info.compress_size, 1)}x; weights compress about 1.1x, "
+                                f"at most {MEMBER_RATIO}x is accepted): a zip bomb, not a checkpoint; refused")
+    if (free := _available_memory()) is not None and size > free // 2:
+        raise MegatronLoadError(f"{label}: {human(size)} inflated would not fit in memory ({human(free)} "
+                                "available); unzip the archive and pass the directory instead")
+    return size
+
+
+def _inflate(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, label: str) -> bytes:
+    """At most `limit` + 1 bytes of `info`: zipfile stops at the declared size, and a stream that
+    would inflate past it fails its CRC there, so a lying directory costs no more than it claims."""
+    try:
+        with zf.open(info) as member:
+            return member.read(limit + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
+        raise MegatronLoadError(f"{label}: the archive member cannot be inflated ({exc}): truncated, "
+                                "corrupt or forged; download it again") from None
+
+
+def _load_archive(fs: Any, path: str, url: str, meta: bool) -> list[tuple[str, dict[str, Any]]]:
     out = []
+    archive_size = fs.size(path)
     with fs.open(path, "rb") as f, _zip(f, url) as zf:
-        members = [n for n in zf.namelist() if not n.endswith("/")]
-        for rel in find_rank_files(members, lambda n: zf.read(n).decode(errors="replace"), url):
+        infos = {i.filename: i for i in zf.infolist() if not i.is_dir()}
+
+        def read_text(name: str) -> str:
+            return _inflate(zf, infos[name], TRACKER_CAP, f"zip://{name}::{url}").decode(errors="replace")
+        for rel in find_rank_files(infos, read_text, url):
             label = f"zip://{rel}::{url}"
-            # torch seeks back and forth; a compressed zip member cannot seek cheaply, so read it.
-            data = zf.read(rel)
-            out.append((label, _as_megatron(_torch_load(io.BytesIO(data), label, data[:8]), label)))
+            data = _inflate(zf, infos[rel], _member_cap(infos[rel], archive_size, label), label)
+            buf = io.BytesIO(data)
             del data
+            out.append((label, _as_megatron(_torch_load(buf, buf.getbuffer().nbytes, label, None, meta), label)))
+            del buf
     return out
 
 

@@ -18,15 +18,12 @@ from typing import Any
 import torch
 
 from .megatron_load import MegatronCheckpoint, megatron_arg
-from .plan import PlanError
+from .megatron_shapes import MegatronConvertError, check_kinds, check_shapes
 
 TP_MODES = ("COLUMN", "ROW", "REPLICATED")  # COLUMN: split on dim 0, ROW: dim 1, REPLICATED: whole
 GPT2_BPE_VOCAB = 50257
 INT_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
-
-
-class MegatronConvertError(PlanError):
-    """The checkpoint cannot be converted to GPT-2 as it stands; the message names tensor and fix."""
+MAX_NESTING = 16  # Megatron's state dicts nest 4 deep (language_model.encoder.layers...)
 
 
 @dataclass(frozen=True)
@@ -92,13 +89,16 @@ def load_table(path: str | Path | None = None) -> Table:
                  section("unsupported_args"), source)
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
     """Megatron's nested state dict ({'language_model': {'embedding': {...}}}) → dotted names."""
+    if depth > MAX_NESTING:
+        raise MegatronConvertError(f"model.{prefix}..: nested more than {MAX_NESTING} dicts deep; "
+                                   "not a Megatron-LM state dict")
     out: dict[str, Any] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
+            out.update(flatten(value, name + ".", depth + 1))
         else:
             out[name] = value
     return out
@@ -169,9 +169,10 @@ def _map_names(flats: list[dict[str, Any]], table: Table, where: str) -> Mapped:
                                        "not a tensor")
         mapped[name] = (rule, target, layer)
     if unknown:
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
         raise MegatronConvertError(f"{where}: {len(unknown)} tensor(s) match no rule of {table.source}: "
-                                   f"{', '.join('model.' + n for n in unknown)}. Not a Megatron GPT-2 "
-                                   "checkpoint, or one that needs a new table (pass a table file)")
+                                   f"{', '.join('model.' + n for n in unknown[:20])}{more}. Not a Megatron "
+                                   "GPT-2 checkpoint, or one that needs a new table (pass a table file)")
     return mapped
 
 
@@ -263,7 +264,9 @@ def convert_megatron(ck: MegatronCheckpoint, config_override: dict[str, Any] | N
                 for i in (layers if "{layer}" in r.target else [None])}
     if missing := sorted(expected - set(by_target)):
         raise MegatronConvertError(f"{where}: GPT-2 needs {', '.join(missing)}, which the checkpoint lacks")
+    check_kinds(mapped, by_target, where)
     config = gpt2_config(ck.args, table, config_override, by_target, len(layers), ck.tp_size, where)
+    check_shapes(mapped, by_target, config, ck.tp_size, where)  # before any tensor is merged or copied
     heads, head_dim = config["n_head"], config["n_embd"] // config["n_head"]
     state: dict[str, torch.Tensor] = {}
     for name, (rule, target, _) in mapped.items():

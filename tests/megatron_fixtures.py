@@ -149,3 +149,141 @@ def write_zip(path: Path, payloads: list[dict[str, Any]], prefix: str = "") -> P
             torch.save(payload, buf)
             zf.writestr(f"{prefix}release/mp_rank_{r:02d}/model_optim_rng.pt", buf.getvalue())
     return path
+
+
+# ---- hostile inputs: tiny files that ask a loader for gigabytes --------------------------------
+
+class Reduce:
+    """Pickles as `fn(*args)`: how a forged checkpoint makes torch's own unpickler allocate."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return self.fn, self.args
+
+
+def expanded_payload(model, elements: int = 750_000_000) -> dict[str, Any]:
+    """A real rank file whose final layernorm is `zeros(1).expand(n)`: torch.save keeps the 4-byte
+    storage and the stride 0, so the file stays small while the tensor stands for 4n bytes."""
+    p = rank_file(megatron_models(model, 3.0, tp=1)[0], megatron_args(model, tp=1), 3.0)
+    p["model"]["language_model"]["encoder"]["final_layernorm.weight"] = torch.zeros(1).expand(elements)
+    return p
+
+
+def payload_with(model, where: str, obj: Any) -> dict[str, Any]:
+    """A real rank file with `obj` as its `where` entry, e.g. Reduce(bytearray, 3_000_000_000)."""
+    p = rank_file(megatron_models(model, 3.0, tp=1)[0], megatron_args(model, tp=1), 3.0)
+    p[where] = {"buffer": obj}
+    return p
+
+
+_BLOCK = 16 << 20  # zeros per deflate block; a full flush makes each block's bytes the same
+
+
+def write_zip_bomb(path: Path, blocks: int, declared: int | None = None,
+                   member: str = "release/mp_rank_00/model_optim_rng.pt") -> Path:
+    """A Megatron-shaped archive (tracker + one rank file) whose rank file inflates to
+    `blocks` x 16 MiB of zeros (~1030x deflate). `declared`: the size its zip directory claims
+    instead (a lying directory). Written by hand: one compressed block repeated, ~1 s for 3 GB."""
+    import struct
+    import zlib
+
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = comp.compress(bytes(_BLOCK)) + comp.flush(zlib.Z_FULL_FLUSH)
+    tail = comp.flush()
+    crc, zeros = 0, bytes(_BLOCK)
+    for _ in range(blocks):
+        crc = zlib.crc32(zeros, crc)
+    size = blocks * _BLOCK
+    entries = [("latest_checkpointed_iteration.txt".encode(), 0, zlib.crc32(b"release"), 7, 7, [b"release"]),
+               (member.encode(), 8, crc, blocks * len(block) + len(tail), declared or size,
+                [block] * blocks + [tail])]
+    central, offset = [], 0
+    with open(path, "wb") as f:
+        for name, method, crc_, csize, usize, chunks in entries:
+            f.write(struct.pack("<4s2B4HL2L2H", b"PK\x03\x04", 20, 0, 0, method, 0, 33, crc_, csize, usize,
+                                len(name), 0) + name)
+            for chunk in chunks:
+                f.write(chunk)
+            central.append(struct.pack("<4s4B4HL2L5H2L", b"PK\x01\x02", 20, 3, 20, 0, 0, method, 0, 33, crc_,
+                                       csize, usize, len(name), 0, 0, 0, 0, 0o644 << 16, offset) + name)
+            offset = f.tell()
+        f.write(b"".join(central))
+        f.write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(central), len(central),
+                            sum(map(len, central)), offset, 0))
+    return path
+
+
+MEASURE = ("import resource, subprocess, sys\n"
+           "rc = subprocess.call(sys.argv[2:])\n"
+           "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024))\n"
+           "sys.exit(rc)\n")
+
+
+def run_cli_measured(args: list[str], python: str, cwd: Path, env: dict[str, str], rss_file: Path,
+                     timeout: float = 600):
+    """`python -m flows.cli ARGS` through a wrapper that records the peak RSS (bytes) of the CLI
+    and every process it waited for; (completed process, peak RSS, seconds)."""
+    import subprocess
+    import time
+
+    t0 = time.perf_counter()
+    run = subprocess.run([python, "-c", MEASURE, str(rss_file), python, "-m", "flows.cli", *args], cwd=cwd,
+                         env=env, capture_output=True, text=True, timeout=timeout)
+    return run, int(rss_file.read_text()), time.perf_counter() - t0
+
+
+def clean_ranks(model, tp: int = 1) -> list[dict[str, Any]]:
+    return [rank_file(m, megatron_args(model, tp), 3.0) for m in megatron_models(model, 3.0, tp)]
+
+
+def tracker_tree(root: Path, model, text: str | None = None, size: int | None = None) -> Path:
+    """A clean checkpoint directory whose tracker file holds `text`, or `size` NULs (sparse)."""
+    write_tree(root, clean_ranks(model))
+    tracker = root / "latest_checkpointed_iteration.txt"
+    if text is not None:
+        tracker.write_text(text)
+    if size is not None:  # a sparse file: gigabytes of NULs that take no disk
+        with open(tracker, "wb") as f:
+            f.truncate(size)
+    return root
+
+
+def hostile_sources(zip_blocks: int = 90) -> dict[str, tuple[Any, str]]:
+    """name → (build(folder, model) → SOURCE path, regex the one `error:` line must match).
+    Each SOURCE is at most a few MB and asks the loader for 1.5–3 GB."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    rank0 = r"mp_rank_00/model_optim_rng\.pt"
+    member = r"zip://release/mp_rank_00/model_optim_rng\.pt::\S+megatron\.zip"
+    tracker = r"ckpt: latest_checkpointed_iteration\.txt holds more than 64 bytes"
+    return {
+        "expanded_tensor": (lambda d, m: write_tree(d / "ckpt", [expanded_payload(m)]),
+                            rf"{rank0}: tensor model\.language_model\.encoder\.final_layernorm\.weight has "
+                            r"shape \[750000000\] and strides \[0\] over a storage of 1 "),
+        "bytearray": (lambda d, m: write_tree(d / "ckpt", [payload_with(m, "optimizer",
+                                                                          Reduce(bytearray, 3_000_000_000))]),
+                      rf"{rank0}: refused: its pickle asks for bytearray\(3000000000\)"),
+        "numpy_objects": (lambda d, m: write_tree(d / "ckpt", [payload_with(
+            m, "rng_state", Reduce(_reconstruct, np.ndarray, (400_000_000,), b"O"))]),
+            rf"{rank0}: refused: its pickle builds a numpy array of shape \[400000000\] \(3\.2 GB\)"),
+        "zip_bomb": (lambda d, m: write_zip_bomb(d / "megatron.zip", blocks=zip_blocks),
+                     rf"{member}: would inflate \S+ MB to \S+ GB"),
+        "zip_lying_directory": (lambda d, m: write_zip_bomb(d / "megatron.zip", zip_blocks, declared=1 << 20),
+                                rf"{member}: the archive member cannot be inflated \(Bad CRC-32"),
+        "tracker_1_5GB": (lambda d, m: tracker_tree(d / "ckpt", m, size=1_500_000_000), tracker),
+        "tracker_5000_digits": (lambda d, m: tracker_tree(d / "ckpt", m, text="7" * 5000), tracker),
+    }
+
+
+def forged_torch_file(path: Path, data_pkl: bytes, records: dict[str, bytes] | None = None) -> Path:
+    """A torch.save zip-format file around a hand-written pickle (what no torch.save writes)."""
+    with zipfile.ZipFile(path, "w") as zf:  # stored, as torch writes its records
+        zf.writestr("archive/data.pkl", data_pkl)
+        for name, data in {"byteorder": b"little", **(records or {})}.items():
+            zf.writestr(f"archive/{name}", data)
+        zf.writestr("archive/version", b"3\n")
+    return path
