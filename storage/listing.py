@@ -85,7 +85,7 @@ def _walk_local(root: str) -> dict[str, dict[str, Any]]:
         st = os.stat(root)
         return {root: _local_info(root, st)}
     if not os.path.isdir(root):
-        raise FileNotFoundError(root)
+        return {}  # as fsspec's local `find` says: nothing there (callers word the error)
     out: dict[str, dict[str, Any]] = {}
     seen: set[tuple[int, int]] = set()
     stack = [root]

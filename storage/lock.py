@@ -54,25 +54,43 @@ def _local_lock(dst: Location) -> Iterator[None]:
 
     if os.path.exists(dst.root) and not os.path.isdir(dst.root):
         raise StorageError(f"DEST {dst.url} is a file, not a directory; choose a directory")
+    created = not os.path.exists(dst.root)
     os.makedirs(dst.root, exist_ok=True)
     path = dst.path(LOCK_NAME)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
             try:
                 holder = json.loads(os.pread(fd, 4096, 0) or b"null")
             except ValueError:
                 holder = None
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
             raise _busy(dst, holder) from None
+        # The holder before us unlinks the file as it lets go; a lock on that unlinked file
+        # would be a lock on nothing, so make sure the name still is the file we locked.
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(_holder()).encode(), 0)
         yield
     finally:
+        # Leave DEST as it was found: no lock file, and no empty folder a failed run made.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)  # releases the flock
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(dst.root)  # only if empty
 
 
 def _read_lock(dst: Location) -> dict[str, object] | None:
