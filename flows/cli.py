@@ -212,8 +212,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_megatron(args: argparse.Namespace) -> int:
     from storage.urls import parse_storage_options
 
-    refuse_overlap_early(args.source, args.dest, args.work, parse_storage_options(args.storage_options))
-    from .megatron import megatron_flow
+    opts = parse_storage_options(args.storage_options) or None
+    refuse_overlap_early(args.source, args.dest, args.work, opts or {})
+    from .megatron import megatron_flow, megatron_preflight
+
+    megatron_preflight(args.source, args.config, opts)  # bombs and bad shapes: before Prefect starts
 
     summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
                             max_shard_size=args.max_shard_size, work=args.work,
