@@ -30,18 +30,8 @@ from storage.safetensors_format import (HEADER_BUDGET, MAX_HEADER_BYTES, MAX_TEN
 MAX_SECONDS, MAX_RSS = 20.0, 2**30
 ZERO = b'{"dtype":"U8","shape":[0],"data_offsets":[0,0]}'
 
-# The CLI in a fresh process that reports its own VmHWM (wait4's ru_maxrss would include the
-# resident set this process had when it forked).
-MEASURED_CLI = """import os, runpy, sys
-sys.argv = ["ckptflow"] + sys.argv[1:]
-try:
-    runpy.run_module("flows.cli", run_name="__main__")
-finally:
-    with open("/proc/self/status") as f:
-        hwm = next(line for line in f if line.startswith("VmHWM:")).split()[1]
-    with open(os.environ["CKPTFLOW_HWM_FILE"], "w") as f:
-        f.write(hwm)
-"""
+
+MEASURED_CLI = ROOT / "bench" / "measured_cli.py"  # writes its own VmHWM at exit
 
 
 def write_st(path: Path, body: bytes, pad_to: int | None = None) -> None:
@@ -93,7 +83,7 @@ def measure(args: list[str]) -> tuple[int, str, float, int]:
         hwm = Path(tmp) / "hwm"
         env = dict(os.environ, PYTHONPATH=str(ROOT), CKPTFLOW_HWM_FILE=str(hwm))
         t0 = time.perf_counter()
-        run = subprocess.run([sys.executable, "-c", MEASURED_CLI, *args], cwd=ROOT, env=env,
+        run = subprocess.run([sys.executable, str(MEASURED_CLI), *args], cwd=ROOT, env=env,
                              capture_output=True, text=True)
         return run.returncode, run.stdout + run.stderr, time.perf_counter() - t0, int(hwm.read_text()) * 1024
 

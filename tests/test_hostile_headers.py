@@ -309,18 +309,7 @@ def hostile_file(path: Path, n_tensors: int = 1_750_000, header_bytes: int = fmt
         f.write(struct.pack("<Q", header_bytes) + body + b" " * (header_bytes - len(body)))
 
 
-# Runs the CLI and writes its own VmHWM at exit. Not wait4's ru_maxrss: Linux carries the parent's
-# resident set into a child's ru_maxrss across fork + exec, and pytest's is large.
-_MEASURED_CLI = """import os, runpy, sys
-sys.argv = ["ckptflow"] + sys.argv[1:]
-try:
-    runpy.run_module("flows.cli", run_name="__main__")
-finally:
-    with open("/proc/self/status") as f:
-        hwm = next(line for line in f if line.startswith("VmHWM:")).split()[1]
-    with open(os.environ["CKPTFLOW_HWM_FILE"], "w") as f:
-        f.write(hwm)
-"""
+MEASURED_CLI = ROOT / "bench" / "measured_cli.py"  # writes its own VmHWM at exit
 
 
 def run_measured(args: list[str]) -> tuple[int, str, float, int]:
@@ -328,7 +317,7 @@ def run_measured(args: list[str]) -> tuple[int, str, float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         hwm = Path(tmp) / "hwm"
         t0 = time.perf_counter()
-        run = subprocess.run([PYTHON, "-c", _MEASURED_CLI, *args], cwd=ROOT, capture_output=True, text=True,
+        run = subprocess.run([PYTHON, str(MEASURED_CLI), *args], cwd=ROOT, capture_output=True, text=True,
                              env=cli_env(CKPTFLOW_HWM_FILE=str(hwm)), timeout=300)
         seconds = time.perf_counter() - t0
         return run.returncode, run.stderr, seconds, int(hwm.read_text()) * 1024
