@@ -23,7 +23,7 @@ from bench.common import mib, run_measured, same_tensors  # noqa: E402
 
 
 def dims_for(gib: float):
-    from flows.synthetic import DeepSeekDims
+    from ckptflow.flows.synthetic import DeepSeekDims
 
     # DeepSeek-V3's real matrix shapes (hidden 7168, experts 2048 wide, MLA ranks 1536/512) with
     # fewer experts and heads: ~430 MB of FP8 per MoE layer, two layers per shard (~0.9 GB
@@ -82,8 +82,8 @@ def main() -> None:
     root = Path(args.dir)
     src = root / "fp8"
     if args.generate_only:
-        from flows.synthetic import make_deepseek_v3_fp8
-        from storage.urls import open_location
+        from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+        from ckptflow.storage.urls import open_location
 
         make_deepseek_v3_fp8(open_location(str(src)), dims_for(args.gib))
         return
@@ -100,14 +100,14 @@ def main() -> None:
 
     b_wall, _, out = run_measured([sys.executable, "bench/baseline_dequant.py", str(src), str(base_out)])
     b_rss = json.loads(out.strip().splitlines()[-1])["peak_rss_bytes"]
-    c_wall, _, out = run_measured([sys.executable, "-m", "flows.cli", "convert", str(src), str(flow_out),
+    c_wall, _, out = run_measured([sys.executable, "-m", "ckptflow.flows.cli", "convert", str(src), str(flow_out),
                                    "--dequant", "--work", str(work), "--json", "--device", "cpu"])
     summary = json.loads(out.strip().splitlines()[-1])
     c_rss = summary["peak_rss_bytes"]  # the converting process itself; the Prefect server is apart
     shutil.rmtree(flow_out)
     shutil.rmtree(work)
     with prefect_server(root / "prefect-home") as api:
-        s_wall, _, _ = run_measured([sys.executable, "-m", "flows.cli", "convert", str(src), str(flow_out),
+        s_wall, _, _ = run_measured([sys.executable, "-m", "ckptflow.flows.cli", "convert", str(src), str(flow_out),
                                      "--dequant", "--work", str(work), "--json", "--device", "cpu"],
                                     env={"PREFECT_API_URL": api})
     flow_s = summary["seconds"]

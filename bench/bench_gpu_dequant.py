@@ -36,9 +36,9 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run this on a GPU machine")
-    from tasks.dequant import weight_dequant
-    from tasks.fp8 import torch_weight_dequant
-    from tasks.kernels.fp8_triton import triton_weight_dequant
+    from ckptflow.tasks.dequant import weight_dequant
+    from ckptflow.tasks.fp8 import torch_weight_dequant
+    from ckptflow.tasks.kernels.fp8_triton import triton_weight_dequant
 
     peak = args.peak_gbs or device_peak_gbs()
     print(f"device: {torch.cuda.get_device_name()}  peak: {peak or 'unknown'} GB/s")

@@ -6,7 +6,7 @@ a header whose metadata holds as many entries as the structure budget allows, on
 field holds as many empty lists as it allows, and all of these in one checkpoint. Exits non-zero
 if any case takes more than 20 s or 1 GiB, or ends with a traceback.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_hostile_headers.py [--keep DIR]
+    .venv/bin/python bench/bench_hostile_headers.py [--keep DIR]
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.safetensors_format import (HEADER_BUDGET, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE,  # noqa: E402
-                                        MAX_TENSORS_TOTAL)
+from ckptflow.storage.safetensors_format import (HEADER_BUDGET, MAX_HEADER_BYTES, MAX_TENSORS_PER_FILE,  # noqa: E402
+                                                 MAX_TENSORS_TOTAL)
 
 MAX_SECONDS, MAX_RSS = 20.0, 2**30
 ZERO = b'{"dtype":"U8","shape":[0],"data_offsets":[0,0]}'
@@ -81,7 +81,7 @@ def lists_at_budget(path: Path) -> None:
 def measure(args: list[str]) -> tuple[int, str, float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         hwm = Path(tmp) / "hwm"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), CKPTFLOW_HWM_FILE=str(hwm))
+        env = dict(os.environ, CKPTFLOW_HWM_FILE=str(hwm))
         t0 = time.perf_counter()
         run = subprocess.run([sys.executable, str(MEASURED_CLI), *args], cwd=ROOT, env=env,
                              capture_output=True, text=True)

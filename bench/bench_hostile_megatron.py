@@ -5,7 +5,7 @@ tests/megatron_fixtures.hostile_sources). `ckptflow megatron` must refuse each w
 and one `error:` line; this prints what it cost and exits 1 if any case used more than 1 GiB,
 exited otherwise, or printed a traceback.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_hostile_megatron.py [--zip-blocks 179] [CASE ...]
+    .venv/bin/python bench/bench_hostile_megatron.py [--zip-blocks 179] [CASE ...]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--zip-blocks", type=int, default=179, help="zip bomb size in 16 MiB blocks (179: 3.0 GB)")
     args = p.parse_args()
     cases = hostile_sources(args.zip_blocks)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false")
     model, failed = tiny_gpt2(), []
     print(f"{'case':<22} {'source':>10} {'exit':>4} {'peak RSS':>10} {'seconds':>8}  error line")
     for name in args.cases or list(cases):

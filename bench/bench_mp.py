@@ -65,10 +65,10 @@ def ckptflow(src: str, dst: str, world: int, jobs: int) -> None:
     """The planner + the streaming executor, one write_shard per rank file, no Prefect."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from storage.checkpoint import scan_checkpoint
-    from storage.urls import open_location
-    from tasks.execute import write_shard
-    from tasks.mp_plan import plan_mp
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.execute import write_shard
+    from ckptflow.tasks.mp_plan import plan_mp
 
     t0 = time.perf_counter()
     src_loc, dst_loc = open_location(src), open_location(dst)
@@ -87,8 +87,8 @@ def generate(path: str) -> None:
     from dataclasses import replace
 
     from bench.bench_convert_dequant import dims_for
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
 
     shutil.rmtree(path, ignore_errors=True)
     make_deepseek_v3_fp8(open_location(path), replace(dims_for(1.4), num_nextn_predict_layers=1))

@@ -37,7 +37,7 @@ HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 
 
 def qwen_shards(gib: float) -> tuple[list, dict]:
-    """Entries per shard for flows.synthetic.write_checkpoint, grouped hostilely, and a config."""
+    """Entries per shard for ckptflow.flows.synthetic.write_checkpoint, grouped hostilely, and a config."""
     import torch
 
     head = HIDDEN // HEADS
@@ -68,8 +68,8 @@ def qwen_shards(gib: float) -> tuple[list, dict]:
 
 
 def ensure_checkpoint(path: Path, gib: float) -> int:
-    from flows.synthetic import TOKENIZER_FILES, write_checkpoint
-    from storage.urls import open_location
+    from ckptflow.flows.synthetic import TOKENIZER_FILES, write_checkpoint
+    from ckptflow.storage.urls import open_location
 
     stamp = path / "bench-params.json"
     if not stamp.exists() or json.loads(stamp.read_text()) != {"gib": gib}:
@@ -92,11 +92,11 @@ def rss_line(**extra: object) -> None:
 
 
 def child_ckptflow(src: str, dst: str, max_shard_size: str) -> None:
-    from storage.checkpoint import scan_checkpoint
-    from storage.files import INDEX_NAME, copy_file, index_document, write_json
-    from storage.urls import open_location
-    from tasks.execute import write_shard
-    from tasks.reindex_plan import moved_bytes, moved_tensors, parse_size, plan_reindex
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.storage.files import INDEX_NAME, copy_file, index_document, write_json
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.execute import write_shard
+    from ckptflow.tasks.reindex_plan import moved_bytes, moved_tensors, parse_size, plan_reindex
 
     t0 = time.perf_counter()
     s, d = open_location(src), open_location(dst)

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
     """(wall seconds, peak RSS in bytes from wait4 — the child or any of its waited-for children, stdout)."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), PREFECT_SERVER_ANALYTICS_ENABLED="false", **(env or {}))
+    full_env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", **(env or {}))
     t0 = time.perf_counter()
     with open(os.devnull, "rb") as devnull:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdin=devnull,

@@ -11,7 +11,7 @@ import sys
 
 sys.argv = ["ckptflow"] + sys.argv[1:]
 try:
-    runpy.run_module("flows.cli", run_name="__main__")
+    runpy.run_module("ckptflow.flows.cli", run_name="__main__")
 finally:
     with open("/proc/self/status") as f:
         hwm = next(line for line in f if line.startswith("VmHWM:")).split()[1]

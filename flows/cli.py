@@ -12,7 +12,7 @@ import sys
 from typing import Any
 
 EXIT_USER_ERROR = 2
-_WATCHDOG: Any = None  # the orphan watcher of this CLI process (flows.watchdog), kept alive
+_WATCHDOG: Any = None  # the orphan watcher of this CLI process (ckptflow.flows.watchdog), kept alive
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -67,7 +67,7 @@ def convert_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
-    from storage.urls import parse_storage_options
+    from ckptflow.storage.urls import parse_storage_options
 
     from .params import ConvertOptions
 
@@ -77,7 +77,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     refuse_overlap_early(source, dest, work, opts)
     from tqdm import tqdm
 
-    from tasks import progress
+    from ckptflow.tasks import progress
 
     from .convert import convert_flow
     from .runners import make_task_runner
@@ -95,8 +95,8 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:
     """SOURCE, DEST and the work location must not nest, and DEST must not be a file: said in a
     second, before Prefect starts. The flows check again (deployment runs do not come through here)."""
-    from storage.overlap import refuse_overlap
-    from storage.urls import open_location
+    from ckptflow.storage.overlap import refuse_overlap
+    from ckptflow.storage.urls import open_location
 
     from .workdir import default_work
 
@@ -104,10 +104,10 @@ def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[st
     refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", dst),
                    ("--work", open_location(work or default_work(dest), opts)))
     if dst.is_local and os.path.exists(dst.root) and not os.path.isdir(dst.root):
-        from storage.urls import StorageError
+        from ckptflow.storage.urls import StorageError
 
         raise StorageError(f"DEST {dest} is a file, not a directory; choose a directory")
-    from storage.remote import check_writable_dest
+    from ckptflow.storage.remote import check_writable_dest
 
     check_writable_dest(dst)
     check_writable_dest(open_location(work or default_work(dest), opts))
@@ -135,7 +135,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_watch(args: argparse.Namespace) -> int:
     if _no_stage_chosen(args):
         return EXIT_USER_ERROR
-    from storage.urls import parse_storage_options
+    from ckptflow.storage.urls import parse_storage_options
 
     from .params import ConvertOptions
 
@@ -168,9 +168,9 @@ def print_watch(summary: dict[str, Any], as_json: bool) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from storage.checkpoint import scan_checkpoint
-    from storage.urls import open_location, parse_storage_options
-    from tasks.validate import find_problems
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.storage.urls import open_location, parse_storage_options
+    from ckptflow.tasks.validate import find_problems
 
     ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
     problems = find_problems(ckpt)
@@ -186,10 +186,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from storage.checkpoint import scan_checkpoint
-    from storage.urls import open_location, parse_storage_options
-    from tasks.dtypes import check_dtypes
-    from tasks.validate import find_problems
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.storage.urls import open_location, parse_storage_options
+    from ckptflow.tasks.dtypes import check_dtypes
+    from ckptflow.tasks.validate import find_problems
 
     if args.fix_dtypes_dest:
         args.dequant, args.fix_dtypes, args.fetch = False, True, False
@@ -210,7 +210,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_megatron(args: argparse.Namespace) -> int:
-    from storage.urls import parse_storage_options
+    from ckptflow.storage.urls import parse_storage_options
 
     opts = parse_storage_options(args.storage_options) or None
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
@@ -231,7 +231,7 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from storage.urls import open_location
+    from ckptflow.storage.urls import open_location
 
     from .synthetic import make_deepseek_v3_fp8
 
@@ -268,7 +268,7 @@ def _not_negative(text: str) -> float:
 
 
 def _add_convert_options(c: argparse.ArgumentParser) -> None:
-    """The recipe and runtime flags of a conversion (`flows.params.ConvertOptions`)."""
+    """The recipe and runtime flags of a conversion (`ckptflow.flows.params.ConvertOptions`)."""
     c.add_argument("--dequant", action="store_true", help="FP8 (e4m3 + weight_scale_inv) → BF16")
     c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
     c.add_argument("--reindex", action="store_true", help="put every fused group (q/k/v, gate/up, …) in one file")
@@ -395,8 +395,8 @@ _STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_prefect(args.verbose)
-    from storage.errors import UserError
-    from storage.faults import explain
+    from ckptflow.storage.errors import UserError
+    from ckptflow.storage.faults import explain
 
     if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
         from . import watchdog

@@ -13,16 +13,16 @@ from prefect import flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.checkpoint import scan_checkpoint
-from storage.lock import dest_lock
-from storage.overlap import refuse_overlap
-from storage.remote import check_writable_dest
-from storage.urls import open_location
-from tasks import progress
-from tasks.dequant import resolve_device
-from tasks.dtypes import DtypeReport
-from tasks.plan import StagePlan
-from tasks.validate import check
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.lock import dest_lock
+from ckptflow.storage.overlap import refuse_overlap
+from ckptflow.storage.remote import check_writable_dest
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks import progress
+from ckptflow.tasks.dequant import resolve_device
+from ckptflow.tasks.dtypes import DtypeReport
+from ckptflow.tasks.plan import StagePlan
+from ckptflow.tasks.validate import check
 
 from .params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
 from .recipe import Recipe, plan_mp_stage, plan_passes
@@ -45,7 +45,7 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
                  prune: bool = False) -> dict[str, Any]:
     """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
 
-    `task_runner`/`dask_address`/`max_workers` pick where shard tasks run (`flows.runners`).
+    `task_runner`/`dask_address`/`max_workers` pick where shard tasks run (`ckptflow.flows.runners`).
     The CLI applies the runner with `with_options`; a run whose runner is not the one asked for
     (a deployment run with `task_runner: dask` or `max_workers: 4`) reruns itself as a subflow
     on that runner. `prune` deletes weight files in `dest` this run does not write (else they

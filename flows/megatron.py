@@ -17,19 +17,19 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from storage.checkpoint import scan_checkpoint
-from storage.files import list_files, read_json
-from storage.listing import file_identity
-from storage.lock import dest_lock
-from storage.overlap import refuse_overlap
-from storage.remote import check_writable_dest
-from storage.reader import file_info
-from storage.urls import Location, StorageError, open_location
-from tasks.megatron_load import inspect_megatron
-from tasks.megatron_map import convert_megatron
-from tasks.megatron_task import IMPORTED, import_megatron
-from tasks.reindex_plan import parse_size
-from tasks.shard_plan import plan_size_shards
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.files import list_files, read_json
+from ckptflow.storage.listing import file_identity
+from ckptflow.storage.lock import dest_lock
+from ckptflow.storage.overlap import refuse_overlap
+from ckptflow.storage.remote import check_writable_dest
+from ckptflow.storage.reader import file_info
+from ckptflow.storage.urls import Location, StorageError, open_location
+from ckptflow.tasks.megatron_load import inspect_megatron
+from ckptflow.tasks.megatron_map import convert_megatron
+from ckptflow.tasks.megatron_task import IMPORTED, import_megatron
+from ckptflow.tasks.reindex_plan import parse_size
+from ckptflow.tasks.shard_plan import plan_size_shards
 
 from .params import ShardSize
 from .report import RunProgress, publish_summary
@@ -46,7 +46,7 @@ def source_fingerprints(src: Location) -> list[tuple[str, int, str | None]]:
 
 
 def _copy_tokenizer(tokenizer: str, dst: Location, storage_options: dict[str, Any] | None) -> list[str]:
-    from storage.files import copy_file
+    from ckptflow.storage.files import copy_file
 
     tok = open_location(tokenizer, storage_options)
     names = [n for n in list_files(tok) if not n.endswith((".safetensors", ".bin", ".pt", ".pth"))

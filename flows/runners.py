@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from storage.errors import UserError
+from ckptflow.storage.errors import UserError
 
 RUNNERS = ("threads", "processes", "dask")
 

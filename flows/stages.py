@@ -1,7 +1,7 @@
 """Running one planned pass: fetch, shard tasks, finalize, read-back verification.
 
 These run inside a flow (they submit Prefect tasks and log to the run) but hold no recipe
-logic: which stages run, and in what order, is `flows.recipe`'s business.
+logic: which stages run, and in what order, is `ckptflow.flows.recipe`'s business.
 """
 from __future__ import annotations
 
@@ -11,19 +11,19 @@ from typing import Any, Callable
 from prefect import get_run_logger
 from prefect.futures import as_completed, wait
 
-from storage.checkpoint import Checkpoint, scan_checkpoint
-from storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
-                           read_json, write_json)
-from storage.listing import file_identities
-from storage.overlap import refuse_under
-from storage.urls import Location, StorageError, open_location
-from tasks import progress
-from tasks.cache import shard_key
-from tasks.dtypes import DtypeReport, check_dtypes
-from tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
-from tasks.plan import PlanError, StagePlan
-from tasks.shard_task import write_shard_task
-from tasks.validate import find_problems
+from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
+from ckptflow.storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
+                                    read_json, write_json)
+from ckptflow.storage.listing import file_identities
+from ckptflow.storage.overlap import refuse_under
+from ckptflow.storage.urls import Location, StorageError, open_location
+from ckptflow.tasks import progress
+from ckptflow.tasks.cache import shard_key
+from ckptflow.tasks.dtypes import DtypeReport, check_dtypes
+from ckptflow.tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
+from ckptflow.tasks.plan import PlanError, StagePlan
+from ckptflow.tasks.shard_task import write_shard_task
+from ckptflow.tasks.validate import find_problems
 
 from .report import publish_dtype_report
 from .workdir import result_storage

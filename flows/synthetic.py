@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from storage.files import CONFIG_NAME, INDEX_NAME, index_document, write_bytes_atomic, write_json
-from storage.safetensors_format import TensorSpec
-from storage.urls import Location
-from storage.writer import SafetensorsWriter
-from tasks.torch_dtypes import TORCH_TO_ST
+from ckptflow.storage.files import CONFIG_NAME, INDEX_NAME, index_document, write_bytes_atomic, write_json
+from ckptflow.storage.safetensors_format import TensorSpec
+from ckptflow.storage.urls import Location
+from ckptflow.storage.writer import SafetensorsWriter
+from ckptflow.tasks.torch_dtypes import TORCH_TO_ST
 
 BLOCK = 128
 

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from storage.remote import check_writable_dest
-from storage.urls import effective_options, open_location
+from ckptflow.storage.remote import check_writable_dest
+from ckptflow.storage.urls import effective_options, open_location
 
 
 def default_work(dest: str) -> str:

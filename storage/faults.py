@@ -149,7 +149,7 @@ def explain(exc: BaseException) -> str | None:
 @contextlib.contextmanager
 def storage_errors(url: str) -> Iterator[None]:
     """Inside: an environment failure becomes `StorageError("<url>: <what to do>")`, chained to the
-    original (so `storage.transient` still sees a timeout as one); anything else passes through."""
+    original (so `ckptflow.storage.transient` still sees a timeout as one); anything else passes through."""
     from .errors import UserError
     from .urls import StorageError
 

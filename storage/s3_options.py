@@ -10,7 +10,7 @@ Every layer keeps one retry, because each one catches something the other cannot
 retries throttling, 5xx answers and resets before a response; s3fs retries a body cut off
 mid-read, which botocore has already handed over. A command's first request (the source listing,
 the DEST write probe) runs outside any Prefect task, so a store dead from the start costs those
-34 s once. Inside a shard task Prefect retries the whole shard on top (`storage.transient` counts
+34 s once. Inside a shard task Prefect retries the whole shard on top (`ckptflow.storage.transient` counts
 a timeout as transient; 3 retries after 1, 4 and 15 s): a store that dies mid-run costs each
 running shard up to 4 × 34 + 20 s, about 2.5 minutes, before the run fails.
 

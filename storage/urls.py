@@ -80,7 +80,7 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     """Open `url` (any fsspec URL or a local path) as a `Location`.
 
     On s3:// the options are checked first (a wrong name or type is one line here, not a
-    traceback at the first request) and get bounded timeouts and retries (`storage.s3_options`).
+    traceback at the first request) and get bounded timeouts and retries (`ckptflow.storage.s3_options`).
     """
     options = dict(storage_options or {})
     s3 = protocol_of(url) in ("s3", "s3a")

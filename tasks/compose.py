@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from storage.checkpoint import Checkpoint
-from storage.files import INDEX_NAME
-from storage.safetensors_format import Header, TensorInfo, build_header
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.files import INDEX_NAME
+from ckptflow.storage.safetensors_format import Header, TensorInfo, build_header
 
 from .plan import OutputTensor, ShardPlan, StagePlan
 

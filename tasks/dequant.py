@@ -1,9 +1,9 @@
 """`weight_dequant`: block-wise FP8 → BF16 on whichever backend fits, all bit-identical.
 
 Backends:
-- "triton": the Triton kernel (`tasks.kernels.fp8_triton`), on a CUDA device — or on the CPU
+- "triton": the Triton kernel (`ckptflow.tasks.kernels.fp8_triton`), on a CUDA device — or on the CPU
   under `TRITON_INTERPRET=1`, which is how it is tested here;
-- "torch": the lookup-table path (`tasks.fp8`): on the CPU with numpy gathers; on a GPU the
+- "torch": the lookup-table path (`ckptflow.tasks.fp8`): on the CPU with numpy gathers; on a GPU the
   same tables (built on the CPU, so rounding and NaN bits match) gathered on the device;
 - "auto": Triton on CUDA devices with FP8 support (sm89+) for e4m3 block scales, else "torch".
 """
@@ -77,7 +77,7 @@ def weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: in
 
 def resolve_device(device: str) -> str:
     """`--device auto|cpu|cuda[:n]` → the device shard tasks dequantize on."""
-    from storage.errors import UserError
+    from ckptflow.storage.errors import UserError
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from storage.checkpoint import Checkpoint
-from storage.safetensors_format import FP8_DTYPES
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.safetensors_format import FP8_DTYPES
 
 from .fp8_layout import normalise_scale
 from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
-from storage.checkpoint import Checkpoint
-from storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
 
 from .plan import OutputTensor, PlanError, ShardPlan, StagePlan
 
@@ -62,7 +62,7 @@ class ExpectedDtypes:
                     prefixes.append((key, dt))
         elif raw is not None:
             default = _dtype_name(raw, "torch_dtype")
-        table = json.loads(resources.files("tasks.presets").joinpath("dtype_exceptions.json").read_text())
+        table = json.loads(resources.files("ckptflow.tasks.presets").joinpath("dtype_exceptions.json").read_text())
         allowed = tuple(table.get(config.get("model_type", ""), [])) + tuple(extra_allowed)
         for pattern in allowed:
             try:

@@ -15,10 +15,10 @@ from itertools import product
 
 import numpy as np
 
-from storage.reader import RangeReader
-from storage.safetensors_format import DTYPE_SIZES
-from storage.urls import Location
-from storage.writer import SafetensorsWriter, WrittenFile
+from ckptflow.storage.reader import RangeReader
+from ckptflow.storage.safetensors_format import DTYPE_SIZES
+from ckptflow.storage.urls import Location
+from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 
 from .buffers import BufferPool
 from .plan import OutputTensor, ShardPlan

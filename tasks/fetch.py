@@ -11,11 +11,11 @@ from typing import Any
 
 from prefect import task
 
-from storage.files import copy_file, read_json, write_json
-from storage.reader import file_info
-from storage.urls import Location, StorageError, open_location
+from ckptflow.storage.files import copy_file, read_json, write_json
+from ckptflow.storage.reader import file_info
+from ckptflow.storage.urls import Location, StorageError, open_location
 
-from storage.transient import retry_transient
+from ckptflow.storage.transient import retry_transient
 from . import progress
 
 MARKER_DIR = ".ckptflow-fetch"

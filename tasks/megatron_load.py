@@ -31,8 +31,8 @@ __all__ = ["MegatronCheckpoint", "MegatronEnum", "MegatronLoadError", "UnsafeChe
 
 import torch
 
-from storage.files import list_files
-from storage.urls import open_location
+from ckptflow.storage.files import list_files
+from ckptflow.storage.urls import open_location
 
 from .megatron_safe import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError, human, safe_globals,
                            unsafe_global)

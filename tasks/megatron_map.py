@@ -62,7 +62,7 @@ def load_table(path: str | Path | None = None) -> Table:
     """The built-in table, or a JSON file in the same format (a new model family = a new file)."""
     if path is None:
         source, text = "tasks/presets/megatron_gpt2.json", \
-            resources.files("tasks.presets").joinpath("megatron_gpt2.json").read_text()
+            resources.files("ckptflow.tasks.presets").joinpath("megatron_gpt2.json").read_text()
     else:
         source, text = str(path), Path(path).read_text()
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import UserError
+from ckptflow.storage.errors import UserError
 
 BYTES_CAP = 1 << 20   # bytearray(n): Megatron pickles none; torch's allowlist has it for bytearrays
 NUMPY_CAP = 1 << 20   # numpy arrays: the RNG state (624 uint32, 2.5 KB) is all Megatron pickles

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 from prefect import task
 
-from storage.files import CONFIG_NAME, write_json
-from storage.safetensors_format import TensorSpec
-from storage.transient import retry_transient
-from storage.urls import open_location
-from storage.writer import SafetensorsWriter
+from ckptflow.storage.files import CONFIG_NAME, write_json
+from ckptflow.storage.safetensors_format import TensorSpec
+from ckptflow.storage.transient import retry_transient
+from ckptflow.storage.urls import open_location
+from ckptflow.storage.writer import SafetensorsWriter
 
 from .cache import SHARD_CACHE
 from .megatron_load import load_megatron

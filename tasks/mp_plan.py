@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.checkpoint import Checkpoint
-from storage.safetensors_format import FP8_DTYPES, TensorInfo
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.safetensors_format import FP8_DTYPES, TensorInfo
 
 from .dequant_plan import SCALE_SUFFIX, block_size_from_config
 from .mp_preset import Mapped, Preset, Split, load_preset

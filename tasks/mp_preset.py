@@ -175,7 +175,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
     key = str(name_or_path)
     if key in BUILTIN:
         source = f"tasks/presets/{BUILTIN[key]}"
-        text = resources.files("tasks.presets").joinpath(BUILTIN[key]).read_text()
+        text = resources.files("ckptflow.tasks.presets").joinpath(BUILTIN[key]).read_text()
     else:
         path = Path(key)
         if not path.is_file():

@@ -11,8 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from storage.errors import UserError
-from storage.safetensors_format import TensorInfo, TensorSpec
+from ckptflow.storage.errors import UserError
+from ckptflow.storage.safetensors_format import TensorInfo, TensorSpec
 
 
 class PlanError(UserError, ValueError):

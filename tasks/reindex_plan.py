@@ -27,8 +27,8 @@ from decimal import Decimal, InvalidOperation
 from importlib import resources
 from itertools import chain
 
-from storage.checkpoint import Checkpoint
-from storage.safetensors_format import TensorInfo
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.safetensors_format import TensorInfo
 
 from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
@@ -64,7 +64,7 @@ def group_of(name: str, groups: list[FusedGroup]) -> str | None:
 def load_fused_groups(path: str | None = None) -> list[FusedGroup]:
     """The fused-groups table in `path` (any fsspec URL or local path); None → the built-in one."""
     if path is None:
-        return parse_fused_groups(resources.files("tasks.presets").joinpath(PRESET).read_text("utf-8"),
+        return parse_fused_groups(resources.files("ckptflow.tasks.presets").joinpath(PRESET).read_text("utf-8"),
                                   f"built-in {PRESET}")
     import fsspec
 

@@ -6,7 +6,7 @@ called `model.safetensors` and gets no index; more are `model-0000k-of-0000N.saf
 """
 from __future__ import annotations
 
-from storage.checkpoint import Checkpoint
+from ckptflow.storage.checkpoint import Checkpoint
 
 from .plan import OutputTensor, ShardPlan, SourceRef, StagePlan
 

@@ -8,9 +8,9 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from storage.files import write_json
-from storage.transient import retry_transient
-from storage.urls import open_location
+from ckptflow.storage.files import write_json
+from ckptflow.storage.transient import retry_transient
+from ckptflow.storage.urls import open_location
 
 from .cache import SHARD_CACHE, shard_key
 from .execute import write_shard

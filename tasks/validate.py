@@ -9,11 +9,11 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from storage.checkpoint import Checkpoint
-from storage.errors import UserError
-from storage.files import INDEX_NAME
-from storage.safetensors_format import DTYPE_SIZES, Header
-from storage.strict_json import short
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.errors import UserError
+from ckptflow.storage.files import INDEX_NAME
+from ckptflow.storage.safetensors_format import DTYPE_SIZES, Header
+from ckptflow.storage.strict_json import short
 
 # A hostile header can make every one of 200k tensors wrong: list this many per file (and per
 # index), then count the rest, so memory and output stay bounded and the first ones still show.

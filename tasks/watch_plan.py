@@ -21,8 +21,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from storage.files import INDEX_NAME
-from storage.listing import FileStat
+from ckptflow.storage.files import INDEX_NAME
+from ckptflow.storage.listing import FileStat
 
 MARKER_NAME = "watch.json"
 

@@ -69,8 +69,8 @@ def s3_options(s3_endpoint):
 @pytest.fixture
 def demo_ckpt(tmp_path):
     """A small DeepSeek-V3-layout FP8 checkpoint on local disk."""
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
 
     path = tmp_path / "fp8"
     make_deepseek_v3_fp8(open_location(str(path)))
@@ -78,8 +78,9 @@ def demo_ckpt(tmp_path):
 
 
 def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: it runs the installed `ckptflow` package (no PYTHONPATH
+    to this checkout, which would make its folders importable as top-level `flows`, `tasks`, …)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
 

@@ -1,6 +1,6 @@
 """Write a Hugging Face GPT-2 as the Megatron-LM checkpoints it could have come from.
 
-This is the inverse of `tasks.megatron_map`, written independently (row index lists instead of
+This is the inverse of `ckptflow.tasks.megatron_map`, written independently (row index lists instead of
 views and permutes) so a shared mistake cannot cancel out: Conv1D [in, out] → Linear [out, in],
 fused QKV rows in each `checkpoint_version`'s saved layout, vocab padded with random rows,
 tensor-parallel ranks split the way Megatron's column/row-parallel layers hold them.
@@ -223,13 +223,13 @@ MEASURE = ("import resource, subprocess, sys\n"
 
 def run_cli_measured(args: list[str], python: str, cwd: Path, env: dict[str, str], rss_file: Path,
                      timeout: float = 600):
-    """`python -m flows.cli ARGS` through a wrapper that records the peak RSS (bytes) of the CLI
+    """`python -m ckptflow.flows.cli ARGS` through a wrapper that records the peak RSS (bytes) of the CLI
     and every process it waited for; (completed process, peak RSS, seconds)."""
     import subprocess
     import time
 
     t0 = time.perf_counter()
-    run = subprocess.run([python, "-c", MEASURE, str(rss_file), python, "-m", "flows.cli", *args], cwd=cwd,
+    run = subprocess.run([python, "-c", MEASURE, str(rss_file), python, "-m", "ckptflow.flows.cli", *args], cwd=cwd,
                          env=env, capture_output=True, text=True, timeout=timeout)
     return run, int(rss_file.read_text()), time.perf_counter() - t0
 

@@ -10,7 +10,7 @@ from .conftest import PYTHON, ROOT, cli_env
 
 
 def ckptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
+    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
                           text=True, timeout=300)
 
 
@@ -55,8 +55,8 @@ def test_bad_option_values_are_one_line_errors_before_prefect_starts(tmp_path):
 
 @pytest.mark.slow
 def test_watch_converts_each_checkpoint_under_a_prefix(tmp_path):
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
 
     for name in ("m1", "m2"):
         make_deepseek_v3_fp8(open_location(str(tmp_path / "in" / name)))

@@ -1,16 +1,16 @@
-"""deployments/prefect.yaml, deployed and run for real.
+"""deployments/prefect.yaml, deployed and run for real, from a user's own Prefect project.
 
-A real `prefect server` on loopback, a process work pool, `prefect deploy` of the yaml from a git
-repository holding this working tree, a `prefect worker` whose flow runs clone that repository
-(the yaml's pull steps), and runs triggered with `prefect deployment run --param …` against a
-moto S3 bucket. Credentials and the endpoint reach the flow runs through the worker's
+A real `prefect server` on loopback, a process work pool, `prefect deploy` of the yaml from a
+Prefect project folder that has its own `flows/` and `tasks/` packages (what every Prefect project
+has), a `prefect worker` whose flow runs import the installed `ckptflow` package while that
+project's `flows` is importable too, and runs triggered with `prefect deployment run --param …`
+against a moto S3 bucket. Credentials and the endpoint reach the flow runs through the worker's
 environment, as the yaml says they must; no parameter carries them.
 """
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -28,19 +28,13 @@ def prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 30
                           timeout=timeout)
 
 
-def git_repo_of_working_tree(dest: Path) -> Path:
-    """A git repository (branch main, one commit) of this working tree as it is now, committed
-    or not: what the worker's pull step clones."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = ROOT / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    git = ["git", "-c", "user.name=ckptflow-test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
-    for cmd in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "working tree"]):
-        subprocess.run([*git, *cmd], cwd=dest, check=True, capture_output=True)
+def users_prefect_project(dest: Path) -> Path:
+    """A Prefect project of a user's: its own `flows/` and `tasks/` packages and flow. If ckptflow
+    imported `flows.…` anywhere, it would get these."""
+    for pkg in ("flows", "tasks"):
+        (dest / pkg).mkdir(parents=True)
+        (dest / pkg / "__init__.py").write_text("USERS_OWN = True\n")
+    (dest / "flows" / "etl.py").write_text("from prefect import flow\n\n\n@flow\ndef etl():\n    return 1\n")
     return dest
 
 
@@ -68,17 +62,27 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     import s3fs
 
     base = tmp_path_factory.mktemp("deploy")
-    repo = git_repo_of_working_tree(base / "repo")
+    project = users_prefect_project(base / "project")
     bucket = "models-" + uuid.uuid4().hex[:8]
-    env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"], CKPTFLOW_REPO=str(repo),
+    env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"],
                      AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                      AWS_ENDPOINT_URL=s3_endpoint, CKPTFLOW_WORK=str(base / "cache"))
-    env.pop("PYTHONPATH", None)  # flow runs import ckptflow from their clone, not from this checkout
+    # The worker and its flow runs import ckptflow from this venv's installation; the project's own
+    # `flows` and `tasks` are importable there too, as a worker serving that project would have them.
+    env["PYTHONPATH"] = str(project)
 
     pool = prefect(["work-pool", "create", "ckptflow-process", "--type", "process", "--overwrite"], env, base)
     assert pool.returncode == 0, pool.stdout + pool.stderr
-    dep = prefect(["--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--all"], env, repo)
+    # ckptflow's yaml, deployed from the user's project folder (README: `--prefect-file path/to/…`).
+    dep = prefect(["--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"), "--all"],
+                  env, project)
     assert dep.returncode == 0, dep.stdout + dep.stderr
+
+    # Where the worker runs, the project's `flows`/`tasks` and ckptflow's import side by side.
+    code = "import flows, tasks, ckptflow.flows.convert as c"  # a user's own package, on purpose
+    code += "; print(flows.USERS_OWN, tasks.USERS_OWN, c.convert_flow.name)"
+    both = subprocess.run([PYTHON, "-c", code], env=env, cwd=base, capture_output=True, text=True, timeout=120)
+    assert both.stdout.split() == ["True", "True", "ckptflow-convert"], both.stdout + both.stderr
 
     worker_dir = base / "worker"
     worker_dir.mkdir()
@@ -90,7 +94,7 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
                            client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir(bucket)
     try:
-        yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "repo": repo, "deploy_output": dep.stdout}
+        yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project, "deploy_output": dep.stdout}
     finally:
         kill_group(worker)
         log.close()
@@ -101,7 +105,7 @@ def worker_log(deployed) -> str:
 
 
 def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness, deployed, demo_ckpt, tmp_path):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     env, b, fs = deployed["env"], deployed["bucket"], deployed["fs"]
     fs.put(str(demo_ckpt) + "/", f"{b}/incoming/demo/", recursive=True)

@@ -9,11 +9,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from flows.convert import convert_flow
-from storage.checkpoint import scan_checkpoint
-from storage.errors import UserError
-from storage.urls import open_location
-from tasks.dtypes import check_dtypes
+from ckptflow.flows.convert import convert_flow
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.errors import UserError
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks.dtypes import check_dtypes
 
 from .conftest import PYTHON, ROOT, cli_env
 
@@ -47,7 +47,7 @@ def test_float32_experts_fail_verify_with_names(tmp_path):
     assert report.table["F32"] == [13, 4 * 4 + 12 * 24 * 16 * 4]
     assert "model-00002-of-00002.safetensors: tensor 'model.layers.0.mlp.experts.0.down_proj.weight' is F32, " \
            "config says BF16" in report.text()
-    run = subprocess.run([PYTHON, "-m", "flows.cli", "verify", str(path)], cwd=ROOT, env=cli_env(),
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "verify", str(path)], cwd=ROOT, env=cli_env(),
                          capture_output=True, text=True)
     assert run.returncode == 1
     assert "12 mismatch(es)" in run.stdout and "experts.3.up_proj.weight" in run.stdout

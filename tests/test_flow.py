@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flows.convert import convert_flow
-from storage.errors import UserError
+from ckptflow.flows.convert import convert_flow
+from ckptflow.storage.errors import UserError
 
 
 def tree(path) -> dict[str, bytes]:

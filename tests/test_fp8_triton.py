@@ -15,7 +15,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tasks.kernels.fp8_triton import (  # noqa: E402
+from ckptflow.tasks.kernels.fp8_triton import (  # noqa: E402
     BF16_NAN_BITS,
     torch_reference_dequant,
     triton_weight_dequant,
@@ -175,7 +175,7 @@ def test_cpu_without_interpreter_is_refused() -> None:
     import subprocess
     import sys
 
-    code = ("import torch; from tasks.kernels.fp8_triton import triton_weight_dequant as f\n"
+    code = ("import torch; from ckptflow.tasks.kernels.fp8_triton import triton_weight_dequant as f\n"
             "try: f(torch.zeros(4, 4, dtype=torch.uint8), torch.ones(1, 1))\n"
             "except RuntimeError as e: print('refused:', e)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -19,13 +19,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import storage.safetensors_format as fmt
-from storage.checkpoint import scan_checkpoint
-from storage.errors import UserError
-from storage.files import MAX_JSON_BYTES, read_json
-from storage.safetensors_format import MAX_TENSORS_PER_FILE, HeaderError, parse_header
-from storage.urls import open_location
-from tasks.validate import Problem, header_problems
+import ckptflow.storage.safetensors_format as fmt
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.errors import UserError
+from ckptflow.storage.files import MAX_JSON_BYTES, read_json
+from ckptflow.storage.safetensors_format import MAX_TENSORS_PER_FILE, HeaderError, parse_header
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks.validate import Problem, header_problems
 
 from .conftest import PYTHON, ROOT, cli_env
 
@@ -231,7 +231,7 @@ def digests(path: Path) -> dict[str, str]:
 
 
 def validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "flows.cli", "validate", str(path)], cwd=ROOT, env=cli_env(),
+    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "validate", str(path)], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=120)
 
 
@@ -290,9 +290,9 @@ def test_read_json_is_bounded_in_size(tmp_path):
 def test_scan_refuses_a_bad_index_before_reading_any_header(tmp_path, monkeypatch):
     ckpt = good(tmp_path / "ckpt")
     write_index(ckpt, None, json.dumps({"metadata": [], "weight_map": WM}))
-    import storage.checkpoint
+    import ckptflow.storage.checkpoint
 
-    monkeypatch.setattr(storage.checkpoint, "read_header", lambda *a: pytest.fail("read a header"))
+    monkeypatch.setattr(ckptflow.storage.checkpoint, "read_header", lambda *a: pytest.fail("read a header"))
     with pytest.raises(UserError, match='"metadata" must be an object'):
         scan_checkpoint(open_location(str(ckpt)))
 

@@ -13,15 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bench.seed001 import is_routed_expert, seed_rank_state_dicts, seed_rename  # the seed, re-expressed
-from flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
-from storage.checkpoint import scan_checkpoint
-from storage.files import write_json
-from storage.urls import open_location
-from tasks.dequant_plan import plan_dequant
-from tasks.execute import write_shard
-from tasks.mp_plan import plan_mp
-from tasks.mp_preset import Split, load_preset, map_name, parse_preset
-from tasks.plan import PlanError
+from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.files import write_json
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks.dequant_plan import plan_dequant
+from ckptflow.tasks.execute import write_shard
+from ckptflow.tasks.mp_plan import plan_mp
+from ckptflow.tasks.mp_preset import Split, load_preset, map_name, parse_preset
+from ckptflow.tasks.plan import PlanError
 from tests.test_dequant import fake_ckpt
 
 # Every split dim here divides by 4 and, for FP8 weights, gives each rank whole 128-row blocks.
@@ -275,7 +275,7 @@ def test_llama_preset_round_trips(tmp_path):
 
 def test_small_read_chunks_give_the_same_rank_files(ckpts, tmp_path, monkeypatch):
     """ROW splits of FP8 weights and scales read a few outer rows per chunk: same bytes."""
-    monkeypatch.setattr("tasks.execute.CHUNK_BYTES", 1000)
+    monkeypatch.setattr("ckptflow.tasks.execute.CHUNK_BYTES", 1000)
     convert(ckpts["fp8"], tmp_path / "out", 4)
     got, want = read_ranks(tmp_path / "out", 4), seed_reference(ckpts["fp8"], 4)
     for r in range(4):

@@ -26,7 +26,7 @@ from .test_flow import tree
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subprocess.CompletedProcess:
-    proc = subprocess.Popen([PYTHON, "-m", "flows.cli", *args], env=env, cwd=ROOT, text=True,
+    proc = subprocess.Popen([PYTHON, "-m", "ckptflow.flows.cli", *args], env=env, cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -56,8 +56,8 @@ def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra:
 @pytest.fixture(scope="module")
 def threaded_output(prefect_server, tmp_path_factory):
     """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce."""
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
 
     base = tmp_path_factory.mktemp("runners")
     src = base / "fp8"
@@ -84,7 +84,7 @@ def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
     `with_options`): the flow reruns itself as a subflow on a process pool."""
     t = threaded_output
     out, work = t["base"] / "out-processes", t["base"] / "work-processes"
-    code = ("import json, sys; from flows.convert import convert_flow; "
+    code = ("import json, sys; from ckptflow.flows.convert import convert_flow; "
             "s = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], task_runner='processes', max_workers=2); "
             "print(json.dumps({k: s[k] for k in ('shards', 'cached_shards')}))")
     proc = subprocess.run([PYTHON, "-c", code, str(t["source"]), str(out), str(work)], env=t["env"], cwd=ROOT,
@@ -112,7 +112,7 @@ def test_make_task_runner_kinds(monkeypatch):
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from flows.runners import RunnerError, make_task_runner, runner_kind
+    from ckptflow.flows.runners import RunnerError, make_task_runner, runner_kind
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     threads = make_task_runner("threads", 3)
@@ -133,7 +133,7 @@ def test_make_task_runner_kinds(monkeypatch):
 def test_invalid_flow_parameters_are_rejected():
     from prefect.exceptions import ParameterTypeError
 
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     ok = convert_flow.validate_parameters({"source": "s3://b/in", "dest": "s3://b/out", "mp": "2"})
     assert ok["mp"] == 2  # coerced the way a deployment's --param string is
@@ -306,7 +306,7 @@ def _task_run_counts(flow_run_id) -> list[int]:
 
 
 def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, faulty_s3, demo_ckpt, tmp_path):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
@@ -329,7 +329,7 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
 
 def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_path):
     """AccessDenied is the user's to fix: each shard task fails once, with no retry delay."""
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
@@ -352,10 +352,12 @@ def test_deployment_file_parameters_validate_against_their_flows():
     import yaml
 
     doc = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
-    assert doc["pull"][0]["prefect.deployments.steps.git_clone"]["id"] == "clone-step"
+    assert doc["pull"] == []  # flow runs import the installed package; nothing is cloned
     names = set()
     for dep in doc["deployments"]:
-        module, fn = dep["entrypoint"].split(":")
+        # A module path (no colon: Prefect reads `a:b` as a path into the deployment's storage).
+        module, fn = dep["entrypoint"].rsplit(".", 1)
+        assert module.startswith("ckptflow.flows.") and ":" not in dep["entrypoint"], dep["entrypoint"]
         flow = getattr(importlib.import_module(module), fn)
         flow.validate_parameters(dep["parameters"])
         assert dep["work_pool"]["name"] == "ckptflow-process"
@@ -385,8 +387,8 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
                                                                         monkeypatch, request):
     import logging
 
-    import flows.report as report
-    from flows.convert import convert_flow
+    import ckptflow.flows.report as report
+    from ckptflow.flows.convert import convert_flow
 
     updates: list[tuple[float, str]] = []
     real_update = report.update_progress_artifact

@@ -5,8 +5,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flows.convert import convert_flow
-from storage.errors import UserError
+from ckptflow.flows.convert import convert_flow
+from ckptflow.storage.errors import UserError
 
 def tensors(path) -> dict[str, torch.Tensor]:
     out = {}

@@ -10,14 +10,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from storage.checkpoint import Checkpoint, scan_checkpoint
-from storage.files import INDEX_NAME, index_document, write_json
-from storage.safetensors_format import Header, TensorInfo
-from storage.urls import open_location
-from tasks.execute import write_shard
-from tasks.plan import PlanError, StagePlan
-from tasks.reindex_plan import (group_of, load_fused_groups, moved_bytes, moved_tensors, natural_key,
-                                parse_size, plan_reindex)
+from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
+from ckptflow.storage.files import INDEX_NAME, index_document, write_json
+from ckptflow.storage.safetensors_format import Header, TensorInfo
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks.execute import write_shard
+from ckptflow.tasks.plan import PlanError, StagePlan
+from ckptflow.tasks.reindex_plan import (group_of, load_fused_groups, moved_bytes, moved_tensors, natural_key,
+                                         parse_size, plan_reindex)
 
 GROUPS = load_fused_groups(None)
 L0 = "model.layers.0."
@@ -352,7 +352,7 @@ def test_qwen_style_checkpoint_loads_in_transformers_with_same_logits(tmp_path):
 
 
 def test_deepseek_v3_fp8_with_scales_in_the_next_shard(tmp_path):
-    from flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+    from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
 
     make_deepseek_v3_fp8(open_location(str(tmp_path / "src")), DeepSeekDims(num_hidden_layers=4))
     for limit in ("5GB", "300KB"):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from flows.convert import convert_flow
+from ckptflow.flows.convert import convert_flow
 
 from .conftest import PYTHON, ROOT, cli_env
 from .test_flow import tree
@@ -17,13 +17,13 @@ from .test_flow import tree
 # The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
 SLOW_CHILD = """
 import sys, time
-import tasks.shard_task as st
+import ckptflow.tasks.shard_task as st
 real = st.write_shard
 def slow(*a, **k):
     time.sleep(0.8)
     return real(*a, **k)
 st.write_shard = slow
-from flows.cli import main
+from ckptflow.flows.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -47,7 +47,7 @@ def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path
     assert not (out / "model.safetensors.index.json").exists()  # nothing claims the checkpoint complete
     mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
 
-    rerun = subprocess.run([PYTHON, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(),
+    rerun = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])

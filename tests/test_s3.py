@@ -88,9 +88,9 @@ def assert_no_leftovers(fs: s3fs.S3FileSystem, bucket: str) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, prefect_harness):
     """A local → local conversion of the demo checkpoint: the bytes every S3 variant must match."""
-    from flows.convert import convert_flow
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
+    from ckptflow.flows.convert import convert_flow
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
 
     base = tmp_path_factory.mktemp("reference")
     src, out = base / "fp8", base / "local-out"
@@ -112,7 +112,7 @@ def demo(demo_ckpt, reference):
 
 @pytest.mark.parametrize("where", ["s3->s3", "local->s3", "s3->local"])
 def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo, reference, tmp_path):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
@@ -163,7 +163,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 
 def test_fetch_from_s3_then_rerun_fetches_nothing(prefect_harness, s3_options, demo, reference, tmp_path):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
@@ -208,7 +208,7 @@ def test_cli_uses_fsspec_env_config(s3_endpoint, s3_options, demo, reference, tm
     for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "FSSPEC_S3", "FSSPEC_CONFIG_DIR"):
         env.pop(var, None)
     env["FSSPEC_CONFIG_DIR"] = str(tmp_path / "no-fsspec-config")
-    cmd = [PYTHON, "-m", "flows.cli", "convert", f"s3://{bucket}/src", f"s3://{bucket}/out2",
+    cmd = [PYTHON, "-m", "ckptflow.flows.cli", "convert", f"s3://{bucket}/src", f"s3://{bucket}/out2",
            "--dequant", "--work", str(tmp_path / "w"), "--json"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -225,7 +225,7 @@ def test_cli_uses_fsspec_env_config(s3_endpoint, s3_options, demo, reference, tm
 
 
 def _specs_and_data(nbytes: int):
-    from storage.safetensors_format import TensorSpec
+    from ckptflow.storage.safetensors_format import TensorSpec
 
     specs = [TensorSpec("a.weight", "F16", (nbytes // 2,)), TensorSpec("b.bias", "F32", (4,))]
     rng = np.random.default_rng(0)
@@ -241,8 +241,8 @@ def small_blocks(s3_options):
 
 
 def test_writer_abort_on_s3_leaves_nothing(s3_options, small_blocks):
-    from storage.urls import open_location
-    from storage.writer import SafetensorsWriter
+    from ckptflow.storage.urls import open_location
+    from ckptflow.storage.writer import SafetensorsWriter
 
     bucket = s3_options["bucket"]
     fs = fresh_fs(s3_options["options"])
@@ -263,8 +263,8 @@ def test_writer_abort_on_s3_leaves_nothing(s3_options, small_blocks):
 
 
 def test_writer_abort_on_s3_closes_the_file(s3_options, monkeypatch):
-    from storage.urls import open_location
-    from storage.writer import SafetensorsWriter
+    from ckptflow.storage.urls import open_location
+    from ckptflow.storage.writer import SafetensorsWriter
 
     seen: list = []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)
@@ -279,8 +279,8 @@ def test_writer_abort_on_s3_closes_the_file(s3_options, monkeypatch):
 
 
 def test_writer_short_commit_on_s3_leaves_nothing(s3_options, small_blocks):
-    from storage.urls import open_location
-    from storage.writer import SafetensorsWriter
+    from ckptflow.storage.urls import open_location
+    from ckptflow.storage.writer import SafetensorsWriter
 
     bucket = s3_options["bucket"]
     fs = fresh_fs(s3_options["options"])
@@ -299,9 +299,9 @@ def test_writer_short_commit_on_s3_leaves_nothing(s3_options, small_blocks):
 def test_writer_commit_on_s3_is_visible_only_after_commit(nbytes, s3_options, small_blocks):
     from safetensors.numpy import load
 
-    from storage.safetensors_format import build_header
-    from storage.urls import open_location
-    from storage.writer import SafetensorsWriter
+    from ckptflow.storage.safetensors_format import build_header
+    from ckptflow.storage.urls import open_location
+    from ckptflow.storage.writer import SafetensorsWriter
 
     bucket = s3_options["bucket"]
     fs = fresh_fs(s3_options["options"])
@@ -360,9 +360,9 @@ def _put_safetensors(fs: s3fs.S3FileSystem, key: str, tensors: dict[str, np.ndar
 
 
 def test_read_header_on_s3_reads_only_the_header(s3_options):
-    from storage.reader import read_header
-    from storage.safetensors_format import HEADER_PROBE_BYTES
-    from storage.urls import open_location
+    from ckptflow.storage.reader import read_header
+    from ckptflow.storage.safetensors_format import HEADER_PROBE_BYTES
+    from ckptflow.storage.urls import open_location
 
     bucket = s3_options["bucket"]
     # A private s3fs instance, so the hook sees only this test's requests.
@@ -383,9 +383,9 @@ def test_read_header_on_s3_reads_only_the_header(s3_options):
 
 def test_read_header_on_s3_larger_than_the_probe(s3_options):
     """A header over the 256 KiB probe: one more range read, for exactly the rest of it."""
-    from storage.reader import read_header
-    from storage.safetensors_format import HEADER_PROBE_BYTES, header_length
-    from storage.urls import open_location
+    from ckptflow.storage.reader import read_header
+    from ckptflow.storage.safetensors_format import HEADER_PROBE_BYTES, header_length
+    from ckptflow.storage.urls import open_location
 
     bucket = s3_options["bucket"]
     opts = {**s3_options["options"], "skip_instance_cache": True}
@@ -414,7 +414,7 @@ def _put_folder_marker(fs: s3fs.S3FileSystem, bucket: str, key: str) -> None:
 
 
 def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, reference, tmp_path):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
@@ -431,7 +431,7 @@ def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, refe
 
 
 def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, reference, tmp_path):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
@@ -447,7 +447,7 @@ def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, refere
 
 def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, reference, tmp_path,
                                           monkeypatch):
-    from flows.convert import convert_flow
+    from ckptflow.flows.convert import convert_flow
     from .conftest import free_port
 
     opts, bucket = s3_options["options"], s3_options["bucket"]

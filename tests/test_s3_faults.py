@@ -109,7 +109,7 @@ def auth_s3(tmp_path_factory):
 
 
 def ckptflow(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "flows.cli", *args], cwd=ROOT, env=env or cli_env(),
+    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=env or cli_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -152,16 +152,16 @@ def test_convert_into_a_missing_bucket_stops_and_creates_no_bucket(s3_options, d
     run = ckptflow("convert", str(demo_ckpt), dest, "--dequant", "--storage-options", json.dumps(opts),
                    "--work", str(tmp_path / "w"),
                    env=cli_env(PREFECT_HOME=str(tmp_path / "prefect-home")))
-    # The CLI's pre-flight (storage.remote.check_writable_dest) names DEST, before Prefect starts.
+    # The CLI's pre-flight (ckptflow.storage.remote.check_writable_dest) names DEST, before Prefect starts.
     assert_one_error(run, f"{dest}: bucket {missing!r} does not exist; create it first", "never creates buckets")
     assert not bucket_exists(opts, missing)
     assert tree_digest(demo_ckpt) == before
 
 
 def test_writers_never_create_a_bucket(s3_options):
-    from storage.files import write_json
-    from storage.remote import check_writable_dest
-    from storage.urls import StorageError, open_location
+    from ckptflow.storage.files import write_json
+    from ckptflow.storage.remote import check_writable_dest
+    from ckptflow.storage.urls import StorageError, open_location
 
     opts = s3_options["options"]
     missing = "nope-" + uuid.uuid4().hex[:8]
@@ -185,8 +185,8 @@ def test_writers_never_create_a_bucket(s3_options):
 
 def test_remote_work_in_a_missing_bucket_is_refused_before_prefect_writes(s3_options):
     """Prefect's RemoteFileSystem calls makedirs before each record: with s3fs, that makes buckets."""
-    from flows.workdir import result_storage
-    from storage.urls import StorageError
+    from ckptflow.flows.workdir import result_storage
+    from ckptflow.storage.urls import StorageError
 
     opts = s3_options["options"]
     missing = "nope-" + uuid.uuid4().hex[:8]
@@ -199,8 +199,8 @@ def test_remote_work_in_a_missing_bucket_is_refused_before_prefect_writes(s3_opt
 
 
 def test_bad_and_read_only_credentials(auth_s3, tmp_path):
-    from storage.remote import check_writable_dest
-    from storage.urls import StorageError, open_location
+    from ckptflow.storage.remote import check_writable_dest
+    from ckptflow.storage.urls import StorageError, open_location
 
     src = f"s3://{auth_s3['bucket']}/src"
     run = ckptflow("validate", src, "--storage-options",
@@ -260,7 +260,7 @@ def test_an_endpoint_that_never_answers_fails_within_a_minute(silent_endpoint):
     ({"config_kwargs": {"retry": 3}}, ("config_kwargs is not a valid botocore Config",)),
 ])
 def test_malformed_storage_options_name_the_option(bad, words):
-    from storage.urls import StorageError, open_location
+    from ckptflow.storage.urls import StorageError, open_location
 
     with pytest.raises(StorageError) as info:
         open_location("s3://bucket/src", {"key": "k", "secret": "s", **bad})
@@ -276,7 +276,7 @@ def test_malformed_storage_options_on_the_command_line(tmp_path):
 
 
 def test_s3_defaults_bound_timeouts_and_retries_and_yield_to_the_user(monkeypatch):
-    from storage.urls import open_location
+    from ckptflow.storage.urls import open_location
 
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
@@ -340,7 +340,7 @@ def _translated(inner: BaseException, outer: BaseException) -> BaseException:
     (lambda: PermissionError(13, "Permission denied", "/ro/out"), ("/ro/out: permission denied",)),
 ])
 def test_explain_names_the_place_and_what_to_do(make, words):
-    from storage.faults import explain
+    from ckptflow.storage.faults import explain
 
     line = explain(make())
     assert line is not None and "\n" not in line
@@ -349,7 +349,7 @@ def test_explain_names_the_place_and_what_to_do(make, words):
 
 
 def test_explain_leaves_bugs_alone():
-    from storage.faults import explain
+    from ckptflow.storage.faults import explain
 
     assert explain(KeyError("weight")) is None
     assert explain(_translated(ValueError("bad shape"), RuntimeError("task failed"))) is None

@@ -8,12 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from storage.files import INDEX_NAME, index_document, list_files, read_json, write_json
-from storage.reader import RangeReader, read_header
-from storage.safetensors_format import TensorSpec, build_header
-from storage.urls import StorageError, open_location, parse_storage_options
-from storage.writer import SafetensorsWriter
-from tasks.torch_dtypes import TORCH_TO_ST
+from ckptflow.storage.files import INDEX_NAME, index_document, list_files, read_json, write_json
+from ckptflow.storage.reader import RangeReader, read_header
+from ckptflow.storage.safetensors_format import TensorSpec, build_header
+from ckptflow.storage.urls import StorageError, open_location, parse_storage_options
+from ckptflow.storage.writer import SafetensorsWriter
+from ckptflow.tasks.torch_dtypes import TORCH_TO_ST
 
 
 def as_bytes(t: torch.Tensor) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.convert import convert_flow
+from ckptflow.flows.convert import convert_flow
 
 from .conftest import PYTHON, ROOT, cli_env
 from .test_flow import tree
@@ -25,7 +25,7 @@ def digest_tree(path: Path) -> dict[str, str]:
 
 
 def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "flows.cli", *args], cwd=ROOT, env=cli_env(**env),
+    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(**env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -73,8 +73,8 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(demo_ckpt, tmp
 
 
 def test_prune_never_deletes_under_source(demo_ckpt, tmp_path):
-    from flows.stages import prepare_dest
-    from storage.urls import StorageError, open_location
+    from ckptflow.flows.stages import prepare_dest
+    from ckptflow.storage.urls import StorageError, open_location
 
     before = digest_tree(demo_ckpt)
     with pytest.raises(StorageError, match="refusing to delete .* inside SOURCE"):
@@ -104,8 +104,8 @@ def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
 
 
 def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, demo_ckpt, tmp_path):
-    from flows.synthetic import make_deepseek_v3_fp8
-    from storage.urls import open_location
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
 
     out, work = tmp_path / "out", tmp_path / "work"
     convert_flow(str(demo_ckpt), str(out), work=str(work))
@@ -141,9 +141,9 @@ def test_empty_or_damaged_journal_entries_count_as_absent(prefect_harness, demo_
 
 
 def test_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
-    from storage import writer
-    from storage.safetensors_format import TensorSpec
-    from storage.urls import open_location
+    from ckptflow.storage import writer
+    from ckptflow.storage.safetensors_format import TensorSpec
+    from ckptflow.storage.urls import open_location
 
     events: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -162,7 +162,7 @@ def test_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 # file named by CKPTFLOW_TEST_GO exists (or 120 s pass), so a test can act while it runs.
 SLOW_CLI = """
 import os, sys, time
-import tasks.shard_task as st
+import ckptflow.tasks.shard_task as st
 real, done = st.write_shard, []
 def slow(*a, **k):
     go = os.environ["CKPTFLOW_TEST_GO"]
@@ -172,7 +172,7 @@ def slow(*a, **k):
     done.append(1)
     return real(*a, **k)
 st.write_shard = slow
-from flows.cli import main
+from ckptflow.flows.cli import main
 sys.exit(main())
 """
 
@@ -230,8 +230,8 @@ def test_disk_full_is_one_line_naming_the_file_and_leaves_nothing_complete(demo_
     assert digest_tree(demo_ckpt) == before
     assert not (out / "model.safetensors.index.json").exists() and not (out / "config.json").exists()
     assert not [p for p in out.iterdir() if ".partial-" in p.name]  # the cut temp file is gone
-    from storage.urls import open_location
-    from storage.reader import read_header
+    from ckptflow.storage.urls import open_location
+    from ckptflow.storage.reader import read_header
 
     for shard in out.glob("*.safetensors"):  # what was published is whole
         h = read_header(open_location(str(out)), shard.name)
@@ -256,8 +256,8 @@ def test_read_only_or_file_dest_is_one_line(demo_ckpt, tmp_path):
 
 
 def test_symlinked_directory_in_source_is_followed_once(tmp_path):
-    from storage.files import list_files
-    from storage.urls import open_location
+    from ckptflow.storage.files import list_files
+    from ckptflow.storage.urls import open_location
 
     src = tmp_path / "src"
     (tmp_path / "elsewhere" / "sub").mkdir(parents=True)
@@ -314,8 +314,8 @@ def test_cli_sigkilled_alone_leaves_no_child_behind(demo_ckpt, tmp_path):
 # --- the same rules on object storage -----------------------------------------------------------
 
 def test_object_store_lock_refuses_a_live_holder_and_takes_over_a_dead_one(s3_options, monkeypatch):
-    from storage import lock
-    from storage.urls import open_location
+    from ckptflow.storage import lock
+    from ckptflow.storage.urls import open_location
 
     dst = open_location(f"s3://{s3_options['bucket']}/out", s3_options["options"])
     with lock.dest_lock(dst):

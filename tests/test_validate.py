@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from storage.checkpoint import scan_checkpoint
-from storage.urls import open_location
-from tasks.validate import ValidationFailed, check, find_problems
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks.validate import ValidationFailed, check, find_problems
 
 from .conftest import PYTHON, ROOT, cli_env
 
@@ -123,12 +123,12 @@ def test_check_raises_with_every_error_and_keeps_warnings(tmp_path):
 def test_validate_cli_exit_codes_and_messages(tmp_path):
     (tmp_path / "ok").mkdir()
     ok = good(tmp_path / "ok")
-    run = subprocess.run([PYTHON, "-m", "flows.cli", "validate", str(ok)], capture_output=True,
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "validate", str(ok)], capture_output=True,
                          text=True, env=cli_env(), cwd=ROOT)
     assert run.returncode == 0, run.stderr
     assert "ok — 2 file(s), 3 tensors" in run.stdout
     (ok / "m-1.safetensors").write_bytes((ok / "m-1.safetensors").read_bytes()[:40])
-    run = subprocess.run([PYTHON, "-m", "flows.cli", "validate", str(ok)], capture_output=True,
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "validate", str(ok)], capture_output=True,
                          text=True, env=cli_env(), cwd=ROOT)
     assert run.returncode == 1
     assert "error: m-1.safetensors: header length" in run.stderr

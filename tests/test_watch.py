@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from storage.listing import FileStat
-from storage.urls import StorageError
-from tasks.watch_plan import find_checkpoints, marker, plan_watch
+from ckptflow.storage.listing import FileStat
+from ckptflow.storage.urls import StorageError
+from ckptflow.tasks.watch_plan import find_checkpoints, marker, plan_watch
 
 from .test_flow import tree
 
@@ -129,8 +129,8 @@ def by_name(summary) -> dict[str, tuple[str, str]]:
 
 
 def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_harness, bucket_with_checkpoints):
-    from flows.convert import convert_flow
-    from flows.watch import WatchFailed, watch_flow
+    from ckptflow.flows.convert import convert_flow
+    from ckptflow.flows.watch import WatchFailed, watch_flow
 
     w = bucket_with_checkpoints
     fs, b, opts = w["fs"], w["bucket"], w["options"]
@@ -200,7 +200,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
 def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, bucket_with_checkpoints):
     from prefect.exceptions import ParameterTypeError
 
-    from flows.watch import watch_flow
+    from ckptflow.flows.watch import watch_flow
 
     w = bucket_with_checkpoints
     b = w["bucket"]
@@ -225,8 +225,8 @@ def test_convert_options_mirror_the_convert_flow_signature():
     """ConvertOptions is convert_flow's recipe as a model: same names, same defaults."""
     import inspect
 
-    from flows.convert import convert_flow
-    from flows.params import ConvertOptions
+    from ckptflow.flows.convert import convert_flow
+    from ckptflow.flows.params import ConvertOptions
 
     params = {n: p.default for n, p in inspect.signature(convert_flow.fn).parameters.items()
               if n not in ("source", "dest", "work", "storage_options")}
