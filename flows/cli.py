@@ -297,12 +297,37 @@ def _add_convert_options(c: argparse.ArgumentParser) -> None:
                    help="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
 
 
+def version() -> str:
+    """The installed distribution's version: pyproject.toml is the one place it is written."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("ckptflow")
+    except PackageNotFoundError:  # imported from a bare checkout on sys.path, not installed
+        return "0+unknown"
+
+
+def _add_verbose(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="show Prefect's logs and tracebacks")
+
+
+def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand; it takes `-v/--verbose` too (`ckptflow convert A B --dequant -v`). The default
+    there is SUPPRESS, so a `-v` given before the subcommand is not reset to False by the subparser."""
+    parser = sub.add_parser(name, **kwargs)
+    _add_verbose(parser, argparse.SUPPRESS)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckptflow", description="Convert large LLM checkpoints, resumably.")
-    p.add_argument("-v", "--verbose", action="store_true", help="show Prefect's logs and tracebacks")
+    _add_verbose(p, False)
+    p.add_argument("--version", action="version", version=f"ckptflow {version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("convert", help="convert SOURCE into DEST (any fsspec URLs)")
+    c = _command(sub, "convert", help="convert SOURCE into DEST (any fsspec URLs)")
     c.add_argument("source")
     c.add_argument("dest")
     c.add_argument("--work", help="work location: shard records and fetched files "
@@ -311,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
     c.set_defaults(func=cmd_convert)
 
-    w = sub.add_parser("watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "
+    w = _command(sub, "watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "
                                      "DEST_PREFIX is missing or stale (what a schedule runs)")
     w.add_argument("source_prefix", help="e.g. s3://models/incoming: each folder holding *.safetensors is one checkpoint")
     w.add_argument("dest_prefix", help="each checkpoint NAME is converted into DEST_PREFIX/NAME")
@@ -326,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="also print the summary as JSON")
     w.set_defaults(func=cmd_watch)
 
-    f = sub.add_parser("verify", help="check dtypes against config.json, index and total_size")
+    f = _command(sub, "verify", help="check dtypes against config.json, index and total_size")
     f.add_argument("path")
     f.add_argument("--fix-dtypes", dest="fix_dtypes_dest", metavar="DEST",
                    help="write a copy to DEST with mismatched tensors cast to the config's dtype")
@@ -336,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--max-workers", type=int, default=1)
     f.set_defaults(func=cmd_verify, fix_dtypes=False)
 
-    m = sub.add_parser("megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
+    m = _command(sub, "megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
     m.add_argument("source", help=".pt file, Megatron checkpoint directory or NVIDIA .zip (any fsspec URL)")
     m.add_argument("dest")
     m.add_argument("--tokenizer", metavar="PATH", help="copy tokenizer files from here (no hub download)")
@@ -347,12 +372,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_megatron)
 
-    v = sub.add_parser("validate", help="check the index against every shard header")
+    v = _command(sub, "validate", help="check the index against every shard header")
     v.add_argument("source")
     v.add_argument("--storage-options")
     v.set_defaults(func=cmd_validate)
 
-    d = sub.add_parser("demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
+    d = _command(sub, "demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
     d.add_argument("dest", nargs="?", default="ckptflow-demo")
     d.add_argument("--max-workers", type=int, default=1)
     d.set_defaults(func=cmd_demo)
