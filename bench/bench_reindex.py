@@ -109,7 +109,8 @@ def child_ckptflow(src: str, dst: str, max_shard_size: str) -> None:
         if name != "bench-params.json":
             copy_file(s, d, name)
     seconds = time.perf_counter() - t0
-    rss_line(seconds=seconds, shards=len(plan.shards), moved_tensors=moved_tensors(plan, ckpt), moved_bytes=moved_bytes(plan, ckpt),
+    rss_line(seconds=seconds, shards=len(plan.shards), moved_tensors=moved_tensors(plan, ckpt),
+             moved_bytes=moved_bytes(plan, ckpt),
              tensors=len(plan.weight_map()), weight_map=plan.weight_map())
 
 

@@ -44,7 +44,8 @@ def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
     gbps = summary.get("gb_per_s_in")
     print(f"output:   {summary['dest']}", file=out)
     print(f"shards:   {summary['shards']} ({summary['cached_shards']} reused from an earlier run)", file=out)
-    print(f"tensors:  {summary['tensors']} written ({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
+    print(f"tensors:  {summary['tensors']} written "
+          f"({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
     print(f"bytes:    {_human(summary['source_bytes'])} read → {_human(summary['bytes_written'])} written", file=out)
     print(f"time:     {summary['seconds']:.2f} s total, {summary['shard_seconds']:.2f} s in shard tasks"
           + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
@@ -338,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = _command(sub, "watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "
                                      "DEST_PREFIX is missing or stale (what a schedule runs)")
-    w.add_argument("source_prefix", help="e.g. s3://models/incoming: each folder holding *.safetensors is one checkpoint")
+    w.add_argument("source_prefix",
+                   help="e.g. s3://models/incoming: each folder holding *.safetensors is one checkpoint")
     w.add_argument("dest_prefix", help="each checkpoint NAME is converted into DEST_PREFIX/NAME")
     w.add_argument("--work-prefix", help="shard records and markers, per checkpoint "
                                          "(default: DEST_PREFIX/.ckptflow-work)")

@@ -33,7 +33,8 @@ _NET_ADVICE = {
 _CHECK_ENDPOINT = ("check the endpoint (--storage-options client_kwargs.endpoint_url, AWS_ENDPOINT_URL "
                    "or FSSPEC_S3_ENDPOINT_URL) and that the service is up")
 _SET_CREDENTIALS = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass "
-                    "--storage-options '{\"key\": \"...\", \"secret\": \"...\"}' ('{\"anon\": true}' for a public bucket)")
+                    "--storage-options '{\"key\": \"...\", \"secret\": \"...\"}' "
+                    "('{\"anon\": true}' for a public bucket)")
 _BAD_KEY_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "InvalidClientTokenId",
                   "UnrecognizedClientException", "AuthFailure"}
 _EXPIRED_CODES = {"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired"}
@@ -83,14 +84,17 @@ def _client_error(exc: BaseException) -> tuple[str, str] | None:
         name = f"bucket {bucket!r}" if bucket else "the bucket"
         return where, f"{name} does not exist; check the bucket name and the endpoint (ckptflow never creates buckets)"
     if code in _BAD_KEY_CODES:
-        return where, f"the storage rejected the credentials ({code}: {message or 'invalid key or secret'}); {_SET_CREDENTIALS}"
+        return where, (f"the storage rejected the credentials ({code}: {message or 'invalid key or secret'}); "
+                       f"{_SET_CREDENTIALS}")
     if code in _EXPIRED_CODES:
-        return where, f"the credentials have expired ({code}); refresh them (aws sso login, a new session token) and run again"
+        return where, (f"the credentials have expired ({code}); refresh them (aws sso login, a new session token) "
+                       "and run again")
     if code in _DENIED_CODES:
         return where, (f"access denied ({operation}); these credentials may not do this here: check the bucket "
                        f"policy or IAM permissions, or {_SET_CREDENTIALS}")
     if code in _REGION_CODES:
-        return where, f"wrong region for this bucket ({code}: {message}); set client_kwargs.region_name or AWS_DEFAULT_REGION"
+        return where, (f"wrong region for this bucket ({code}: {message}); "
+                       "set client_kwargs.region_name or AWS_DEFAULT_REGION")
     if code in ("NoSuchKey", "404"):
         return None  # a missing file: the caller names it (or it is ours to fix)
     return where, f"the storage refused {operation}: {code}{': ' + message if message else ''}"

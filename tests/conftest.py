@@ -118,7 +118,8 @@ def prefect_server(tmp_path_factory):
     port = free_port()
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=server_env(home, PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="1"),
+                             "--port", str(port)],
+                            env=server_env(home, PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="1"),
                             cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"

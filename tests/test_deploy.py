@@ -129,7 +129,8 @@ def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness,
 def test_an_invalid_deployment_parameter_is_rejected_before_a_run_exists(deployed, tmp_path):
     env = deployed["env"]
     before = len(flow_runs(env, "convert-fp8-to-bf16"))
-    for param, field in [("mp=two", "mp"), ("task_runner=gpu-cluster", "task_runner"), ("max_shard_size=big", "max_shard_size")]:
+    for param, field in [("mp=two", "mp"), ("task_runner=gpu-cluster", "task_runner"),
+                         ("max_shard_size=big", "max_shard_size")]:
         run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16", "--param", param], env, tmp_path,
                       timeout=120)
         assert run.returncode != 0, run.stdout
@@ -149,5 +150,6 @@ def test_watch_deployment_converts_what_is_missing_under_the_prefix(deployed, de
     one = s3_tree(fs, f"{b}/watched-bf16/one")
     assert one and one == s3_tree(fs, f"{b}/watched-bf16/two")
     assert json.loads(one["config.json"])["torch_dtype"] == "bfloat16"
-    markers = sorted(p.rsplit("/", 2)[-2] for p in fs.find(f"{b}/watched-bf16/.ckptflow-work") if p.endswith("/watch.json"))
+    markers = sorted(p.rsplit("/", 2)[-2] for p in fs.find(f"{b}/watched-bf16/.ckptflow-work")
+                     if p.endswith("/watch.json"))
     assert markers == ["one", "two"]

@@ -1,7 +1,6 @@
 """FP8 → BF16: the planner on plain numbers, the CPU path bit for bit, whole-checkpoint output."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -188,7 +187,6 @@ def test_weight_dequant_backends_agree(monkeypatch):
 
 @pytest.mark.parametrize("chunk", [16 << 20, 100])
 def test_slice_transform_cuts_any_dim_byte_exact(tmp_path, monkeypatch, chunk):
-    from ckptflow.storage.safetensors_format import TensorInfo
     from ckptflow.tasks.plan import OutputTensor, ShardPlan, SourceRef
 
     monkeypatch.setattr("ckptflow.tasks.execute.CHUNK_BYTES", chunk)

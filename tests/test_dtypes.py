@@ -33,9 +33,11 @@ def moe_ckpt(path, expert_dtype=torch.float32, config_dtype="bfloat16"):
             shard2[f"model.layers.0.mlp.experts.{e}.{proj}.weight"] = t.to(expert_dtype)
     save_file(shard1, path / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     save_file(shard2, path / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
-    wm = {k: "model-00001-of-00002.safetensors" for k in shard1} | {k: "model-00002-of-00002.safetensors" for k in shard2}
+    wm = ({k: "model-00001-of-00002.safetensors" for k in shard1}
+          | {k: "model-00002-of-00002.safetensors" for k in shard2})
     total = sum(t.numel() * t.element_size() for t in (shard1 | shard2).values())
-    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": wm}))
+    index = {"metadata": {"total_size": total}, "weight_map": wm}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
     (path / "config.json").write_text(json.dumps({"model_type": "deepseek_v3", "torch_dtype": config_dtype}))
     return path, shard2
 

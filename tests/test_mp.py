@@ -123,7 +123,7 @@ def test_plan_shape_names_and_options(ckpts):
     assert t["layers.1.attn.wo.scale"].params == (("dim", 1), ("start", 2), ("stop", 3))
     assert t["layers.1.ffn.gate.bias"].transform == "copy"
     assert {n for n in t if ".experts." in n and n.endswith(".w1.weight")} == \
-        {f"layers.{l}.ffn.experts.{e}.w1.weight" for l in (1, 2) for e in (4, 5)}
+        {f"layers.{i}.ffn.experts.{e}.w1.weight" for i in (1, 2) for e in (4, 5)}
     assert plan_mp(ckpt, 4, "deepseek-v3") == plan  # deterministic
 
 
@@ -219,7 +219,8 @@ def test_load_preset_errors_name_the_file(tmp_path):
              '{"rules": [["x.{layer}", "y", "SIDEWAYS"]]}': "split must be one of COLUMN, ROW, REPLICATED, EXPERT",
              '{"rules": [["x.{layer}", "y.{expert}", "ROW"]]}': "uses a placeholder its pattern does not capture",
              '{"rules": [["x.{layer}", "y", "ROW"]], "typo": 1}': "unknown key",
-             '{"rules": [["x", "y", "ROW"]], "output_file": "m.safetensors"}': "must end in .safetensors, contain {rank}"}
+             '{"rules": [["x", "y", "ROW"]], "output_file": "m.safetensors"}':
+                 "must end in .safetensors, contain {rank}"}
     for text, why in cases.items():
         bad.write_text(text)
         with pytest.raises(PlanError, match=re.escape(f"preset {bad}: ") + ".*" + re.escape(why)):

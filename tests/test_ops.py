@@ -421,12 +421,14 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
     assert {"convert-progress", "convert-summary", "dtypes", "dtype-check"} <= set(artifacts)
     assert float(artifacts["convert-progress"].data) == 100.0
     assert "6 (0 cache hits)" in artifacts["convert-summary"].data
-    rows = json.loads(artifacts["dtypes"].data) if isinstance(artifacts["dtypes"].data, str) else artifacts["dtypes"].data
+    data = artifacts["dtypes"].data
+    rows = json.loads(data) if isinstance(data, str) else data
     assert {r["dtype"] for r in rows} == set(summary["dtypes"])
 
     # A structured line per shard, naming the file and its numbers.
     lines = [line for line in lines if line.startswith("shard committed")]
-    assert sorted(line.split(" file=")[1].split()[0] for line in lines) == sorted(p.name for p in out.glob("*.safetensors"))
+    committed = sorted(line.split(" file=")[1].split()[0] for line in lines)
+    assert committed == sorted(p.name for p in out.glob("*.safetensors"))
     assert all("tensors=" in line and "gbps_in=" in line and "worker=" in line for line in lines)
 
     # A rerun finds every shard committed: the artifact reaches 100 % from cache alone.

@@ -31,7 +31,8 @@ def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt
                        ref["model.layers.0.self_attn.q_b_proj.weight"])
     assert torch.equal(torch.cat([r["layers.1.attn.wo.weight"] for r in ranks], dim=1),
                        ref["model.layers.1.self_attn.o_proj.weight"])
-    assert torch.equal(ranks[1]["layers.2.ffn.experts.5.w2.weight"], ref["model.layers.2.mlp.experts.5.down_proj.weight"])
+    assert torch.equal(ranks[1]["layers.2.ffn.experts.5.w2.weight"],
+                       ref["model.layers.2.mlp.experts.5.down_proj.weight"])
     assert "layers.2.ffn.experts.5.w2.weight" not in ranks[0]
     assert ranks[0]["layers.1.ffn.gate.bias"].dtype == torch.float32
     assert not any(k.startswith("layers.3.") for r in ranks for k in r)  # the MTP layer is gone

@@ -267,7 +267,8 @@ def test_qkv_in_three_non_adjacent_shards(tmp_path):
     files = {"model-00001-of-00005.safetensors": [("model.embed_tokens.weight", (256, H))] + attn(0, "q"),
              "model-00002-of-00005.safetensors": [(p + "o_proj.weight", (H, H)), (L0 + "input_layernorm.weight", (H,))],
              "model-00003-of-00005.safetensors": attn(0, "k"),
-             "model-00004-of-00005.safetensors": [(L0 + f"mlp.{m}_proj.weight", (FF, H)) for m in ("gate", "up", "down")],
+             "model-00004-of-00005.safetensors": [(L0 + f"mlp.{m}_proj.weight", (FF, H))
+                                                  for m in ("gate", "up", "down")],
              "model-00005-of-00005.safetensors": attn(0, "v") + [("lm_head.weight", (256, H))]}
     write_real(tmp_path / "src", files)
     plan, ckpt = reindex_and_check(tmp_path / "src", tmp_path / "out")
@@ -307,11 +308,13 @@ def test_mla_pairs_split_fp8_with_scales(tmp_path):
     p = L0 + "self_attn."
     files = {"a.safetensors": [(p + "q_a_proj.weight", (96, H)), ("layers.0.attn.wq_a.weight", (96, H))],
              "b.safetensors": [(p + "kv_a_proj_with_mqa.weight", (80, H)), ("layers.0.attn.wkv_a.weight", (80, H))],
-             "c.safetensors": [(p + "q_a_proj.weight_scale_inv", (1, 1)), (p + "kv_a_proj_with_mqa.weight_scale_inv", (1, 1)),
+             "c.safetensors": [(p + "q_a_proj.weight_scale_inv", (1, 1)),
+                               (p + "kv_a_proj_with_mqa.weight_scale_inv", (1, 1)),
                                (p + "o_proj.weight", (H, H))]}
     write_real(tmp_path / "src", files, dtype=torch.float8_e4m3fn)
     plan, ckpt = reindex_and_check(tmp_path / "src", tmp_path / "out")
-    assert set(layout(plan)["model-00001-of-00002.safetensors"]) == {n for f in "ab" for n, _ in files[f"{f}.safetensors"]} | {
+    first = {n for f in "ab" for n, _ in files[f"{f}.safetensors"]}
+    assert set(layout(plan)["model-00001-of-00002.safetensors"]) == first | {
         p + "kv_a_proj_with_mqa.weight_scale_inv", p + "q_a_proj.weight_scale_inv"}
     assert moved_tensors(plan, ckpt) == 4
 

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,6 +23,9 @@ import s3fs
 from botocore import exceptions as botocore_errors
 
 from .conftest import PYTHON, ROOT, cli_env, free_port, kill_group
+
+if sys.version_info < (3, 11):  # requires-python is 3.10; anyio brings the backport there
+    from exceptiongroup import ExceptionGroup
 
 # ------------------------------------------------------------------------------- endpoints
 

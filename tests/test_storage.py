@@ -38,7 +38,12 @@ def test_header_read_is_one_small_range_read(tmp_path, monkeypatch):
     loc = open_location(str(tmp_path))
     calls = []
     real = loc.fs.cat_file
-    monkeypatch.setattr(loc.fs, "cat_file", lambda p, start=None, end=None, **k: calls.append((start, end)) or real(p, start=start, end=end, **k))
+
+    def counted(p, start=None, end=None, **k):
+        calls.append((start, end))
+        return real(p, start=start, end=end, **k)
+
+    monkeypatch.setattr(loc.fs, "cat_file", counted)
     read_header(loc, "x.safetensors")
     assert len(calls) == 1 and calls[0][1] - calls[0][0] <= 256 * 1024
 
@@ -93,7 +98,8 @@ def test_memory_filesystem_round_trip():
     assert read_json(loc, INDEX_NAME) == {"metadata": {"total_size": 8}, "weight_map": {"x": "m.safetensors"}}
     h = read_header(loc, "m.safetensors")
     with RangeReader(loc) as r:
-        assert bytes(r.read("m.safetensors", h.tensors["x"].start, h.tensors["x"].end)) == bytes(as_bytes(torch.tensor([1.0, 2.0])))
+        x = h.tensors["x"]
+        assert bytes(r.read("m.safetensors", x.start, x.end)) == bytes(as_bytes(torch.tensor([1.0, 2.0])))
 
 
 def test_header_layout_is_aligned_and_parsable():

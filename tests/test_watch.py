@@ -178,7 +178,8 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     fs.put(str(w["src"]) + "/", f"{b}/incoming/delta/", recursive=True)
     state = watch_flow(**run, return_state=True)
     assert state.is_failed()
-    with pytest.raises(WatchFailed, match=r"1 of 2 conversion\(s\) failed:\n  - gamma: .*\n      - model-00003-of-00006.safetensors: header"):
+    failed = r"1 of 2 conversion\(s\) failed:\n  - gamma: .*\n      - model-00003-of-00006.safetensors: header"
+    with pytest.raises(WatchFailed, match=failed):
         state.result()
     assert s3_tree(fs, f"{b}/converted/delta") == expected
     assert not fs.exists(f"{b}/converted/gamma/model.safetensors.index.json")

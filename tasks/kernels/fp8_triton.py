@@ -141,7 +141,8 @@ def _validate(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int, ou
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
     if weight.dim() not in (2, 3):
-        raise ValueError(f"weight must be 2-D [M, N] or 3-D [E, M, N], got {weight.dim()}-D shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must be 2-D [M, N] or 3-D [E, M, N], "
+                         f"got {weight.dim()}-D shape {tuple(weight.shape)}")
     *lead, m, n = weight.shape
     expected = (*lead, triton.cdiv(m, block_size), triton.cdiv(n, block_size))
     if tuple(scale_inv.shape) != expected:
