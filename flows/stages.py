@@ -94,8 +94,12 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     for shard in plan.shards:
         fps = [ckpt.fingerprint(f) for f in shard.source_files]
         entry = f"{shard_key(plan.stage, shard, fps, dst.url)}.json"
-        record = read_journal(journal, entry) if entry in journaled and identities[shard.file] else None
-        if record is not None and record.get("identity") == identities[shard.file]:
+        identity = identities[shard.file]
+        record = read_journal(journal, entry) if entry in journaled and identity else None
+        if record is not None and proves(record, identity):
+            if record.get("identity") != identity:  # killed between rename and the final entry
+                record = {**record, "identity": identity}
+                write_json(journal, entry, record)
             futures.append(record)  # the very file this plan committed, untouched since
             continue
         # Anything else is written again: no file, a file changed since its commit (same size or
@@ -132,7 +136,19 @@ def read_journal(journal: Location, entry: str) -> dict[str, Any] | None:
         record = read_json(journal, entry)
     except StorageError:
         return None
-    return record if isinstance(record, dict) and isinstance(record.get("identity"), str) else None
+    if not isinstance(record, dict):
+        return None
+    return record if isinstance(record.get("identity") or record.get("identity_before_rename"), str) else None
+
+
+def proves(record: dict[str, Any], identity: str) -> bool:
+    """Does a journal entry vouch for the file whose `file_identity` is `identity`? The final entry
+    names the whole identity; one written just before the rename (the run died before it could
+    write the final one) names everything but the ctime the rename set."""
+    if record.get("identity") is not None:
+        return record["identity"] == identity
+    before = record.get("identity_before_rename")
+    return isinstance(before, str) and identity.rsplit(":", 1)[0] == before
 
 
 def finalize(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location) -> None:

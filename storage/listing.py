@@ -116,18 +116,24 @@ def _local_info(path: str, st: os.stat_result) -> dict[str, Any]:
 
 def file_identity(loc: Location, name: str) -> str | None:
     """What proves on a later run that `name` is still the file this run committed: size, mtime,
-    ctime, device and inode locally (nanoseconds); size and ETag / version id remotely."""
+    device, inode and ctime locally (nanoseconds); size and ETag remotely."""
     if loc.is_local:
         try:
             st = os.stat(loc.path(name))
         except FileNotFoundError:
             return None
-        return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_dev}:{st.st_ino}"
+        return f"{local_identity_before_rename(st)}:{st.st_ctime_ns}"
     try:
         info = loc.fs.info(loc.path(name))
     except FileNotFoundError:
         return None
     return _remote_identity(info)
+
+
+def local_identity_before_rename(st: os.stat_result) -> str:
+    """The part of a local file's identity a rename keeps (a rename sets ctime): a journal entry
+    written just before the rename that publishes a shard can name its file with it."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_dev}:{st.st_ino}"
 
 
 def _remote_identity(info: dict[str, Any]) -> str:

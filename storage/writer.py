@@ -10,14 +10,16 @@ likes. Nothing appears under the final name until every byte is written:
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import os
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from .listing import file_identity
+from .listing import file_identity, local_identity_before_rename
 from .safetensors_format import TensorSpec, build_header
 from .urls import Location, StorageError
 
@@ -122,16 +124,21 @@ class AtomicFile:
                             f"{self.size:,} bytes{need}. Nothing was published under that name; free "
                             "space (or choose another DEST) and run the same command again to resume")
 
-    def commit(self) -> None:
+    def commit(self, before_publish: Callable[[str | None], None] | None = None) -> None:
         """Publish the file under its final name.
 
         Locally the bytes and then the directory entry are fsynced, so a power cut leaves either
-        no file or the whole file under the final name, never a renamed file of zeros."""
+        no file or the whole file under the final name, never a renamed file of zeros.
+        `before_publish(identity)` runs once every byte is durable and before the name appears,
+        with the local file's `local_identity_before_rename` (None on other stores): a record
+        written there leaves no instant in which the file is published but unrecorded."""
         if self.loc.is_local:
             try:
                 os.fsync(self._f.fileno())
             except OSError as exc:
                 raise self._disk_error(exc, 0) from None
+        if before_publish is not None:
+            before_publish(local_identity_before_rename(os.fstat(self._f.fileno())) if self.loc.is_local else None)
         self._f.close()  # completes the multipart upload on object stores
         if not self._direct:
             if self.loc.is_local:
@@ -203,16 +210,19 @@ class SafetensorsWriter:
         self._index += 1
         self._left = self.specs[self._index].nbytes if self._index < len(self.specs) else 0
 
-    def commit(self) -> WrittenFile:
+    def commit(self, before_publish: Callable[[WrittenFile, str | None], None] | None = None) -> WrittenFile:
+        """Publish the file; `before_publish(record, identity)` as in `AtomicFile.commit`, with the
+        record this returns (its `identity` not yet known)."""
         while self._index < len(self.specs) and self.specs[self._index].nbytes == 0:
             self._advance()
         if self._index < len(self.specs):
             missing = self.specs[self._index].name
             self._file.abort()
             raise RuntimeError(f"{self.name}: tensor {missing!r} was not fully written; nothing committed")
-        self._file.commit()
-        return WrittenFile(self.loc.url_of(self.name), self.name, self._file.size,
-                           self._file.sha256, len(self.specs), file_identity(self.loc, self.name))
+        record = WrittenFile(self.loc.url_of(self.name), self.name, self._file.size, self._file.sha256,
+                             len(self.specs))
+        self._file.commit(None if before_publish is None else lambda identity: before_publish(record, identity))
+        return dataclasses.replace(record, identity=file_identity(self.loc, self.name))
 
     def abort(self) -> None:
         self._file.abort()

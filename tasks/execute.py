@@ -224,8 +224,10 @@ TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast, "slice": _s
 
 
 def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progress | None = None,
-                digest: bool = False, device: str = "cpu", backend: str = "auto") -> WrittenFile:
-    """Write `shard.file` under `dst` from sources under `src`; atomic; returns its record."""
+                digest: bool = False, device: str = "cpu", backend: str = "auto",
+                before_publish: Callable[[WrittenFile, str | None], None] | None = None) -> WrittenFile:
+    """Write `shard.file` under `dst` from sources under `src`; atomic; returns its record.
+    `before_publish`: see `SafetensorsWriter.commit`."""
     with RangeReader(src) as reader, ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
         ctx = ExecContext(reader, pool, device=device, backend=backend,
                           kernel_copy=src.is_local and dst.is_local and not digest)
@@ -248,4 +250,4 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                 pass
             writer.abort()
             raise
-        return writer.commit()
+        return writer.commit(before_publish)

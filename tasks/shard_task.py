@@ -31,19 +31,29 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
     (new size or etag/mtime) makes this shard recompute instead of hitting an old record.
     `device`/`backend` are not in the key: every backend writes the same bytes.
 
-    `journal` (a URL in the work location) gets `<key>.json` right after the shard commits.
-    Prefect persists its own record only once the task has returned; a run killed in between
-    would otherwise redo a shard that is already whole.
+    `journal` (a URL in the work location) gets `<key>.json` twice: once the file is durable and
+    just before its final name appears (with the identity a rename keeps), and again after (with
+    the full identity). Prefect persists its own record only once the task has returned; with the
+    first entry, a run killed at any instant after the rename still finds the shard done.
     """
     src = open_location(source, storage_options)
     dst = open_location(dest, storage_options)
     t0 = time.perf_counter()
-    record = write_shard(shard, src, dst, progress.add_bytes, digest=digest, device=device, backend=backend)
-    out = record.as_dict()
-    out.update(stage=stage, seconds=round(time.perf_counter() - t0, 3), source_bytes=shard.source_bytes,
-               worker=f"{socket.gethostname()}:{os.getpid()}")  # which process ran it (scale-out)
-    if journal:
-        write_json(open_location(journal, storage_options), f"{shard_key(stage, shard, fingerprints, dest)}.json", out)
+    extra = {"stage": stage, "source_bytes": shard.source_bytes,
+             "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (scale-out)
+    entry = f"{shard_key(stage, shard, fingerprints, dest)}.json"
+    journal_loc = open_location(journal, storage_options) if journal else None
+
+    def before_publish(written: Any, identity: str | None) -> None:
+        if journal_loc is not None and identity is not None:
+            write_json(journal_loc, entry, {**written.as_dict(), **extra, "seconds": 0.0,
+                                            "identity": None, "identity_before_rename": identity})
+
+    record = write_shard(shard, src, dst, progress.add_bytes, digest=digest, device=device, backend=backend,
+                         before_publish=before_publish)
+    out = {**record.as_dict(), **extra, "seconds": round(time.perf_counter() - t0, 3)}
+    if journal_loc is not None:
+        write_json(journal_loc, entry, out)
     progress.shard_done()
     seconds = max(out["seconds"], 1e-9)
     # One key=value line per shard: greppable in the worker's output and the run's logs in the UI.

@@ -203,6 +203,45 @@ def test_two_runs_into_one_dest_one_refuses_and_output_is_exact(demo_ckpt, tmp_p
     assert tree(out) == tree(clean)
 
 
+# The real CLI, SIGKILLed by itself in the instant after its second shard's rename: the file is
+# published, the journal's final entry not yet written.
+KILLED_AFTER_RENAME_CLI = """
+import os, signal, sys
+import ckptflow.storage.writer as w
+real, renames = w.fsync_dir, []
+def fsync_dir(path):
+    real(path)
+    if path == os.environ["CKPTFLOW_TEST_OUT"]:  # a shard's rename, not a journal entry's
+        renames.append(path)
+    if len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+w.fsync_dir = fsync_dir
+from ckptflow.flows.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow
+def test_kill_right_after_a_rename_redoes_no_shard(demo_ckpt, tmp_path):
+    out = tmp_path / "out"
+    args = ["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w")]
+    killed = subprocess.run([PYTHON, "-c", KILLED_AFTER_RENAME_CLI, *args], cwd=ROOT,
+                            env=cli_env(CKPTFLOW_TEST_OUT=str(out)),
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    published = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(published) == 2
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in published}
+    rerun = ckptflow(*args, "--json")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert summary["cached_shards"] == 2  # the one published before its final journal entry too
+    assert {n: (out / n).stat().st_mtime_ns for n in published} == mtimes
+    clean = tmp_path / "clean"
+    assert ckptflow("convert", str(demo_ckpt), str(clean), "--dequant", "--work", str(tmp_path / "w2")).returncode == 0
+    assert tree(out) == tree(clean)
+
+
 # --- full and read-only disks -----------------------------------------------------------------
 
 def _mount_tmpfs(path: Path, options: str) -> bool:
