@@ -19,9 +19,11 @@ CODE_VERSION = "ckptflow-shards-1"
 
 
 def shard_key(stage: str, shard: Any, fingerprints: list, dest: str, params: Any = None) -> str:
-    """What determines one task's output; the Prefect cache key and the commit journal's name."""
+    """What determines one task's output; the Prefect cache key and the commit journal's name.
+    Raises when it cannot be hashed: a None key would disable caching and give every shard the
+    same journal entry."""
     return hash_objects(CODE_VERSION, stage, shard.digest() if shard is not None else None,
-                        params, sorted(map(tuple, fingerprints)), dest)
+                        params, sorted(map(tuple, fingerprints)), dest, raise_on_failure=True)
 
 
 @dataclass

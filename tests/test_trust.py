@@ -390,3 +390,13 @@ def test_tampered_shard_on_s3_is_rewritten(prefect_harness, s3_options, demo_ckp
     again = convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts)
     assert [r["name"] for r in again["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
     assert fs.cat_file(name) == good
+
+
+def test_a_shard_key_that_cannot_be_hashed_raises_instead_of_naming_every_entry_none():
+    import threading
+
+    from ckptflow.tasks.cache import shard_key
+
+    assert shard_key("s", None, [], "d", {"a": 1}) == shard_key("s", None, [], "d", {"a": 1})
+    with pytest.raises(Exception, match="Unable to create hash"):
+        shard_key("s", None, [], "d", {"a": threading.Lock()})  # was None: journal entry 'None.json'
