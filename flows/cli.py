@@ -94,24 +94,18 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
 
 def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:
-    """SOURCE, DEST and the work location must not nest, and DEST must not be a file: said in a
-    second, before Prefect starts. The flows check again (deployment runs do not come through here)."""
+    """SOURCE, DEST and the work location must not nest, and DEST and work must be writable: said
+    in a second, before Prefect starts. The flows check again (deployment runs do not come through here)."""
     from ckptflow.storage.overlap import refuse_overlap
+    from ckptflow.storage.remote import check_writable_dest
     from ckptflow.storage.urls import open_location
 
     from .workdir import default_work
 
-    dst = open_location(dest, opts)
-    refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", dst),
-                   ("--work", open_location(work or default_work(dest), opts)))
-    if dst.is_local and os.path.exists(dst.root) and not os.path.isdir(dst.root):
-        from ckptflow.storage.urls import StorageError
-
-        raise StorageError(f"DEST {dest} is a file, not a directory; choose a directory")
-    from ckptflow.storage.remote import check_writable_dest
-
-    check_writable_dest(dst)
-    check_writable_dest(open_location(work or default_work(dest), opts))
+    dst, work_loc = open_location(dest, opts), open_location(work or default_work(dest), opts)
+    refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", dst), ("--work", work_loc))
+    check_writable_dest(dst)  # also: a DEST that is a file, a read-only disk, a missing bucket
+    check_writable_dest(work_loc)
 
 
 def _no_stage_chosen(args: argparse.Namespace) -> bool:
