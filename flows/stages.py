@@ -81,7 +81,8 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
                storage_options: dict[str, Any] | None, digest: bool = False, device: str = "cpu",
                backend: str = "auto",
                on_commit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Submit one cached task per output shard and wait; returns records with a `cached` flag.
+    """Reuse each output shard its journal proves, submit a task for every other one, and wait;
+    returns records with a `cached` flag (True for the reused).
 
     `on_commit(record)` is called for every shard as it commits (or is found committed), in
     completion order, in this thread.
@@ -121,7 +122,7 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     records = []
     for fut in futures:
         record = fut if isinstance(fut, dict) else dict(fut.result())
-        record["cached"] = isinstance(fut, dict) or fut.state.name == "Cached"
+        record["cached"] = isinstance(fut, dict)  # submitted tasks refresh: never Prefect-cached
         if record["cached"]:
             progress.add_bytes(record.get("size", 0))
             progress.shard_done()
