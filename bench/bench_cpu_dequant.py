@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ckptflow.tasks.fp8 import torch_weight_dequant  # noqa: E402
+from ckptflow.tasks.kernels.fp8_cpu import torch_weight_dequant  # noqa: E402
 
 # (rows, cols, occurrences per DeepSeek-V3 MoE layer)
 SHAPES = [(2048, 7168, 514), (7168, 2048, 257), (1536, 7168, 1), (24576, 1536, 1), (576, 7168, 1),

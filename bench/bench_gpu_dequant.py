@@ -36,8 +36,8 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run this on a GPU machine")
-    from ckptflow.tasks.dequant import weight_dequant
-    from ckptflow.tasks.fp8 import torch_weight_dequant
+    from ckptflow.tasks.kernels.dispatch import weight_dequant
+    from ckptflow.tasks.kernels.fp8_cpu import torch_weight_dequant
     from ckptflow.tasks.kernels.fp8_triton import triton_weight_dequant
 
     peak = args.peak_gbs or device_peak_gbs()

@@ -67,8 +67,8 @@ def ckptflow(src: str, dst: str, world: int, jobs: int) -> None:
 
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.storage.urls import open_location
-    from ckptflow.tasks.execute import write_shard
-    from ckptflow.tasks.mp_plan import plan_mp
+    from ckptflow.tasks.run.execute import write_shard
+    from ckptflow.tasks.planners.mp import plan_mp
 
     t0 = time.perf_counter()
     src_loc, dst_loc = open_location(src), open_location(dst)

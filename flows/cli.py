@@ -59,7 +59,7 @@ _DEST_OF = {"allow_dtypes": "allow_dtype"}  # ConvertOptions field → argparse 
 
 def convert_options(args: argparse.Namespace) -> dict[str, Any]:
     """The `ConvertOptions` fields from a command line; flags a command lacks get their default."""
-    from .params import ConvertOptions
+    from ckptflow.flows.params import ConvertOptions
 
     out = {field: getattr(args, _DEST_OF.get(field, field), info.default)
            for field, info in ConvertOptions.model_fields.items()}
@@ -70,7 +70,7 @@ def convert_options(args: argparse.Namespace) -> dict[str, Any]:
 def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
     from ckptflow.storage.urls import parse_storage_options
 
-    from .params import ConvertOptions
+    from ckptflow.flows.params import ConvertOptions
 
     opts = parse_storage_options(getattr(args, "storage_options", None))
     options = convert_options(args)
@@ -78,10 +78,10 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     refuse_overlap_early(source, dest, work, opts)
     from tqdm import tqdm
 
-    from ckptflow.tasks import progress
+    from ckptflow.tasks.run import progress
 
-    from .convert import convert_flow
-    from .runners import make_task_runner
+    from ckptflow.flows.convert import convert_flow
+    from ckptflow.flows.runners import make_task_runner
 
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
@@ -100,7 +100,7 @@ def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[st
     from ckptflow.storage.remote import check_writable_dest
     from ckptflow.storage.urls import open_location
 
-    from .workdir import default_work
+    from ckptflow.flows.workdir import default_work
 
     dst, work_loc = open_location(dest, opts), open_location(work or default_work(dest), opts)
     refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", dst), ("--work", work_loc))
@@ -132,10 +132,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return EXIT_USER_ERROR
     from ckptflow.storage.urls import parse_storage_options
 
-    from .params import ConvertOptions
+    from ckptflow.flows.params import ConvertOptions
 
     options = ConvertOptions(**convert_options(args))  # before torch and Prefect load
-    from .watch import WatchFailed, watch_flow
+    from ckptflow.flows.watch import WatchFailed, watch_flow
 
     try:
         summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
@@ -183,7 +183,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.storage.urls import open_location, parse_storage_options
-    from ckptflow.tasks.dtypes import check_dtypes
+    from ckptflow.tasks.planners.torch_dtype import check_dtypes
     from ckptflow.tasks.validate import find_problems
 
     if args.fix_dtypes_dest:
@@ -209,7 +209,7 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 
     opts = parse_storage_options(args.storage_options) or None
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
-    from .megatron import megatron_flow, megatron_preflight
+    from ckptflow.flows.megatron import megatron_flow, megatron_preflight
 
     megatron_preflight(args.source, args.config, opts)  # bombs and bad shapes: before Prefect starts
 
@@ -228,7 +228,7 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ckptflow.storage.urls import open_location
 
-    from .synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
 
     root = args.dest.rstrip("/")
     source, dest = f"{root}/source-fp8", f"{root}/output-bf16"
@@ -396,7 +396,7 @@ def _parameter_problems(exc: BaseException) -> str:
     if not callable(errors):
         lines = [line.strip(" -") for line in str(exc).splitlines()[1:] if line.strip()]
         return "; ".join(lines) or str(exc)
-    from .params import ConvertOptions
+    from ckptflow.flows.params import ConvertOptions
 
     out = []
     for e in errors():
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     from ckptflow.storage.faults import explain
 
     if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
-        from . import watchdog
+        from ckptflow.flows import watchdog
 
         global _WATCHDOG
         _WATCHDOG = watchdog.start()

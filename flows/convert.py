@@ -18,18 +18,18 @@ from ckptflow.storage.lock import dest_lock
 from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks import progress
-from ckptflow.tasks.dequant import resolve_device
-from ckptflow.tasks.dtypes import DtypeReport
-from ckptflow.tasks.plan import StagePlan
+from ckptflow.tasks.run import progress
+from ckptflow.tasks.kernels.dispatch import resolve_device
+from ckptflow.tasks.planners.torch_dtype import DtypeReport
+from ckptflow.tasks.plan.model import StagePlan
 from ckptflow.tasks.validate import check
 
-from .params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
-from .recipe import Recipe, plan_mp_stage, plan_passes
-from .report import RunProgress, publish_summary
-from .runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
-from .stages import fetch_source, finalize, prepare_dest, run_shards, verify_output
-from .workdir import default_work
+from ckptflow.flows.params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
+from ckptflow.flows.recipe import Recipe, plan_mp_stage, plan_passes
+from ckptflow.flows.report import RunProgress, publish_summary
+from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
+from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
+from ckptflow.flows.workdir import default_work
 
 
 @flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)

@@ -25,16 +25,16 @@ from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.reader import file_info
 from ckptflow.storage.urls import Location, StorageError, open_location
-from ckptflow.tasks.megatron_load import inspect_megatron
-from ckptflow.tasks.megatron_map import convert_megatron
-from ckptflow.tasks.megatron_task import IMPORTED, import_megatron
-from ckptflow.tasks.reindex_plan import parse_size
-from ckptflow.tasks.shard_plan import plan_size_shards
+from ckptflow.tasks.megatron.load import inspect_megatron
+from ckptflow.tasks.megatron.mapping import convert_megatron
+from ckptflow.tasks.megatron.task import IMPORTED, import_megatron
+from ckptflow.tasks.planners.reindex import parse_size
+from ckptflow.tasks.planners.by_size import plan_size_shards
 
-from .params import ShardSize
-from .report import RunProgress, publish_summary
-from .stages import finalize, prepare_dest, run_shards, verify_output
-from .workdir import default_work, result_storage
+from ckptflow.flows.params import ShardSize
+from ckptflow.flows.report import RunProgress, publish_summary
+from ckptflow.flows.passes import finalize, prepare_dest, run_shards, verify_output
+from ckptflow.flows.workdir import default_work, result_storage
 
 
 def source_fingerprints(src: Location) -> list[tuple[str, int, str | None]]:

@@ -15,7 +15,7 @@ TaskRunnerKind = Literal["threads", "processes", "dask"]
 DequantBackend = Literal["auto", "torch", "triton"]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                               description="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")]
-# As ckptflow.tasks.reindex_plan.parse_size reads it: 5GB (10⁹-based), 1.5GiB (2³⁰-based), 500MB, 123.
+# As ckptflow.tasks.planners.reindex.parse_size reads it: 5GB (10⁹-based), 1.5GiB (2³⁰-based), 500MB, 123.
 ShardSize = Annotated[str, Field(pattern=r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*([KkMmGgTt][Ii]?)?[Bb]?\s*$",
                                  description="largest output shard, e.g. 5GB, 500MB, 1.5GiB")]
 Positive = Annotated[int, Field(ge=1)]

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ckptflow.storage.checkpoint import Checkpoint
-from ckptflow.tasks.compose import compose, planned_checkpoint
-from ckptflow.tasks.dequant_plan import plan_dequant
-from ckptflow.tasks.dtypes import check_plan, fix_dtypes, identity_plan
-from ckptflow.tasks.plan import PlanError, StagePlan
+from ckptflow.tasks.plan.compose import compose, planned_checkpoint
+from ckptflow.tasks.planners.dequant import plan_dequant
+from ckptflow.tasks.planners.torch_dtype import check_plan, fix_dtypes, identity_plan
+from ckptflow.tasks.plan.model import PlanError, StagePlan
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
 
 
 def plan_mp_stage(ckpt: Checkpoint, recipe: Recipe) -> StagePlan:
-    from ckptflow.tasks.mp_plan import load_preset, plan_mp
+    from ckptflow.tasks.planners.mp import load_preset, plan_mp
 
     if recipe.mp is None or recipe.mp < 1:
         raise PlanError(f"--mp must be a positive integer, got {recipe.mp}")
@@ -75,7 +75,7 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Pass], list[str]
         plan = replace(fix_dtypes(base, config, recipe.allow_dtypes), stage=f"{base.stage}+fix-dtypes"
                        if plan else "fix-dtypes")
     if recipe.reindex and not recipe.mp:
-        from ckptflow.tasks.reindex_plan import load_fused_groups, parse_size, plan_reindex
+        from ckptflow.tasks.planners.reindex import load_fused_groups, parse_size, plan_reindex
 
         size = parse_size(recipe.max_shard_size)
         groups = load_fused_groups(recipe.fused_groups)

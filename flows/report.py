@@ -7,7 +7,7 @@ from prefect import get_run_logger
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 
-from ckptflow.tasks.dtypes import DtypeReport
+from ckptflow.tasks.planners.torch_dtype import DtypeReport
 
 
 def publish_dtype_report(report: DtypeReport, url: str) -> None:

@@ -17,7 +17,7 @@ from ckptflow.storage.files import CONFIG_NAME, INDEX_NAME, index_document, writ
 from ckptflow.storage.safetensors_format import TensorSpec
 from ckptflow.storage.urls import Location
 from ckptflow.storage.writer import SafetensorsWriter
-from ckptflow.tasks.torch_dtypes import TORCH_TO_ST
+from ckptflow.tasks.kernels.dtype_map import TORCH_TO_ST
 
 BLOCK = 128
 

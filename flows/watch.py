@@ -1,7 +1,7 @@
 """The watch flow: convert every checkpoint under a prefix whose output is missing or stale.
 
 Meant for a schedule (`deployments/prefect.yaml`, `watch-incoming`): each run lists
-`source_prefix` once, decides with `ckptflow.tasks.watch_plan` which checkpoints need converting, and
+`source_prefix` once, decides with `ckptflow.tasks.planners.watch` which checkpoints need converting, and
 runs `convert_flow` for each as its own subflow run, `max_concurrent` at a time. A conversion
 that dies resumes at the next run from its committed shards (each checkpoint has its own work
 location); one checkpoint failing does not stop the others, but fails the watch run.
@@ -22,11 +22,11 @@ from ckptflow.storage.listing import list_tree
 from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, StorageError, open_location
-from ckptflow.tasks.watch_plan import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
+from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
 
-from .convert import convert_flow
-from .params import ConvertOptions, NonNegative, Positive
-from .runners import check_runner, make_task_runner
+from ckptflow.flows.convert import convert_flow
+from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
+from ckptflow.flows.runners import check_runner, make_task_runner
 
 
 class WatchFailed(UserError):

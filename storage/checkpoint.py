@@ -10,11 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .files import CONFIG_NAME, INDEX_NAME, list_files, read_json
-from .reader import file_info, read_header
-from .safetensors_format import MAX_TENSORS_TOTAL, Header, HeaderError, TensorInfo
-from .strict_json import kind, short
-from .urls import Location, StorageError
+from ckptflow.storage.files import CONFIG_NAME, INDEX_NAME, list_files, read_json
+from ckptflow.storage.reader import file_info, read_header
+from ckptflow.storage.safetensors_format import MAX_TENSORS_TOTAL, Header, HeaderError, TensorInfo
+from ckptflow.storage.strict_json import kind, short
+from ckptflow.storage.urls import Location, StorageError
 
 # DeepSeek-V3 has 163 weight files, the biggest real checkpoints a few hundred; a listing of more
 # is not one checkpoint, and each file costs a header read.

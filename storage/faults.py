@@ -154,8 +154,8 @@ def explain(exc: BaseException) -> str | None:
 def storage_errors(url: str) -> Iterator[None]:
     """Inside: an environment failure becomes `StorageError("<url>: <what to do>")`, chained to the
     original (so `ckptflow.storage.transient` still sees a timeout as one); anything else passes through."""
-    from .errors import UserError
-    from .urls import StorageError
+    from ckptflow.storage.errors import UserError
+    from ckptflow.storage.urls import StorageError
 
     try:
         yield

@@ -6,11 +6,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from .listing import list_tree
-from .safetensors_format import MAX_TENSORS_TOTAL
-from .strict_json import Budget, JSONRefused, gc_paused, loads
-from .urls import Location, StorageError
-from .writer import AtomicFile
+from ckptflow.storage.listing import list_tree
+from ckptflow.storage.safetensors_format import MAX_TENSORS_TOTAL
+from ckptflow.storage.strict_json import Budget, JSONRefused, gc_paused, loads
+from ckptflow.storage.urls import Location, StorageError
+from ckptflow.storage.writer import AtomicFile
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .faults import storage_errors
-from .urls import Location, StorageError
+from ckptflow.storage.faults import storage_errors
+from ckptflow.storage.urls import Location, StorageError
 
 
 @dataclass(frozen=True)

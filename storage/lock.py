@@ -18,7 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
-from .urls import Location, StorageError
+from ckptflow.storage.urls import Location, StorageError
 
 LOCK_NAME = ".ckptflow.lock"
 HEARTBEAT_S = 20.0

@@ -12,7 +12,7 @@ import os
 import posixpath
 from collections.abc import Iterator
 
-from .urls import Location, StorageError
+from ckptflow.storage.urls import Location, StorageError
 
 
 def _protocol(loc: Location) -> str:

@@ -9,10 +9,10 @@ import os
 import threading
 from typing import Any
 
-from .listing import version_of
-from .safetensors_format import (HEADER_PROBE_BYTES, Header, HeaderError, decode_header, header_length,
+from ckptflow.storage.listing import version_of
+from ckptflow.storage.safetensors_format import (HEADER_PROBE_BYTES, Header, HeaderError, decode_header, header_length,
                                   parse_header_text)
-from .urls import Location, StorageError
+from ckptflow.storage.urls import Location, StorageError
 
 # Headers larger than the probe are read and parsed one at a time. Real ones are a few KB to a
 # few MB, so this costs nothing; but 16 threads each holding a 100 MB hostile header and its

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import uuid
 
-from .faults import is_missing_bucket, storage_errors
-from .urls import Location, StorageError
+from ckptflow.storage.faults import is_missing_bucket, storage_errors
+from ckptflow.storage.urls import Location, StorageError
 
 PROBE_PREFIX = ".ckptflow-write-probe-"  # hidden: listings skip it, were it ever to appear
 

@@ -52,7 +52,7 @@ def check_s3_options(url: str, options: dict[str, Any]) -> None:
     """Raise `StorageError` naming the first option s3fs would choke on at its first request."""
     from botocore.config import Config
 
-    from .urls import StorageError
+    from ckptflow.storage.urls import StorageError
 
     def bad(what: str) -> StorageError:
         return StorageError(f"{url}: --storage-options {what}")

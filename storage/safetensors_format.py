@@ -13,8 +13,8 @@ from operator import attrgetter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
-from .strict_json import Budget, JSONRefused, gc_paused, kind, loads, lone_surrogate, short
+from ckptflow.storage.errors import UserError
+from ckptflow.storage.strict_json import Budget, JSONRefused, gc_paused, kind, loads, lone_surrogate, short
 
 # safetensors dtype string → bytes per element. Sub-byte types are not handled by ckptflow.
 DTYPE_SIZES: dict[str, int] = {

@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from .errors import UserError
+from ckptflow.storage.errors import UserError
 from fsspec.implementations.local import LocalFileSystem
 
 
@@ -85,7 +85,7 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     options = dict(storage_options or {})
     s3 = protocol_of(url) in ("s3", "s3a")
     if s3:
-        from .s3_options import check_s3_options, with_s3_defaults
+        from ckptflow.storage.s3_options import check_s3_options, with_s3_defaults
 
         check_s3_options(url, options)
         options = with_s3_defaults(options, fsspec.config.conf.get("s3"))
@@ -94,7 +94,7 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     except (ImportError, ValueError, TypeError, KeyError) as exc:  # a constructor's refusal of an option
         raise StorageError(f"cannot open {url!r}: {exc}") from None
     if s3:
-        from .s3_options import bound_s3fs_retries
+        from ckptflow.storage.s3_options import bound_s3fs_retries
 
         bound_s3fs_retries(fs)
     if isinstance(fs, LocalFileSystem):
@@ -107,7 +107,7 @@ def effective_options(url: str, storage_options: dict[str, Any] | None) -> dict[
     from them (Prefect's `RemoteFileSystem` result storage)."""
     options = dict(storage_options or {})
     if protocol_of(url) in ("s3", "s3a"):
-        from .s3_options import with_s3_defaults
+        from ckptflow.storage.s3_options import with_s3_defaults
 
         options = with_s3_defaults(options, fsspec.config.conf.get("s3"))
     return options

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
-from .listing import file_identity, local_identity_before_rename
-from .safetensors_format import TensorSpec, build_header
-from .urls import Location, StorageError
+from ckptflow.storage.listing import file_identity, local_identity_before_rename
+from ckptflow.storage.safetensors_format import TensorSpec, build_header
+from ckptflow.storage.urls import Location, StorageError
 
 
 @dataclass(frozen=True)

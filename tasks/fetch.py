@@ -16,7 +16,7 @@ from ckptflow.storage.reader import file_info
 from ckptflow.storage.urls import Location, StorageError, open_location
 
 from ckptflow.storage.transient import retry_transient
-from . import progress
+from ckptflow.tasks.run import progress
 
 MARKER_DIR = ".ckptflow-fetch"
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")

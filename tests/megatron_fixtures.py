@@ -1,6 +1,6 @@
 """Write a Hugging Face GPT-2 as the Megatron-LM checkpoints it could have come from.
 
-This is the inverse of `ckptflow.tasks.megatron_map`, written independently (row index lists instead of
+This is the inverse of `ckptflow.tasks.megatron.mapping`, written independently (row index lists instead of
 views and permutes) so a shared mistake cannot cancel out: Conv1D [in, out] → Linear [out, in],
 fused QKV rows in each `checkpoint_version`'s saved layout, vocab padded with random rows,
 tensor-parallel ranks split the way Megatron's column/row-parallel layers hold them.

@@ -1,5 +1,5 @@
 """The executor's buffer pool: reuse by identity, smallest fit, bounded free list."""
-from ckptflow.tasks.buffers import BufferPool
+from ckptflow.tasks.run.buffers import BufferPool
 
 
 def test_pool_reuses_smallest_fitting_buffer_and_bounds_free_list():

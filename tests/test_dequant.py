@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.safetensors_format import Header, TensorInfo
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks.dequant_plan import plan_dequant
-from ckptflow.tasks.execute import write_shard
-from ckptflow.tasks.fp8 import torch_weight_dequant
-from ckptflow.tasks.plan import PlanError
+from ckptflow.tasks.planners.dequant import plan_dequant
+from ckptflow.tasks.run.execute import write_shard
+from ckptflow.tasks.kernels.fp8_cpu import torch_weight_dequant
+from ckptflow.tasks.plan.model import PlanError
 
 
 def reference(w: torch.Tensor, s: torch.Tensor, block=(128, 128)) -> torch.Tensor:
@@ -115,7 +115,7 @@ def test_cpu_path_max_values_nan_e5m2_and_per_tensor_scale():
 
 @pytest.mark.parametrize("chunk", [16 << 20, 3000])  # 3000: many row-block and copy chunks
 def test_whole_checkpoint_matches_reference(demo_ckpt, tmp_path, monkeypatch, chunk):
-    monkeypatch.setattr("ckptflow.tasks.execute.CHUNK_BYTES", chunk)
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", chunk)
     src = open_location(str(demo_ckpt))
     ckpt = scan_checkpoint(src)
     plan = plan_dequant(ckpt)
@@ -159,7 +159,7 @@ def test_streamed_triton_path_writes_the_same_bytes(demo_ckpt, tmp_path, monkeyp
     """The device path of the executor (chunks → kernel → bytes), run by the Triton interpreter."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr("ckptflow.tasks.execute.CHUNK_BYTES", 40_000)
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 40_000)
     src = open_location(str(demo_ckpt))
     plan = plan_dequant(scan_checkpoint(src))
     shard = max(plan.shards, key=lambda s: sum(t.transform == "dequant_fp8" for t in s.tensors))
@@ -169,7 +169,7 @@ def test_streamed_triton_path_writes_the_same_bytes(demo_ckpt, tmp_path, monkeyp
 
 
 def test_weight_dequant_backends_agree(monkeypatch):
-    from ckptflow.tasks.dequant import _gpu_lut_dequant, weight_dequant
+    from ckptflow.tasks.kernels.dispatch import _gpu_lut_dequant, weight_dequant
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = torch.Generator().manual_seed(5)
@@ -187,9 +187,9 @@ def test_weight_dequant_backends_agree(monkeypatch):
 
 @pytest.mark.parametrize("chunk", [16 << 20, 100])
 def test_slice_transform_cuts_any_dim_byte_exact(tmp_path, monkeypatch, chunk):
-    from ckptflow.tasks.plan import OutputTensor, ShardPlan, SourceRef
+    from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 
-    monkeypatch.setattr("ckptflow.tasks.execute.CHUNK_BYTES", chunk)
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", chunk)
     t = torch.arange(4 * 6 * 5, dtype=torch.int16).reshape(4, 6, 5)
     f8 = torch.randint(0, 255, (7, 9), dtype=torch.uint8).view(torch.float8_e4m3fn)
     save_file({"t": t, "f8": f8}, tmp_path / "src.safetensors")

@@ -13,7 +13,7 @@ from ckptflow.flows.convert import convert_flow
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks.dtypes import check_dtypes
+from ckptflow.tasks.planners.torch_dtype import check_dtypes
 
 from .conftest import PYTHON, ROOT, cli_env
 

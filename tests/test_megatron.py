@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckptflow.tasks.megatron_load import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError,
+from ckptflow.tasks.megatron.load import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError,
                                           find_rank_files, load_megatron)
-from ckptflow.tasks.megatron_map import MegatronConvertError, convert_megatron, qkv_split_major
+from ckptflow.tasks.megatron.mapping import MegatronConvertError, convert_megatron, qkv_split_major
 from tests.megatron_fixtures import (megatron_args, megatron_models, rank_file, save, tiny_gpt2,
                                      write_tree, write_zip)
 

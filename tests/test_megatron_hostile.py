@@ -12,8 +12,8 @@ import torch
 
 from ckptflow.flows.megatron import megatron_preflight
 from ckptflow.storage.errors import UserError
-from ckptflow.tasks.megatron_load import MegatronLoadError, inspect_megatron, load_megatron
-from ckptflow.tasks.megatron_map import MegatronConvertError, convert_megatron, flatten
+from ckptflow.tasks.megatron.load import MegatronLoadError, inspect_megatron, load_megatron
+from ckptflow.tasks.megatron.mapping import MegatronConvertError, convert_megatron, flatten
 
 from .conftest import PYTHON, ROOT, cli_env
 from .megatron_fixtures import (clean_ranks, forged_torch_file, hostile_sources, megatron_args, megatron_models,

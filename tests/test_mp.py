@@ -17,11 +17,11 @@ from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.files import write_json
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks.dequant_plan import plan_dequant
-from ckptflow.tasks.execute import write_shard
-from ckptflow.tasks.mp_plan import plan_mp
-from ckptflow.tasks.mp_preset import Split, load_preset, map_name, parse_preset
-from ckptflow.tasks.plan import PlanError
+from ckptflow.tasks.planners.dequant import plan_dequant
+from ckptflow.tasks.run.execute import write_shard
+from ckptflow.tasks.planners.mp import plan_mp
+from ckptflow.tasks.presets.mp import Split, load_preset, map_name, parse_preset
+from ckptflow.tasks.plan.model import PlanError
 from tests.test_dequant import fake_ckpt
 
 # Every split dim here divides by 4 and, for FP8 weights, gives each rank whole 128-row blocks.
@@ -276,7 +276,7 @@ def test_llama_preset_round_trips(tmp_path):
 
 def test_small_read_chunks_give_the_same_rank_files(ckpts, tmp_path, monkeypatch):
     """ROW splits of FP8 weights and scales read a few outer rows per chunk: same bytes."""
-    monkeypatch.setattr("ckptflow.tasks.execute.CHUNK_BYTES", 1000)
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 1000)
     convert(ckpts["fp8"], tmp_path / "out", 4)
     got, want = read_ranks(tmp_path / "out", 4), seed_reference(ckpts["fp8"], 4)
     for r in range(4):

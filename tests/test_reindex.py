@@ -14,9 +14,9 @@ from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.files import INDEX_NAME, index_document, write_json
 from ckptflow.storage.safetensors_format import Header, TensorInfo
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks.execute import write_shard
-from ckptflow.tasks.plan import PlanError, StagePlan
-from ckptflow.tasks.reindex_plan import (group_of, load_fused_groups, moved_bytes, moved_tensors, natural_key,
+from ckptflow.tasks.run.execute import write_shard
+from ckptflow.tasks.plan.model import PlanError, StagePlan
+from ckptflow.tasks.planners.reindex import (group_of, load_fused_groups, moved_bytes, moved_tensors, natural_key,
                                          parse_size, plan_reindex)
 
 GROUPS = load_fused_groups(None)

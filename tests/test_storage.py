@@ -13,7 +13,7 @@ from ckptflow.storage.reader import RangeReader, read_header
 from ckptflow.storage.safetensors_format import TensorSpec, build_header
 from ckptflow.storage.urls import StorageError, open_location, parse_storage_options
 from ckptflow.storage.writer import SafetensorsWriter
-from ckptflow.tasks.torch_dtypes import TORCH_TO_ST
+from ckptflow.tasks.kernels.dtype_map import TORCH_TO_ST
 
 
 def as_bytes(t: torch.Tensor) -> bytes:

@@ -73,7 +73,7 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(demo_ckpt, tmp
 
 
 def test_prune_never_deletes_under_source(demo_ckpt, tmp_path):
-    from ckptflow.flows.stages import prepare_dest
+    from ckptflow.flows.passes import prepare_dest
     from ckptflow.storage.urls import StorageError, open_location
 
     before = digest_tree(demo_ckpt)
@@ -162,7 +162,7 @@ def test_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 # file named by CKPTFLOW_TEST_GO exists (or 120 s pass), so a test can act while it runs.
 SLOW_CLI = """
 import os, sys, time
-import ckptflow.tasks.shard_task as st
+import ckptflow.tasks.run.shard_task as st
 real, done = st.write_shard, []
 def slow(*a, **k):
     go = os.environ["CKPTFLOW_TEST_GO"]
@@ -395,7 +395,7 @@ def test_tampered_shard_on_s3_is_rewritten(prefect_harness, s3_options, demo_ckp
 def test_a_shard_key_that_cannot_be_hashed_raises_instead_of_naming_every_entry_none():
     import threading
 
-    from ckptflow.tasks.cache import shard_key
+    from ckptflow.tasks.run.resume import shard_key
 
     assert shard_key("s", None, [], "d", {"a": 1}) == shard_key("s", None, [], "d", {"a": 1})
     with pytest.raises(Exception, match="Unable to create hash"):

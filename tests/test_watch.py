@@ -11,7 +11,7 @@ import pytest
 
 from ckptflow.storage.listing import FileStat
 from ckptflow.storage.urls import StorageError
-from ckptflow.tasks.watch_plan import find_checkpoints, marker, plan_watch
+from ckptflow.tasks.planners.watch import find_checkpoints, marker, plan_watch
 
 from .test_flow import tree
 

@@ -12,10 +12,10 @@ from ckptflow.storage.files import write_json
 from ckptflow.storage.transient import retry_transient
 from ckptflow.storage.urls import open_location
 
-from .cache import SHARD_CACHE, shard_key
-from .execute import write_shard
-from .plan import ShardPlan
-from . import progress
+from ckptflow.tasks.run.resume import SHARD_CACHE, shard_key
+from ckptflow.tasks.run.execute import write_shard
+from ckptflow.tasks.plan.model import ShardPlan
+from ckptflow.tasks.run import progress
 
 
 @task(name="write-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer="json",

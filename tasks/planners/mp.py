@@ -16,9 +16,9 @@ from typing import Any
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FP8_DTYPES, TensorInfo
 
-from .dequant_plan import SCALE_SUFFIX, block_size_from_config
-from .mp_preset import Mapped, Preset, Split, load_preset
-from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
+from ckptflow.tasks.planners.dequant import SCALE_SUFFIX, block_size_from_config
+from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset
+from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
 # load_preset / Preset live in mp_preset; re-exported because flows/recipe.py imports them from here.
 __all__ = ["plan_mp", "load_preset", "Preset", "Split"]

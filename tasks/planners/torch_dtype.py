@@ -15,7 +15,7 @@ from typing import Any
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
 
-from .plan import OutputTensor, PlanError, ShardPlan, StagePlan
+from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, StagePlan
 
 # config.json dtype names → safetensors dtype strings
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
@@ -187,7 +187,7 @@ def fix_dtypes(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tu
 
 def identity_plan(ckpt: Checkpoint) -> StagePlan:
     """Every tensor copied as is, same files: the base a lone `--fix-dtypes` casts on top of."""
-    from .plan import SourceRef
+    from ckptflow.tasks.plan.model import SourceRef
 
     shards = tuple(ShardPlan(f, tuple(OutputTensor(n, i.dtype, tuple(i.shape), "copy", (SourceRef.of(f, i),))
                                       for n, i in h.tensors.items()))

@@ -20,8 +20,8 @@ from ckptflow.storage.safetensors_format import DTYPE_SIZES
 from ckptflow.storage.urls import Location
 from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 
-from .buffers import BufferPool
-from .plan import OutputTensor, ShardPlan
+from ckptflow.tasks.run.buffers import BufferPool
+from ckptflow.tasks.plan.model import OutputTensor, ShardPlan
 
 CHUNK_BYTES = 8 << 20
 READ_AHEAD = 2
@@ -136,8 +136,8 @@ def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
 def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     import torch
 
-    from .dequant import weight_dequant
-    from .fp8 import FP8_DTYPES, dequant_rows, matrix_scales
+    from ckptflow.tasks.kernels.dispatch import weight_dequant
+    from ckptflow.tasks.kernels.fp8_cpu import FP8_DTYPES, dequant_rows, matrix_scales
 
     weight, scale = t.sources
     fp8 = FP8_DTYPES[weight.dtype]
@@ -172,7 +172,7 @@ def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """Cast element-wise with torch's own `.to()` (round to nearest-even), chunk by chunk."""
     import torch
 
-    from .torch_dtypes import ST_TO_TORCH
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
 
     (src,) = t.sources
     src_dt, dst_dt = ST_TO_TORCH[src.dtype], ST_TO_TORCH[t.dtype]

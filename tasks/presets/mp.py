@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .plan import PlanError
+from ckptflow.tasks.plan.model import PlanError
 
 PLACEHOLDERS = ("layer", "expert")
 BUILTIN = {"deepseek-v3": "deepseek_v3.json", "deepseek_v3": "deepseek_v3.json", "llama": "llama.json"}

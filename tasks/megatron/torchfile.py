@@ -12,8 +12,8 @@ from typing import IO, Any
 
 import torch
 
-from .megatron_pickle import PICKLE_CAP, scan_pickle
-from .megatron_safe import MegatronLoadError, human
+from ckptflow.tasks.megatron.pickle_scan import PICKLE_CAP, scan_pickle
+from ckptflow.tasks.megatron.safe import MegatronLoadError, human
 
 
 def scan_torch_file(f: IO[bytes], size: int, label: str) -> Any:

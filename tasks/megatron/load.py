@@ -34,9 +34,9 @@ import torch
 from ckptflow.storage.files import list_files
 from ckptflow.storage.urls import open_location
 
-from .megatron_safe import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError, human, safe_globals,
+from ckptflow.tasks.megatron.safe import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError, human, safe_globals,
                            unsafe_global)
-from .megatron_torchfile import scan_torch_file
+from ckptflow.tasks.megatron.torchfile import scan_torch_file
 
 TRACKER = "latest_checkpointed_iteration.txt"
 TRACKER_CAP = 64          # it holds "release" or an iteration number; read no more than this

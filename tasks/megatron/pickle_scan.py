@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .megatron_safe import (NUMPY_DTYPES, MegatronEnum, MegatronLoadError, bytearray_size, enum_classes,
+from ckptflow.tasks.megatron.safe import (NUMPY_DTYPES, MegatronEnum, MegatronLoadError, bytearray_size, enum_classes,
                            human, numpy_dtype, numpy_nbytes, unsafe_global, view_problem)
 
 # A Megatron GPT-2 345M model_optim_rng.pt pickle (args, ~1200 tensors, RNG) is ~200 KB; tensor

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .megatron_load import MegatronCheckpoint, megatron_arg
-from .megatron_shapes import MegatronConvertError, check_kinds, check_shapes
+from ckptflow.tasks.megatron.load import MegatronCheckpoint, megatron_arg
+from ckptflow.tasks.megatron.shapes import MegatronConvertError, check_kinds, check_shapes
 
 TP_MODES = ("COLUMN", "ROW", "REPLICATED")  # COLUMN: split on dim 0, ROW: dim 1, REPLICATED: whole
 GPT2_BPE_VOCAB = 50257

@@ -11,8 +11,8 @@ from typing import Any
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FP8_DTYPES
 
-from .fp8_layout import normalise_scale
-from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
+from ckptflow.tasks.kernels.scale_grid import normalise_scale
+from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
 SCALE_SUFFIX = "_scale_inv"
 SUPPORTED_SCALE_DTYPES = {"F32"}

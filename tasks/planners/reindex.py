@@ -30,7 +30,7 @@ from itertools import chain
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import TensorInfo
 
-from .plan import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
+from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 PRESET = "fused_groups.json"

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .plan import PlanError
+from ckptflow.tasks.plan.model import PlanError
 
 
 class MegatronConvertError(PlanError):

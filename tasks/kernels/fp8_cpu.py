@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .fp8_layout import normalise_scale
+from ckptflow.tasks.kernels.scale_grid import normalise_scale
 
 FP8_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _INT_VIEW = {2: torch.int16, 4: torch.int32}

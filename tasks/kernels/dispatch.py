@@ -3,7 +3,7 @@
 Backends:
 - "triton": the Triton kernel (`ckptflow.tasks.kernels.fp8_triton`), on a CUDA device — or on the CPU
   under `TRITON_INTERPRET=1`, which is how it is tested here;
-- "torch": the lookup-table path (`ckptflow.tasks.fp8`): on the CPU with numpy gathers; on a GPU the
+- "torch": the lookup-table path (`ckptflow.tasks.kernels.fp8_cpu`): on the CPU with numpy gathers; on a GPU the
   same tables (built on the CPU, so rounding and NaN bits match) gathered on the device;
 - "auto": Triton on CUDA devices with FP8 support (sm89+) for e4m3 block scales, else "torch".
 """
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .fp8 import block_tables, matrix_scales, torch_weight_dequant
+from ckptflow.tasks.kernels.fp8_cpu import block_tables, matrix_scales, torch_weight_dequant
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -64,7 +64,7 @@ def weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: in
         weight = weight.view(torch.float8_e4m3fn)
     chosen = resolve_backend(backend, weight, scale_inv, block)
     if chosen == "triton":
-        from .kernels.fp8_triton import triton_weight_dequant
+        from ckptflow.tasks.kernels.fp8_triton import triton_weight_dequant
 
         if block[0] != block[1]:
             raise ValueError(f"the Triton kernel takes square blocks; got {block}: use backend='torch'")

@@ -17,16 +17,16 @@ from ckptflow.storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, co
 from ckptflow.storage.listing import file_identities
 from ckptflow.storage.overlap import refuse_under
 from ckptflow.storage.urls import Location, StorageError, open_location
-from ckptflow.tasks import progress
-from ckptflow.tasks.cache import shard_key
-from ckptflow.tasks.dtypes import DtypeReport, check_dtypes
+from ckptflow.tasks.run import progress
+from ckptflow.tasks.run.resume import shard_key
+from ckptflow.tasks.planners.torch_dtype import DtypeReport, check_dtypes
 from ckptflow.tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
-from ckptflow.tasks.plan import PlanError, StagePlan
-from ckptflow.tasks.shard_task import write_shard_task
+from ckptflow.tasks.plan.model import PlanError, StagePlan
+from ckptflow.tasks.run.shard_task import write_shard_task
 from ckptflow.tasks.validate import find_problems
 
-from .report import publish_dtype_report
-from .workdir import result_storage
+from ckptflow.flows.report import publish_dtype_report
+from ckptflow.flows.workdir import result_storage
 
 
 def fetch_source(src: Location, work: str, storage_options: dict[str, Any] | None) -> Location:

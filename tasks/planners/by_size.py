@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ckptflow.storage.checkpoint import Checkpoint
 
-from .plan import OutputTensor, ShardPlan, SourceRef, StagePlan
+from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef, StagePlan
 
 
 def plan_size_shards(ckpt: Checkpoint, max_shard_size: int, stage: str = "shard") -> StagePlan:

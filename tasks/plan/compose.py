@@ -14,7 +14,7 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.files import INDEX_NAME
 from ckptflow.storage.safetensors_format import Header, TensorInfo, build_header
 
-from .plan import OutputTensor, ShardPlan, StagePlan
+from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, StagePlan
 
 
 def planned_checkpoint(plan: StagePlan, url: str, source: Checkpoint) -> Checkpoint:

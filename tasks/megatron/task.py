@@ -18,10 +18,10 @@ from ckptflow.storage.transient import retry_transient
 from ckptflow.storage.urls import open_location
 from ckptflow.storage.writer import SafetensorsWriter
 
-from .cache import SHARD_CACHE
-from .megatron_load import load_megatron
-from .megatron_map import convert_megatron
-from .torch_dtypes import TORCH_TO_ST
+from ckptflow.tasks.run.resume import SHARD_CACHE
+from ckptflow.tasks.megatron.load import load_megatron
+from ckptflow.tasks.megatron.mapping import convert_megatron
+from ckptflow.tasks.kernels.dtype_map import TORCH_TO_ST
 
 IMPORTED = "model.safetensors"
 
