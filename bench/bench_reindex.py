@@ -96,7 +96,8 @@ def child_ckptflow(src: str, dst: str, max_shard_size: str) -> None:
     from ckptflow.storage.files import INDEX_NAME, copy_file, index_document, write_json
     from ckptflow.storage.urls import open_location
     from ckptflow.tasks.run.execute import write_shard
-    from ckptflow.tasks.planners.reindex import moved_bytes, moved_tensors, parse_size, plan_reindex
+    from ckptflow.tasks.plan.sizes import parse_size
+    from ckptflow.tasks.planners.reindex import moved_bytes, moved_tensors, plan_reindex
 
     t0 = time.perf_counter()
     s, d = open_location(src), open_location(dst)

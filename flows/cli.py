@@ -54,27 +54,24 @@ def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
         print(f"warning:  {w}", file=sys.stderr)
 
 
-_DEST_OF = {"allow_dtypes": "allow_dtype"}  # ConvertOptions field → argparse dest, where they differ
-
-
-def convert_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The `ConvertOptions` fields from a command line; flags a command lacks get their default."""
+def convert_options(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
+    """The `ConvertOptions` fields from a command line (`_add_convert_options` makes a flag of each);
+    a command without those flags (`demo`) gets the defaults, and `fixed` on top."""
     from ckptflow.flows.params import ConvertOptions
 
-    out = {field: getattr(args, _DEST_OF.get(field, field), info.default)
-           for field, info in ConvertOptions.model_fields.items()}
-    out["allow_dtypes"] = out["allow_dtypes"] or None
-    return out
+    return {**{field: getattr(args, field, info.default) for field, info in ConvertOptions.model_fields.items()},
+            **fixed}
 
 
-def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None) -> dict[str, Any]:
+def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None,
+                 **fixed: Any) -> dict[str, Any]:
     from ckptflow.storage.urls import parse_storage_options
 
     from ckptflow.flows.params import ConvertOptions
 
     opts = parse_storage_options(getattr(args, "storage_options", None))
-    options = convert_options(args)
-    ConvertOptions(**options)  # bad values fail here, one line each, before torch or Prefect load
+    # bad values fail here, one line each, before torch or Prefect load
+    options = ConvertOptions(**convert_options(args, **fixed)).model_dump()
     refuse_overlap_early(source, dest, work, opts)
     from tqdm import tqdm
 
@@ -236,7 +233,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not src.fs.exists(src.path("model.safetensors.index.json")):
         make_deepseek_v3_fp8(src)
     print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
-    summary = _run_convert(args, source, dest, f"{root}/.work")
+    summary = _run_convert(args, source, dest, f"{root}/.work", dequant=True)
     print_summary(summary)
     print(f"\nnext: ckptflow validate {dest}")
     return 0
@@ -263,33 +260,31 @@ def _not_negative(text: str) -> float:
 
 
 def _add_convert_options(c: argparse.ArgumentParser) -> None:
-    """The recipe and runtime flags of a conversion (`ckptflow.flows.params.ConvertOptions`)."""
-    c.add_argument("--dequant", action="store_true", help="FP8 (e4m3 + weight_scale_inv) → BF16")
-    c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
-    c.add_argument("--reindex", action="store_true", help="put every fused group (q/k/v, gate/up, …) in one file")
-    c.add_argument("--max-shard-size", default="5GB", help="reindex: largest output shard (default 5GB)")
-    c.add_argument("--fused-groups", metavar="FILE", help="reindex: JSON file of fused groups (default: built in)")
-    c.add_argument("--mp", type=int, metavar="N", help="model-parallel rank files model{r}-mp{N}.safetensors")
-    c.add_argument("--preset", default="deepseek-v3", help="MP name table: deepseek-v3, llama or a JSON file")
-    c.add_argument("--drop-unmatched", action="store_true", help="MP: drop names no preset row matches (warn)")
-    c.add_argument("--allow-dtype", action="append", metavar="REGEX",
-                   help="tensor names allowed to differ from torch_dtype (repeatable)")
+    """One flag per field of `ckptflow.flows.params.ConvertOptions`, with its help, choices and default.
+
+    Values are checked by the model itself (`ConvertOptions(**convert_options(args))`), so a flag and
+    a flow parameter accept exactly the same things."""
+    import typing
+
+    from ckptflow.flows.params import ConvertOptions, flag_of
+
+    for name, info in ConvertOptions.model_fields.items():
+        flag = flag_of(name, info)
+        kwargs: dict[str, Any] = {"dest": name, "default": info.default, "help": info.description}
+        if info.annotation is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["metavar"] = flag.metavar
+            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal \
+                else None
+            if choices:
+                kwargs.update(choices=choices, metavar=None)
+            if flag.repeat:
+                kwargs["action"] = "append"
+        if info.default not in (None, False):
+            kwargs["help"] += f" (default {info.default})"
+        c.add_argument(flag.name, **kwargs)
     c.add_argument("--storage-options", help="JSON of fsspec storage options for SOURCE and DEST")
-    c.add_argument("--fetch", action="store_true", help="copy a remote SOURCE into the work location first")
-    c.add_argument("--allow-missing-scale", action="store_true", help="keep FP8 tensors without a scale as FP8")
-    c.add_argument("--checksum", action="store_true", help="record each output shard's sha256")
-    c.add_argument("--prune", action="store_true",
-                   help="delete weight files in DEST this conversion does not write (an earlier layout's)")
-    c.add_argument("--device", default="auto", help="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")
-    c.add_argument("--max-workers", type=int, default=None,
-                   help="shard tasks at once (threads: default 1, a CPU shard task already uses every "
-                        "core; raise it for object storage, where tasks wait on the network. "
-                        "processes / dask LocalCluster: worker processes, default 2)")
-    c.add_argument("--task-runner", choices=("threads", "processes", "dask"), default="threads",
-                   help="where shard tasks run: threads of this process (default), a process pool, or "
-                        "Dask workers; processes and dask need a Prefect server (PREFECT_API_URL)")
-    c.add_argument("--dask-address", metavar="tcp://HOST:PORT",
-                   help="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
 
 
 def version() -> str:
@@ -396,12 +391,13 @@ def _parameter_problems(exc: BaseException) -> str:
     if not callable(errors):
         lines = [line.strip(" -") for line in str(exc).splitlines()[1:] if line.strip()]
         return "; ".join(lines) or str(exc)
-    from ckptflow.flows.params import ConvertOptions
+    from ckptflow.flows.params import ConvertOptions, flag_of
 
     out = []
     for e in errors():
-        name = ".".join(map(str, e["loc"]))
         field = ConvertOptions.model_fields.get(str(e["loc"][-1]))
+        # a field of the options is named as the flag that sets it
+        name = flag_of(str(e["loc"][-1]), field).name if field is not None else ".".join(map(str, e["loc"]))
         if e["type"] == "string_pattern_mismatch" and field is not None and field.description:
             out.append(f"{name}: {e.get('input')!r} is not valid ({field.description})")
         else:

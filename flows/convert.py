@@ -24,49 +24,40 @@ from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 from ckptflow.tasks.validate import check
 
-from ckptflow.flows.params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
-from ckptflow.flows.recipe import Recipe, plan_mp_stage, plan_passes
+from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
+from ckptflow.flows.recipe import plan_mp_stage, plan_passes
 from ckptflow.flows.report import RunProgress, publish_summary
 from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
 from ckptflow.flows.workdir import default_work
 
 
-@flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
-def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None = None,
-                 storage_options: dict[str, Any] | None = None, fetch: bool = False,
-                 allow_missing_scale: bool = False, checksum: bool = False, device: Device = "auto",
-                 dequant_backend: DequantBackend = "auto", fix_dtypes: bool = False,
-                 allow_dtypes: list[str] | None = None, reindex: bool = False,
-                 max_shard_size: ShardSize = "5GB", fused_groups: str | None = None, mp: Positive | None = None,
-                 preset: str = "deepseek-v3", drop_unmatched: bool = False,
-                 task_runner: TaskRunnerKind = "threads",
-                 dask_address: str | None = None, max_workers: Positive | None = None,
-                 prune: bool = False) -> dict[str, Any]:
+def convert_flow(source: str, dest: str, work: str | None = None,
+                 storage_options: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
 
-    `task_runner`/`dask_address`/`max_workers` pick where shard tasks run (`ckptflow.flows.runners`).
-    The CLI applies the runner with `with_options`; a run whose runner is not the one asked for
-    (a deployment run with `task_runner: dask` or `max_workers: 4`) reruns itself as a subflow
-    on that runner. `prune` deletes weight files in `dest` this run does not write (else they
-    stop the run before it writes anything).
+    The other parameters are the fields of `ConvertOptions` (`ckptflow.flows.params`), which also
+    make the CLI's flags. `task_runner`/`dask_address`/`max_workers` pick where shard tasks run
+    (`ckptflow.flows.runners`). The CLI applies the runner with `with_options`; a run whose runner
+    is not the one asked for (a deployment run with `task_runner: dask` or `max_workers: 4`)
+    reruns itself as a subflow on that runner. `prune` deletes weight files in `dest` this run
+    does not write (else they stop the run before it writes anything).
     """
+    opts = ConvertOptions(**options)
     current = FlowRunContext.get()
     if current is not None:
-        runner = make_task_runner(task_runner, max_workers, dask_address)
+        runner = make_task_runner(opts.task_runner, opts.max_workers, opts.dask_address)
         if runner_settings(current.task_runner) != runner_settings(runner):
             return convert_flow.with_options(task_runner=runner)(**dict(current.parameters))
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
-    recipe = Recipe(dequant=dequant, fix_dtypes=fix_dtypes, reindex=reindex, max_shard_size=max_shard_size,
-                    fused_groups=fused_groups, mp=mp, preset=preset, allow_missing_scale=allow_missing_scale,
-                    allow_dtypes=tuple(allow_dtypes or ()), drop_unmatched=drop_unmatched)
+    recipe = opts.recipe()
     src = open_location(source, storage_options)
     dst = open_location(dest, storage_options)
     refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", open_location(work, storage_options)))
     origin = src
-    if fetch and not src.is_local:
+    if opts.fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)
     ckpt = scan_checkpoint(src)
     warnings = [str(w) for w in check(ckpt)]
@@ -74,14 +65,14 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
     for w in warnings:
         logger.warning("%s", w)
-    device = resolve_device(device)
+    device = resolve_device(opts.device)
     total_bytes, total_shards = sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes)
     progress.set_totals(total_bytes, total_shards)
     run_progress = RunProgress(total_shards, total_bytes)
     records: list[dict[str, Any]] = []
     check_writable_dest(dst)  # before the lock's first write: a missing bucket is never created
     with dest_lock(dst):
-        prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune,
+        prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, opts.prune,
                      protected=(origin, src))
         for p in passes:
             plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
@@ -89,10 +80,10 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
             # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
             with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])), \
                     (dest_lock(out) if p.into_work else contextlib.nullcontext()):
-                records += run_shards(plan, ckpt, src, out, work, storage_options, checksum, device,
-                                      dequant_backend, on_commit=run_progress.shard_committed)
+                records += run_shards(plan, ckpt, src, out, work, storage_options, opts.checksum, device,
+                                      opts.dequant_backend, on_commit=run_progress.shard_committed)
                 finalize(plan, ckpt, src, out)
-                written, report = verify_output(out, plan, recipe.allow_dtypes)
+                written, report = verify_output(out, plan, recipe.allow_dtypes or ())
             src, ckpt = out, written
     summary = summarize(recipe, [p.plan for p in passes], records, report, time.perf_counter() - t0)
     summary.update(source=source, dest=dest, work=work, warnings=warnings)
@@ -100,6 +91,12 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     logger.info("converted %d shard(s) (%d cached) into %s in %.1fs", summary["shards"],
                 summary["cached_shards"], dest, summary["seconds"])
     return summary
+
+
+
+convert_flow.__signature__ = flow_signature(convert_flow, ConvertOptions)  # type: ignore[attr-defined]
+convert_flow = flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(max_workers=1),
+                    log_prints=True)(convert_flow)
 
 
 def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, Any]], report: DtypeReport,

@@ -28,7 +28,7 @@ from ckptflow.storage.urls import Location, StorageError, open_location
 from ckptflow.tasks.megatron.load import inspect_megatron
 from ckptflow.tasks.megatron.mapping import convert_megatron
 from ckptflow.tasks.megatron.task import IMPORTED, import_megatron
-from ckptflow.tasks.planners.reindex import parse_size
+from ckptflow.tasks.plan.sizes import parse_size
 from ckptflow.tasks.planners.by_size import plan_size_shards
 
 from ckptflow.flows.params import ShardSize

@@ -1,53 +1,110 @@
-"""Typed flow parameters: what a deployment run's `--param` and the UI's form are checked against.
+"""The convert options, written once: CLI flags, flow parameters and the recipe all come from here.
 
-Prefect turns each flow's signature into a JSON schema; the constraints here (patterns, bounds,
-choices) go into that schema, so a bad value is rejected before a run is created, on the server
-as well as in-process. `ConvertOptions` is the convert recipe as one model, for flows that start
-conversions (the watch flow) and pass the same options to each.
+`Recipe` holds what changes the output's bytes; `ConvertOptions` adds where and how fast they are
+computed. From these fields, and nothing else:
+- `ckptflow convert` / `watch` build their flags, choices, help and defaults (`ckptflow.flows.cli`);
+- `convert_flow`'s signature is generated (`flow_signature`), so Prefect's parameter schema, the
+  UI's form and a deployment run's `--param` checks carry the same names, types, bounds and
+  defaults; a bad value is rejected before a run is created, on the server as in-process;
+- the watch flow takes a `ConvertOptions` whole and passes it on to each conversion.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import inspect
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ckptflow.tasks.plan.sizes import SIZE_HELP, SIZE_PATTERN
 
 TaskRunnerKind = Literal["threads", "processes", "dask"]
 DequantBackend = Literal["auto", "torch", "triton"]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                               description="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")]
-# As ckptflow.tasks.planners.reindex.parse_size reads it: 5GB (10⁹-based), 1.5GiB (2³⁰-based), 500MB, 123.
-ShardSize = Annotated[str, Field(pattern=r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*([KkMmGgTt][Ii]?)?[Bb]?\s*$",
-                                 description="largest output shard, e.g. 5GB, 500MB, 1.5GiB")]
+ShardSize = Annotated[str, Field(pattern=SIZE_PATTERN, description=f"largest output shard, {SIZE_HELP}")]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
 
 
-class ConvertOptions(BaseModel):
-    """The recipe and runtime options of `convert_flow`, minus source, dest, work and storage."""
+@dataclass(frozen=True)
+class Flag:
+    """How a field is spelled on the command line, where the default spelling does not fit."""
 
-    model_config = ConfigDict(extra="forbid")
+    name: str | None = None        # default: --field-name
+    metavar: str | None = None
+    repeat: bool = False           # a list: the flag may be given more than once
 
-    dequant: bool = True
-    fix_dtypes: bool = False
-    allow_dtypes: list[str] | None = None
-    reindex: bool = False
-    max_shard_size: ShardSize = "5GB"
-    fused_groups: str | None = None
-    mp: Positive | None = None
-    preset: str = "deepseek-v3"
-    drop_unmatched: bool = False
-    allow_missing_scale: bool = False
-    fetch: bool = False
-    checksum: bool = False
-    device: Device = "auto"
-    dequant_backend: DequantBackend = "auto"
-    task_runner: TaskRunnerKind = "threads"
-    dask_address: str | None = None
-    max_workers: Positive | None = None
-    prune: bool = False
+
+class Recipe(BaseModel):
+    """What a conversion does to the bytes: the stages and their options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dequant: bool = Field(False, description="dequantize quantized weights (FP8 block-wise e4m3 + "
+                                             "weight_scale_inv, …) to BF16")
+    fix_dtypes: bool = Field(False, description="cast tensors to config.json's torch_dtype")
+    allow_dtypes: Annotated[tuple[str, ...] | None, Flag("--allow-dtype", "REGEX", repeat=True)] = Field(
+        None, description="tensor names allowed to differ from config.json's torch_dtype (repeatable)")
+    reindex: bool = Field(False, description="put every fused group (q/k/v, gate/up, …) in one file")
+    max_shard_size: Annotated[ShardSize, Flag(metavar="SIZE")] = Field(
+        "5GB", description=f"--reindex: largest output shard, {SIZE_HELP}")
+    fused_groups: Annotated[str | None, Flag(metavar="FILE")] = Field(
+        None, description="--reindex: JSON table of fused groups (default: built in)")
+    mp: Annotated[Positive | None, Flag(metavar="N")] = Field(
+        None, description="write model-parallel rank files model{r}-mp{N}.safetensors")
+    preset: Annotated[str, Flag(metavar="NAME|FILE")] = Field(
+        "deepseek-v3", description="--mp: name table, deepseek-v3, llama or a JSON file")
+    drop_unmatched: bool = Field(False, description="--mp: drop tensors no preset row matches (with a warning)")
+    allow_missing_scale: bool = Field(False, description="--dequant: keep FP8 tensors that have no scale as FP8")
+
+    def stages(self) -> list[str]:
+        return [s for s, on in (("dequant", self.dequant), ("fix-dtypes", self.fix_dtypes),
+                                ("reindex", self.reindex and not self.mp), ("mp", bool(self.mp))) if on]
+
+
+class ConvertOptions(Recipe):
+    """The recipe plus runtime options of `convert_flow`, minus source, dest, work and storage."""
+
+    fetch: bool = Field(False, description="copy a remote SOURCE into the work location first")
+    checksum: bool = Field(False, description="record each output shard's sha256 (a rerun then proves "
+                                              "reused shards by content)")
+    device: Annotated[Device, Flag(metavar="DEVICE")] = Field(
+        "auto", description="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")
+    dequant_backend: DequantBackend = Field("auto", description="dequant kernel: auto, torch (lookup "
+                                                                "tables) or triton")
+    task_runner: TaskRunnerKind = Field(
+        "threads", description="where shard tasks run: threads of this process, a process pool, or Dask "
+                               "workers; processes and dask need a Prefect server (PREFECT_API_URL)")
+    dask_address: Annotated[str | None, Flag(metavar="tcp://HOST:PORT")] = Field(
+        None, description="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
+    max_workers: Annotated[Positive | None, Flag(metavar="N")] = Field(
+        None, description="shard tasks at once (threads: default 1, a CPU shard task already uses every "
+                          "core; raise it for object storage. processes / dask LocalCluster: worker "
+                          "processes, default 2)")
+    prune: bool = Field(False, description="delete weight files in DEST this conversion does not write "
+                                           "(an earlier layout's)")
+
+    def recipe(self) -> Recipe:
+        return Recipe(**self.model_dump(include=set(Recipe.model_fields)))
 
     def recipe_key(self) -> dict[str, object]:
         """The options that change the output's bytes (not where or how fast it is computed)."""
-        return self.model_dump(include={"dequant", "fix_dtypes", "allow_dtypes", "reindex", "max_shard_size",
-                                        "fused_groups", "mp", "preset", "drop_unmatched",
-                                        "allow_missing_scale"})
+        return self.recipe().model_dump(mode="json")
+
+
+def flag_of(name: str, info: Any) -> Flag:
+    """The command-line spelling of a field (`--field-name` unless the field says otherwise)."""
+    found = next((m for m in info.metadata if isinstance(m, Flag)), Flag())
+    return Flag(found.name or "--" + name.replace("_", "-"), found.metavar, found.repeat)
+
+
+def flow_signature(fn: Callable[..., Any], model: type[BaseModel]) -> inspect.Signature:
+    """`fn`'s own parameters, then one keyword parameter per field of `model`, typed and with its
+    default: what Prefect builds the flow's parameter schema from and validates a run against."""
+    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    fields = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info.default,
+                                annotation=Annotated[(info.annotation, *info.metadata,
+                                                      Field(description=info.description))])
+              for name, info in model.model_fields.items()]
+    return inspect.Signature(own + fields)

@@ -15,23 +15,7 @@ from ckptflow.tasks.planners.dequant import plan_dequant
 from ckptflow.tasks.planners.torch_dtype import check_plan, fix_dtypes, identity_plan
 from ckptflow.tasks.plan.model import PlanError, StagePlan
 
-
-@dataclass(frozen=True)
-class Recipe:
-    dequant: bool = False
-    fix_dtypes: bool = False
-    reindex: bool = False
-    max_shard_size: str | int = "5GB"
-    fused_groups: str | None = None
-    mp: int | None = None
-    preset: str = "deepseek-v3"
-    allow_missing_scale: bool = False
-    allow_dtypes: tuple[str, ...] = ()
-    drop_unmatched: bool = False
-
-    def stages(self) -> list[str]:
-        return [s for s, on in (("dequant", self.dequant), ("fix-dtypes", self.fix_dtypes),
-                                ("reindex", self.reindex and not self.mp), ("mp", bool(self.mp))) if on]
+from ckptflow.flows.params import Recipe
 
 
 @dataclass(frozen=True)
@@ -43,7 +27,7 @@ class Pass:
 
 def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
     config = plan.config if plan.config is not None else ckpt.config
-    report = check_plan(plan, config, recipe.allow_dtypes)
+    report = check_plan(plan, config, recipe.allow_dtypes or ())
     if not report.ok:
         raise PlanError(f"{len(report.mismatches)} tensor(s) would not match config.json's torch_dtype "
                         f"({report.expected}); add --fix-dtypes to cast them, or --allow-dtype REGEX for "
@@ -72,10 +56,11 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Pass], list[str]
     if recipe.fix_dtypes:
         base = plan or identity_plan(ckpt)
         config = base.config if base.config is not None else ckpt.config
-        plan = replace(fix_dtypes(base, config, recipe.allow_dtypes), stage=f"{base.stage}+fix-dtypes"
+        plan = replace(fix_dtypes(base, config, recipe.allow_dtypes or ()), stage=f"{base.stage}+fix-dtypes"
                        if plan else "fix-dtypes")
     if recipe.reindex and not recipe.mp:
-        from ckptflow.tasks.planners.reindex import load_fused_groups, parse_size, plan_reindex
+        from ckptflow.tasks.planners.reindex import load_fused_groups, plan_reindex
+        from ckptflow.tasks.plan.sizes import parse_size
 
         size = parse_size(recipe.max_shard_size)
         groups = load_fused_groups(recipe.fused_groups)

@@ -110,7 +110,7 @@ def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness,
     env, b, fs = deployed["env"], deployed["bucket"], deployed["fs"]
     fs.put(str(demo_ckpt) + "/", f"{b}/incoming/demo/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "ref-work"))  # in-process, local
+    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "ref-work"), dequant=True)  # in-process, local
 
     run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16",
                    "--param", f"source=s3://{b}/incoming/demo", "--param", f"dest=s3://{b}/converted/demo",

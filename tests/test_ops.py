@@ -311,13 +311,13 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "w0"))
+    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "w0"), dequant=True)
 
     # Six drops of one read: more than the HTTP stack retries (at most 4 attempts with s3fs's and
     # botocore's retries at 1), so the shard task fails and Prefect's retry has to finish it.
     proxy.add_rule(SameRequest(data_range_read), "drop", 6)
     state = convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "w1"),
-                         storage_options=faulty_s3["options"], return_state=True)
+                         storage_options=faulty_s3["options"], return_state=True, dequant=True)
     summary = state.result()
 
     assert proxy.seen["drop"] == 6, proxy.seen
@@ -336,7 +336,7 @@ def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_
     proxy.add_rule(data_range_read, "deny", 1000)
     t0 = time.perf_counter()
     state = convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "w"),
-                         storage_options=faulty_s3["options"], return_state=True)
+                         storage_options=faulty_s3["options"], return_state=True, dequant=True)
     elapsed = time.perf_counter() - t0
     assert state.is_failed()
     counts = _task_run_counts(state.state_details.flow_run_id)
@@ -406,7 +406,7 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
     task_logger.setLevel(logging.INFO)  # setLevel, not .level =: it also clears the enabled-for cache
     monkeypatch.setattr(task_logger, "handlers", [*task_logger.handlers, handler])
     out = tmp_path / "out"
-    state = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"), return_state=True)
+    state = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"), return_state=True, dequant=True)
     summary = state.result()
 
     # One update per committed shard, never going backwards, ending at 100 %.
@@ -433,7 +433,7 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
 
     # A rerun finds every shard committed: the artifact reaches 100 % from cache alone.
     updates.clear()
-    again = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"))
+    again = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w"), dequant=True)
     assert again["cached_shards"] == 6 and [p for p, _ in updates][-1] == 100.0 and len(updates) == 6
 
 

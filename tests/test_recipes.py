@@ -17,10 +17,11 @@ def tensors(path) -> dict[str, torch.Tensor]:
 
 def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt, tmp_path):
     bf16 = tmp_path / "bf16"
-    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"))
+    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"), dequant=True)
     ref = tensors(bf16)
     out = tmp_path / "mp"
-    summary = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"))
+    summary = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"),
+                           dequant=True)
     assert summary["stage"] == "dequant+mp" and summary["cached_shards"] == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["config.json", "model0-mp2.safetensors", "model1-mp2.safetensors",
@@ -38,22 +39,24 @@ def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt
     assert not any(k.startswith("layers.3.") for r in ranks for k in r)  # the MTP layer is gone
     assert not any(k.endswith(".scale") for r in ranks for k in r)
 
-    again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"))
+    again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"),
+                           dequant=True)
     assert again["cached_shards"] == again["shards"] == 8  # 6 dequant shards + 2 rank files
 
 def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
     out = tmp_path / "mp3"
     with pytest.raises(UserError, match="3"):
-        convert_flow(str(demo_ckpt), str(out), mp=3, work=str(tmp_path / "w"))
+        convert_flow(str(demo_ckpt), str(out), mp=3, work=str(tmp_path / "w"), dequant=True)
     assert not out.exists()
     assert not (tmp_path / "w" / "stages").exists()  # not even the dequant pass started
 
 
 def test_dequant_and_reindex_compose_into_one_pass(prefect_harness, demo_ckpt, tmp_path):
     bf16 = tmp_path / "bf16"
-    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"))
+    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"), dequant=True)
     out = tmp_path / "reindexed"
-    summary = convert_flow(str(demo_ckpt), str(out), reindex=True, max_shard_size="1MB", work=str(tmp_path / "w2"))
+    summary = convert_flow(str(demo_ckpt), str(out), reindex=True, max_shard_size="1MB", work=str(tmp_path / "w2"),
+                           dequant=True)
     assert summary["stage"] == "dequant+reindex"
     assert not (tmp_path / "w2" / "stages").exists()  # one pass: no intermediate checkpoint
     got, ref = tensors(out), tensors(bf16)

@@ -16,8 +16,9 @@ from ckptflow.storage.safetensors_format import Header, TensorInfo
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.run.execute import write_shard
 from ckptflow.tasks.plan.model import PlanError, StagePlan
+from ckptflow.tasks.plan.sizes import SIZE_PATTERN, parse_size
 from ckptflow.tasks.planners.reindex import (group_of, load_fused_groups, moved_bytes, moved_tensors, natural_key,
-                                         parse_size, plan_reindex)
+                                         plan_reindex)
 
 GROUPS = load_fused_groups(None)
 L0 = "model.layers.0."
@@ -143,6 +144,21 @@ def test_parse_size():
     for bad in ("5G", "five GB", "", "-1GB", "0", 0, -5, True, 1.5, None, "1e9", "5 GB extra"):
         with pytest.raises(PlanError, match="is not a positive size"):
             parse_size(bad)
+
+
+def test_the_size_pattern_is_the_parsers_grammar():
+    """Flow parameters are checked against SIZE_PATTERN (Prefect's schema), planners call
+    parse_size: a size one accepts and the other refuses ('5G' once did) cannot exist."""
+    import re
+
+    for text in ("5GB", "500MB", "1.5GiB", " 2 kib ", "123", "10B", ".5tb", "1.GB", "5G", "5 GB extra",
+                 "five GB", "", "1e9", "5KiBB", "5iB", "0x10", "-1GB"):
+        try:
+            parse_size(text)
+            parsed = True
+        except PlanError:
+            parsed = False
+        assert parsed == bool(re.match(SIZE_PATTERN, text)), text
 
 
 def test_custom_groups_file(tmp_path):

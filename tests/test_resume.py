@@ -57,5 +57,5 @@ def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path
     assert not [p for p in out.iterdir() if ".partial-" in p.name]  # the killed temp file is gone
 
     clean = tmp_path / "clean"
-    convert_flow(str(demo_ckpt), str(clean), work=str(tmp_path / "work-clean"))
+    convert_flow(str(demo_ckpt), str(clean), work=str(tmp_path / "work-clean"), dequant=True)
     assert tree(out) == tree(clean)

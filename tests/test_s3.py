@@ -95,7 +95,7 @@ def reference(tmp_path_factory, prefect_harness):
     base = tmp_path_factory.mktemp("reference")
     src, out = base / "fp8", base / "local-out"
     make_deepseek_v3_fp8(open_location(str(src)))
-    summary = convert_flow(str(src), str(out), work=str(base / "work"))
+    summary = convert_flow(str(src), str(out), work=str(base / "work"), dequant=True)
     assert summary["cached_shards"] == 0
     return {"source": local_tree(src), "output": local_tree(out), "summary": summary}
 
@@ -124,7 +124,7 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
         source = str(demo)
     dest = f"s3://{bucket}/out" if dst_kind == "s3" else str(tmp_path / "out")
 
-    summary = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts)
+    summary = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
 
     want = reference["summary"]
     assert summary["shards"] == want["shards"] > 1
@@ -142,7 +142,7 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
     if where == "s3->s3":
         # The same command again resumes from the shard records: every shard is reused,
         # which needs the S3 ETags (part of the cache key) and output sizes to read back stably.
-        again = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts)
+        again = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
         assert again["cached_shards"] == again["shards"] == want["shards"]
         assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])
         assert_no_leftovers(fs, bucket)
@@ -152,7 +152,7 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
         shards = sorted(n for n in reference["output"] if n.endswith(".safetensors"))
         fs.rm(f"{bucket}/out/{shards[0]}")
         fs.pipe(f"{bucket}/out/{shards[1]}", reference["output"][shards[1]][:1000])
-        third = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts)
+        third = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
         assert third["cached_shards"] == want["shards"] - 2
         assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])
         assert_no_leftovers(fs, bucket)
@@ -171,7 +171,7 @@ def test_fetch_from_s3_then_rerun_fetches_nothing(prefect_harness, s3_options, d
     work, dest = tmp_path / "work", tmp_path / "out"
     source = f"s3://{bucket}/src"
 
-    first = convert_flow(source, str(dest), work=str(work), storage_options=opts, fetch=True)
+    first = convert_flow(source, str(dest), work=str(work), storage_options=opts, fetch=True, dequant=True)
     assert first["cached_shards"] == 0
     assert_same_tree(local_tree(dest), reference["output"])
 
@@ -188,7 +188,7 @@ def test_fetch_from_s3_then_rerun_fetches_nothing(prefect_harness, s3_options, d
     assert not [p for p in fetched.rglob("*") if ".partial" in p.name]
 
     before = _mtimes(fetched)
-    second = convert_flow(source, str(dest), work=str(work), storage_options=opts, fetch=True)
+    second = convert_flow(source, str(dest), work=str(work), storage_options=opts, fetch=True, dequant=True)
     assert _mtimes(fetched) == before, "the second run re-fetched files"
     assert second["cached_shards"] == second["shards"] == first["shards"]
     assert_same_tree(local_tree(dest), reference["output"])
@@ -423,7 +423,7 @@ def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, refe
     _put_folder_marker(fs, bucket, "src/extra/")
 
     convert_flow(f"s3://{bucket}/src", f"s3://{bucket}/out", work=str(tmp_path / "work"),
-                 storage_options=opts)
+                 storage_options=opts, dequant=True)
 
     objects = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix="out")["Contents"]
     keys = sorted(o["Key"] for o in objects)
@@ -439,7 +439,7 @@ def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, refere
     _put_folder_marker(fs, bucket, "src/")
 
     convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "work"),
-                 storage_options=opts, fetch=True)
+                 storage_options=opts, fetch=True, dequant=True)
 
     assert local_tree(tmp_path / "work" / "source") == reference["source"]
     assert_same_tree(local_tree(tmp_path / "out"), reference["output"])
@@ -459,7 +459,7 @@ def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, ref
     s3fs.S3FileSystem.clear_instance_cache()
 
     convert_flow(f"s3://{bucket}/src", f"s3://{bucket}/out", work=f"s3://{bucket}/work",
-                 storage_options=opts, fetch=True)
+                 storage_options=opts, fetch=True, dequant=True)
 
     assert s3_tree(fs, f"{bucket}/work/source") == reference["source"]
     assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])

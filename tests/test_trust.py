@@ -87,7 +87,7 @@ def test_prune_never_deletes_under_source(demo_ckpt, tmp_path):
 
 def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    first = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    first = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
     clean = tree(out)
     victim = out / "model-00004-of-00006.safetensors"
     st = victim.stat()
@@ -97,7 +97,7 @@ def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
         f.seek(st.st_size // 2)
         f.write(bytes(b ^ 0xFF for b in chunk))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert [r["name"] for r in again["records"] if not r["cached"]] == [victim.name]
     assert again["cached_shards"] == first["shards"] - 1
     assert tree(out) == clean
@@ -108,7 +108,7 @@ def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, de
     from ckptflow.storage.urls import open_location
 
     out, work = tmp_path / "out", tmp_path / "work"
-    convert_flow(str(demo_ckpt), str(out), work=str(work))
+    convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
     # Another checkpoint of the same layout, other values: copy one shard's bytes over in place.
     other = tmp_path / "other"
     make_deepseek_v3_fp8(open_location(str(other)), seed=1)
@@ -119,23 +119,23 @@ def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, de
     with open(victim, "r+b") as f:
         f.write(new)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert name in [r["name"] for r in again["records"] if not r["cached"]]
     fresh = tmp_path / "fresh"
-    convert_flow(str(demo_ckpt), str(fresh), work=str(tmp_path / "work-fresh"))
+    convert_flow(str(demo_ckpt), str(fresh), work=str(tmp_path / "work-fresh"), dequant=True)
     assert tree(out) == tree(fresh)
 
 
 def test_empty_or_damaged_journal_entries_count_as_absent(prefect_harness, demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    convert_flow(str(demo_ckpt), str(out), work=str(work))
+    convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
     clean = tree(out)
     entries = sorted((work / "journal").glob("*.json"))
     assert len(entries) == 6
     entries[0].write_bytes(b"")            # what a power cut leaves
     entries[1].write_bytes(b"{\"size\": ")  # cut mid-write
     entries[2].write_text("[1, 2]")         # valid JSON, wrong shape
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work))
+    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert again["cached_shards"] == 3
     assert tree(out) == clean
 
@@ -380,14 +380,14 @@ def test_tampered_shard_on_s3_is_rewritten(prefect_harness, s3_options, demo_ckp
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     dest, work = f"s3://{bucket}/out", str(tmp_path / "work")
-    convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts)
+    convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts, dequant=True)
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
     name = f"{bucket}/out/model-00002-of-00006.safetensors"
     good = fs.cat_file(name)
     bad = bytearray(good)
     bad[len(bad) // 2: len(bad) // 2 + 64] = bytes(64)  # same size, other bytes, a new ETag
     fs.pipe_file(name, bytes(bad))
-    again = convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts)
+    again = convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts, dequant=True)
     assert [r["name"] for r in again["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
     assert fs.cat_file(name) == good
 

@@ -135,7 +135,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     w = bucket_with_checkpoints
     fs, b, opts = w["fs"], w["bucket"], w["options"]
     reference = w["tmp"] / "reference"
-    convert_flow(str(w["src"]), str(reference), work=str(w["tmp"] / "ref-work"))
+    convert_flow(str(w["src"]), str(reference), work=str(w["tmp"] / "ref-work"), dequant=True)
     expected = tree(reference)
     run = dict(source_prefix=f"s3://{b}/incoming", dest_prefix=f"s3://{b}/converted", settle_seconds=0,
                storage_options=opts)
@@ -220,18 +220,6 @@ def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, b
             watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b", "options": bad})
     with pytest.raises(ParameterTypeError, match="max_concurrent"):
         watch_flow.validate_parameters({"source_prefix": "s3://a", "dest_prefix": "s3://b", "max_concurrent": 0})
-
-
-def test_convert_options_mirror_the_convert_flow_signature():
-    """ConvertOptions is convert_flow's recipe as a model: same names, same defaults."""
-    import inspect
-
-    from ckptflow.flows.convert import convert_flow
-    from ckptflow.flows.params import ConvertOptions
-
-    params = {n: p.default for n, p in inspect.signature(convert_flow.fn).parameters.items()
-              if n not in ("source", "dest", "work", "storage_options")}
-    assert params == ConvertOptions().model_dump()
 
 
 def _child_flow_runs(parent_flow_run_id) -> dict[str, str]:

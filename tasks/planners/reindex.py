@@ -23,20 +23,17 @@ import json
 import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from importlib import resources
 from itertools import chain
 
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import TensorInfo
 
+from ckptflow.tasks.plan.sizes import parse_size
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 PRESET = "fused_groups.json"
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -121,22 +118,6 @@ def parse_fused_groups(text: str, where: str) -> list[FusedGroup]:
                             f"(it has {captures}); write (?P<{missing[0]}>…) in the pattern")
         out.append(FusedGroup(name, compiled, keys))
     return out
-
-
-def parse_size(size: str | int) -> int:
-    """'5GB' → 5·10⁹ (as Hugging Face), '1.5GiB' → 1.5·2³⁰, '500MB', 123 or '123' → bytes."""
-    value = None
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str) and (m := _SIZE.match(size)) and m.group(2).upper() in _UNITS:
-        try:
-            value = int(Decimal(m.group(1)) * _UNITS[m.group(2).upper()])
-        except InvalidOperation:
-            value = None
-    if value is None or value <= 0:
-        raise PlanError(f"max shard size {size!r} is not a positive size; write e.g. 5GB (5·10⁹ bytes), "
-                        "500MB, 1.5GiB (2³⁰-based) or a number of bytes")
-    return value
 
 
 def natural_key(name: str) -> tuple:
