@@ -399,7 +399,8 @@ def _parameter_problems(exc: BaseException) -> str:
         # a field of the options is named as the flag that sets it
         name = flag_of(str(e["loc"][-1]), field).name if field is not None else ".".join(map(str, e["loc"]))
         if e["type"] == "string_pattern_mismatch" and field is not None and field.description:
-            out.append(f"{name}: {e.get('input')!r} is not valid ({field.description})")
+            what = field.description.split(": ", 1)[-1] if field.description.startswith("--") else field.description
+            out.append(f"{name}: {e.get('input')!r} is not valid ({what})")
         else:
             out.append(f"{name}: {e['msg']}")
     return "; ".join(out)

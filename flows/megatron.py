@@ -18,7 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ckptflow.storage.checkpoint import scan_checkpoint
-from ckptflow.storage.files import list_files, read_json
+from ckptflow.storage.files import WEIGHT_SUFFIXES, list_files, read_json
 from ckptflow.storage.listing import file_identity
 from ckptflow.storage.lock import dest_lock
 from ckptflow.storage.overlap import refuse_overlap
@@ -49,7 +49,7 @@ def _copy_tokenizer(tokenizer: str, dst: Location, storage_options: dict[str, An
     from ckptflow.storage.files import copy_file
 
     tok = open_location(tokenizer, storage_options)
-    names = [n for n in list_files(tok) if not n.endswith((".safetensors", ".bin", ".pt", ".pth"))
+    names = [n for n in list_files(tok) if not n.endswith(WEIGHT_SUFFIXES)
              and n != "config.json"]
     if not names:
         raise StorageError(f"--tokenizer {tokenizer}: no tokenizer files found there")

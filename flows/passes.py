@@ -11,6 +11,7 @@ from typing import Any, Callable
 from prefect import get_run_logger
 from prefect.futures import as_completed, wait
 
+from ckptflow.storage.errors import problem_list
 from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
                                     read_json, write_json)
@@ -173,7 +174,7 @@ def verify_output(dst: Location, plan: StagePlan, allow_dtypes: tuple[str, ...] 
     problems = [p for p in find_problems(written, require_index=plan.write_index) if p.severity == "error"]
     if problems:
         raise StorageError(f"{dst.url}: the written checkpoint fails validation:\n"
-                           + "\n".join(f"  - {p}" for p in problems))
+                           + problem_list(problems))
     report = check_dtypes(written, allow_dtypes)
     publish_dtype_report(report, dst.url)
     if not report.ok:

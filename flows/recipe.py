@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ckptflow.storage.errors import problem_list
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.tasks.plan.compose import compose, planned_checkpoint
 from ckptflow.tasks.planners.dequant import plan_dequant
@@ -31,7 +32,7 @@ def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
     if not report.ok:
         raise PlanError(f"{len(report.mismatches)} tensor(s) would not match config.json's torch_dtype "
                         f"({report.expected}); add --fix-dtypes to cast them, or --allow-dtype REGEX for "
-                        "tensors that are meant to differ:\n" + "\n".join(f"  - {m}" for m in report.mismatches[:50]))
+                        "tensors that are meant to differ:\n" + problem_list(report.mismatches))
 
 
 def plan_mp_stage(ckpt: Checkpoint, recipe: Recipe) -> StagePlan:

@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ckptflow.storage.errors import problem_list
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.files import read_json, write_json
 from ckptflow.storage.listing import list_tree
@@ -96,7 +97,7 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     failed = {n: r["error"] for n, r in results.items() if "error" in r}
     if failed:
         raise WatchFailed(f"{len(failed)} of {len(results)} conversion(s) failed:\n"
-                          + "\n".join(f"  - {n}: " + e.replace("\n", "\n    ") for n, e in failed.items()),
+                          + problem_list(f"{n}: {e}" for n, e in failed.items()),
                           summary)
     return summary
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckptflow.storage.files import CONFIG_NAME, INDEX_NAME, list_files, read_json
+from ckptflow.storage.files import CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, list_files, read_json
 from ckptflow.storage.reader import file_info, read_header
 from ckptflow.storage.safetensors_format import MAX_TENSORS_TOTAL, Header, HeaderError, TensorInfo
 from ckptflow.storage.strict_json import kind, short
@@ -55,7 +55,7 @@ class Checkpoint:
     def other_files(self) -> list[str]:
         """Non-weight files a conversion carries over (config, tokenizer, …), minus the index."""
         return [n for n in self.files
-                if not n.endswith((".safetensors", ".bin", ".pt", ".pth")) and n != INDEX_NAME]
+                if not n.endswith(WEIGHT_SUFFIXES) and n != INDEX_NAME]
 
 
 def scan_checkpoint(loc: Location, max_workers: int = 16) -> Checkpoint:

@@ -30,6 +30,10 @@ FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
 MAX_HEADER_BYTES = 100_000_000
 # One range read of this size fetches the whole header of nearly every real shard.
 HEADER_PROBE_BYTES = 256 * 1024
+# The `__metadata__` of every shard ckptflow writes (what transformers' save_pretrained writes).
+# Planners lay out offsets with it (`ckptflow.tasks.plan.compose.planned_checkpoint`) and the
+# writer writes it: the "shard is whole" size check holds only while both use this one value.
+SHARD_METADATA: dict[str, str] = {"format": "pt"}
 # Tensor counts no real checkpoint reaches. DeepSeek-V3 has ~91k tensors over 163 files (~560 a
 # file), Kimi-K2 ~140k in all; even `--mp 1` on Kimi-K2 (one 1 TB file) holds ~140k. A tensor
 # costs ~900 bytes while its header is parsed and ~350 after, so with these caps `validate`

@@ -40,3 +40,8 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception as exc:
         return is_transient(exc)
     return False
+
+
+# Every Prefect task that touches storage retries a hiccup alike: three more tries, backing off.
+TRANSIENT_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [1, 4, 15],
+                                     "retry_condition_fn": retry_transient}

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptflow.storage.listing import file_identity, local_identity_before_rename
-from ckptflow.storage.safetensors_format import TensorSpec, build_header
+from ckptflow.storage.safetensors_format import SHARD_METADATA, TensorSpec, build_header
 from ckptflow.storage.urls import Location, StorageError
 
 
@@ -173,7 +173,7 @@ class SafetensorsWriter:
     def __init__(self, loc: Location, name: str, specs: list[TensorSpec],
                  metadata: dict[str, str] | None = None, digest: bool = False):
         self.loc, self.name, self.specs = loc, name, specs
-        header = build_header(specs, metadata or {"format": "pt"})
+        header = build_header(specs, metadata or SHARD_METADATA)
         self._file = AtomicFile(loc, name, digest, expected_size=len(header) + sum(s.nbytes for s in specs))
         self._file.write(header)
         self._index = 0

@@ -15,7 +15,7 @@ from ckptflow.storage.files import copy_file, read_json, write_json
 from ckptflow.storage.reader import file_info
 from ckptflow.storage.urls import Location, StorageError, open_location
 
-from ckptflow.storage.transient import retry_transient
+from ckptflow.storage.transient import TRANSIENT_RETRIES
 from ckptflow.tasks.run import progress
 
 MARKER_DIR = ".ckptflow-fetch"
@@ -51,7 +51,7 @@ def read_markers(dst: Location, names: list[str], local_sizes: dict[str, int]) -
     return out
 
 
-@task(name="fetch-file", retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient)
+@task(name="fetch-file", **TRANSIENT_RETRIES)
 def fetch_file(source: str, dest: str, name: str, meta: dict[str, Any],
                storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     src = open_location(source, storage_options)

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from ckptflow.storage.errors import problem_list
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.files import INDEX_NAME
@@ -42,9 +43,7 @@ class ValidationFailed(UserError):
     def __init__(self, url: str, problems: list[Problem]):
         self.problems = problems
         errors = [p for p in problems if p.severity == "error"]
-        lines = "\n".join(f"  - {p}" for p in errors[:50])
-        more = f"\n  … and {len(errors) - 50} more" if len(errors) > 50 else ""
-        super().__init__(f"{url}: {len(errors)} problem(s) found; nothing was converted\n{lines}{more}")
+        super().__init__(f"{url}: {len(errors)} problem(s) found; nothing was converted\n{problem_list(errors)}")
 
 
 def _capped(problems: Iterable[Problem], file: str, limit: int) -> list[Problem]:

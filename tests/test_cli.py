@@ -44,9 +44,9 @@ def test_bad_option_values_are_one_line_errors_before_prefect_starts(tmp_path):
                    "--max-shard-size", "5 furlongs")
     assert run.returncode == 2, run.stderr
     assert run.stderr.splitlines() == [
-        "error: invalid option: max_shard_size: '5 furlongs' is not valid (largest output shard, e.g. 5GB, "
-        "500MB, 1.5GiB); mp: Input should be greater than or equal to 1; device: 'tpu' is not valid "
-        "(where to dequantize: auto (CUDA if visible), cpu, cuda[:N])"]
+        "error: invalid option: --max-shard-size: '5 furlongs' is not valid (largest output shard, e.g. 5GB "
+        "(5·10⁹ bytes), 500MB, 1.5GiB (2³⁰-based) or a number of bytes); --mp: Input should be greater than or "
+        "equal to 1; --device: 'tpu' is not valid (where to dequantize: auto (CUDA if visible), cpu, cuda[:N])"]
     run = ckptflow("watch", str(tmp_path), str(tmp_path / "o"), "--dequant", "--max-concurrent", "0")
     assert run.returncode == 2 and "--max-concurrent: must be 1 or more, got 0" in run.stderr
     assert "Traceback" not in run.stderr

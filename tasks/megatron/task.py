@@ -14,7 +14,7 @@ from prefect import task
 
 from ckptflow.storage.files import CONFIG_NAME, write_json
 from ckptflow.storage.safetensors_format import TensorSpec
-from ckptflow.storage.transient import retry_transient
+from ckptflow.storage.transient import TRANSIENT_RETRIES
 from ckptflow.storage.urls import open_location
 from ckptflow.storage.writer import SafetensorsWriter
 
@@ -27,7 +27,7 @@ IMPORTED = "model.safetensors"
 
 
 @task(name="megatron-import", cache_policy=SHARD_CACHE, persist_result=True, result_serializer="json",
-      cache_result_in_memory=False, retries=3, retry_delay_seconds=[1, 4, 15], retry_condition_fn=retry_transient)
+      cache_result_in_memory=False, **TRANSIENT_RETRIES)
 def import_megatron(stage: str, source: str, dest: str, fingerprints: list[tuple[str, int, str | None]],
                     params: dict[str, Any], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Convert the Megatron checkpoint at `source` into `dest/model.safetensors` + config.json."""

@@ -12,7 +12,7 @@ from typing import Any
 
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.files import INDEX_NAME
-from ckptflow.storage.safetensors_format import Header, TensorInfo, build_header
+from ckptflow.storage.safetensors_format import SHARD_METADATA, Header, TensorInfo, build_header
 
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, StagePlan
 
@@ -23,12 +23,12 @@ def planned_checkpoint(plan: StagePlan, url: str, source: Checkpoint) -> Checkpo
     files: dict[str, int] = {}
     for shard in plan.shards:
         specs = shard.specs
-        data_start = len(build_header(specs, {"format": "pt"}))
+        data_start = len(build_header(specs, SHARD_METADATA))
         tensors, offset = {}, data_start
         for spec in specs:
             tensors[spec.name] = TensorInfo(spec.name, spec.dtype, spec.shape, offset, offset + spec.nbytes)
             offset += spec.nbytes
-        headers[shard.file] = Header(shard.file, offset, data_start, tensors, {"format": "pt"})
+        headers[shard.file] = Header(shard.file, offset, data_start, tensors, dict(SHARD_METADATA))
         files[shard.file] = offset
     config = plan.config if plan.config is not None else source.config
     for name in source.other_files():

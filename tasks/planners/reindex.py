@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from itertools import chain
 
+from ckptflow.storage.errors import problem_list
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import TensorInfo
 
@@ -152,7 +153,7 @@ def _units(ckpt: Checkpoint, files: list[str], groups: list[FusedGroup]) -> dict
     if twice:
         raise PlanError(f"{ckpt.url}: {len(twice)} tensor(s) appear in two files (a stale shard left "
                         "over?); remove the file that is not in the index:\n"
-                        + "\n".join(f"  - {t}" for t in twice[:20]))
+                        + problem_list(twice, 20))
     return units
 
 
@@ -184,7 +185,7 @@ def plan_reindex(ckpt: Checkpoint, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     groups = load_fused_groups(None) if groups is None else groups
     if ckpt.header_errors:
         raise PlanError("cannot reindex with unreadable shards (their tensors would be lost):\n"
-                        + "\n".join(f"  - {f}: {r}" for f, r in sorted(ckpt.header_errors.items())))
+                        + problem_list(f"{f}: {r}" for f, r in sorted(ckpt.header_errors.items())))
     files = sorted(ckpt.headers, key=natural_key)
     rank = {f: i for i, f in enumerate(files)}
     units = _units(ckpt, files, groups)

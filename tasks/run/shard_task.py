@@ -9,7 +9,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from ckptflow.storage.files import write_json
-from ckptflow.storage.transient import retry_transient
+from ckptflow.storage.transient import TRANSIENT_RETRIES
 from ckptflow.storage.urls import open_location
 
 from ckptflow.tasks.run.resume import SHARD_CACHE, shard_key
@@ -19,8 +19,7 @@ from ckptflow.tasks.run import progress
 
 
 @task(name="write-shard", cache_policy=SHARD_CACHE, persist_result=True, result_serializer="json",
-      cache_result_in_memory=False, retries=3, retry_delay_seconds=[1, 4, 15],
-      retry_condition_fn=retry_transient)
+      cache_result_in_memory=False, **TRANSIENT_RETRIES)
 def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
                      fingerprints: list[tuple[str, int, str | None]],
                      storage_options: dict[str, Any] | None = None, digest: bool = False,
