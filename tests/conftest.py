@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group, server_env  # noqa: F401 (fixtures use them)
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # moto and s3fs need credentials to exist; they are never sent anywhere but loopback.
@@ -33,10 +30,6 @@ def prefect_harness():
         yield
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -77,37 +70,12 @@ def demo_ckpt(tmp_path):
     return path
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    """The environment of a CLI subprocess: it runs the installed `ckptflow` package (no PYTHONPATH
-    to this checkout, which would make its folders importable as top-level `flows`, `tasks`, …)."""
-    env = dict(os.environ)
-    env.update(extra)
-    return env
 
 
-PYTHON = sys.executable
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-    except ProcessLookupError:
-        pass
 
 
-def server_env(home: Path, **extra: str) -> dict[str, str]:
-    env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                  PREFECT_LOGGING_LEVEL="WARNING", **extra)
-    for var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH"):
-        env.pop(var, None)
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session")

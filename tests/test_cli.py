@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 
 
 def ckptflow(*args: str) -> subprocess.CompletedProcess:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, ROOT, kill_group, server_env
-from .test_flow import tree
-from .test_watch import s3_tree
+from .helpers import PYTHON, ROOT, kill_group, server_env
+from .helpers import tree
+from .helpers import s3_tree
 
 pytestmark = pytest.mark.slow
 

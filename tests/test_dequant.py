@@ -1,20 +1,19 @@
 """FP8 → BF16: the planner on plain numbers, the CPU path bit for bit, whole-checkpoint output."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
-from ckptflow.storage.safetensors_format import Header, TensorInfo
+from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.planners.dequant import plan_dequant
 from ckptflow.tasks.run.execute import write_shard
 from ckptflow.tasks.kernels.fp8_cpu import torch_weight_dequant
 from ckptflow.tasks.plan.model import PlanError
+
+from .helpers import fake_ckpt
 
 
 def reference(w: torch.Tensor, s: torch.Tensor, block=(128, 128)) -> torch.Tensor:
@@ -30,21 +29,6 @@ def reference(w: torch.Tensor, s: torch.Tensor, block=(128, 128)) -> torch.Tenso
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
-
-def fake_ckpt(files: dict[str, list[tuple[str, str, tuple[int, ...]]]], config=None) -> Checkpoint:
-    """A Checkpoint from names, dtypes and shapes only: planners need no bytes."""
-    sizes = {"F8_E4M3": 1, "F32": 4, "BF16": 2, "F8_E5M2": 1}
-    headers = {}
-    for f, entries in files.items():
-        tensors, off = {}, 100
-        for name, dtype, shape in entries:
-            n = sizes[dtype] * math.prod(shape)
-            tensors[name] = TensorInfo(name, dtype, shape, off, off + n)
-            off += n
-        headers[f] = Header(f, off, 100, tensors)
-    weight_map = {t: f for f, h in headers.items() for t in h.tensors}
-    return Checkpoint("mem://x", {f: h.file_size for f, h in headers.items()}, headers,
-                      index={"metadata": {}, "weight_map": weight_map}, config=config)
 
 
 def test_plan_finds_scales_in_other_shards_and_drops_them():

@@ -15,7 +15,7 @@ from ckptflow.storage.errors import UserError
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.planners.torch_dtype import check_dtypes
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 
 
 def moe_ckpt(path, expert_dtype=torch.float32, config_dtype="bfloat16"):

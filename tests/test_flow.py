@@ -11,10 +11,8 @@ from safetensors.torch import save_file
 from ckptflow.flows.convert import convert_flow
 from ckptflow.storage.errors import UserError
 
+from .helpers import tree
 
-def tree(path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
 
 
 def test_convert_then_rerun_hits_cache_and_recomputes_vanished(prefect_harness, demo_ckpt, tmp_path):

@@ -27,7 +27,7 @@ from ckptflow.storage.safetensors_format import MAX_TENSORS_PER_FILE, HeaderErro
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.validate import Problem, header_problems
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 
 ENTRY = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
 

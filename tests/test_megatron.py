@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from ckptflow.tasks.megatron.load import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError,
                                           find_rank_files, load_megatron)
 from ckptflow.tasks.megatron.mapping import MegatronConvertError, convert_megatron, qkv_split_major
-from tests.megatron_fixtures import (megatron_args, megatron_models, rank_file, save, tiny_gpt2,
+from .megatron_fixtures import (megatron_args, megatron_models, rank_file, save, tiny_gpt2,
                                      write_tree, write_zip)
 
 VOCAB = {"vocab_size": 100}  # args only know padded_vocab_size (128); the tokenizer's size is 100

@@ -9,7 +9,7 @@ import torch
 
 from ckptflow.flows.megatron import megatron_flow
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 from .megatron_fixtures import megatron_args, megatron_models, rank_file, tiny_gpt2, write_tree, write_zip
 
 

@@ -15,7 +15,7 @@ from ckptflow.storage.errors import UserError
 from ckptflow.tasks.megatron.load import MegatronLoadError, inspect_megatron, load_megatron
 from ckptflow.tasks.megatron.mapping import MegatronConvertError, convert_megatron, flatten
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 from .megatron_fixtures import (clean_ranks, forged_torch_file, hostile_sources, megatron_args, megatron_models,
                                 rank_file, run_cli_measured, save, tiny_gpt2, tracker_tree, write_tree,
                                 write_zip)

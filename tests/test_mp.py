@@ -22,7 +22,7 @@ from ckptflow.tasks.run.execute import write_shard
 from ckptflow.tasks.planners.mp import plan_mp
 from ckptflow.tasks.presets.mp import Split, load_preset, map_name, parse_preset
 from ckptflow.tasks.plan.model import PlanError
-from tests.test_dequant import fake_ckpt
+from .helpers import fake_ckpt
 
 # Every split dim here divides by 4 and, for FP8 weights, gives each rank whole 128-row blocks.
 ALIGNED = DeepSeekDims(intermediate_size=512, moe_intermediate_size=512, num_attention_heads=16,

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, ROOT, kill_group, server_env
-from .test_flow import tree
+from .helpers import PYTHON, ROOT, kill_group, server_env
+from .helpers import tree
 
 # ------------------------------------------------------------------------ a real Prefect server
 

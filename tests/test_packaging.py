@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 
 SUBPACKAGES = ("flows", "tasks", "storage")  # each folder is ckptflow.<folder>
 SOURCE_DIRS = (*SUBPACKAGES, "tests", "bench")

@@ -11,8 +11,8 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .conftest import PYTHON, ROOT, cli_env
-from .test_flow import tree
+from .helpers import PYTHON, ROOT, cli_env
+from .helpers import tree
 
 # The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
 SLOW_CHILD = """

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 
 MiB = 1 << 20
 
@@ -448,7 +448,7 @@ def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, refere
 def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, reference, tmp_path,
                                           monkeypatch):
     from ckptflow.flows.convert import convert_flow
-    from .conftest import free_port
+    from .helpers import free_port
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)

@@ -22,7 +22,7 @@ import pytest
 import s3fs
 from botocore import exceptions as botocore_errors
 
-from .conftest import PYTHON, ROOT, cli_env, free_port, kill_group
+from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group
 
 if sys.version_info < (3, 11):  # requires-python is 3.10; anyio brings the backport there
     from exceptiongroup import ExceptionGroup

@@ -14,8 +14,8 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .conftest import PYTHON, ROOT, cli_env
-from .test_flow import tree
+from .helpers import PYTHON, ROOT, cli_env
+from .helpers import tree
 
 
 def digest_tree(path: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.validate import ValidationFailed, check, find_problems
 
-from .conftest import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env
 
 
 def raw_file(path: Path, header: dict, data_len: int, header_len: int | None = None) -> None:

@@ -13,7 +13,7 @@ from ckptflow.storage.listing import FileStat
 from ckptflow.storage.urls import StorageError
 from ckptflow.tasks.planners.watch import find_checkpoints, marker, plan_watch
 
-from .test_flow import tree
+from .helpers import s3_tree, tree
 
 RECIPE = {"dequant": True, "mp": None}
 
@@ -117,11 +117,6 @@ def bucket_with_checkpoints(s3_options, demo_ckpt, tmp_path):
     fs.pipe(f"{b}/incoming/notes/README.md", b"not a checkpoint")
     return {"fs": fs, "bucket": b, "options": s3_options["options"], "src": demo_ckpt, "tmp": tmp_path}
 
-
-def s3_tree(fs, prefix: str) -> dict[str, bytes]:
-    fs.invalidate_cache()
-    return {p[len(prefix) + 1:]: fs.cat_file(p) for p in sorted(fs.find(prefix))
-            if not any(part.startswith(".") for part in p[len(prefix) + 1:].split("/"))}
 
 
 def by_name(summary) -> dict[str, tuple[str, str]]:

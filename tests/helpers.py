@@ -1,0 +1,82 @@
+"""What many test modules share: subprocess environments, file trees, header-only checkpoints.
+
+Test modules import from here, never from each other (conftest.py holds fixtures only)."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.safetensors_format import DTYPE_SIZES, Header, TensorInfo
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a CLI subprocess: it runs the installed `ckptflow` package (no PYTHONPATH
+    to this checkout, which would make its folders importable as top-level `flows`, `tasks`, …)."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+def server_env(home: Path, **extra: str) -> dict[str, str]:
+    env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                  PREFECT_LOGGING_LEVEL="WARNING", **extra)
+    for var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH"):
+        env.pop(var, None)
+    env.update(extra)
+    return env
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    except ProcessLookupError:
+        pass
+
+
+def tree(path) -> dict[str, bytes]:
+    """Every file under `path` (dot-files and dot-folders apart: locks, journals) and its bytes."""
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)}
+
+
+def s3_tree(fs, prefix: str) -> dict[str, bytes]:
+    """`tree` for an object store prefix."""
+    fs.invalidate_cache()
+    return {p[len(prefix) + 1:]: fs.cat_file(p) for p in sorted(fs.find(prefix))
+            if not any(part.startswith(".") for part in p[len(prefix) + 1:].split("/"))}
+
+
+def fake_ckpt(files: dict[str, list[tuple[str, str, tuple[int, ...]]]], config=None) -> Checkpoint:
+    """A Checkpoint from names, dtypes and shapes only: planners need no bytes."""
+    headers = {}
+    for f, entries in files.items():
+        tensors, off = {}, 100
+        for name, dtype, shape in entries:
+            n = DTYPE_SIZES[dtype] * math.prod(shape)
+            tensors[name] = TensorInfo(name, dtype, shape, off, off + n)
+            off += n
+        headers[f] = Header(f, off, 100, tensors)
+    weight_map = {t: f for f, h in headers.items() for t in h.tensors}
+    return Checkpoint("mem://x", {f: h.file_size for f, h in headers.items()}, headers,
+                      index={"metadata": {}, "weight_map": weight_map}, config=config)
