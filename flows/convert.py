@@ -22,7 +22,7 @@ from ckptflow.tasks.run import progress
 from ckptflow.tasks.kernels.dispatch import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
-from ckptflow.tasks.validate import check
+from ckptflow.tasks.validate import raise_on_errors
 
 from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
 from ckptflow.flows.recipe import plan_mp_stage, plan_passes
@@ -60,7 +60,7 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     if opts.fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)
     ckpt = scan_checkpoint(src)
-    warnings = [str(w) for w in check(ckpt)]
+    warnings = [str(w) for w in raise_on_errors(ckpt)]
     passes, recipe_warnings = plan_passes(ckpt, recipe)
     warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
     for w in warnings:

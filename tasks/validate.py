@@ -1,7 +1,7 @@
 """Validate a checkpoint: the index against every shard header, and each header on its own.
 
 `find_problems` is pure (a `Checkpoint` in, a list of `Problem`s out) and reports every problem
-at once; `validate_task` is the Prefect task around scanning + checking.
+at once; `raise_on_errors` is what a conversion calls before planning.
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def find_problems(ckpt: Checkpoint, require_index: bool = True) -> list[Problem]
     return out
 
 
-def check(ckpt: Checkpoint) -> list[Problem]:
+def raise_on_errors(ckpt: Checkpoint) -> list[Problem]:
     """Raise `ValidationFailed` if there is any error; return the warnings otherwise."""
     problems = find_problems(ckpt)
     if any(p.severity == "error" for p in problems):

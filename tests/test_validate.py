@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks.validate import ValidationFailed, check, find_problems
+from ckptflow.tasks.validate import ValidationFailed, find_problems, raise_on_errors
 
 from .helpers import PYTHON, ROOT, cli_env
 
@@ -112,11 +112,11 @@ def test_check_raises_with_every_error_and_keeps_warnings(tmp_path):
     good(tmp_path)
     write_index(tmp_path, {"a.weight": "m-1.safetensors", "a.bias": "m-1.safetensors",
                            "b.weight": "m-2.safetensors"}, None)
-    warnings = check(scan_checkpoint(open_location(str(tmp_path))))
+    warnings = raise_on_errors(scan_checkpoint(open_location(str(tmp_path))))
     assert [str(w) for w in warnings] == ["model.safetensors.index.json: has no metadata.total_size"]
     (tmp_path / "m-2.safetensors").unlink()
     with pytest.raises(ValidationFailed) as err:
-        check(scan_checkpoint(open_location(str(tmp_path))))
+        raise_on_errors(scan_checkpoint(open_location(str(tmp_path))))
     assert "m-2.safetensors" in str(err.value) and "nothing was converted" in str(err.value)
 
 
