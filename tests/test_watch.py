@@ -133,7 +133,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     convert_flow(str(w["src"]), str(reference), work=str(w["tmp"] / "ref-work"), dequant=True)
     expected = tree(reference)
     run = dict(source_prefix=f"s3://{b}/incoming", dest_prefix=f"s3://{b}/converted", settle_seconds=0,
-               storage_options=opts)
+               storage_options=opts, options={"dequant": True})
 
     state = watch_flow(**run, return_state=True)
     first = state.result()
@@ -187,7 +187,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     assert {n: a for n, (a, _) in by_name(fixed).items()} == {
         "alpha": "up to date", "beta": "up to date", "delta": "up to date", "gamma": "convert"}
     assert s3_tree(fs, f"{b}/converted/gamma") == expected
-    relaid = watch_flow(**run, options={"dequant": True, "reindex": True, "max_shard_size": "400KB"})
+    relaid = watch_flow(**{**run, "options": {"dequant": True, "reindex": True, "max_shard_size": "400KB"}})
     assert {a for a, _ in by_name(relaid).values()} == {"convert"}
     names = sorted(n for n in s3_tree(fs, f"{b}/converted/alpha") if n.endswith(".safetensors"))
     assert names and all("-of-00006" not in n for n in names), names
