@@ -17,7 +17,7 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FP8_DTYPES, TensorInfo
 
 from ckptflow.tasks.planners.dequant import SCALE_SUFFIX, block_size_from_config
-from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset
+from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset, map_name
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
 # load_preset / Preset live in mp_preset; re-exported because flows/recipe.py imports them from here.
@@ -122,7 +122,7 @@ def _map_all(preset: Preset, tensors: list[tuple[str, TensorInfo]], drop: set[st
     unmatched: list[str] = []
     owner: dict[str, str] = {}
     for file, info in tensors:
-        mapped = None if info.name in drop else preset.map_name(info.name)
+        mapped = None if info.name in drop else map_name(preset, info.name)
         if info.name in drop or (mapped is not None and mapped.target is None):
             dropped.append(info.name)
         elif mapped is None:
