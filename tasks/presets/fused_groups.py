@@ -8,9 +8,10 @@ one file. The built-in table covers q/k/v, gate/up, MLA's q_a + kv_a and w1/w3; 
 from __future__ import annotations
 
 import re
+from functools import cached_property
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
 from ckptflow.tasks.presets.tables import TableKind, load_table, parse_table
 
@@ -34,8 +35,6 @@ class FusedGroup(BaseModel):
     name: StrictStr = Field(min_length=1)
     pattern: StrictStr = Field(min_length=1)
     key: tuple[StrictStr, ...] | None = None   # None: every named capture but 'member'
-    _regex: re.Pattern[str] = PrivateAttr()
-    _keys: tuple[str, ...] = PrivateAttr(())     # `key`, or its default resolved against the regex
 
     @model_validator(mode="before")
     @classmethod
@@ -50,20 +49,28 @@ class FusedGroup(BaseModel):
     @model_validator(mode="after")
     def _compile(self) -> "FusedGroup":
         try:
-            regex = re.compile(self.pattern)
+            self.regex
         except re.error as exc:
             raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {exc}") from None
-        captures = list(regex.groupindex)
-        keys = tuple(c for c in captures if c != "member") if self.key is None else self.key
-        if missing := [k for k in keys if k not in regex.groupindex]:
+        if missing := [k for k in self.keys if k not in self.regex.groupindex]:
             raise ValueError(f"key {missing} is not a named capture of {self.pattern!r} "
-                             f"(it has {captures}); write (?P<{missing[0]}>…) in the pattern")
-        self._regex, self._keys = regex, keys
+                             f"(it has {list(self.regex.groupindex)}); write (?P<{missing[0]}>…) in the pattern")
         return self
 
+    # cached_property, not PrivateAttr: id_of runs per tensor and group (a private attribute
+    # costs a __getattr__ call each time)
+    @cached_property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.pattern)
+
+    @cached_property
+    def keys(self) -> tuple[str, ...]:
+        """`key`, or its default: every named capture but 'member'."""
+        return tuple(c for c in self.regex.groupindex if c != "member") if self.key is None else self.key
+
     def id_of(self, tensor: str) -> str | None:
-        m = self._regex.search(tensor)
-        return None if m is None else self.name + ":" + "|".join(m.group(k) or "" for k in self._keys)
+        m = self.regex.search(tensor)
+        return None if m is None else self.name + ":" + "|".join(m.group(k) or "" for k in self.keys)
 
 
 class FusedGroups(BaseModel):

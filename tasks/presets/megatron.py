@@ -9,6 +9,7 @@ args values GPT-2 cannot represent. The built-in one (`gpt2`) covers legacy Mega
 """
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, field_validator, model_validator
@@ -69,7 +70,6 @@ class MegatronTable(BaseModel):
     config_from_args: dict[str, StrictStr] = {}
     unsupported_args: dict[str, tuple[Any, ...]] = {}
     _label: str = PrivateAttr("Megatron table <memory>")
-    _matcher: NameMatcher = PrivateAttr()
 
     @field_validator("config_defaults", "config_from_args", "unsupported_args", mode="before")
     @classmethod
@@ -79,7 +79,11 @@ class MegatronTable(BaseModel):
     def model_post_init(self, context: Any) -> None:
         if context:
             self._label = context["label"]
-        self._matcher = NameMatcher([r.source for r in self.rules])
+        self.matcher  # compiled once, now
+
+    @cached_property
+    def matcher(self) -> NameMatcher:
+        return NameMatcher([r.source for r in self.rules])
 
     @property
     def label(self) -> str:
@@ -88,7 +92,7 @@ class MegatronTable(BaseModel):
 
     def match(self, name: str) -> tuple[MegatronRule, str | None, int | None] | None:
         """(rule, GPT-2 target, layer) of the first row matching `name`, or None."""
-        hit = self._matcher.match(name)
+        hit = self.matcher.match(name)
         if hit is None:
             return None
         rule, caps = self.rules[hit[0]], {k: int(v) for k, v in hit[1].items()}
