@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator, model_validator
 
-from ckptflow.tasks.presets.tables import TableKind, load_table, parse_table
+from ckptflow.tasks.presets.tables import TableKind, load_table
 
 FUSED_GROUPS = TableKind("fused-groups table", {"default": "fused_groups.json"}, {
     "": 'expected an object {"groups": [{"name", "pattern", "key"}, …]}',
@@ -105,8 +105,3 @@ def group_of(name: str, groups: list[FusedGroup] | tuple[FusedGroup, ...]) -> st
 def load_fused_groups(url: str | None = None, storage_options: dict[str, Any] | None = None) -> list[FusedGroup]:
     """The fused-groups table at `url` (any fsspec URL or local path); None → the built-in one."""
     return list(load_table(FUSED_GROUPS, FusedGroups, url or "default", storage_options).groups)
-
-
-def parse_fused_groups(doc: Any, source: str) -> list[FusedGroup]:
-    """Validate a parsed fused-groups document; every problem names `source`, the row and the fix."""
-    return list(parse_table(FUSED_GROUPS, FusedGroups, doc, FUSED_GROUPS.label(source)).groups)
