@@ -9,7 +9,7 @@ import fsspec
 import pytest
 import torch
 
-from ckptflow.flows.cli import build_parser
+from ckptflow.flows.cli import build_parser, main
 from ckptflow.flows.megatron import megatron_flow, megatron_preflight
 from ckptflow.tasks.megatron.load import load_megatron
 from ckptflow.tasks.megatron.mapping import MegatronConvertError, convert_megatron
@@ -152,3 +152,17 @@ def test_megatron_flow_with_table_url_caches_by_content(prefect_harness, tmp_pat
     assert megatron_flow(src, **kw)["import_cached"] is True
     _table_with_extra_row(url, about="edited")  # same URL, other content: imported again
     assert megatron_flow(src, **kw)["import_cached"] is False
+
+
+def test_cli_bad_table_is_one_error_line_before_dest(tmp_path, capsys):
+    model = tiny_gpt2(seed=7)
+    src = _checkpoint_with_extra_buffer(tmp_path, model)
+    doc = read_table(MEGATRON_TABLES, "gpt2")[0]
+    doc["rules"][2]["transpose"] = "yes"
+    url = put("memory://tables/cli-bad.json", json.dumps(doc))
+    out = tmp_path / "out"
+    assert main(["megatron", src, str(out), "--table", url, "--work", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: Megatron table {url}: rules[2] {{"), err
+    assert err.rstrip().endswith("'qkv', 'transpose', 'vocab' and 'optional' must be true or false (or absent: false)")
+    assert not out.exists()
