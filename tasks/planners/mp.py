@@ -8,7 +8,6 @@ whole tensors, "slice" for splits), so no process ever holds more than a few chu
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +50,7 @@ def _dropped_layers(preset: Preset, config: dict[str, Any], names: list[str]) ->
     drop = preset.drop_layers
     if drop is None:
         return set(), []
-    head, _, tail = drop.prefix.partition("{layer}")
-    layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
-    layered = [(n, int(m.group(1))) for n in names if (m := layer_re.match(n))]
+    layered = [(n, i) for n in names if (i := drop.layer_of(n)) is not None]
     if not layered:
         return set(), []
     why = f"dropping layers by '{preset.source}'"

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, ValidationInfo,
                       field_validator, model_validator)
 
-from ckptflow.tasks.presets.patterns import NameMatcher, captures, target_fields
+from ckptflow.tasks.presets.patterns import NameMatcher, captures, regex_of, target_fields
 from ckptflow.tasks.presets.tables import TableKind, load_table, parse_table
 
 DEFAULT_OUTPUT = "model{rank}-mp{world}.safetensors"
@@ -100,9 +100,18 @@ class LayerDrop(BaseModel):
     @field_validator("prefix")
     @classmethod
     def _has_layer(cls, prefix: str) -> str:
-        if "{layer}" not in prefix:
+        if "layer" not in captures(prefix):
             raise ValueError(PRESETS.fixes["drop_layers"])
         return prefix
+
+    @cached_property
+    def prefix_regex(self) -> re.Pattern[str]:
+        return re.compile(regex_of(self.prefix))
+
+    def layer_of(self, name: str) -> int | None:
+        """The layer index of `name` if it starts with `prefix`, else None."""
+        m = self.prefix_regex.match(name)
+        return None if m is None else int(m.group("layer"))
 
 
 @dataclass(frozen=True)
