@@ -208,10 +208,10 @@ def cmd_megatron(args: argparse.Namespace) -> int:
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
     from ckptflow.flows.megatron import megatron_flow, megatron_preflight
 
-    megatron_preflight(args.source, args.config, opts)  # bombs and bad shapes: before Prefect starts
+    megatron_preflight(args.source, args.config, opts, args.table)  # bombs and bad shapes: before Prefect starts
 
     summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
-                            max_shard_size=args.max_shard_size, work=args.work,
+                            table=args.table, max_shard_size=args.max_shard_size, work=args.work,
                             storage_options=parse_storage_options(args.storage_options) or None)
     print(f"output:   {summary['dest']}  (GPT2LMHeadModel, from TP={summary['tp']}, "
           f"checkpoint_version {summary['checkpoint_version']})")
@@ -357,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("dest")
     m.add_argument("--tokenizer", metavar="PATH", help="copy tokenizer files from here (no hub download)")
     m.add_argument("--config", metavar="FILE", help="config.json values that override the checkpoint's args")
+    m.add_argument("--table", metavar="FILE|URL", help="Megatron → GPT-2 name table, JSON in the built-in "
+                                                      "table's format (default: built in)")
     m.add_argument("--max-shard-size", default="5GB")
     m.add_argument("--work")
     m.add_argument("--storage-options")

@@ -1,8 +1,9 @@
 """The Megatron flow: import (safe unpickle + mapping) → shard → finalize → verify.
 
-`ckptflow megatron SOURCE DEST [--tokenizer PATH] [--config FILE]`: SOURCE is a `.pt`, a
-Megatron checkpoint directory (`release/` or `iter_…/` with `mp_rank_0X/`), or NVIDIA's `.zip`,
-on any fsspec URL. Both passes are cached like the convert flow's shards.
+`ckptflow megatron SOURCE DEST [--tokenizer PATH] [--config FILE] [--table FILE|URL]`: SOURCE is
+a `.pt`, a Megatron checkpoint directory (`release/` or `iter_…/` with `mp_rank_0X/`), or NVIDIA's
+`.zip`, on any fsspec URL; `--table` replaces the built-in Megatron → GPT-2 name table. Both
+passes are cached like the convert flow's shards.
 
 `megatron_preflight` makes every check the import task makes that needs no tensor bytes (zip
 directory, tracker, pickle scan, names, config, every shape), in bounded memory and without
@@ -29,6 +30,7 @@ from ckptflow.tasks.megatron.load import inspect_megatron
 from ckptflow.tasks.megatron.mapping import convert_megatron
 from ckptflow.tasks.megatron.task import IMPORTED, import_megatron
 from ckptflow.tasks.plan.sizes import parse_size
+from ckptflow.tasks.presets.megatron import MegatronTable, load_megatron_table
 from ckptflow.tasks.planners.by_size import plan_size_shards
 
 from ckptflow.flows.params import ShardSize
@@ -59,13 +61,17 @@ def _copy_tokenizer(tokenizer: str, dst: Location, storage_options: dict[str, An
 
 
 def _import(source: str, stage_loc: Location, fps: list[tuple[str, int, str | None]], override: Any,
-            work: str, storage_options: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
+            table: dict[str, Any] | None, work: str, storage_options: dict[str, Any] | None,
+            ) -> tuple[dict[str, Any], bool]:
     """Run (or reuse) the import task; returns its record and whether it was reused.
 
     A cached record is trusted only while the file it committed is untouched (same identity)
-    and config.json is there; anything else imports again."""
+    and config.json is there; anything else imports again. A user's table travels as its
+    content, so the cache key follows what it says and a worker needs no access to its URL."""
     storage = result_storage(work, storage_options)
-    params = {"config_override": override}
+    params: dict[str, Any] = {"config_override": override}
+    if table is not None:  # absent for the built-in table: cache keys stay as they were
+        params["table"] = table
     for refresh in (False, True):
         task = import_megatron.with_options(result_storage=storage, refresh_cache=refresh)
         fut = task.submit("megatron-import", source, stage_loc.url, fps, params, storage_options)
@@ -78,26 +84,28 @@ def _import(source: str, stage_loc: Location, fps: list[tuple[str, int, str | No
 
 
 def megatron_preflight(source: str, config: str | None = None,
-                       storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                       storage_options: dict[str, Any] | None = None, table: str | None = None) -> dict[str, Any]:
     """Check SOURCE converts, reading pickles and zip directories only; the GPT-2 config it would
     get. Raises a UserError (one line, naming the file or tensor) for anything the import refuses."""
     src = open_location(source, storage_options)
     if not src.fs.exists(src.root):
         raise StorageError(f"{source}: not found")
     override = read_json(open_location(config, storage_options), "") if config else None
-    return _preflight(source, override, storage_options)
+    mapping = load_megatron_table(table, storage_options) if table else None
+    return _preflight(source, override, mapping, storage_options)
 
 
-def _preflight(source: str, override: Any, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+def _preflight(source: str, override: Any, table: MegatronTable | None,
+               storage_options: dict[str, Any] | None) -> dict[str, Any]:
     ck = inspect_megatron(source, storage_options)  # meta tensors: shapes and dtypes, no bytes
     # check_replicated compares values, which meta tensors lack; the import task compares them.
-    return convert_megatron(ck, override, check_replicated=False)[1]
+    return convert_megatron(ck, override, table, check_replicated=False)[1]
 
 
 @flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
                   max_shard_size: ShardSize = "5GB", work: str | None = None,
-                  storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                  storage_options: dict[str, Any] | None = None, table: str | None = None) -> dict[str, Any]:
     """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one."""
     logger = get_run_logger()
     t0 = time.perf_counter()
@@ -111,13 +119,15 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     if config:
         cfg_loc = open_location(config, storage_options)
         override = read_json(cfg_loc, "")
+    mapping = load_megatron_table(table, storage_options) if table else None
+    table_content = {"source": table, "doc": mapping.model_dump(mode="json")} if mapping else None
     size = parse_size(max_shard_size)
     stage_loc = open_location(f"{work.rstrip('/')}/stages/megatron", storage_options)
     fps = source_fingerprints(src)
-    _preflight(source, override, storage_options)  # a hostile SOURCE is refused before DEST is touched
+    _preflight(source, override, mapping, storage_options)  # a hostile SOURCE is refused before DEST is touched
     check_writable_dest(dst)
     with dest_lock(dst), dest_lock(stage_loc):
-        imported, import_cached = _import(source, stage_loc, fps, override, work, storage_options)
+        imported, import_cached = _import(source, stage_loc, fps, override, table_content, work, storage_options)
         ckpt = scan_checkpoint(stage_loc)
         plan = plan_size_shards(ckpt, size, stage="megatron-shard")
         prepare_dest(dst, {shard.file for shard in plan.shards}, protected=(src,))

@@ -49,12 +49,12 @@ class Recipe(BaseModel):
     reindex: bool = Field(False, description="put every fused group (q/k/v, gate/up, …) in one file")
     max_shard_size: Annotated[ShardSize, Flag(metavar="SIZE")] = Field(
         "5GB", description=f"--reindex: largest output shard, {SIZE_HELP}")
-    fused_groups: Annotated[str | None, Flag(metavar="FILE")] = Field(
-        None, description="--reindex: JSON table of fused groups (default: built in)")
+    fused_groups: Annotated[str | None, Flag(metavar="FILE|URL")] = Field(
+        None, description="--reindex: JSON table of fused groups, a path or fsspec URL (default: built in)")
     mp: Annotated[Positive | None, Flag(metavar="N")] = Field(
         None, description="write model-parallel rank files model{r}-mp{N}.safetensors")
-    preset: Annotated[str, Flag(metavar="NAME|FILE")] = Field(
-        "deepseek-v3", description="--mp: name table, deepseek-v3, llama or a JSON file")
+    preset: Annotated[str, Flag(metavar="NAME|FILE|URL")] = Field(
+        "deepseek-v3", description="--mp: name table, deepseek-v3, llama or a JSON file (path or fsspec URL)")
     drop_unmatched: bool = Field(False, description="--mp: drop tensors no preset row matches (with a warning)")
     allow_missing_scale: bool = Field(False, description="--dequant: keep FP8 tensors that have no scale as FP8")
 

@@ -170,9 +170,9 @@ def test_unmatched_names_listed_or_dropped_with_warning():
     assert "enorm" not in msg  # the MTP layer is dropped before the table is consulted
     plan = plan_mp(ckpt, 2, "deepseek-v3", drop_unmatched=True)
     assert plan.warnings == ("model.layers.0.mystery.weight: matches no row of preset "
-                             "'tasks/presets/deepseek_v3.json', dropped",
+                             "'deepseek-v3', dropped",
                              "vision_tower.proj.weight: matches no row of preset "
-                             "'tasks/presets/deepseek_v3.json', dropped")
+                             "'deepseek-v3', dropped")
     assert set(plan.dropped) == {"model.layers.0.mystery.weight", "vision_tower.proj.weight",
                                  "model.layers.1.enorm.weight"}
     assert [[t.name for t in s.tensors] for s in plan.shards] == [["layers.0.attn_norm.weight"]] * 2

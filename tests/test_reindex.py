@@ -192,8 +192,8 @@ def test_bad_groups_file_names_file_and_problem(tmp_path, doc, problem):
     path.write_text(doc)
     with pytest.raises(PlanError) as err:
         load_fused_groups(str(path))
-    assert str(err.value).startswith(str(path) + ":") and problem in str(err.value)
-    with pytest.raises(PlanError, match="missing.json: fused-groups file not found"):
+    assert str(err.value).startswith(f"fused-groups table {path}:") and problem in str(err.value)
+    with pytest.raises(PlanError, match="fused-groups table .*missing.json: file not found"):
         load_fused_groups(str(tmp_path / "missing.json"))
 
 

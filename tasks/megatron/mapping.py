@@ -1,92 +1,25 @@
 """Megatron-LM GPT-2 → Hugging Face GPT-2: apply the mapping table, merge TP ranks, build config.
 
 Pure torch, no I/O: takes a `MegatronCheckpoint` (see `megatron_load`) and returns the GPT-2
-state dict and config dict. What maps to what is data (`presets/megatron_gpt2.json`); this module
-only knows the transforms the table can name: TP merge (COLUMN / ROW / REPLICATED), the
-`checkpoint_version`-dependent QKV reorder, vocab-padding cut and the [out,in]→[in,out] transpose.
+state dict and config dict. What maps to what is data (the Megatron table,
+`ckptflow.tasks.presets.megatron`); this module only knows the transforms the table can name:
+TP merge (COLUMN / ROW / REPLICATED), the `checkpoint_version`-dependent QKV reorder,
+vocab-padding cut and the [out,in]→[in,out] transpose.
 Every step is a copy or a permutation, so the output is bit-identical to the source weights.
 """
 from __future__ import annotations
 
-import json
-import re
-from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ckptflow.tasks.megatron.load import MegatronCheckpoint, megatron_arg
-from ckptflow.tasks.megatron.shapes import MegatronConvertError, check_kinds, check_shapes
+from ckptflow.tasks.megatron.shapes import MegatronConvertError, Routing, check_kinds, check_shapes
+from ckptflow.tasks.presets.megatron import MegatronRule, MegatronTable, load_megatron_table
 
-TP_MODES = ("COLUMN", "ROW", "REPLICATED")  # COLUMN: split on dim 0, ROW: dim 1, REPLICATED: whole
 GPT2_BPE_VOCAB = 50257
 INT_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")
 MAX_NESTING = 16  # Megatron's state dicts nest 4 deep (language_model.encoder.layers...)
-
-
-@dataclass(frozen=True)
-class Rule:
-    source: str                 # pattern over flattened Megatron names; {layer}, {a|b}
-    target: str | None          # GPT-2 name ({layer} filled in); None drops the tensor
-    tp: str                     # one of TP_MODES
-    qkv: bool = False           # fused query_key_value rows: reorder by checkpoint_version
-    transpose: bool = False     # Megatron Linear [out, in] → GPT-2 Conv1D [in, out]
-    vocab: bool = False         # cut Megatron's vocab padding to config vocab_size rows
-    optional: bool = False      # absent from some checkpoints (lm_head: only when untied)
-    regex: re.Pattern[str] | None = None
-
-
-@dataclass(frozen=True)
-class Table:
-    rules: tuple[Rule, ...]
-    defaults: dict[str, Any]
-    from_args: dict[str, str]
-    unsupported: dict[str, list[Any]]
-    source: str
-
-
-def _regex(pattern: str) -> re.Pattern[str]:
-    out, pos = [], 0
-    for m in re.finditer(r"\{([\w|]+)\}", pattern):
-        out.append(re.escape(pattern[pos:m.start()]))
-        word = m.group(1)
-        out.append(r"(?P<layer>\d+)" if word == "layer" else
-                   "(?:" + "|".join(map(re.escape, word.split("|"))) + ")")
-        pos = m.end()
-    return re.compile("".join(out) + re.escape(pattern[pos:]))
-
-
-def load_table(path: str | Path | None = None) -> Table:
-    """The built-in table, or a JSON file in the same format (a new model family = a new file)."""
-    if path is None:
-        source, text = "tasks/presets/megatron_gpt2.json", \
-            resources.files("ckptflow.tasks.presets").joinpath("megatron_gpt2.json").read_text()
-    else:
-        source, text = str(path), Path(path).read_text()
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MegatronConvertError(f"{source}: not valid JSON ({exc})") from None
-    rules = []
-    fields = {"source", "target", "tp", "qkv", "transpose", "vocab", "optional"}
-    for i, row in enumerate(doc.get("rules") or []):
-        extra = set(row) - fields if isinstance(row, dict) else {"<not an object>"}
-        if extra or not isinstance(row.get("source"), str) or row.get("tp") not in TP_MODES \
-                or (row.get("qkv") and row.get("tp") != "COLUMN"):
-            raise MegatronConvertError(f"{source}: rules[{i}] {row!r}: needs 'source' (string) and 'tp' "
-                                       f"(one of {', '.join(TP_MODES)}; COLUMN for qkv rows); fields are "
-                                       f"{sorted(fields)}, unknown: {sorted(extra)}")
-        flags = {k: bool(row.get(k)) for k in ("qkv", "transpose", "vocab", "optional")}
-        rules.append(Rule(row["source"], row.get("target"), row["tp"], **flags, regex=_regex(row["source"])))
-    if not rules:
-        raise MegatronConvertError(f"{source}: 'rules' must be a non-empty list")
-
-    def section(key: str) -> dict[str, Any]:
-        return {k: v for k, v in (doc.get(key) or {}).items() if not k.startswith("_")}
-    return Table(tuple(rules), section("config_defaults"), section("config_from_args"),
-                 section("unsupported_args"), source)
 
 
 def flatten(tree: Any, prefix: str = "", depth: int = 0) -> dict[str, Any]:
@@ -124,7 +57,7 @@ def qkv_split_major(t: torch.Tensor, version: float, heads: int, head_dim: int, 
     raise MegatronConvertError(f"{name}: checkpoint_version {version} is unknown (known: 0, 1.0, >= 2.0)")
 
 
-def _merge(name: str, rule: Rule, parts: list[torch.Tensor], version: float, heads: int,
+def _merge(name: str, rule: MegatronRule, parts: list[torch.Tensor], version: float, heads: int,
            head_dim: int, check_replicated: bool) -> torch.Tensor:
     if rule.qkv:  # each rank holds heads/TP whole heads: reorder per rank, then merge head-wise
         split = [qkv_split_major(p, version, heads // len(parts), head_dim, name) for p in parts]
@@ -143,49 +76,44 @@ def _merge(name: str, rule: Rule, parts: list[torch.Tensor], version: float, hea
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-Mapped = dict[str, tuple[Rule, str | None, int | None]]  # Megatron name → (rule, target, layer)
-
-
-def _map_names(flats: list[dict[str, Any]], table: Table, where: str) -> Mapped:
-    """Every flattened name → its rule; unknown names are collected and reported together."""
+def _map_names(flats: list[dict[str, Any]], table: MegatronTable, where: str) -> Routing:
+    """Every flattened name → (rule, target, layer); unknown names are collected and reported together."""
     names = list(flats[0])
     for rank, flat in enumerate(flats[1:], start=1):
         if set(flat) != set(names):
             diff = sorted(set(flat) ^ set(names))
             raise MegatronConvertError(f"{where}: rank {rank} and rank 0 hold different tensors "
                                        f"({', '.join(diff[:8])}); the ranks come from different models")
-    mapped: Mapped = {}
+    mapped: dict[str, tuple[MegatronRule, str | None, int | None]] = {}
     unknown: list[str] = []
     for name in names:
-        hit = next(((r, m) for r in table.rules if r.regex and (m := r.regex.fullmatch(name))), None)
+        hit = table.match(name)
         if hit is None:
             unknown.append(name)
             continue
-        rule, m = hit
-        layer = int(m.group("layer")) if "layer" in m.groupdict() else None
-        target = None if rule.target is None else rule.target.format(layer=layer)
         if not isinstance(flats[0][name], torch.Tensor):
             raise MegatronConvertError(f"{where}: model.{name} is a {type(flats[0][name]).__name__}, "
                                        "not a tensor")
-        mapped[name] = (rule, target, layer)
+        mapped[name] = hit
     if unknown:
         more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-        raise MegatronConvertError(f"{where}: {len(unknown)} tensor(s) match no rule of {table.source}: "
+        raise MegatronConvertError(f"{where}: {len(unknown)} tensor(s) match no rule of {table.label}: "
                                    f"{', '.join('model.' + n for n in unknown[:20])}{more}. Not a Megatron "
-                                   "GPT-2 checkpoint, or one that needs a new table (pass a table file)")
+                                   "GPT-2 checkpoint, or one that needs a table of its own (pass one with "
+                                   "--table FILE|URL)")
     return mapped
 
 
-def gpt2_config(args: Any, table: Table, override: dict[str, Any] | None,
+def gpt2_config(args: Any, table: MegatronTable, override: dict[str, Any] | None,
                 tensors: dict[str, list[torch.Tensor]], n_layers: int, tp: int, where: str) -> dict[str, Any]:
     """GPT-2 config: table defaults < Megatron args < `override`, then checked against the tensors."""
-    cfg, origin = dict(table.defaults), {k: "defaults for NVIDIA's 345M release" for k in table.defaults}
+    cfg, origin = dict(table.config_defaults), {k: "defaults for NVIDIA's 345M release" for k in table.config_defaults}
     if args is not None:
-        for key, bad in table.unsupported.items():
+        for key, bad in table.unsupported_args.items():
             if (value := megatron_arg(args, key)) is not None and value in bad:
                 raise MegatronConvertError(f"{where}: args.{key}={value!r}: GPT-2 has no such variant, "
                                            "so the converted model would compute something else")
-        for key, attr in table.from_args.items():
+        for key, attr in table.config_from_args.items():
             if (value := megatron_arg(args, attr)) is not None:
                 cfg[key], origin[key] = value, f"args.{attr}"
         # The reference converter's rule: Megatron's fused bias-GeLU is the tanh approximation.
@@ -242,10 +170,10 @@ def gpt2_config(args: Any, table: Table, override: dict[str, Any] | None,
 
 
 def convert_megatron(ck: MegatronCheckpoint, config_override: dict[str, Any] | None = None,
-                     table: Table | None = None, check_replicated: bool = True,
+                     table: MegatronTable | None = None, check_replicated: bool = True,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(GPT-2 state dict of contiguous tensors in the source dtype, GPT-2 config.json dict)."""
-    table = table or load_table()
+    table = table or load_megatron_table()
     where = ck.source_files[0] + (f" (+{ck.tp_size - 1} more ranks)" if ck.tp_size > 1 else "")
     flats = [flatten(r["model"]) for r in ck.ranks]
     mapped = _map_names(flats, table, where)
@@ -282,5 +210,4 @@ def convert_megatron(ck: MegatronCheckpoint, config_override: dict[str, Any] | N
     return state, config
 
 
-__all__ = ["MegatronConvertError", "Rule", "Table", "convert_megatron", "flatten", "gpt2_config",
-           "load_table", "qkv_split_major"]
+__all__ = ["MegatronConvertError", "convert_megatron", "flatten", "gpt2_config", "qkv_split_major"]

@@ -36,7 +36,8 @@ GPT2_SHAPES: dict[str, tuple[str, ...]] = {
 }
 WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-Mapped = Mapping[str, tuple[Any, str | None, int | None]]  # name → (rule, target, layer)
+# What the table routes each Megatron name to: name → (MegatronRule, GPT-2 target, layer).
+Routing = Mapping[str, tuple[Any, str | None, int | None]]
 
 
 def _shape_symbols(target: str, name: str, where: str) -> tuple[str, ...]:
@@ -46,7 +47,7 @@ def _shape_symbols(target: str, name: str, where: str) -> tuple[str, ...]:
     return dims
 
 
-def check_kinds(mapped: Mapped, tensors: dict[str, list[torch.Tensor]], where: str) -> None:
+def check_kinds(mapped: Routing, tensors: dict[str, list[torch.Tensor]], where: str) -> None:
     """Each tensor is a float tensor of GPT-2's rank for its target (before the config reads shapes)."""
     for name, (_, target, _) in mapped.items():
         if target is None:
@@ -60,7 +61,7 @@ def check_kinds(mapped: Mapped, tensors: dict[str, list[torch.Tensor]], where: s
                     f"[{', '.join(dims)}]")
 
 
-def check_shapes(mapped: Mapped, tensors: dict[str, list[torch.Tensor]], cfg: dict[str, Any], tp: int,
+def check_shapes(mapped: Routing, tensors: dict[str, list[torch.Tensor]], cfg: dict[str, Any], tp: int,
                  where: str) -> None:
     """Every rank's tensor has the shape the config predicts, TP split included."""
     rows = sum(p.shape[0] for p in tensors["transformer.wte.weight"])

@@ -21,6 +21,7 @@ from ckptflow.storage.writer import SafetensorsWriter
 from ckptflow.tasks.run.resume import SHARD_CACHE
 from ckptflow.tasks.megatron.load import load_megatron
 from ckptflow.tasks.megatron.mapping import convert_megatron
+from ckptflow.tasks.presets.megatron import parse_megatron_table
 from ckptflow.tasks.kernels.dtype_map import TORCH_TO_ST
 
 IMPORTED = "model.safetensors"
@@ -33,7 +34,9 @@ def import_megatron(stage: str, source: str, dest: str, fingerprints: list[tuple
     """Convert the Megatron checkpoint at `source` into `dest/model.safetensors` + config.json."""
     t0 = time.perf_counter()
     ck = load_megatron(source, storage_options)
-    state, config = convert_megatron(ck, params.get("config_override"))
+    table = params.get("table")  # a user's --table, as content: {"source": its URL, "doc": its rows}
+    mapping = parse_megatron_table(table["doc"], table["source"]) if table else None
+    state, config = convert_megatron(ck, params.get("config_override"), mapping)
     dst = open_location(dest, storage_options)
     specs = [TensorSpec(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in state.items()]
     with SafetensorsWriter(dst, IMPORTED, specs) as writer:

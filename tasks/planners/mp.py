@@ -8,7 +8,6 @@ whole tensors, "slice" for splits), so no process ever holds more than a few chu
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FP8_DTYPES, TensorInfo
 
 from ckptflow.tasks.planners.dequant import SCALE_SUFFIX, block_size_from_config
-from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset
+from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset, map_name
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
 # load_preset / Preset live in mp_preset; re-exported because flows/recipe.py imports them from here.
@@ -51,9 +50,7 @@ def _dropped_layers(preset: Preset, config: dict[str, Any], names: list[str]) ->
     drop = preset.drop_layers
     if drop is None:
         return set(), []
-    head, _, tail = drop.prefix.partition("{layer}")
-    layer_re = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
-    layered = [(n, int(m.group(1))) for n in names if (m := layer_re.match(n))]
+    layered = [(n, i) for n in names if (i := drop.layer_of(n)) is not None]
     if not layered:
         return set(), []
     why = f"dropping layers by '{preset.source}'"
@@ -122,7 +119,7 @@ def _map_all(preset: Preset, tensors: list[tuple[str, TensorInfo]], drop: set[st
     unmatched: list[str] = []
     owner: dict[str, str] = {}
     for file, info in tensors:
-        mapped = None if info.name in drop else preset.map_name(info.name)
+        mapped = None if info.name in drop else map_name(preset, info.name)
         if info.name in drop or (mapped is not None and mapped.target is None):
             dropped.append(info.name)
         elif mapped is None:

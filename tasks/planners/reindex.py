@@ -19,11 +19,9 @@ surviving source files (numeric-aware order), then the new ones; empty files are
 """
 from __future__ import annotations
 
-import json
 import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from importlib import resources
 from itertools import chain
 
 from ckptflow.storage.errors import problem_list
@@ -32,93 +30,13 @@ from ckptflow.storage.safetensors_format import TensorInfo
 
 from ckptflow.tasks.plan.sizes import parse_size
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
+from ckptflow.tasks.presets.fused_groups import FusedGroup, group_of, load_fused_groups
+
+# The table lives in tasks/presets/fused_groups.py; re-exported for flows/recipe.py and the tests.
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "FusedGroup", "group_of", "load_fused_groups", "moved_bytes",
+           "moved_tensors", "natural_key", "plan_reindex"]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
-PRESET = "fused_groups.json"
-
-
-@dataclass(frozen=True)
-class FusedGroup:
-    """One row of the fused-groups table: tensors whose `key` captures agree form one group."""
-
-    name: str
-    pattern: re.Pattern[str]
-    key: tuple[str, ...]
-
-    def id_of(self, tensor: str) -> str | None:
-        m = self.pattern.search(tensor)
-        return None if m is None else self.name + ":" + "|".join(m.group(k) or "" for k in self.key)
-
-
-def group_of(name: str, groups: list[FusedGroup]) -> str | None:
-    """The group id of tensor `name` (first matching row wins), or None if it is in no group."""
-    for g in groups:
-        gid = g.id_of(name)
-        if gid is not None:
-            return gid
-    return None
-
-
-def load_fused_groups(path: str | None = None) -> list[FusedGroup]:
-    """The fused-groups table in `path` (any fsspec URL or local path); None → the built-in one."""
-    if path is None:
-        return parse_fused_groups(resources.files("ckptflow.tasks.presets").joinpath(PRESET).read_text("utf-8"),
-                                  f"built-in {PRESET}")
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise PlanError(f"{path}: fused-groups file not found; pass a JSON file in the format of "
-                        f"tasks/presets/{PRESET}") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise PlanError(f"{path}: cannot read the fused-groups file ({exc})") from None
-    return parse_fused_groups(text, path)
-
-
-def parse_fused_groups(text: str, where: str) -> list[FusedGroup]:
-    """Validate a fused-groups document; every problem names `where`, the row and the fix."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("groups"), list):
-        raise PlanError(f'{where}: expected an object {{"groups": [{{"name", "pattern", "key"}}, …]}}')
-    extra = [k for k in doc if k != "groups" and not k.startswith("_")]
-    if extra:
-        raise PlanError(f"{where}: unknown top-level key(s) {extra}; only 'groups' (and '_…' comments)")
-    out: list[FusedGroup] = []
-    for i, row in enumerate(doc["groups"]):
-        label = f"{where}: groups[{i}]"
-        if not isinstance(row, dict):
-            raise PlanError(f"{label} is not an object with name, pattern and key")
-        extra = [k for k in row if k not in ("name", "pattern", "key") and not k.startswith("_")]
-        name, pattern, key = row.get("name"), row.get("pattern"), row.get("key")
-        if extra:
-            raise PlanError(f"{label}: unknown key(s) {extra}; a group has name, pattern, key")
-        if not isinstance(name, str) or not name or any(g.name == name for g in out):
-            raise PlanError(f"{label}: 'name' must be a non-empty string used once, got {name!r}")
-        label = f"{where}: group {name!r}"
-        if not isinstance(pattern, str) or not pattern:
-            raise PlanError(f"{label}: 'pattern' must be a non-empty regex string, got {pattern!r}")
-        try:
-            compiled = re.compile(pattern)
-        except re.error as exc:
-            raise PlanError(f"{label}: pattern {pattern!r} is not a valid regex: {exc}") from None
-        captures = list(compiled.groupindex)
-        if key is None:
-            keys = tuple(c for c in captures if c != "member")
-        elif isinstance(key, str) or (isinstance(key, list) and all(isinstance(k, str) for k in key)):
-            keys = (key,) if isinstance(key, str) else tuple(key)
-        else:
-            raise PlanError(f"{label}: 'key' must be a capture name or a list of them, got {key!r}")
-        missing = [k for k in keys if k not in compiled.groupindex]
-        if missing:
-            raise PlanError(f"{label}: key {missing} is not a named capture of {pattern!r} "
-                            f"(it has {captures}); write (?P<{missing[0]}>…) in the pattern")
-        out.append(FusedGroup(name, compiled, keys))
-    return out
 
 
 def natural_key(name: str) -> tuple:

@@ -6,16 +6,15 @@ casts the mismatched tensors on the way through, so fixing costs no extra pass.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field, replace
-from importlib import resources
 from typing import Any
 
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
 
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, StagePlan
+from ckptflow.tasks.presets.dtype_exceptions import builtin_dtype_exceptions
 
 # config.json dtype names → safetensors dtype strings
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
@@ -62,8 +61,7 @@ class ExpectedDtypes:
                     prefixes.append((key, dt))
         elif raw is not None:
             default = _dtype_name(raw, "torch_dtype")
-        table = json.loads(resources.files("ckptflow.tasks.presets").joinpath("dtype_exceptions.json").read_text())
-        allowed = tuple(table.get(config.get("model_type", ""), [])) + tuple(extra_allowed)
+        allowed = builtin_dtype_exceptions().allowed_f32(str(config.get("model_type", ""))) + tuple(extra_allowed)
         for pattern in allowed:
             try:
                 re.compile(pattern)
