@@ -1,0 +1,100 @@
+"""Table gathers shared by the quantized formats' CPU paths: code → result bits, one take per element.
+
+Why tables: a quantized element is a function of a handful of bits (an FP8 code and its row's
+scale; an E2M1 nibble pair and its group's 8-bit scale code). Building every possible result
+with the reference's own torch ops and then gathering is bit-identical to the reference by
+construction and skips the float32 intermediates. numpy's take/add/or release the GIL, so
+row spans run on the thread pool `fp8_cpu` already keeps.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ckptflow.tasks.kernels.fp8_cpu import _executor, _threads
+
+STEP_ELEMENTS = 1 << 17  # elements per numpy call: amortises call cost, scratch stays in L2
+_INT = {2: np.int16, 4: np.int32, 8: np.int64}
+_TORCH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def int_view(t: torch.Tensor) -> np.ndarray:
+    """The raw-bits integer numpy view of a contiguous CPU tensor."""
+    return t.view(_TORCH_INT[t.element_size()]).numpy()
+
+
+def parallel_rows(rows: int, row_elements: int, work: Callable[[int, int], None], max_step: int = 0) -> None:
+    """Call `work(a, b)` over [0, rows) in steps of about STEP_ELEMENTS elements, spread over threads."""
+    if rows <= 0:
+        return
+    step = max(1, STEP_ELEMENTS // max(row_elements, 1))
+    if max_step:
+        step = min(step, max_step)
+    spans = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+    if len(spans) == 1 or _threads() == 1:
+        for a, b in spans:
+            work(a, b)
+        return
+    per = -(-len(spans) // (4 * _threads()))  # ~4 tasks per thread for balance
+    tasks = [spans[i:i + per] for i in range(0, len(spans), per)]
+    list(_executor().map(lambda chunk: [work(a, b) for a, b in chunk], tasks))
+
+
+def gather_row_tables(codes: np.ndarray, tables: np.ndarray, out: np.ndarray) -> None:
+    """out[r, j] = tables[r, codes[r, j]] (or tables[0, ...] for one shared table).
+
+    `codes` uint8 [rows, n]; `tables` int [rows or 1, 256]; `out` int [rows, n], same item size.
+    """
+    rows, n = codes.shape
+    if tables.shape[0] == 1:
+        table = tables[0]
+        parallel_rows(rows, n, lambda a, b: np.take(table, codes[a:b], out=out[a:b]))
+        return
+    flat = tables.reshape(-1)
+
+    def work(a: int, b: int) -> None:
+        # uint16 indices (at most 256 rows of 256 entries per step) gather faster than int64
+        offs = (np.arange(b - a, dtype=np.uint16) * 256)[:, None]
+        idx = np.add(codes[a:b], offs, dtype=np.uint16)
+        np.take(flat[a * 256: b * 256], idx, out=out[a:b], mode="clip")
+
+    parallel_rows(rows, n, work, max_step=256)
+
+
+def gather_scaled_pairs(packed: np.ndarray, scale_codes: np.ndarray, group_bytes: int,
+                        table: np.ndarray, out: np.ndarray) -> None:
+    """out[r, j] = table[scale_codes[r, j // group_bytes] << 8 | packed[r, j]].
+
+    `packed` uint8 [rows, nb]; `scale_codes` uint8 [rows, ceil(nb / group_bytes)]; `table` int
+    [65536], one result pair (low nibble's bits in the low half) per (scale code, byte);
+    `out` int [rows, nb].
+    """
+    rows, nb = packed.shape
+    full = nb // group_bytes
+    body = full * group_bytes
+
+    def work(a: int, b: int) -> None:
+        shifted = scale_codes[a:b].astype(np.uint16) << 8
+        if full:
+            idx = np.bitwise_or(packed[a:b, :body].reshape(b - a, full, group_bytes),
+                                shifted[:, :full, None], dtype=np.uint16)
+            np.take(table, idx, out=out[a:b, :body].reshape(b - a, full, group_bytes))
+        if body < nb:  # a ragged last group
+            idx = np.bitwise_or(packed[a:b, body:], shifted[:, full:full + 1], dtype=np.uint16)
+            np.take(table, idx, out=out[a:b, body:])
+
+    parallel_rows(rows, nb, work)
+
+
+def pair_table(values: torch.Tensor) -> np.ndarray:
+    """From values [256 scale codes, 16 nibbles] (any 2- or 4-byte float dtype), the byte table
+    [65536]: entry (s << 8 | byte) holds value[s, byte & 15] in its low half and
+    value[s, byte >> 4] in its high half, i.e. the two outputs in memory order (little-endian)."""
+    size = values.element_size()
+    unsigned = {2: np.uint16, 4: np.uint32}[size]
+    bits = values.contiguous().view(_TORCH_INT[size]).numpy().view(unsigned).astype(np.uint64)
+    byte = np.arange(256)
+    pairs = bits[:, byte & 15] | (bits[:, byte >> 4] << np.uint64(8 * size))
+    return pairs.reshape(-1).astype({2: np.uint32, 4: np.uint64}[size]).view(_INT[2 * size])
