@@ -76,7 +76,7 @@ def plan_dequant(ckpt: Checkpoint, *, allow_missing_scale: bool = False) -> Stag
                 t = OutputTensor(name, info.dtype, tuple(info.shape), "copy", (SourceRef.of(file, info),))
             else:
                 sources = (SourceRef.of(*q.main),) + tuple(SourceRef.of(f, i) for f, i in q.aux)
-                t = OutputTensor(q.out_name, "BF16", q.out_shape, q.variant.scheme.transform, sources, q.params)
+                t = OutputTensor(q.out_name, "BF16", q.out_shape, q.transform, sources, q.params)
             if t.name in names:
                 raise PlanError(f"{file}: output tensor {t.name!r} would be written twice (also from "
                                 f"{names[t.name]}); the checkpoint holds both a packed and a plain copy")

@@ -31,6 +31,7 @@ class QuantTensor:
     out_name: str
     out_shape: tuple[int, ...]
     params: tuple[tuple[str, Any], ...]
+    transform: str
 
 
 @dataclass
@@ -122,37 +123,38 @@ def _match(v: Variant, base: str, main: Located, tensors: dict[str, Located],
                     f"{' or '.join(sorted(dtypes))} ({v.label or v.scheme.name})")
         aux.append((aux_file, aux_info))
     try:
-        shape, params = GEOMETRY[v.scheme.transform](v, info.shape, [a[1].shape for a in aux], info.name)
+        shape, params, transform = GEOMETRY[v.scheme.transform](v, info, [a[1] for a in aux])
     except ValueError as exc:
         return f"{file}: {exc} ({v.scheme.name})"
-    return QuantTensor(v, main, tuple(aux), base + v.scheme.out, shape, params)
+    return QuantTensor(v, main, tuple(aux), base + v.scheme.out, shape, params, transform)
 
 
-Geometry = tuple[tuple[int, ...], tuple[tuple[str, Any], ...]]
+Geometry = tuple[tuple[int, ...], tuple[tuple[str, Any], ...], str]
 
 
-def _fp8_geometry(v: Variant, shape: tuple[int, ...], aux: list[tuple[int, ...]], name: str) -> Geometry:
-    (scale,) = aux
-    if len(shape) not in (2, 3):
-        raise ValueError(f"{name}: FP8 dequant needs a 2-D or 3-D weight, got shape {list(shape)}")
+def _fp8_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    name, shape, scale = info.name, tuple(info.shape), tuple(aux[0].shape)
     per = v.param("per")
-    if per == "tensor":
-        if _numel(scale) != 1:
-            raise ValueError(f"{name}: per-tensor scale has shape {list(scale)}, expected one element")
-        block = (max(shape[-2], 1), max(shape[-1], 1))
-    elif per == "channel":
-        block = (1, max(shape[-1], 1))
-        want = tuple(shape[:-1]) + (1,)
-        if tuple(scale) != want:
-            raise ValueError(f"{name}: per-channel scale shape {list(scale)} does not match weight "
-                             f"{list(shape)} (expected {list(want)})")
-    else:
-        block = normalise_scale(tuple(shape), tuple(scale), v.param("block"), name)
-    return tuple(shape), (("block", block),)
+    if per is not None:  # multiplied in the scale's dtype (kernels/fp8_scaled.py): 2-D e4m3 only
+        if len(shape) != 2 or info.dtype != "F8_E4M3":
+            raise ValueError(f"{name}: per-{per} FP8 needs a 2-D F8_E4M3 weight, got {info.dtype} {list(shape)}")
+        fits = (_numel(scale) == 1 and len(scale) <= 1) if per == "tensor" else scale in ((shape[0], 1), (shape[0],))
+        if not fits:
+            want = "[] or [1]" if per == "tensor" else f"[{shape[0]}, 1]"
+            raise ValueError(f"{name}: per-{per} scale shape {list(scale)} does not fit weight {list(shape)} "
+                             f"(expected {want})")
+        return shape, (("per", per),), "fp8_scaled"
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name}: FP8 block dequant needs a 2-D or 3-D weight, got shape {list(shape)}")
+    if aux[0].dtype == "F16":  # compressed-tensors would multiply in float16: not the block formula
+        raise ValueError(f"{aux[0].name}: F16 block scales are not supported (only F32, BF16)")
+    block = normalise_scale(shape, scale, v.param("block"), name)
+    return shape, (("block", block),), "dequant_fp8"
 
 
-def _nvfp4_geometry(v: Variant, shape: tuple[int, ...], aux: list[tuple[int, ...]], name: str) -> Geometry:
-    scale, global_scale = aux
+def _nvfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    name, shape = info.name, tuple(info.shape)
+    scale, global_scale = (tuple(a.shape) for a in aux)
     if len(shape) != 2:
         raise ValueError(f"{name}: NVFP4 packed weight must be 2-D [rows, cols/2], got {list(shape)}")
     rows, cols = shape[0], shape[1] * 2
@@ -161,14 +163,14 @@ def _nvfp4_geometry(v: Variant, shape: tuple[int, ...], aux: list[tuple[int, ...
     if tuple(scale) != want:
         raise ValueError(f"{name}: scale shape {list(scale)} does not match weight [{rows}, {cols}] "
                          f"in groups of {group} (expected {list(want)})")
-    if _numel(global_scale) != 1:
+    if _numel(global_scale) != 1 or len(global_scale) > 1:
         raise ValueError(f"{name}: global scale has shape {list(global_scale)}, expected one element")
     convention = "modelopt" if v.scheme.name.startswith("modelopt") else "compressed-tensors"
-    return (rows, cols), (("group", group), ("convention", convention))
+    return (rows, cols), (("group", group), ("convention", convention)), "nvfp4"
 
 
-def _mxfp4_geometry(v: Variant, shape: tuple[int, ...], aux: list[tuple[int, ...]], name: str) -> Geometry:
-    (scales,) = aux
+def _mxfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    name, shape, scales = info.name, tuple(info.shape), tuple(aux[0].shape)
     group = v.param("group")
     if len(shape) != 4 or shape[-1] * 2 != group:
         raise ValueError(f"{name}: MXFP4 blocks must be [experts, out, in/{group}, {group // 2}], "
@@ -177,7 +179,7 @@ def _mxfp4_geometry(v: Variant, shape: tuple[int, ...], aux: list[tuple[int, ...
         raise ValueError(f"{name}: scales shape {list(scales)} does not match blocks {list(shape)} "
                          f"(expected {list(shape[:-1])})")
     experts, out, groups = shape[:3]
-    return (experts, groups * group, out), (("group", group),)  # [E, IN, OUT], as transformers lays it
+    return (experts, groups * group, out), (("group", group),), "mxfp4_gpt_oss"  # [E, IN, OUT], as transformers
 
 
 GEOMETRY = {"dequant_fp8": _fp8_geometry, "nvfp4": _nvfp4_geometry, "mxfp4_gpt_oss": _mxfp4_geometry}

@@ -12,12 +12,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import product
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 from ckptflow.storage.reader import RangeReader
 from ckptflow.storage.safetensors_format import DTYPE_SIZES
@@ -144,32 +140,21 @@ def read_small(ctx: ExecContext, ref: SourceRef, a: int | None = None, b: int | 
     return bytearray(ctx.reader.read(ref.file, start, end)) if end > start else bytearray()
 
 
-def scale_to_f32(raw: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """A scale grid as float32, exactly: BF16/F16 widen losslessly; E8M0 code e is 2^(e-127)
-    (0 is 2^-127, a float32 subnormal; 255 is NaN), as the OCP MX spec defines it."""
-    import torch
-
-    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
-
-    if not raw:
-        return torch.empty(shape, dtype=torch.float32)
-    if dtype == "F8_E8M0":
-        e = torch.frombuffer(raw, dtype=torch.uint8).to(torch.int32)
-        bits = torch.where(e == 0, torch.tensor(0x00400000, dtype=torch.int32), e << 23)
-        bits = torch.where(e == 255, torch.tensor(0x7FC00000, dtype=torch.int32), bits)
-        return bits.view(torch.float32).reshape(shape)
-    return torch.frombuffer(raw, dtype=ST_TO_TORCH[dtype]).to(torch.float32).reshape(shape)
-
-
 def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     import torch
 
-    from ckptflow.tasks.kernels.dispatch import weight_dequant
+    from ckptflow.tasks.kernels.dispatch import block_scale_float32, weight_dequant
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
     from ckptflow.tasks.kernels.fp8_cpu import FP8_DTYPES, dequant_rows, matrix_scales
 
     weight, scale = t.sources
     fp8 = FP8_DTYPES[weight.dtype]
-    scale_t = scale_to_f32(read_small(ctx, scale), scale.dtype, scale.shape)
+    raw_dtype = torch.uint8 if scale.dtype == "F8_E8M0" else ST_TO_TORCH[scale.dtype]
+    raw_scale = torch.frombuffer(read_small(ctx, scale), dtype=raw_dtype) if scale.end > scale.start \
+        else torch.empty(0, dtype=raw_dtype)
+    # F32, BF16 and E8M0 block scales all widen to float32 exactly (kernels/scales.py)
+    scale_t = block_scale_float32(raw_scale.reshape(scale.shape),
+                                  "F8_E8M0" if scale.dtype == "F8_E8M0" else None, scale.name)
     (bm, bn), scales = matrix_scales(weight.shape, scale_t, tuple(t.param("block")), t.name)
     rows, cols = weight.shape[-2:]
     mats = scales.shape[0]
@@ -253,9 +238,9 @@ TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast, "slice": _s
 def transform_of(name: str) -> Callable[[OutputTensor, ExecContext], Iterator[Piece]] | None:
     if name in TRANSFORMS:
         return TRANSFORMS[name]
-    from ckptflow.tasks.run.fp4_stream import FP4_TRANSFORMS  # imports this module: loaded on first use
+    from ckptflow.tasks.run.quant_stream import QUANT_TRANSFORMS  # imports this module: loaded on first use
 
-    return FP4_TRANSFORMS.get(name)
+    return QUANT_TRANSFORMS.get(name)
 
 
 def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progress | None = None,

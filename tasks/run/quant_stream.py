@@ -1,4 +1,4 @@
-"""Streaming NVFP4 and gpt-oss MXFP4 dequant for the shard executor (`execute.write_shard`).
+"""Streaming per-tensor/channel FP8, NVFP4 and gpt-oss MXFP4 dequant for `execute.write_shard`.
 
 The kernels (`tasks/kernels/dispatch.py`) work on whole arrays; here the source is cut into
 pieces of about `execute.CHUNK_BYTES` output so a shard task's memory stays a few chunks.
@@ -23,6 +23,32 @@ def _bf16_bytes(x: torch.Tensor) -> memoryview:
     import torch
 
     return memoryview(x.contiguous().cpu().view(torch.int16).numpy()).cast("B")
+
+
+def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """compressed-tensors / ModelOpt FP8 with a per-tensor or per-channel scale, in row chunks;
+    the multiply happens in the scale's dtype, as compressed-tensors does (kernels/fp8_scaled.py)."""
+    import torch
+
+    from ckptflow.tasks.kernels.dispatch import fp8_scaled_dequant
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
+
+    weight, scale = t.sources
+    rows, cols = weight.shape
+    sdt = ST_TO_TORCH[scale.dtype]
+    per_channel = scale.shape not in ((), (1,))
+    whole = None if per_channel else torch.frombuffer(read_small(ctx, scale), dtype=sdt).reshape(scale.shape)
+    step = max(1, execute.CHUNK_BYTES // max(2 * cols, 1))
+    spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    ranges = [(weight.start + r0 * cols, weight.start + r1 * cols) for r0, r1 in spans]
+    for (r0, r1), (raw, release) in zip(spans, read_ahead(ctx, weight.file, ranges)):
+        w = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols).copy())
+        done(release)
+        s = whole if whole is not None else torch.frombuffer(
+            read_small(ctx, scale, r0 * sdt.itemsize, r1 * sdt.itemsize), dtype=sdt).reshape(r1 - r0, 1)
+        got = fp8_scaled_dequant(w.view(torch.float8_e4m3fn).to(ctx.device), s.to(ctx.device),
+                                 backend=ctx.backend, out_dtype=torch.bfloat16)
+        yield _bf16_bytes(got), None
 
 
 def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
@@ -75,4 +101,4 @@ def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
             yield _bf16_bytes(got), None
 
 
-FP4_TRANSFORMS = {"nvfp4": _nvfp4, "mxfp4_gpt_oss": _mxfp4}
+QUANT_TRANSFORMS = {"fp8_scaled": _fp8_scaled, "nvfp4": _nvfp4, "mxfp4_gpt_oss": _mxfp4}
