@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ckptflow.storage.checkpoint import Checkpoint
-from ckptflow.tasks.plan.compose import compose, planned_checkpoint
+from ckptflow.tasks.plan.compose import compose, keeps_quant_config, planned_checkpoint
 from ckptflow.tasks.planners.dequant import plan_dequant
 from ckptflow.tasks.planners.torch_dtype import check_plan, fix_dtypes, identity_plan
 from ckptflow.tasks.plan.model import PlanError, StagePlan
@@ -43,7 +43,7 @@ class Pass:
 
 def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
     config = plan.config if plan.config is not None else ckpt.config
-    report = check_plan(plan, config, recipe.allow_dtypes)
+    report = check_plan(plan, config, recipe.allow_dtypes, ckpt.quant_config if keeps_quant_config(plan) else None)
     if not report.ok:
         raise PlanError(f"{len(report.mismatches)} tensor(s) would not match config.json's torch_dtype "
                         f"({report.expected}); add --fix-dtypes to cast them, or --allow-dtype REGEX for "

@@ -38,9 +38,13 @@ def planned_checkpoint(plan: StagePlan, url: str, source: Checkpoint) -> Checkpo
     if plan.write_index:
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
         files[INDEX_NAME] = 0
-    kept = plan.copy_files is None or any(fnmatch.fnmatch(QUANT_CONFIG_NAME, g) for g in plan.copy_files)
     return Checkpoint(url, files, headers, {}, index, config, {f: None for f in headers},
-                      source.quant_config if kept else None)
+                      source.quant_config if keeps_quant_config(plan) else None)
+
+
+def keeps_quant_config(plan: StagePlan) -> bool:
+    """Does `plan` carry hf_quant_config.json over (dequant leaves it out)?"""
+    return plan.copy_files is None or any(fnmatch.fnmatch(QUANT_CONFIG_NAME, g) for g in plan.copy_files)
 
 
 def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:

@@ -15,6 +15,7 @@ from ckptflow.storage.checkpoint import QUANT_CONFIG_NAME, Checkpoint
 
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 from ckptflow.tasks.planners.quant_layout import detect, is_packed
+from ckptflow.tasks.planners.quant_scheme import claims_unquantized
 
 DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, 5 the second
 
@@ -35,12 +36,6 @@ def dequant_config(config: dict[str, Any] | None, out_dtype: str = "bfloat16",
         for key in keys:
             holder[key] = out_dtype
     return out
-
-
-def claims_unquantized(config: dict[str, Any] | None) -> bool:
-    config = config or {}
-    text = config.get("text_config")
-    return "quantization_config" not in config and not (isinstance(text, dict) and "quantization_config" in text)
 
 
 def refuse_packed_leftovers(plan: StagePlan, config: dict[str, Any] | None, where: str) -> None:

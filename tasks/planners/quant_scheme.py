@@ -114,6 +114,13 @@ def quantization_sources(config: dict[str, Any] | None,
     return out
 
 
+def claims_unquantized(config: dict[str, Any] | None) -> bool:
+    """True when config.json declares no quantization, at the top or under `text_config`."""
+    config = config or {}
+    text = config.get("text_config")
+    return not (config.get("quantization_config") or (isinstance(text, dict) and text.get("quantization_config")))
+
+
 def read_scheme(config: dict[str, Any] | None, quant_config: dict[str, Any] | None) -> SchemeConfig | None:
     """The scheme the checkpoint declares, or None when it declares none; raises on unknown ones."""
     sources = quantization_sources(config, quant_config)
