@@ -9,14 +9,17 @@ reference's own torch ops and gathers one 4-byte pair per input byte (see `lut.p
 References (read, not copied), and what each computes:
 - MXFP4, transformers `integrations/mxfp4.convert_moe_packed_tensors`: an out_dtype table of the
   16 E2M1 values (code 8 is -0.0), then `torch.ldexp(v, scale - 127)` into out_dtype, i.e. the
-  float32 product `v * 2**(s - 127)` rounded once. E8M0 0 → 2^-127 (kept as a float32
-  subnormal), 254 → 2^127, and 255 (NaN in the OCP spec) → 2^128 = inf in float32: nonzero
-  codes give ±inf, zero codes 0 × inf = NaN. This module returns the same.
+  exact `v * 2**(s - 127)` (ldexp shifts the exponent; no 2**x factor is formed) rounded once.
+  E8M0 0 → 2^-127 (results are subnormals, kept), 254 → 2^127, and 255 (NaN in the OCP spec) is
+  treated as 2^128: ±0.5 → ±2^127, larger codes overflow to ±inf, zeros stay ±0, no NaN at all.
+  This module returns the same.
 - NVFP4 compressed-tensors (`compressors/nvfp4`): E2M1 → bf16 (code 8 is -0.0), the FP8
   scale → bf16, `scale / weight_global_scale` (float32 when the global scale has a dimension,
   as checkpoints store it, [1]), product in that dtype, cast to bf16. The global scale *divides*.
 - NVFP4 ModelOpt (`qtensor/nvfp4_tensor.NVFP4QTensor.dequantize`): E2M1 → float32 (code 8 is
   +0.0 there), `float32(weight_scale) * weight_scale_2` (multiplies), product in float32, cast.
+Every NaN result is written as all-ones bits (`lut.canonical_nan`); torch's own NaN payloads
+depend on the element's position in its vector loop.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import functools
 import numpy as np
 import torch
 
-from ckptflow.tasks.kernels.lut import gather_scaled_pairs, pair_table
+from ckptflow.tasks.kernels.lut import canonical_nan, gather_scaled_pairs, pair_table
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("auto", "torch", "triton")
@@ -77,7 +80,7 @@ def mxfp4_table(out_dtype: torch.dtype) -> np.ndarray:
     values = lut[torch.arange(16).repeat(256, 1)]  # [256 scale codes, 16 nibbles]
     exp = torch.arange(256, dtype=torch.int32).reshape(256, 1) - 127
     torch.ldexp(values, exp, out=values)
-    return pair_table(values)
+    return pair_table(canonical_nan(values))
 
 
 def torch_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor,
@@ -99,8 +102,9 @@ def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, *, backend: str = 
 
     out[..., 32g + 2k] = e2m1(blocks[..., g, k] & 15) * 2**(scales[..., g] - 127), and 2k+1 the
     high nibble, rounded once to out_dtype: the same bits as transformers before its transpose.
-    Scale 255 gives ±inf (0 × inf = NaN for zero codes), as transformers does. Any leading range
-    (rows, experts) works on its own. Raises ValueError on a shape or dtype mismatch.
+    Scale 255 acts as 2^128 (±0.5 → ±2^127, larger → ±inf, zeros stay zero), as transformers
+    does. Any leading range (rows, experts) works on its own. Raises ValueError on a shape or
+    dtype mismatch.
     """
     scales = check_mxfp4(blocks, scales, out_dtype)
     if _want_backend(backend, blocks.device) == "triton":
@@ -177,7 +181,7 @@ def torch_nvfp4_dequant(packed: torch.Tensor, scale: torch.Tensor, global_scale:
     rows, width = packed.shape
     out = torch.empty((rows, 2 * width), dtype=out_dtype)
     if out.numel():
-        table = pair_table(nvfp4_values(global_scale, convention, out_dtype))
+        table = pair_table(canonical_nan(nvfp4_values(global_scale, convention, out_dtype)))
         gather_scaled_pairs(packed.detach().cpu().contiguous().numpy(), scale.detach().cpu().contiguous().numpy(),
                             8, table, out.view(_PAIR_INT[out.element_size()]).numpy())
     out = out if cols == 2 * width else out[:, :cols].contiguous()  # odd C: drop the padding nibble

@@ -9,7 +9,8 @@ and `weight_scale` [1] / [] or [OUT, 1]; ModelOpt FP8 stores `weight` and a floa
 
 so the multiply happens in the *scale's* dtype: float32 scales give float32 products, BF16
 scales BF16 products (fp8 × bf16 is exact in float32, so that is one rounding), FP16 scales an
-FP16 product that is rounded again to BF16. That is what every backend here returns, bit for bit.
+FP16 product that is rounded again to BF16. That is what every backend here returns, bit for bit,
+except that every NaN is written as all-ones bits (see `lut.canonical_nan`).
 The block strategy (`weight_scale` [ceil(OUT/bm), ceil(IN/bn)]) is `weight_dequant` with that
 scale: for float32 and bfloat16 scales the two definitions give the same bits.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ckptflow.tasks.kernels.lut import gather_row_tables, int_view
+from ckptflow.tasks.kernels.lut import canonical_nan, gather_row_tables, int_view
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -52,7 +53,7 @@ def fp8_scaled_tables(scale: torch.Tensor, out_dtype: torch.dtype) -> np.ndarray
     """Raw result bits [rows or 1, 256]: row r, code c → out_dtype(code.to(scale.dtype) * scale[r])."""
     values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(scale.dtype)
     s = scale.detach().cpu().reshape(-1, 1)
-    return int_view((values[None, :] * s).to(out_dtype).contiguous())
+    return int_view(canonical_nan((values[None, :] * s).to(out_dtype)))
 
 
 def torch_fp8_scaled_dequant(weight: torch.Tensor, scale: torch.Tensor,

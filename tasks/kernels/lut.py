@@ -25,6 +25,18 @@ def int_view(t: torch.Tensor) -> np.ndarray:
     return t.view(_TORCH_INT[t.element_size()]).numpy()
 
 
+def canonical_nan(values: torch.Tensor) -> torch.Tensor:
+    """`values` with every NaN as all-ones bits (bf16 0xFFFF, torch's vectorized-cast NaN).
+
+    torch's own NaN payloads depend on where an element falls in its vector loop (scalar tails
+    write 0x7FC0), so a table built with torch ops is made deterministic here, and the Triton
+    kernels write the same all-ones NaN."""
+    ints = _TORCH_INT[values.element_size()]
+    bits = values.contiguous().view(ints).clone()
+    bits[values.isnan()] = -1
+    return bits.view(values.dtype)
+
+
 def parallel_rows(rows: int, row_elements: int, work: Callable[[int, int], None], max_step: int = 0) -> None:
     """Call `work(a, b)` over [0, rows) in steps of about STEP_ELEMENTS elements, spread over threads."""
     if rows <= 0:
