@@ -270,7 +270,8 @@ def _not_negative(text: str) -> float:
 
 def _add_convert_options(c: argparse.ArgumentParser) -> None:
     """The recipe and runtime flags of a conversion (`ckptflow.flows.params.ConvertOptions`)."""
-    c.add_argument("--dequant", action="store_true", help="FP8 (e4m3 + weight_scale_inv) → BF16")
+    c.add_argument("--dequant", action="store_true",
+                   help="quantized → BF16: FP8 block/tensor/channel, NVFP4, gpt-oss MXFP4 (see `ckptflow inspect`)")
     c.add_argument("--fix-dtypes", action="store_true", help="cast tensors to config.json's torch_dtype")
     c.add_argument("--reindex", action="store_true", help="put every fused group (q/k/v, gate/up, …) in one file")
     c.add_argument("--max-shard-size", default="5GB", help="reindex: largest output shard (default 5GB)")

@@ -18,6 +18,18 @@ from ckptflow.tasks.planners.quant_layout import detect, is_packed
 from ckptflow.tasks.planners.quant_scheme import claims_unquantized
 
 DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers 4 writes the first, 5 the second
+SCALE_SUFFIX = "_scale_inv"  # FP8 block scales; the MP planner keeps them beside their weights
+
+
+def block_size_from_config(config: dict[str, Any] | None) -> tuple[int, int]:
+    """The FP8 block of a DeepSeek-style config (MP slices must not cut a scale block)."""
+    q = (config or {}).get("quantization_config") or {}
+    block = q.get("weight_block_size") or [128, 128]
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and b > 0 for b in block)):
+        raise PlanError(f"config.json: quantization_config.weight_block_size must be two positive "
+                        f"integers, got {block!r}")
+    return int(block[0]), int(block[1])
 
 
 def dequant_config(config: dict[str, Any] | None, out_dtype: str = "bfloat16",
