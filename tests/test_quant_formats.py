@@ -187,3 +187,37 @@ def test_dequant_output_passes_verify_and_source_would_not_without_config(tmp_pa
     report = check_dtypes(scan_checkpoint(open_location(str(src))))
     assert [m.tensor for m in report.mismatches] == ["e.down_proj_blocks", "e.down_proj_scales"]
     assert "packed quantized codes without a quantization_config" in report.text()
+
+
+@pytest.mark.parametrize("fmt", ["ct-fp8-channel", "ct-nvfp4", "mxfp4", "fp8-block-e8m0"])
+def test_streamed_triton_path_writes_the_same_bytes(tmp_path, monkeypatch, fmt):
+    """The executor with backend="triton" (the Triton interpreter here) against the CPU tables."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 2048)
+    from .quant_fixtures import ct_fp8_config, ct_nvfp4_config
+
+    g = torch.Generator().manual_seed(7)
+    if fmt == "ct-fp8-channel":
+        tensors = {"x.weight": random_codes((24, 40), g).view(torch.float8_e4m3fn),
+                   "x.weight_scale": torch.rand(24, 1, generator=g).to(torch.bfloat16)}
+        cfg = {"quantization_config": ct_fp8_config("channel")}
+    elif fmt == "ct-nvfp4":
+        tensors = {"x.weight_packed": random_codes((20, 16), g), "x.weight_scale": random_codes(
+            (20, 2), g).view(torch.float8_e4m3fn), "x.weight_global_scale": torch.tensor([3.0])}
+        cfg = {"quantization_config": ct_nvfp4_config()}
+    elif fmt == "mxfp4":
+        tensors = {"e.down_proj_blocks": random_codes((2, 24, 2, 16), g),
+                   "e.down_proj_scales": torch.randint(0, 255, (2, 24, 2), dtype=torch.uint8, generator=g)}
+        cfg = {"quantization_config": {"quant_method": "mxfp4"}}
+    else:
+        s = torch.randint(0, 256, (2, 2), dtype=torch.uint8, generator=g)
+        s.view(-1)[:2] = torch.tensor([0, 254], dtype=torch.uint8)
+        tensors = {"x.weight": random_codes((40, 36), g).view(torch.float8_e4m3fn),
+                   "x.weight_scale_inv": s.view(torch.float8_e8m0fnu)}
+        cfg = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 32]}}
+    src = open_location(str(write(tmp_path / "src", tensors, {"torch_dtype": "bfloat16", **cfg})))
+    (shard,) = plan_dequant(scan_checkpoint(src)).shards
+    a = write_shard(shard, src, open_location(str(tmp_path / "cpu")), digest=True, backend="torch")
+    b = write_shard(shard, src, open_location(str(tmp_path / "triton")), digest=True, backend="triton")
+    assert a.sha256 == b.sha256 and a.size == b.size
