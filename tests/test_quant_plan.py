@@ -134,3 +134,13 @@ def test_finalize_check_refuses_a_config_claiming_unquantized_over_codes():
     with pytest.raises(PlanError, match="would claim an unquantized model while 1 tensor"):
         refuse_packed_leftovers(plan, plan.config, "mem://dest")
     refuse_packed_leftovers(plan, {"quantization_config": {"quant_method": "mxfp4"}}, "mem://dest")  # honest
+
+
+def test_hostile_module_patterns_are_refused_before_matching():
+    cfg = {"quantization_config": ct_fp8_config("channel")}
+    cfg["quantization_config"]["ignore"] = ["re:(a+)+$"]
+    with pytest.raises(PlanError, match="nests quantifiers"):
+        plan_dequant(ckpt_of(LINEAR, cfg))
+    cfg["quantization_config"]["ignore"] = ["re:.*mlp.gate$", "re:(["]
+    with pytest.raises(PlanError, match="is not a valid regex"):
+        plan_dequant(ckpt_of(LINEAR, cfg))

@@ -128,8 +128,8 @@ def read_scheme(config: dict[str, Any] | None, quant_config: dict[str, Any] | No
         return None
     where, q = sources[0]  # config.json first; hf_quant_config.json only when config.json says nothing
     method = str(q.get("quant_method", "fp8" if "weight_block_size" in q else ""))
-    ignore = tuple(str(x) for x in (q.get("ignore") or q.get("modules_to_not_convert")
-                                    or q.get("exclude_modules") or []))
+    ignore = _patterns(q.get("ignore") or q.get("modules_to_not_convert") or q.get("exclude_modules") or [],
+                       f"{where}.ignore")
     if method == "fp8":
         block = _positive_pair(q.get("weight_block_size") or [128, 128], f"{where}.weight_block_size")
         return SchemeConfig(method, where, (Variant(SCHEMES["fp8-block"], (("block", block),)),), ignore)
@@ -170,7 +170,7 @@ def _compressed_tensors(q: dict[str, Any], where: str, ignore: tuple[str, ...]) 
         desc = f"compressed-tensors {gfmt} ({kind} {bits}-bit, {strategy})"
         if w.get("symmetric") is False:
             raise unsupported(desc, f"{where}.config_groups.{gname}", "asymmetric: zero points")
-        targets = tuple(str(t) for t in group.get("targets") or ())
+        targets = _patterns(group.get("targets") or [], f"{where}.config_groups.{gname}.targets")
         if gfmt in ("float-quantized", "naive-quantized") and kind == "float" and bits == 8:
             geometry = _ct_fp8_geometry(w, strategy, f"{where}.config_groups.{gname}", desc)
             variants.append(Variant(SCHEMES["ct-fp8"], geometry, targets, label))
@@ -192,6 +192,29 @@ def _ct_fp8_geometry(w: dict[str, Any], strategy: Any, where: str, desc: str) ->
     if strategy == "group":
         return (("block", (1, _positive(w.get("group_size"), f"{where}.weights.group_size"))),)
     raise unsupported(desc, where, f"strategy {strategy!r}")
+
+
+# Real configs list a few dozen module patterns of under 200 characters. A regex with a quantifier
+# on a quantified group can backtrack for hours on one name, and Python's re has no timeout.
+MAX_PATTERNS, MAX_PATTERN_CHARS = 10_000, 1000
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)[+*{]")
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise PlanError(f"{where} must be a list of module names or patterns, got {type(value).__name__}")
+    if len(value) > MAX_PATTERNS:
+        raise PlanError(f"{where}: {len(value)} patterns; no real config has more than {MAX_PATTERNS}")
+    for p in value:
+        if len(p) > MAX_PATTERN_CHARS or (p.startswith("re:") and _NESTED_QUANTIFIER.search(p)):
+            raise PlanError(f"{where}: pattern {p[:80]!r} is too long or nests quantifiers (it could "
+                            "backtrack without end); write it without a repeated group")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise PlanError(f"{where}: pattern {p[:80]!r} is not a valid regex: {exc}") from None
+    return tuple(value)
 
 
 def module_matches(pattern: str, module: str, classes_match: bool = False) -> bool:
