@@ -26,7 +26,6 @@ def _geometry(params: tuple[tuple[str, Any], ...], transform: str) -> str:
 
 def inspect_report(ckpt: Checkpoint) -> dict[str, Any]:
     """The report as plain data (what `--json` prints)."""
-    from ckptflow.tasks.planners.dequant import plan_dequant
     from ckptflow.tasks.planners.quant_layout import detect
 
     tensors = ckpt.tensors()
@@ -58,11 +57,8 @@ def inspect_report(ckpt: Checkpoint) -> dict[str, Any]:
     report["copied"] = {"tensors": len(plain), "bytes": sum(i.nbytes for i in plain)}
     report["dropped"] = sorted(layout.activations)
     report["refused"] = list(layout.problems)
-    if not layout.problems and layout.quantized:
-        try:
-            report["dequant_bytes_out"] = plan_dequant(ckpt).total_size
-        except PlanError as exc:
-            report["refused"] = [str(exc)]
+    if not layout.problems and layout.quantized:  # what plan_dequant's shards would total
+        report["dequant_bytes_out"] = report["copied"]["bytes"] + sum(g["bytes_out"] for g in groups.values())
     return report
 
 

@@ -82,7 +82,7 @@ def plan_dequant(ckpt: Checkpoint, *, allow_missing_scale: bool = False) -> Stag
             if q is None:
                 t = OutputTensor(name, info.dtype, tuple(info.shape), "copy", (SourceRef.of(file, info),))
             else:
-                sources = (SourceRef.of(*q.main),) + tuple(SourceRef.of(f, i) for f, i in q.aux)
+                sources = (SourceRef.of(*q.main), *[SourceRef.of(f, i) for f, i in q.aux])
                 t = OutputTensor(q.out_name, "BF16", q.out_shape, q.transform, sources, q.params)
             if t.name in names:
                 raise PlanError(f"{file}: output tensor {t.name!r} would be written twice (also from "

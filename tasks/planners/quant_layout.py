@@ -62,6 +62,7 @@ def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
         return layout
     weight_map = ckpt.weight_map()
     flagged: set[str] = set()  # tensors with a problem line already
+    seen: dict[tuple, Geometry] = {}
     for name, (file, info) in tensors.items():
         if name.endswith(ACTIVATION_SUFFIXES):
             layout.activations.append(name)
@@ -82,7 +83,7 @@ def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
             continue
         errors = []
         for v in chosen:  # several groups may target the same class: the one whose tensors fit wins
-            result = _match(v, base, (file, info), tensors, weight_map)
+            result = _match(v, base, (file, info), tensors, weight_map, seen)
             if isinstance(result, QuantTensor):
                 layout.quantized[name] = result
                 layout.consumed.update(a[1].name for a in result.aux)
@@ -107,8 +108,9 @@ def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
 
 
 def _match(v: Variant, base: str, main: Located, tensors: dict[str, Located],
-           weight_map: dict[str, str]) -> QuantTensor | str:
-    """The plan of one weight under `v`, or a problem line (prefixed `missing:` when a scale is absent)."""
+           weight_map: dict[str, str], seen: dict[tuple, Geometry]) -> QuantTensor | str:
+    """The plan of one weight under `v`, or a problem line (prefixed `missing:` when a scale is absent).
+    `seen` memoizes geometry by dtypes and shapes: a checkpoint repeats a few shapes ~100k times."""
     file, info = main
     aux: list[Located] = []
     for suffix, dtypes in v.scheme.aux:
@@ -122,10 +124,13 @@ def _match(v: Variant, base: str, main: Located, tensors: dict[str, Located],
             return (f"{aux_file}: tensor {aux_name!r} is {aux_info.dtype}; {v.scheme.name} scales must be "
                     f"{' or '.join(sorted(dtypes))} ({v.label or v.scheme.name})")
         aux.append((aux_file, aux_info))
-    try:
-        shape, params, transform = GEOMETRY[v.scheme.transform](v, info, [a[1] for a in aux])
-    except ValueError as exc:
-        return f"{file}: {exc} ({v.scheme.name})"
+    key = (id(v), info.dtype, tuple(info.shape)) + tuple((a[1].dtype, tuple(a[1].shape)) for a in aux)
+    if key not in seen:
+        try:
+            seen[key] = GEOMETRY[v.scheme.transform](v, info, [a[1] for a in aux])
+        except ValueError as exc:  # not memoized: the message names this tensor
+            return f"{file}: {exc} ({v.scheme.name})"
+    shape, params, transform = seen[key]
     return QuantTensor(v, main, tuple(aux), base + v.scheme.out, shape, params, transform)
 
 

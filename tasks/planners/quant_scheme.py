@@ -63,8 +63,11 @@ class Variant:
     targets: tuple[str, ...] = ()              # compressed-tensors targets; () = every module
     label: str = ""                            # how the config names it, for messages
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_params", dict(self.geometry))  # looked up per tensor
+
     def param(self, key: str) -> Any:
-        return dict(self.geometry).get(key)
+        return self._params.get(key)  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
