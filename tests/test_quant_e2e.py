@@ -49,6 +49,8 @@ def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(prefect_harness, 
     assert torch.equal(logits(got), logits(ref))
     ref_state = ref.state_dict()
     assert all(torch.equal(t, ref_state[k]) for k, t in got.state_dict().items())
+    again = convert_flow(str(src), str(out), work=str(tmp_path / "work"))  # resume: every shard reused
+    assert again["cached_shards"] == again["shards"] == summary["shards"]
 
 
 @pytest.mark.slow
