@@ -89,9 +89,10 @@ def torch_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor,
     *lead, groups, _ = blocks.shape
     out = torch.empty((*lead, groups * 32), dtype=out_dtype)
     if out.numel():
-        packed = blocks.detach().cpu().contiguous().numpy().reshape(-1, 16)
-        codes = scales.detach().cpu().contiguous().numpy().reshape(-1, 1)
-        pairs = out.view(_PAIR_INT[out.element_size()]).numpy().reshape(-1, 16)
+        # rows of G groups (not rows of one group): numpy's loops run long, not 16 wide
+        packed = blocks.detach().cpu().contiguous().numpy().reshape(-1, groups * 16)
+        codes = scales.detach().cpu().contiguous().numpy().reshape(-1, groups)
+        pairs = out.view(_PAIR_INT[out.element_size()]).numpy().reshape(-1, groups * 16)
         gather_scaled_pairs(packed, codes, 16, mxfp4_table(out_dtype), pairs)
     return out.to(blocks.device)
 
