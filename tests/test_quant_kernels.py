@@ -284,3 +284,26 @@ def test_weight_dequant_refuses_other_scale_dtypes():
         weight_dequant(w, torch.ones(1, 1, dtype=torch.uint8), 128)
     with pytest.raises(ValueError, match="block scales must be"):
         weight_dequant(w, torch.ones(1, 1, dtype=torch.float16), 128)
+
+
+# ------------------------------------------------------------------ out=: the executor's own buffers
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_format_writes_into_a_given_out(backend):
+    blocks, scales = special_bytes((2, 3, 2, 16), 19), special_bytes((2, 3, 2), 20)
+    packed, nscale, gs = special_bytes((4, 7), 21), special_bytes((4, 1), 22), torch.tensor([0.25])
+    weight, wscale = special_bytes((4, 9), 23).view(torch.float8_e4m3fn), torch.rand(4, 1)
+    cases = [
+        (lambda out: mxfp4_dequant(blocks, scales, backend=backend, out=out), (2, 3, 64)),
+        (lambda out: mxfp4_gpt_oss(blocks, scales, backend=backend, out=out), (2, 64, 3)),
+        (lambda out: nvfp4_dequant(packed, nscale, gs, "modelopt", columns=13, backend=backend, out=out), (4, 13)),
+        (lambda out: nvfp4_dequant(packed, nscale, gs, "compressed-tensors", backend=backend, out=out), (4, 14)),
+        (lambda out: fp8_scaled_dequant(weight, wscale, backend=backend, out=out), (4, 9)),
+    ]
+    for run, shape in cases:
+        want = run(None)
+        buf = torch.full(shape, 7.0, dtype=torch.bfloat16)
+        assert run(buf) is buf
+        assert_same(buf, want)
+        with pytest.raises(ValueError, match="out must be"):
+            run(torch.empty(shape[:-1] + (shape[-1] + 1,), dtype=torch.bfloat16))

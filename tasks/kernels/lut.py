@@ -25,6 +25,20 @@ def int_view(t: torch.Tensor) -> np.ndarray:
     return t.view(_TORCH_INT[t.element_size()]).numpy()
 
 
+def out_tensor(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """`out` checked to be a contiguous `shape`/`dtype` tensor on `device`, or a new one.
+
+    Callers that stream into their own buffers (the shard executor) pass `out` and skip a copy."""
+    if out is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)} on {device}, got "
+                         f"{out.dtype} {list(out.shape)} on {out.device}"
+                         f"{'' if out.is_contiguous() else ' (not contiguous)'}")
+    return out
+
+
 def canonical_nan(values: torch.Tensor) -> torch.Tensor:
     """`values` with every NaN as all-ones bits (bf16 0xFFFF, torch's vectorized-cast NaN).
 
