@@ -278,6 +278,19 @@ def test_weight_dequant_bf16_and_e8m0_block_scales(backend):
         assert torch.equal(got.view(torch.int16)[ok], want.view(torch.int16)[ok])
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_compressed_tensors_block_strategy_is_weight_dequant(scale_dtype):
+    weight = special_bytes((300, 200), 24).view(torch.float8_e4m3fn)  # ragged against 128
+    scale = (torch.rand(3, 2, generator=torch.Generator().manual_seed(25)) * 1e-2).to(scale_dtype)
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[128, 128], symmetric=True)
+    want = FloatQuantizationCompressor.decompress({"weight": weight, "weight_scale": scale},
+                                                  QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+    assert_same(weight_dequant(weight, scale, 128, backend="torch"), want.to(torch.bfloat16))
+
+
 def test_weight_dequant_refuses_other_scale_dtypes():
     w = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="F8_E8M0"):
