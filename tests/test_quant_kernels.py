@@ -278,9 +278,45 @@ def test_weight_dequant_bf16_and_e8m0_block_scales(backend):
         assert torch.equal(got.view(torch.int16)[ok], want.view(torch.int16)[ok])
 
 
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_compressed_tensors_block_strategy_is_weight_dequant(scale_dtype):
+    weight = special_bytes((300, 200), 24).view(torch.float8_e4m3fn)  # ragged against 128
+    scale = (torch.rand(3, 2, generator=torch.Generator().manual_seed(25)) * 1e-2).to(scale_dtype)
+    from compressed_tensors.compressors.naive_quantized.base import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=[128, 128], symmetric=True)
+    want = FloatQuantizationCompressor.decompress({"weight": weight, "weight_scale": scale},
+                                                  QuantizationScheme(targets=["Linear"], weights=args))["weight"]
+    assert_same(weight_dequant(weight, scale, 128, backend="torch"), want.to(torch.bfloat16))
+
+
 def test_weight_dequant_refuses_other_scale_dtypes():
     w = torch.zeros(4, 4, dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="F8_E8M0"):
         weight_dequant(w, torch.ones(1, 1, dtype=torch.uint8), 128)
     with pytest.raises(ValueError, match="block scales must be"):
         weight_dequant(w, torch.ones(1, 1, dtype=torch.float16), 128)
+
+
+# ------------------------------------------------------------------ out=: the executor's own buffers
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_format_writes_into_a_given_out(backend):
+    blocks, scales = special_bytes((2, 3, 2, 16), 19), special_bytes((2, 3, 2), 20)
+    packed, nscale, gs = special_bytes((4, 7), 21), special_bytes((4, 1), 22), torch.tensor([0.25])
+    weight, wscale = special_bytes((4, 9), 23).view(torch.float8_e4m3fn), torch.rand(4, 1)
+    cases = [
+        (lambda out: mxfp4_dequant(blocks, scales, backend=backend, out=out), (2, 3, 64)),
+        (lambda out: mxfp4_gpt_oss(blocks, scales, backend=backend, out=out), (2, 64, 3)),
+        (lambda out: nvfp4_dequant(packed, nscale, gs, "modelopt", columns=13, backend=backend, out=out), (4, 13)),
+        (lambda out: nvfp4_dequant(packed, nscale, gs, "compressed-tensors", backend=backend, out=out), (4, 14)),
+        (lambda out: fp8_scaled_dequant(weight, wscale, backend=backend, out=out), (4, 9)),
+    ]
+    for run, shape in cases:
+        want = run(None)
+        buf = torch.full(shape, 7.0, dtype=torch.bfloat16)
+        assert run(buf) is buf
+        assert_same(buf, want)
+        with pytest.raises(ValueError, match="out must be"):
+            run(torch.empty(shape[:-1] + (shape[-1] + 1,), dtype=torch.bfloat16))

@@ -28,7 +28,10 @@ import functools
 import numpy as np
 import torch
 
-from ckptflow.tasks.kernels.lut import canonical_nan, gather_scaled_pairs, pair_table
+from ckptflow.tasks.kernels.fp8_cpu import _index_buffer
+from ckptflow.tasks.kernels.lut import (
+    STEP_ELEMENTS, canonical_nan, gather_scaled_pairs, int_view, out_tensor, pair_table, parallel_rows,
+)
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("auto", "torch", "triton")
@@ -74,56 +77,116 @@ def check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dty
 
 
 @functools.lru_cache(maxsize=None)
-def mxfp4_table(out_dtype: torch.dtype) -> np.ndarray:
-    """(E8M0 code << 8 | byte) → the byte's two outputs, as transformers computes them."""
+def mxfp4_values(out_dtype: torch.dtype) -> torch.Tensor:
+    """[256 E8M0 codes, 16 nibbles] results, as transformers computes them."""
     lut = torch.tensor(E2M1_SIGNED, dtype=out_dtype)
-    values = lut[torch.arange(16).repeat(256, 1)]  # [256 scale codes, 16 nibbles]
+    values = lut[torch.arange(16).repeat(256, 1)]
     exp = torch.arange(256, dtype=torch.int32).reshape(256, 1) - 127
     torch.ldexp(values, exp, out=values)
-    return pair_table(canonical_nan(values))
+    return canonical_nan(values)
 
 
-def torch_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor,
-                        out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def mxfp4_table(out_dtype: torch.dtype) -> np.ndarray:
+    """(E8M0 code << 8 | byte) → the byte's two outputs."""
+    return pair_table(mxfp4_values(out_dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def mxfp4_nibble_tables(out_dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(E8M0 code << 8 | byte) → the low nibble's output, and the high nibble's, as raw bits."""
+    bits = int_view(mxfp4_values(out_dtype))
+    byte = np.arange(256)
+    return bits[:, byte & 15].reshape(-1).copy(), bits[:, byte >> 4].reshape(-1).copy()
+
+
+def _gpt_oss_expert(blocks: np.ndarray, scales: np.ndarray, out: np.ndarray, out_dtype: torch.dtype) -> None:
+    """One expert straight into the transposed layout: blocks [OUT, G, 16], scales [OUT, G],
+    out int bits [G*32, OUT]. Byte column j of the transposed bytes makes output rows 2j (its
+    low nibbles) and 2j+1 (its high nibbles): transposing the bytes costs a quarter of
+    transposing the BF16 result."""
+    rows, groups, _ = blocks.shape
+    bytes_t = np.ascontiguousarray(blocks.reshape(rows, groups * 16).T)  # [IN/2, OUT]
+    scales_t = np.ascontiguousarray(scales.T)  # [G, OUT]
+    lo_table, hi_table = mxfp4_nibble_tables(out_dtype)
+    pairs = out.reshape(groups * 16, 2, rows)
+
+    def work(a: int, b: int) -> None:  # byte rows a..b, whole groups of 16
+        idx = _index_buffer((b - a) * rows, np.uint16).reshape(b - a, rows)
+        idx.reshape(-1, 16, rows)[...] = scales_t[a // 16: b // 16, None, :]
+        np.left_shift(idx, 8, out=idx)
+        np.bitwise_or(idx, bytes_t[a:b], out=idx)
+        np.take(lo_table, idx, out=pairs[a:b, 0])
+        np.take(hi_table, idx, out=pairs[a:b, 1])
+
+    step = max(16, (STEP_ELEMENTS // max(rows, 1)) // 16 * 16)
+    parallel_rows(groups, 16 * rows, lambda g0, g1: work(16 * g0, 16 * g1), max_step=max(1, step // 16))
+
+
+def _on_cpu(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+            ) -> torch.Tensor:
+    """Where a table path writes: `out` itself when everything is on the CPU, else a CPU scratch."""
+    return out_tensor(out if device.type == "cpu" else None, shape, dtype, torch.device("cpu"))
+
+
+def _finish(res: torch.Tensor, out: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return res
+    return res.to(device) if out is None else out.copy_(res)
+
+
+def torch_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     scales = check_mxfp4(blocks, scales, out_dtype)
     *lead, groups, _ = blocks.shape
-    out = torch.empty((*lead, groups * 32), dtype=out_dtype)
-    if out.numel():
-        packed = blocks.detach().cpu().contiguous().numpy().reshape(-1, 16)
-        codes = scales.detach().cpu().contiguous().numpy().reshape(-1, 1)
-        pairs = out.view(_PAIR_INT[out.element_size()]).numpy().reshape(-1, 16)
+    res = _on_cpu(out, (*lead, groups * 32), out_dtype, blocks.device)
+    if res.numel():
+        # rows of G groups (not rows of one group): numpy's loops run long, not 16 wide
+        packed = blocks.detach().cpu().contiguous().numpy().reshape(-1, groups * 16)
+        codes = scales.detach().cpu().contiguous().numpy().reshape(-1, groups)
+        pairs = res.view(_PAIR_INT[res.element_size()]).numpy().reshape(-1, groups * 16)
         gather_scaled_pairs(packed, codes, 16, mxfp4_table(out_dtype), pairs)
-    return out.to(blocks.device)
+    return _finish(res, out, blocks.device)
 
 
 def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, *, backend: str = "auto",
-                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """MXFP4 `blocks` uint8 [..., G, 16] with E8M0 `scales` uint8 [..., G] → out_dtype [..., G*32].
 
     out[..., 32g + 2k] = e2m1(blocks[..., g, k] & 15) * 2**(scales[..., g] - 127), and 2k+1 the
     high nibble, rounded once to out_dtype: the same bits as transformers before its transpose.
     Scale 255 acts as 2^128 (±0.5 → ±2^127, larger → ±inf, zeros stay zero), as transformers
-    does. Any leading range (rows, experts) works on its own. Raises ValueError on a shape or
-    dtype mismatch.
+    does. Any leading range (rows, experts) works on its own. `out`: a contiguous tensor to
+    write into. Raises ValueError on a shape or dtype mismatch.
     """
     scales = check_mxfp4(blocks, scales, out_dtype)
+    if out is not None:
+        out_tensor(out, (*blocks.shape[:-2], blocks.shape[-2] * 32), out_dtype, blocks.device)
     if _want_backend(backend, blocks.device) == "triton":
         from ckptflow.tasks.kernels.fp4_triton import triton_mxfp4_dequant
 
-        return triton_mxfp4_dequant(blocks, scales, out_dtype=out_dtype)
-    return torch_mxfp4_dequant(blocks, scales, out_dtype)
+        return triton_mxfp4_dequant(blocks, scales, out_dtype=out_dtype, out=out)
+    return torch_mxfp4_dequant(blocks, scales, out_dtype, out)
 
 
 def mxfp4_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor, *, backend: str = "auto",
-                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """What transformers' `convert_moe_packed_tensors(blocks, scales)` returns, bit for bit and
     in its layout: gpt-oss `*_blocks` [E, OUT, G, 16] → [E, G*32, OUT] (`gate_up_proj` comes out
-    [E, IN, OUT]). Experts are independent, so any expert range can be converted alone."""
+    [E, IN, OUT]). Experts are independent, so any expert range can be converted alone (that
+    is how to stream it: whole experts per chunk). `out`: a contiguous tensor to write into."""
     if blocks.dim() != 4:
         raise ValueError(f"gpt-oss MXFP4 blocks must be [E, OUT, G, 16], got {list(blocks.shape)}")
     scales = check_mxfp4(blocks, scales, out_dtype)
     experts, rows, groups, _ = blocks.shape
-    out = torch.empty((experts, groups * 32, rows), dtype=out_dtype, device=blocks.device)
+    out = out_tensor(out, (experts, groups * 32, rows), out_dtype, blocks.device)
+    if _want_backend(backend, blocks.device) == "torch" and blocks.device.type == "cpu":
+        b, s = blocks.contiguous().numpy(), scales.contiguous().numpy()
+        bits = int_view(out)
+        for e in range(experts):
+            if out[e].numel():
+                _gpt_oss_expert(b[e], s[e], bits[e], out_dtype)
+        return out
     for e in range(experts):  # one expert's [OUT, IN] at a time bounds the scratch memory
         out[e].copy_(mxfp4_dequant(blocks[e], scales[e], backend=backend, out_dtype=out_dtype).T)
     return out
@@ -176,33 +239,38 @@ def nvfp4_values(global_scale: torch.Tensor, convention: str, out_dtype: torch.d
 
 
 def torch_nvfp4_dequant(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, convention: str,
-                        columns: int | None = None, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                        columns: int | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
     scale, cols = check_nvfp4(packed, scale, global_scale, convention, columns, out_dtype)
     rows, width = packed.shape
-    out = torch.empty((rows, 2 * width), dtype=out_dtype)
-    if out.numel():
+    odd = cols != 2 * width  # the last byte's high nibble is padding: gather into scratch, cut
+    res = _on_cpu(None if odd else out, (rows, 2 * width), out_dtype, packed.device)
+    if res.numel():
         table = pair_table(canonical_nan(nvfp4_values(global_scale, convention, out_dtype)))
         gather_scaled_pairs(packed.detach().cpu().contiguous().numpy(), scale.detach().cpu().contiguous().numpy(),
-                            8, table, out.view(_PAIR_INT[out.element_size()]).numpy())
-    out = out if cols == 2 * width else out[:, :cols].contiguous()  # odd C: drop the padding nibble
-    return out.to(packed.device)
+                            8, table, res.view(_PAIR_INT[res.element_size()]).numpy())
+    if odd:
+        res = res[:, :cols].contiguous() if out is None or packed.device.type != "cpu" else out.copy_(res[:, :cols])
+    return _finish(res, out, packed.device)
 
 
 def nvfp4_dequant(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, convention: str, *,
-                  columns: int | None = None, backend: str = "auto",
-                  out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                  columns: int | None = None, backend: str = "auto", out_dtype: torch.dtype = torch.bfloat16,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """NVFP4 `packed` uint8 [R, ceil(C/2)] (low nibble first), FP8 e4m3 `scale` [R, ceil(C/16)],
     float32 `global_scale` ([] or [1]) → out_dtype [R, C].
 
     convention "compressed-tensors": `weight_global_scale`, divides; "modelopt": `weight_scale_2`,
     multiplies (see the module docstring for the exact op order each uses). `columns` gives C
     when it is odd (the packed width cannot tell). Any row range works with its scale rows.
-    Raises ValueError on a shape or dtype mismatch.
+    `out`: a contiguous tensor to write into. Raises ValueError on a shape or dtype mismatch.
     """
     scale, cols = check_nvfp4(packed, scale, global_scale, convention, columns, out_dtype)
+    if out is not None:
+        out_tensor(out, (packed.shape[0], cols), out_dtype, packed.device)
     if _want_backend(backend, packed.device) == "triton":
         from ckptflow.tasks.kernels.fp4_triton import triton_nvfp4_dequant
 
         return triton_nvfp4_dequant(packed, scale, global_scale.to(packed.device), convention, cols,
-                                    out_dtype=out_dtype)
-    return torch_nvfp4_dequant(packed, scale, global_scale, convention, cols, out_dtype)
+                                    out_dtype=out_dtype, out=out)
+    return torch_nvfp4_dequant(packed, scale, global_scale, convention, cols, out_dtype, out)

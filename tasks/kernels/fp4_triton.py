@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ckptflow.tasks.kernels.fp4 import check_mxfp4, check_nvfp4
+from ckptflow.tasks.kernels.lut import out_tensor
 from ckptflow.tasks.kernels.triton_bits import (
     OUT_KIND, bits_to_out, check_triton_device, e4m3_to_f32_bits, f32_bits_to_bf16_bits, out_pointer, store_out,
 )
@@ -77,12 +78,12 @@ def _mxfp4_kernel(
 
 
 def triton_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, *,
-                         out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of `mxfp4_dequant` (checks included); CPU tensors need TRITON_INTERPRET=1."""
     scales = check_mxfp4(blocks, scales, out_dtype)
     check_triton_device(blocks, _mxfp4_kernel)
     *lead, groups, _ = blocks.shape
-    out = torch.empty((*lead, groups * 32), dtype=out_dtype, device=blocks.device)
+    out = out_tensor(out, (*lead, groups * 32), out_dtype, blocks.device)
     ng = scales.numel()
     if ng:
         tile = 64 if blocks.device.type == "cuda" else 1024  # the interpreter pays per program
@@ -140,14 +141,15 @@ def _nvfp4_kernel(
 
 
 def triton_nvfp4_dequant(packed: torch.Tensor, scale: torch.Tensor, global_scale: torch.Tensor, convention: str,
-                         columns: int | None = None, *, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                         columns: int | None = None, *, out_dtype: torch.dtype = torch.bfloat16,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of `nvfp4_dequant` (checks included); CPU tensors need TRITON_INTERPRET=1."""
     scale, cols = check_nvfp4(packed, scale, global_scale, convention, columns, out_dtype)
     check_triton_device(packed, _nvfp4_kernel)
     if global_scale.device != packed.device:
         raise ValueError(f"NVFP4 global scale is on {global_scale.device}, the weight on {packed.device}")
     rows, width = packed.shape
-    out = torch.empty((rows, cols), dtype=out_dtype, device=packed.device)
+    out = out_tensor(out, (rows, cols), out_dtype, packed.device)
     if out.numel():
         tile_r, tile_b = (16, 64) if packed.device.type == "cuda" else (64, 256)  # interpreter: per program
         grid = (triton.cdiv(rows, tile_r), triton.cdiv(width, tile_b))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ckptflow.tasks.kernels.lut import canonical_nan, gather_row_tables, int_view
+from ckptflow.tasks.kernels.lut import canonical_nan, gather_row_tables, int_view, out_tensor
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -56,25 +56,30 @@ def fp8_scaled_tables(scale: torch.Tensor, out_dtype: torch.dtype) -> np.ndarray
     return int_view(canonical_nan((values[None, :] * s).to(out_dtype)))
 
 
-def torch_fp8_scaled_dequant(weight: torch.Tensor, scale: torch.Tensor,
-                             out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The CPU table path on a whole [OUT, IN] weight (or any row range with its scale rows)."""
+def torch_fp8_scaled_dequant(weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The CPU table path on a whole [OUT, IN] weight (or any row range with its scale rows);
+    a GPU weight is computed on the CPU and moved (into `out` when given)."""
     check_fp8_scaled(weight, scale, out_dtype)
-    codes = weight.detach().cpu().contiguous().view(torch.uint8).numpy()
-    out = torch.empty(weight.shape, dtype=out_dtype)
-    if out.numel():
-        gather_row_tables(codes, fp8_scaled_tables(scale, out_dtype), int_view(out))
-    return out.to(weight.device)
+    on_cpu = weight.device.type == "cpu"
+    res = out_tensor(out if on_cpu else None, tuple(weight.shape), out_dtype, torch.device("cpu"))
+    if res.numel():
+        codes = weight.detach().cpu().contiguous().view(torch.uint8).numpy()
+        gather_row_tables(codes, fp8_scaled_tables(scale, out_dtype), int_view(res))
+    if on_cpu:
+        return res
+    return res.to(weight.device) if out is None else out.copy_(res)
 
 
 def fp8_scaled_dequant(weight: torch.Tensor, scale: torch.Tensor, *, backend: str = "auto",
-                       out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                       out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize FP8 e4m3 `weight` [OUT, IN] with a per-tensor ([] / [1]) or per-channel
     ([OUT, 1] / [OUT]) `scale` (float32, bfloat16 or float16): `(w.to(scale.dtype) * scale).to(out_dtype)`.
 
     A row range of the weight works with the matching scale rows (or the same per-tensor scale).
     backend: "torch" (tables; on a GPU weight computed on the CPU and moved), "triton", or "auto"
-    (Triton on CUDA, else torch). Raises ValueError on a shape or dtype mismatch.
+    (Triton on CUDA, else torch). `out`: a contiguous tensor to write into (same shape/dtype/device).
+    Raises ValueError on a shape or dtype mismatch.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -82,5 +87,7 @@ def fp8_scaled_dequant(weight: torch.Tensor, scale: torch.Tensor, *, backend: st
     if backend == "triton" or (backend == "auto" and weight.device.type == "cuda"):
         from ckptflow.tasks.kernels.fp8_scaled_triton import triton_fp8_scaled_dequant
 
-        return triton_fp8_scaled_dequant(weight, scale.to(weight.device), out_dtype=out_dtype)
-    return torch_fp8_scaled_dequant(weight, scale, out_dtype)
+        return triton_fp8_scaled_dequant(weight, scale.to(weight.device), out_dtype=out_dtype, out=out)
+    if out is not None:
+        out_tensor(out, tuple(weight.shape), out_dtype, weight.device)
+    return torch_fp8_scaled_dequant(weight, scale, out_dtype, out)

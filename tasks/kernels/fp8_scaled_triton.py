@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ckptflow.tasks.kernels.fp8_scaled import check_fp8_scaled
 from ckptflow.tasks.kernels.fp8_triton import _f32_bits_to_f16_bits
+from ckptflow.tasks.kernels.lut import out_tensor
 from ckptflow.tasks.kernels.triton_bits import (
     OUT_KIND, bits_to_out, check_triton_device, e4m3_to_f32_bits, f32_bits_to_bf16_bits, out_pointer, store_out,
 )
@@ -52,14 +53,14 @@ def _fp8_scaled_kernel(
 
 
 def triton_fp8_scaled_dequant(weight: torch.Tensor, scale: torch.Tensor, *,
-                              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                              out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton path of `fp8_scaled_dequant` (checks included); CPU tensors need TRITON_INTERPRET=1."""
     strategy = check_fp8_scaled(weight, scale, out_dtype)
     check_triton_device(weight, _fp8_scaled_kernel)
     if scale.device != weight.device:
         raise ValueError(f"weight and scale are on different devices ({weight.device}, {scale.device})")
     w = weight.contiguous().view(torch.uint8)
-    out = torch.empty(weight.shape, dtype=out_dtype, device=weight.device)
+    out = out_tensor(out, tuple(weight.shape), out_dtype, weight.device)
     if out.numel() == 0:
         return out
     rows, cols = w.shape
