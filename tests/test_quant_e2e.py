@@ -110,3 +110,19 @@ def test_inspect_reports_groups_bytes_drops_and_refusals(tmp_path, capsys):
     assert main(["inspect", str(gptq)]) == 1
     text = capsys.readouterr().out
     assert "refused:" in text and "'gptq' is not one ckptflow can dequantize" in text
+
+
+@pytest.mark.slow
+def test_inspect_reads_headers_from_object_storage(tmp_path, capsys, s3_options):
+    """Any fsspec URL: a gpt-oss checkpoint in S3 (moto on loopback), headers only."""
+    import s3fs
+
+    src = make_gpt_oss_mxfp4(tmp_path / "src")
+    fs = s3fs.S3FileSystem(**s3_options["options"])
+    url = f"s3://{s3_options['bucket']}/gpt-oss"
+    fs.put(str(src) + "/", url + "/", recursive=True)
+    assert main(["inspect", url, "--json", "--storage-options", json.dumps(s3_options["options"])]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"] == url and report["scheme"]["method"] == "mxfp4"
+    (group,) = report["groups"]
+    assert (group["scheme"], group["geometry"], group["tensors"]) == ("mxfp4", "groups of 32", 4)
