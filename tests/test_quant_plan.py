@@ -144,3 +144,23 @@ def test_hostile_module_patterns_are_refused_before_matching():
     cfg["quantization_config"]["ignore"] = ["re:.*mlp.gate$", "re:(["]
     with pytest.raises(PlanError, match="is not a valid regex"):
         plan_dequant(ckpt_of(LINEAR, cfg))
+
+
+def test_verify_knows_quantization_parameters_by_scheme():
+    from ckptflow.tasks.planners.torch_dtype import check_dtypes
+
+    gptq = [("m.q_proj.qweight", "I32", (8, 64)), ("m.q_proj.scales", "F16", (1, 64)),
+            ("m.q_proj.qzeros", "I32", (1, 8)), ("m.norm.weight", "BF16", (64,))]
+    quant = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    assert check_dtypes(ckpt_of(gptq, quant)).ok  # its scales are F16 by design, not a "wrong dtype"
+    bare = check_dtypes(ckpt_of(gptq, {"torch_dtype": "bfloat16"}))  # quantization_config deleted
+    assert {(m.tensor, m.reason) for m in bare.mismatches} == {
+        ("m.q_proj.qweight", "packed quantized codes without a quantization_config"),
+        ("m.q_proj.qzeros", "packed quantized codes without a quantization_config"),
+        ("m.q_proj.scales", "")}
+    nvfp4 = [("x.weight_packed", "U8", (4, 8)), ("x.weight_scale", "F8_E4M3", (4, 1)),
+             ("x.weight_global_scale", "F32", (1,))]
+    assert check_dtypes(ckpt_of(nvfp4, {"dtype": "bfloat16", "quantization_config": ct_nvfp4_config()})).ok
+    modelopt = [("a.weight", "U8", (4, 8)), ("a.weight_scale", "F8_E4M3", (4, 1)), ("a.weight_scale_2", "F32", ())]
+    assert check_dtypes(ckpt_of(modelopt, {"dtype": "bfloat16"}, {"quantization": {"quant_algo": "NVFP4"}})).ok
+    assert not check_dtypes(ckpt_of(modelopt, {"dtype": "bfloat16"})).ok

@@ -22,7 +22,7 @@ from ckptflow.tasks.planners.quant_scheme import claims_unquantized
 # config.json dtype names → safetensors dtype strings
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
                  "float64": "F64", "double": "F64"}
-SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2")
+SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2", ".scales")  # .scales: GPTQ / AWQ (F16 by design)
 
 
 def scale_names(name: str) -> tuple[str, ...]:
@@ -152,21 +152,19 @@ def report_for(entries: list[Entry], config: dict[str, Any] | None,
             continue
         if want is None or dtype not in FLOAT_DTYPES or dtype == want:
             continue
-        if is_scale(name) and exp.fp8_allowed:
-            continue  # a quantization scale (NVFP4's are FP8 themselves): its dtype is the format's
-        if dtype in FP8_DTYPES:
+        if dtype in FP8_DTYPES and not is_scale(name):
             if not exp.fp8_allowed:
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without a quantization_config"))
             elif not any(s in present for s in scale_names(name)):
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without its scale tensor"))
-        elif not _by_design(exp, name, dtype):
+        elif not _by_design(exp, name, dtype):  # a scale keeps its format's dtype (NVFP4's are FP8)
             report.mismatches.append(Mismatch(file, name, dtype, want))
     return report
 
 
 def _by_design(exp: ExpectedDtypes, name: str, dtype: str) -> bool:
     """Quantization scales and known float32 tensors keep their dtype whatever the config says."""
-    return dtype == "F32" and ((is_scale(name) and exp.fp8_allowed) or exp.allows_f32(name))
+    return (is_scale(name) and exp.fp8_allowed) or (dtype == "F32" and exp.allows_f32(name))
 
 
 def check_dtypes(ckpt: Checkpoint, extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
