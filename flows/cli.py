@@ -1,4 +1,4 @@
-"""`ckptflow` — the command line: convert, watch, validate, verify, megatron, demo.
+"""`ckptflow` — the command line: convert, watch, validate, verify, inspect, megatron, demo.
 
 User errors (bad input, missing files, unconvertible tensors) end in `error: …` lines naming
 the file or tensor and a non-zero exit, never a traceback; `--verbose` shows Prefect's logs.
@@ -201,6 +201,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ckptflow.flows.inspect import cmd_inspect as run
+
+    return run(args, _human)
+
+
 def cmd_megatron(args: argparse.Namespace) -> int:
     from ckptflow.storage.urls import parse_storage_options
 
@@ -369,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("source")
     v.add_argument("--storage-options")
     v.set_defaults(func=cmd_validate)
+
+    i = _command(sub, "inspect", help="detected quantization schemes and what --dequant would write (headers only)")
+    i.add_argument("source")
+    i.add_argument("--storage-options")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
 
     d = _command(sub, "demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
     d.add_argument("dest", nargs="?", default="ckptflow-demo")

@@ -20,6 +20,7 @@ from ckptflow.storage.overlap import refuse_under
 from ckptflow.storage.urls import Location, StorageError, open_location
 from ckptflow.tasks.run import progress
 from ckptflow.tasks.run.resume import shard_key
+from ckptflow.tasks.planners.dequant import refuse_packed_leftovers
 from ckptflow.tasks.planners.torch_dtype import DtypeReport, check_dtypes
 from ckptflow.tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
 from ckptflow.tasks.plan.model import PlanError, StagePlan
@@ -162,6 +163,7 @@ def finalize(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location) ->
             continue
         copy_file(src, dst, name)
     if plan.config is not None:
+        refuse_packed_leftovers(plan, plan.config, dst.url)  # last line of defence: planners check too
         write_json(dst, CONFIG_NAME, plan.config)
     if plan.write_index and (ckpt.index is not None or len(plan.shards) > 1):
         extra = {k: v for k, v in ((ckpt.index or {}).get("metadata") or {}).items() if k != "total_size"}

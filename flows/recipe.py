@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 from ckptflow.storage.errors import problem_list
 from ckptflow.storage.checkpoint import Checkpoint
-from ckptflow.tasks.plan.compose import compose, planned_checkpoint
+from ckptflow.tasks.plan.compose import compose, keeps_quant_config, planned_checkpoint
 from ckptflow.tasks.planners.dequant import plan_dequant
 from ckptflow.tasks.planners.torch_dtype import check_plan, fix_dtypes, identity_plan
 from ckptflow.tasks.plan.model import PlanError, StagePlan
@@ -28,7 +28,8 @@ class Pass:
 
 def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
     config = plan.config if plan.config is not None else ckpt.config
-    report = check_plan(plan, config, recipe.allow_dtypes or ())
+    report = check_plan(plan, config, recipe.allow_dtypes or (),
+                        ckpt.quant_config if keeps_quant_config(plan) else None)
     if not report.ok:
         raise PlanError(f"{len(report.mismatches)} tensor(s) would not match config.json's torch_dtype "
                         f"({report.expected}); add --fix-dtypes to cast them, or --allow-dtype REGEX for "

@@ -19,6 +19,8 @@ from ckptflow.storage.urls import Location, StorageError
 # DeepSeek-V3 has 163 weight files, the biggest real checkpoints a few hundred; a listing of more
 # is not one checkpoint, and each file costs a header read.
 MAX_WEIGHT_FILES = 20_000
+# NVIDIA ModelOpt exports describe their quantization here instead of (or besides) config.json.
+QUANT_CONFIG_NAME = "hf_quant_config.json"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Checkpoint:
     index: dict[str, Any] | None = None        # model.safetensors.index.json, as read
     config: dict[str, Any] | None = None       # config.json, as read
     versions: dict[str, str | None] = field(default_factory=dict)  # etag / mtime per weight file
+    quant_config: dict[str, Any] | None = None  # ModelOpt's hf_quant_config.json, as read
 
     @property
     def weight_files(self) -> list[str]:
@@ -73,6 +76,10 @@ def scan_checkpoint(loc: Location, max_workers: int = 16) -> Checkpoint:
                            f"{MAX_WEIGHT_FILES} (real checkpoints have a few hundred) — is this one checkpoint?")
     index = check_index(loc, read_json(loc, INDEX_NAME, strict=True)) if INDEX_NAME in files else None
     config = check_config(loc, read_json(loc, CONFIG_NAME)) if CONFIG_NAME in files else None
+    quant = read_json(loc, QUANT_CONFIG_NAME) if QUANT_CONFIG_NAME in files else None
+    if quant is not None and not isinstance(quant, dict):
+        raise StorageError(f"{loc.url_of(QUANT_CONFIG_NAME)}: must be a JSON object (ModelOpt's "
+                           f'{{"producer": …, "quantization": …}}), got {kind(quant)}')
     counted = _TensorCount(loc.url)
 
     def one(name: str) -> tuple[str, Header | str | None, str | None]:
@@ -97,7 +104,7 @@ def scan_checkpoint(loc: Location, max_workers: int = 16) -> Checkpoint:
             elif result is not None:
                 errors[name] = result
     counted.check()
-    return Checkpoint(loc.url, files, headers, errors, index, config, versions)
+    return Checkpoint(loc.url, files, headers, errors, index, config, versions, quant)
 
 
 class _TensorCount:

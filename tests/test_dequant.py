@@ -52,7 +52,7 @@ def test_plan_reports_every_bad_scale_at_once():
     ckpt = fake_ckpt({"a.safetensors": [
         ("x.weight", "F8_E4M3", (256, 256)),                      # no scale at all
         ("y.weight", "F8_E4M3", (300, 260)), ("y.weight_scale_inv", "F32", (2, 3)),  # wrong shape
-        ("z.weight", "F8_E4M3", (10, 10)), ("z.weight_scale_inv", "BF16", (1, 1)),   # wrong dtype
+        ("z.weight", "F8_E4M3", (10, 10)), ("z.weight_scale_inv", "F16", (1, 1)),   # unknown scale dtype
     ]})
     with pytest.raises(PlanError) as err:
         plan_dequant(ckpt)
@@ -60,7 +60,7 @@ def test_plan_reports_every_bad_scale_at_once():
     assert "3 tensor(s) cannot be dequantized" in msg
     assert "'x.weight' is F8_E4M3 but its scale 'x.weight_scale_inv' is not in the checkpoint" in msg
     assert "y.weight: scale shape [2, 3] does not match weight [300, 260] with 128×128 blocks (expected [3, 3])" in msg
-    assert "'z.weight_scale_inv' is BF16; scales must be F32" in msg
+    assert "'z.weight_scale_inv' is F16; fp8-block scales must be BF16 or F32 or F8_E8M0" in msg
 
 
 def test_plan_can_pass_fp8_through_when_asked():

@@ -85,7 +85,8 @@ def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
     t = threaded_output
     out, work = t["base"] / "out-processes", t["base"] / "work-processes"
     code = ("import json, sys; from ckptflow.flows.convert import convert_flow; "
-            "s = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], dequant=True, task_runner='processes', max_workers=2); "
+            "s = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], dequant=True, task_runner='processes', "
+            "max_workers=2); "
             "print(json.dumps({k: s[k] for k in ('shards', 'cached_shards')}))")
     proc = subprocess.run([PYTHON, "-c", code, str(t["source"]), str(out), str(work)], env=t["env"], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)

@@ -6,6 +6,9 @@ Backends:
 - "torch": the lookup-table path (`ckptflow.tasks.kernels.fp8_cpu`): on the CPU with numpy gathers; on a GPU the
   same tables (built on the CPU, so rounding and NaN bits match) gathered on the device;
 - "auto": Triton on CUDA devices with FP8 support (sm89+) for e4m3 block scales, else "torch".
+
+The other formats (`fp8_scaled_dequant`, `mxfp4_dequant`, `mxfp4_gpt_oss`, `nvfp4_dequant`) live
+in `fp8_scaled.py` and `fp4.py` with the same backends, and are exported here.
 """
 from __future__ import annotations
 
@@ -13,7 +16,13 @@ import os
 
 import torch
 
+from ckptflow.tasks.kernels.fp4 import mxfp4_dequant, mxfp4_gpt_oss, nvfp4_dequant
 from ckptflow.tasks.kernels.fp8_cpu import block_tables, matrix_scales, torch_weight_dequant
+from ckptflow.tasks.kernels.fp8_scaled import fp8_scaled_dequant
+from ckptflow.tasks.kernels.scales import block_scale_float32
+
+__all__ = ["BACKENDS", "block_scale_float32", "fp8_scaled_dequant", "mxfp4_dequant", "mxfp4_gpt_oss",
+           "nvfp4_dequant", "resolve_backend", "resolve_device", "weight_dequant"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -53,12 +62,18 @@ def _gpu_lut_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple
 
 
 def weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int | tuple[int, int] = 128,
-                   *, backend: str = "auto", out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                   *, backend: str = "auto", out_dtype: torch.dtype = torch.bfloat16,
+                   scale_dtype: str | None = None) -> torch.Tensor:
     """Dequantize `weight` (FP8, 2-D or 3-D) with per-block `scale_inv`; returns `out_dtype`.
 
-    out[..., i, j] = out_dtype(float32(weight[..., i, j]) * scale_inv[..., i // bm, j // bn]),
+    out[..., i, j] = out_dtype(float32(weight[..., i, j]) * float32(scale_inv[..., i // bm, j // bn])),
     rounded to nearest-even on every backend. A one-element `scale_inv` is a per-tensor scale.
+    Scales may be float32, bfloat16 or float8_e8m0fnu (all widen to float32 exactly); raw E8M0
+    bytes are accepted as uint8 with `scale_dtype="F8_E8M0"`. E8M0 255 is NaN, so its whole block
+    comes out NaN. Ragged edges: the last block row/column covers what is left. A row range of the
+    weight works with the scale rows of its block rows (the range must start on a block boundary).
     """
+    scale_inv = block_scale_float32(scale_inv, scale_dtype, "scale_inv")
     block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
     if weight.dtype == torch.uint8:
         weight = weight.view(torch.float8_e4m3fn)

@@ -7,10 +7,11 @@ dequant + reindex is a single read-transform-write pass.
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import replace
 from typing import Any
 
-from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.checkpoint import QUANT_CONFIG_NAME, Checkpoint
 from ckptflow.storage.files import INDEX_NAME
 from ckptflow.storage.safetensors_format import SHARD_METADATA, Header, TensorInfo, build_header
 
@@ -37,7 +38,13 @@ def planned_checkpoint(plan: StagePlan, url: str, source: Checkpoint) -> Checkpo
     if plan.write_index:
         index = {"metadata": {"total_size": plan.total_size}, "weight_map": plan.weight_map()}
         files[INDEX_NAME] = 0
-    return Checkpoint(url, files, headers, {}, index, config, {f: None for f in headers})
+    return Checkpoint(url, files, headers, {}, index, config, {f: None for f in headers},
+                      source.quant_config if keeps_quant_config(plan) else None)
+
+
+def keeps_quant_config(plan: StagePlan) -> bool:
+    """Does `plan` carry hf_quant_config.json over (dequant leaves it out)?"""
+    return plan.copy_files is None or any(fnmatch.fnmatch(QUANT_CONFIG_NAME, g) for g in plan.copy_files)
 
 
 def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
@@ -60,6 +67,8 @@ def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
         "config": downstream.config if downstream.config is not None else upstream.config,
         "dropped": upstream.dropped + downstream.dropped,
         "warnings": upstream.warnings + downstream.warnings,
-        "write_index": downstream.write_index, "copy_files": downstream.copy_files,
+        "write_index": downstream.write_index,
+        # a file the upstream stage leaves out (dequant: hf_quant_config.json) stays out
+        "copy_files": downstream.copy_files if downstream.copy_files is not None else upstream.copy_files,
     }
     return StagePlan(**merged)

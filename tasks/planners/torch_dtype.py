@@ -15,11 +15,13 @@ from ckptflow.storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
 
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, StagePlan
 from ckptflow.tasks.presets.dtype_exceptions import builtin_dtype_exceptions
+from ckptflow.tasks.planners.quant_layout import is_packed
+from ckptflow.tasks.planners.quant_scheme import claims_unquantized
 
 # config.json dtype names → safetensors dtype strings
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
                  "float64": "F64", "double": "F64"}
-SCALE_SUFFIXES = ("_scale_inv", "_scale")
+SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2", ".scales")  # .scales: GPTQ / AWQ (F16 by design)
 
 
 def scale_names(name: str) -> tuple[str, ...]:
@@ -48,7 +50,9 @@ class ExpectedDtypes:
     fp8_allowed: bool = False
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = ()) -> "ExpectedDtypes":
+    def from_config(cls, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = (),
+                    quant_config: dict[str, Any] | None = None) -> "ExpectedDtypes":
+        """`quant_config`: ModelOpt's hf_quant_config.json, which declares quantization too."""
         config = config or {}
         raw = config.get("torch_dtype", config.get("dtype"))
         default, prefixes = None, []
@@ -68,7 +72,7 @@ class ExpectedDtypes:
             except re.error as exc:
                 raise PlanError(f"--allow-dtype pattern {pattern!r} is not a valid regex: {exc}") from None
         return cls(default, tuple(sorted(prefixes, key=lambda kv: -len(kv[0]))), allowed,
-                   bool(config.get("quantization_config")))
+                   not claims_unquantized(config) or bool(quant_config))
 
     def for_tensor(self, name: str) -> str | None:
         for prefix, dt in self.by_prefix:
@@ -129,9 +133,9 @@ Entry = tuple[str, str, str, int]  # (file, tensor, dtype, nbytes)
 
 
 def report_for(entries: list[Entry], config: dict[str, Any] | None,
-               extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
+               extra_allowed: tuple[str, ...] = (), quant_config: dict[str, Any] | None = None) -> DtypeReport:
     """The dtype report of tensors described by (file, name, dtype, nbytes) — written or planned."""
-    exp = ExpectedDtypes.from_config(config, extra_allowed)
+    exp = ExpectedDtypes.from_config(config, extra_allowed, quant_config)
     report = DtypeReport(exp.default)
     present = {name for _, name, _, _ in entries}  # a scale may sit in another shard
     for file, name, dtype, nbytes in sorted(entries, key=lambda e: e[1]):
@@ -139,33 +143,39 @@ def report_for(entries: list[Entry], config: dict[str, Any] | None,
         row[0] += 1
         row[1] += nbytes
         want = exp.for_tensor(name)
+        if not exp.fp8_allowed and is_packed(name, dtype) and dtype not in FP8_DTYPES:
+            # gpt-oss blocks, NVFP4 packs, GPTQ qweights: a loader would take the codes for weights
+            report.mismatches.append(Mismatch(file, name, dtype, want or "(not set)",
+                                              "packed quantized codes without a quantization_config"))
+            continue
         if want is None or dtype not in FLOAT_DTYPES or dtype == want:
             continue
-        if dtype in FP8_DTYPES:
+        if dtype in FP8_DTYPES and not is_scale(name):
             if not exp.fp8_allowed:
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without a quantization_config"))
             elif not any(s in present for s in scale_names(name)):
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without its scale tensor"))
-        elif not _by_design(exp, name, dtype):
+        elif not _by_design(exp, name, dtype):  # a scale keeps its format's dtype (NVFP4's are FP8)
             report.mismatches.append(Mismatch(file, name, dtype, want))
     return report
 
 
 def _by_design(exp: ExpectedDtypes, name: str, dtype: str) -> bool:
     """Quantization scales and known float32 tensors keep their dtype whatever the config says."""
-    return dtype == "F32" and ((is_scale(name) and exp.fp8_allowed) or exp.allows_f32(name))
+    return (is_scale(name) and exp.fp8_allowed) or (dtype == "F32" and exp.allows_f32(name))
 
 
 def check_dtypes(ckpt: Checkpoint, extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
     # every file's tensors: model-parallel rank files share names, each holding its own part
     entries = [(f, n, i.dtype, i.nbytes) for f, h in sorted(ckpt.headers.items()) for n, i in h.tensors.items()]
-    return report_for(entries, ckpt.config, extra_allowed)
+    return report_for(entries, ckpt.config, extra_allowed, ckpt.quant_config)
 
 
-def check_plan(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = ()) -> DtypeReport:
+def check_plan(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = (),
+               quant_config: dict[str, Any] | None = None) -> DtypeReport:
     """The report the plan's output will get — known before a byte is written."""
     entries = [(s.file, t.name, t.dtype, t.spec.nbytes) for s in plan.shards for t in s.tensors]
-    return report_for(entries, config, extra_allowed)
+    return report_for(entries, config, extra_allowed, quant_config)
 
 
 def fix_dtypes(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tuple[str, ...] = ()) -> StagePlan:

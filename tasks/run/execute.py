@@ -21,7 +21,7 @@ from ckptflow.storage.urls import Location
 from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 
 from ckptflow.tasks.run.buffers import BufferPool
-from ckptflow.tasks.plan.model import OutputTensor, ShardPlan
+from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 
 CHUNK_BYTES = 8 << 20
 READ_AHEAD = 2
@@ -102,7 +102,7 @@ class ExecContext:
 Piece = tuple[memoryview | bytes | FileRange, Release | None]
 
 
-def _read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]]) -> Iterator[Piece]:
+def read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]]) -> Iterator[Piece]:
     """Yield (bytes, release) for each range, READ_AHEAD reads in flight; release when done."""
 
     def read(a: int, b: int) -> Piece:
@@ -119,7 +119,7 @@ def _read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]]) -> I
         yield piece
 
 
-def _done(release: Release | None) -> None:
+def done(release: Release | None) -> None:
     if release is not None:
         release()
 
@@ -130,19 +130,31 @@ def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         yield FileRange(ctx.reader.fd(src.file), src.start, src.end - src.start), None
         return
     ranges = [(a, min(a + CHUNK_BYTES, src.end)) for a in range(src.start, src.end, CHUNK_BYTES)]
-    yield from _read_ahead(ctx, src.file, ranges)  # the writer releases each read buffer
+    yield from read_ahead(ctx, src.file, ranges)  # the writer releases each read buffer
+
+
+def read_small(ctx: ExecContext, ref: SourceRef, a: int | None = None, b: int | None = None) -> bytearray:
+    """Bytes [a, b) of `ref` (default: all of it) as a writable buffer torch can wrap."""
+    start = ref.start if a is None else ref.start + a
+    end = ref.end if b is None else ref.start + b
+    return bytearray(ctx.reader.read(ref.file, start, end)) if end > start else bytearray()
 
 
 def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     import torch
 
-    from ckptflow.tasks.kernels.dispatch import weight_dequant
+    from ckptflow.tasks.kernels.dispatch import block_scale_float32, weight_dequant
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
     from ckptflow.tasks.kernels.fp8_cpu import FP8_DTYPES, dequant_rows, matrix_scales
 
     weight, scale = t.sources
     fp8 = FP8_DTYPES[weight.dtype]
-    scale_t = torch.frombuffer(bytearray(ctx.reader.read(scale.file, scale.start, scale.end)),
-                               dtype=torch.float32).reshape(scale.shape)
+    raw_dtype = torch.uint8 if scale.dtype == "F8_E8M0" else ST_TO_TORCH[scale.dtype]
+    raw_scale = torch.frombuffer(read_small(ctx, scale), dtype=raw_dtype) if scale.end > scale.start \
+        else torch.empty(0, dtype=raw_dtype)
+    # F32, BF16 and E8M0 block scales all widen to float32 exactly (kernels/scales.py)
+    scale_t = block_scale_float32(raw_scale.reshape(scale.shape),
+                                  "F8_E8M0" if scale.dtype == "F8_E8M0" else None, scale.name)
     (bm, bn), scales = matrix_scales(weight.shape, scale_t, tuple(t.param("block")), t.name)
     rows, cols = weight.shape[-2:]
     mats = scales.shape[0]
@@ -151,18 +163,18 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     ranges = [(weight.start + (e * rows + r0) * cols, weight.start + (e * rows + r1) * cols)
               for e, r0, r1 in pieces]
     on_cpu_tables = ctx.device == "cpu" and ctx.backend in ("auto", "torch")
-    for (e, r0, r1), (raw, release) in zip(pieces, _read_ahead(ctx, weight.file, ranges)):
+    for (e, r0, r1), (raw, release) in zip(pieces, read_ahead(ctx, weight.file, ranges)):
         codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols)
         block_scales = scales[e, r0 // bm: -(-r1 // bm)]
         if on_cpu_tables:
             buf = ctx.buffers.take((r1 - r0) * cols * 2)
             dequant_rows(codes, block_scales, (bm, bn), fp8, buf.view(np.int16).reshape(r1 - r0, cols))
-            _done(release)
+            done(release)
             yield memoryview(buf), ctx.releaser(buf)
             continue
         # Device path: this chunk to the device, dequant there, bf16 bytes back.
         w = torch.from_numpy(codes.copy()).to(ctx.device, non_blocking=True).view(fp8)
-        _done(release)
+        done(release)
         s = block_scales.contiguous().to(ctx.device) if scale_t.numel() > 1 else scale_t
         got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
         yield memoryview(got.cpu().view(torch.int16).numpy()).cast("B"), None
@@ -178,14 +190,14 @@ def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     src_dt, dst_dt = ST_TO_TORCH[src.dtype], ST_TO_TORCH[t.dtype]
     step = max(1, CHUNK_BYTES // src_dt.itemsize) * src_dt.itemsize
     ranges = [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)]
-    for raw, release in _read_ahead(ctx, src.file, ranges):
+    for raw, release in read_ahead(ctx, src.file, ranges):
         if not isinstance(raw, memoryview) or raw.readonly:
             raw = bytearray(raw)  # torch wraps only writable buffers without a warning
         n = len(raw) // src_dt.itemsize
         buf = ctx.buffers.take(n * dst_dt.itemsize)
         # copy_ casts with the same kernels, and so the same rounding, as .to()
         torch.from_numpy(buf).view(dst_dt).copy_(torch.frombuffer(raw, dtype=src_dt))
-        _done(release)
+        done(release)
         yield memoryview(buf), ctx.releaser(buf)
 
 
@@ -206,21 +218,29 @@ def _slice(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         a = src.start + start * inner
         ranges = [(x, min(x + CHUNK_BYTES, a + (stop - start) * inner))
                   for x in range(a, a + (stop - start) * inner, CHUNK_BYTES)]
-        yield from _read_ahead(ctx, src.file, ranges)
+        yield from read_ahead(ctx, src.file, ranges)
         return
     row = size * inner
     rows_per = max(1, CHUNK_BYTES // max(row, 1))
     groups = [(o, min(o + rows_per, outer)) for o in range(0, outer, rows_per)]
     ranges = [(src.start + o0 * row, src.start + o1 * row) for o0, o1 in groups]
-    for (o0, o1), (raw, release) in zip(groups, _read_ahead(ctx, src.file, ranges)):
+    for (o0, o1), (raw, release) in zip(groups, read_ahead(ctx, src.file, ranges)):
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(o1 - o0, row)
         buf = ctx.buffers.take((o1 - o0) * (stop - start) * inner)
         buf.reshape(o1 - o0, -1)[:] = rows[:, start * inner: stop * inner]
-        _done(release)
+        done(release)
         yield memoryview(buf), ctx.releaser(buf)
 
 
 TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast, "slice": _slice}
+
+
+def transform_of(name: str) -> Callable[[OutputTensor, ExecContext], Iterator[Piece]] | None:
+    if name in TRANSFORMS:
+        return TRANSFORMS[name]
+    from ckptflow.tasks.run.quant_stream import QUANT_TRANSFORMS  # imports this module: loaded on first use
+
+    return QUANT_TRANSFORMS.get(name)
 
 
 def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progress | None = None,
@@ -235,7 +255,7 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
         bg = _BackgroundWriter(writer)
         try:
             for t in shard.tensors:
-                transform = TRANSFORMS.get(t.transform)
+                transform = transform_of(t.transform)
                 if transform is None:
                     raise ValueError(f"{shard.file}: tensor {t.name!r} has unknown transform {t.transform!r}")
                 for data, release in transform(t, ctx):

@@ -1,0 +1,104 @@
+"""`ckptflow inspect SOURCE`: what `--dequant` would do, from headers and config files alone.
+
+Per group of tensors: the detected scheme with its geometry and scale dtypes, bytes in, bytes
+`--dequant` would write; what is dropped (activation / KV scales) and what would be refused.
+It reads what `validate` reads (one range read per shard header) and never a tensor.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.tasks.plan.model import PlanError
+
+
+def _geometry(params: tuple[tuple[str, Any], ...], transform: str) -> str:
+    p = dict(params)
+    if "per" in p:
+        return f"per-{p['per']}"
+    if transform == "dequant_fp8":
+        bm, bn = p["block"]
+        return f"block {bm}x{bn}"
+    return f"groups of {p['group']}" + (f", {p['convention']} convention" if "convention" in p else "")
+
+
+def inspect_report(ckpt: Checkpoint) -> dict[str, Any]:
+    """The report as plain data (what `--json` prints)."""
+    from ckptflow.tasks.planners.quant_layout import detect
+
+    tensors = ckpt.tensors()
+    report: dict[str, Any] = {
+        "source": ckpt.url, "files": len(ckpt.weight_files), "tensors": len(tensors),
+        "bytes_in": sum(i.nbytes for _, i in tensors.values()), "scheme": None, "groups": [],
+        "copied": {"tensors": 0, "bytes": 0}, "dropped": [], "refused": [], "dequant_bytes_out": None,
+    }
+    try:
+        layout = detect(ckpt)
+    except PlanError as exc:  # the config names a scheme ckptflow does not know
+        report["refused"] = [str(exc)]
+        return report
+    if layout.scheme is not None:
+        report["scheme"] = {"method": layout.scheme.method, "declared_in": layout.scheme.where}
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    for q in layout.quantized.values():
+        key = (q.variant.scheme.name, _geometry(q.params, q.transform), q.main[1].dtype,
+               "+".join(a[1].dtype for a in q.aux))
+        g = groups.setdefault(key, {"scheme": key[0], "geometry": key[1], "codes_dtype": key[2],
+                                    "scale_dtypes": key[3], "tensors": 0, "bytes_in": 0, "bytes_out": 0,
+                                    "example": q.main[1].name})
+        g["tensors"] += 1
+        g["bytes_in"] += q.main[1].nbytes + sum(a[1].nbytes for a in q.aux)
+        g["bytes_out"] += 2 * _numel(q.out_shape)
+    report["groups"] = sorted(groups.values(), key=lambda g: -g["bytes_in"])
+    folded = layout.consumed | set(layout.activations) | set(layout.quantized)
+    plain = [i for n, (_, i) in tensors.items() if n not in folded]
+    report["copied"] = {"tensors": len(plain), "bytes": sum(i.nbytes for i in plain)}
+    report["dropped"] = sorted(layout.activations)
+    report["refused"] = list(layout.problems)
+    if not layout.problems and layout.quantized:  # what plan_dequant's shards would total
+        report["dequant_bytes_out"] = report["copied"]["bytes"] + sum(g["bytes_out"] for g in groups.values())
+    return report
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
+    print(f"{r['source']}: {r['files']} file(s), {r['tensors']} tensors, {human(r['bytes_in'])}", file=out)
+    s = r["scheme"]
+    print(f"scheme:   {s['method']} (from {s['declared_in']})" if s else "scheme:   none declared", file=out)
+    for g in r["groups"]:
+        print(f"  {g['scheme']:<15} {g['geometry']:<22} {g['codes_dtype']} + {g['scale_dtypes']:<16} "
+              f"{g['tensors']:>6} tensors  {human(g['bytes_in'])} → {human(g['bytes_out'])} BF16  "
+              f"(e.g. {g['example']})", file=out)
+    print(f"copied:   {r['copied']['tensors']} tensors, {human(r['copied']['bytes'])}", file=out)
+    if r["dropped"]:
+        names = ", ".join(r["dropped"][:5]) + (", …" if len(r["dropped"]) > 5 else "")
+        print(f"dropped:  {len(r['dropped'])} activation/KV-cache scale(s): {names}", file=out)
+    if r["refused"]:
+        print(f"refused:  --dequant would stop before writing ({len(r['refused'])} problem(s)):", file=out)
+        for p in r["refused"][:50]:
+            print(f"  - {p}", file=out)
+    elif r["dequant_bytes_out"] is not None:
+        print(f"--dequant would write {human(r['dequant_bytes_out'])}", file=out)
+    else:
+        print("--dequant: nothing quantized to convert", file=out)
+
+
+def cmd_inspect(args: Any, human: Any) -> int:
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.storage.urls import open_location, parse_storage_options
+
+    ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
+    report = inspect_report(ckpt)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report, human)
+    return 1 if report["refused"] else 0

@@ -1,0 +1,197 @@
+"""Match a declared scheme against the headers: per quantized module, its scales and geometry.
+
+Pure (a `Checkpoint` in, a `QuantLayout` out). Geometry comes from the config and is checked
+against each scale grid's shape with ceil division; it is never inferred by dividing a shape by a
+grid (wrong on ragged edges). Every tensor that cannot be handled becomes one problem line, so
+the planner can refuse them all at once, before anything is written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.safetensors_format import TensorInfo
+from ckptflow.tasks.kernels.scale_grid import normalise_scale
+from ckptflow.tasks.planners.quant_scheme import (ACTIVATION_SUFFIXES, FP8, SCHEMES, SchemeConfig, Variant,
+                                                  module_matches, read_scheme)
+
+Located = tuple[str, TensorInfo]  # (file, header entry)
+PACKED_SUFFIXES = ("_blocks", "_scales", ".weight_packed", ".qweight", ".qzeros", ".scales", ".g_idx",
+                   ".weight_global_scale", ".weight_scale_2", ".weight_zero_point", ".weight_shape")
+
+
+@dataclass(frozen=True)
+class QuantTensor:
+    """One quantized weight and how it becomes a BF16 tensor."""
+
+    variant: Variant
+    main: Located
+    aux: tuple[Located, ...]
+    out_name: str
+    out_shape: tuple[int, ...]
+    params: tuple[tuple[str, Any], ...]
+    transform: str
+
+
+@dataclass
+class QuantLayout:
+    scheme: SchemeConfig | None
+    quantized: dict[str, QuantTensor] = field(default_factory=dict)   # main tensor name → plan
+    consumed: set[str] = field(default_factory=set)                    # scale tensors folded in
+    activations: list[str] = field(default_factory=list)               # dropped: act / KV scales
+    kept: list[str] = field(default_factory=list)                      # kept quantized (--allow-missing-scale)
+    problems: list[str] = field(default_factory=list)
+
+
+def is_packed(name: str, dtype: str) -> bool:
+    """A tensor that only makes sense with a quantization config (codes or packing)."""
+    return dtype in FP8 or dtype == "F8_E8M0" or (dtype in ("U8", "I8", "I32") and name.endswith(PACKED_SUFFIXES)) \
+        or (dtype == "U8" and name.endswith(".weight"))
+
+
+def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
+    scheme = read_scheme(ckpt.config, ckpt.quant_config)
+    tensors = ckpt.tensors()
+    if scheme is None and any(i.dtype in FP8 for _, i in tensors.values()):
+        # No config at all: the FP8 layout ckptflow always read (DeepSeek's, 128×128 blocks).
+        scheme = SchemeConfig("fp8 (no quantization_config)", "headers",
+                              (Variant(SCHEMES["fp8-block"], (("block", (128, 128)),)),))
+    layout = QuantLayout(scheme)
+    if scheme is None:
+        return layout
+    weight_map = ckpt.weight_map()
+    flagged: set[str] = set()  # tensors with a problem line already
+    seen: dict[tuple, Geometry] = {}
+    for name, (file, info) in tensors.items():
+        if name.endswith(ACTIVATION_SUFFIXES):
+            layout.activations.append(name)
+            continue
+        candidates = [v for v in scheme.variants
+                      if name.endswith(v.scheme.main) and info.dtype in v.scheme.main_dtypes]
+        if not candidates:
+            continue
+        base = name[: len(name) - len(candidates[0].scheme.main)]
+        module = base.rstrip("_")
+        if any(module_matches(p, module) for p in scheme.ignore):
+            continue  # left unquantized by the config: flagged below if it is packed anyway
+        chosen = [v for v in candidates if not v.targets or any(module_matches(t, module, True) for t in v.targets)]
+        if not chosen:
+            layout.problems.append(f"{file}: tensor {name!r} ({info.dtype}) is in no config group of "
+                                   f"{scheme.method} ({scheme.where})")
+            flagged.add(name)
+            continue
+        errors = []
+        for v in chosen:  # several groups may target the same class: the one whose tensors fit wins
+            result = _match(v, base, (file, info), tensors, weight_map, seen)
+            if isinstance(result, QuantTensor):
+                layout.quantized[name] = result
+                layout.consumed.update(a[1].name for a in result.aux)
+                break
+            errors.append(result)
+        else:
+            missing_only = all(e.startswith("missing:") for e in errors)
+            if missing_only and allow_missing_scale:
+                layout.kept.append(name)
+            else:
+                flagged.add(name)
+                flagged.update(base + suffix for v in chosen for suffix, _ in v.scheme.aux)
+                layout.problems.append(errors[0].removeprefix("missing:")
+                                       + ("; pass --allow-missing-scale to keep it as FP8"
+                                          if missing_only and info.dtype in FP8 else ""))
+    handled = layout.quantized.keys() | layout.consumed | set(layout.kept) | flagged
+    for name, (file, info) in tensors.items():
+        if name not in handled and not name.endswith(ACTIVATION_SUFFIXES) and is_packed(name, info.dtype):
+            layout.problems.append(f"{file}: tensor {name!r} is {info.dtype}, quantized or packed, but "
+                                   f"{scheme.method} ({scheme.where}) does not describe it")
+    return layout
+
+
+def _match(v: Variant, base: str, main: Located, tensors: dict[str, Located],
+           weight_map: dict[str, str], seen: dict[tuple, Geometry]) -> QuantTensor | str:
+    """The plan of one weight under `v`, or a problem line (prefixed `missing:` when a scale is absent).
+    `seen` memoizes geometry by dtypes and shapes: a checkpoint repeats a few shapes ~100k times."""
+    file, info = main
+    aux: list[Located] = []
+    for suffix, dtypes in v.scheme.aux:
+        aux_name = base + suffix
+        if aux_name not in tensors:
+            where = weight_map.get(aux_name)
+            return (f"missing:{file}: tensor {info.name!r} is {info.dtype} but its scale {aux_name!r} is not in "
+                    "the checkpoint" + (f" (the index says {where}, which lacks it)" if where else ""))
+        aux_file, aux_info = tensors[aux_name]
+        if aux_info.dtype not in dtypes:
+            return (f"{aux_file}: tensor {aux_name!r} is {aux_info.dtype}; {v.scheme.name} scales must be "
+                    f"{' or '.join(sorted(dtypes))} ({v.label or v.scheme.name})")
+        aux.append((aux_file, aux_info))
+    key = (id(v), info.dtype, tuple(info.shape)) + tuple((a[1].dtype, tuple(a[1].shape)) for a in aux)
+    if key not in seen:
+        try:
+            seen[key] = GEOMETRY[v.scheme.transform](v, info, [a[1] for a in aux])
+        except ValueError as exc:  # not memoized: the message names this tensor
+            return f"{file}: {exc} ({v.scheme.name})"
+    shape, params, transform = seen[key]
+    return QuantTensor(v, main, tuple(aux), base + v.scheme.out, shape, params, transform)
+
+
+Geometry = tuple[tuple[int, ...], tuple[tuple[str, Any], ...], str]
+
+
+def _fp8_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    name, shape, scale = info.name, tuple(info.shape), tuple(aux[0].shape)
+    per = v.param("per")
+    if per is not None:  # multiplied in the scale's dtype (kernels/fp8_scaled.py): 2-D e4m3 only
+        if len(shape) != 2 or info.dtype != "F8_E4M3":
+            raise ValueError(f"{name}: per-{per} FP8 needs a 2-D F8_E4M3 weight, got {info.dtype} {list(shape)}")
+        fits = (_numel(scale) == 1 and len(scale) <= 1) if per == "tensor" else scale in ((shape[0], 1), (shape[0],))
+        if not fits:
+            want = "[] or [1]" if per == "tensor" else f"[{shape[0]}, 1]"
+            raise ValueError(f"{name}: per-{per} scale shape {list(scale)} does not fit weight {list(shape)} "
+                             f"(expected {want})")
+        return shape, (("per", per),), "fp8_scaled"
+    if len(shape) not in (2, 3):
+        raise ValueError(f"{name}: FP8 block dequant needs a 2-D or 3-D weight, got shape {list(shape)}")
+    if aux[0].dtype == "F16":  # compressed-tensors would multiply in float16: not the block formula
+        raise ValueError(f"{aux[0].name}: F16 block scales are not supported (only F32, BF16)")
+    block = normalise_scale(shape, scale, v.param("block"), name)
+    return shape, (("block", block),), "dequant_fp8"
+
+
+def _nvfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    name, shape = info.name, tuple(info.shape)
+    scale, global_scale = (tuple(a.shape) for a in aux)
+    if len(shape) != 2:
+        raise ValueError(f"{name}: NVFP4 packed weight must be 2-D [rows, cols/2], got {list(shape)}")
+    rows, cols = shape[0], shape[1] * 2
+    group = v.param("group")
+    want = (rows, -(-cols // group))
+    if tuple(scale) != want:
+        raise ValueError(f"{name}: scale shape {list(scale)} does not match weight [{rows}, {cols}] "
+                         f"in groups of {group} (expected {list(want)})")
+    if _numel(global_scale) != 1 or len(global_scale) > 1:
+        raise ValueError(f"{name}: global scale has shape {list(global_scale)}, expected one element")
+    convention = "modelopt" if v.scheme.name.startswith("modelopt") else "compressed-tensors"
+    return (rows, cols), (("group", group), ("convention", convention)), "nvfp4"
+
+
+def _mxfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    name, shape, scales = info.name, tuple(info.shape), tuple(aux[0].shape)
+    group = v.param("group")
+    if len(shape) != 4 or shape[-1] * 2 != group:
+        raise ValueError(f"{name}: MXFP4 blocks must be [experts, out, in/{group}, {group // 2}], "
+                         f"got {list(shape)}")
+    if tuple(scales) != tuple(shape[:-1]):
+        raise ValueError(f"{name}: scales shape {list(scales)} does not match blocks {list(shape)} "
+                         f"(expected {list(shape[:-1])})")
+    experts, out, groups = shape[:3]
+    return (experts, groups * group, out), (("group", group),), "mxfp4_gpt_oss"  # [E, IN, OUT], as transformers
+
+
+GEOMETRY = {"dequant_fp8": _fp8_geometry, "nvfp4": _nvfp4_geometry, "mxfp4_gpt_oss": _mxfp4_geometry}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n

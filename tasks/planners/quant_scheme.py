@@ -1,0 +1,233 @@
+"""What a checkpoint's quantization config says, as a table of known schemes. Pure, no I/O.
+
+Read from config.json's `quantization_config` (top level or under `text_config`, as multimodal
+configs nest it) and ModelOpt's `hf_quant_config.json`. Each scheme is a row of `SCHEMES`: which
+tensor holds the codes, which tensors hold its scales (and their allowed dtypes), what it becomes.
+The config gives the geometry (block, group size); `quant_layout` checks it against the headers.
+Anything not in the table (GPTQ, AWQ, int4 packs, …) is refused by name, never guessed at.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ckptflow.tasks.plan.model import PlanError
+
+FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One known scheme: `base + main` holds codes, `base + suffix` for each aux the scales."""
+
+    name: str
+    main: str                                         # suffix of the code tensor
+    main_dtypes: frozenset[str]
+    aux: tuple[tuple[str, frozenset[str]], ...]       # (suffix, allowed dtypes) of each scale tensor
+    out: str                                          # suffix of the BF16 tensor written
+    transform: str                                    # OutputTensor.transform
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in (
+    # DeepSeek-V3/V3.1/V3.2, Qwen3 FP8, Kimi-K2, MiniMax-M2, GLM: block scales, stored as the reciprocal.
+    # Any FP8 tensor `X` with `X_scale_inv` (DeepSeek names stacked experts too, not only `.weight`).
+    Scheme("fp8-block", "", FP8, (("_scale_inv", frozenset({"F32", "BF16", "F8_E8M0"})),), "", "dequant_fp8"),
+    # compressed-tensors float-quantized (llm-compressor): tensor / channel / block / group strategies.
+    Scheme("ct-fp8", ".weight", FP8, ((".weight_scale", frozenset({"F32", "BF16", "F16"})),), ".weight",
+           "dequant_fp8"),
+    # compressed-tensors nvfp4-pack-quantized: E2M1 pairs, FP8 scale per 16, a global scale divides.
+    Scheme("ct-nvfp4", ".weight_packed", frozenset({"U8"}),
+           ((".weight_scale", frozenset({"F8_E4M3"})), (".weight_global_scale", frozenset({"F32"}))),
+           ".weight", "nvfp4"),
+    # ModelOpt FP8 per-tensor and NVFP4 (weight_scale_2 multiplies).
+    Scheme("modelopt-fp8", ".weight", FP8, ((".weight_scale", frozenset({"F32"})),), ".weight", "dequant_fp8"),
+    Scheme("modelopt-nvfp4", ".weight", frozenset({"U8"}),
+           ((".weight_scale", frozenset({"F8_E4M3"})), (".weight_scale_2", frozenset({"F32"}))),
+           ".weight", "nvfp4"),
+    # gpt-oss MXFP4 experts: `*_blocks` [E, OUT, G, 16], `*_scales` E8M0 [E, OUT, G].
+    Scheme("mxfp4", "_blocks", frozenset({"U8"}), (("_scales", frozenset({"U8"})),), "", "mxfp4_gpt_oss"),
+)}
+
+# Activation / KV-cache quantization parameters: meaningless in a BF16 model, dropped and listed.
+ACTIVATION_SUFFIXES = (".input_scale", ".input_global_scale", ".input_zero_point", ".output_scale",
+                       ".output_zero_point", ".k_scale", ".v_scale", ".q_scale", ".kv_scale", ".prob_scale")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A scheme as one config (group) uses it: geometry and which modules it targets."""
+
+    scheme: Scheme
+    geometry: tuple[tuple[str, Any], ...]      # ("block", (bm, bn)) | ("per", "tensor"|"channel") | ("group", g)
+    targets: tuple[str, ...] = ()              # compressed-tensors targets; () = every module
+    label: str = ""                            # how the config names it, for messages
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_params", dict(self.geometry))  # looked up per tensor
+
+    def param(self, key: str) -> Any:
+        return self._params.get(key)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SchemeConfig:
+    method: str                                # quant_method as the config spells it
+    where: str                                 # which file / key it was read from
+    variants: tuple[Variant, ...]
+    ignore: tuple[str, ...] = ()
+
+
+def _positive_pair(value: Any, where: str) -> tuple[int, int]:
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)):
+        raise PlanError(f"{where} must be two positive integers, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _positive(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise PlanError(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def unsupported(method: str, where: str, why: str = "") -> PlanError:
+    return PlanError(f"{where}: quantization scheme {method!r} is not one ckptflow can dequantize"
+                     + (f" ({why})" if why else "")
+                     + "; supported: FP8 block (quant_method fp8), compressed-tensors float-quantized FP8 "
+                       "and nvfp4-pack-quantized, gpt-oss mxfp4, ModelOpt FP8 and NVFP4. Nothing was written")
+
+
+def quantization_sources(config: dict[str, Any] | None,
+                         quant_config: dict[str, Any] | None) -> list[tuple[str, dict[str, Any]]]:
+    """Every quantization description present, as (where, object)."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    config = config or {}
+    for where, holder in (("config.json", config), ("config.json text_config", config.get("text_config"))):
+        q = holder.get("quantization_config") if isinstance(holder, dict) else None
+        if q is not None:
+            if not isinstance(q, dict):
+                raise PlanError(f"{where}: quantization_config must be an object, got {type(q).__name__}")
+            out.append((f"{where} quantization_config", q))
+    if quant_config is not None:
+        q = quant_config.get("quantization")
+        if not isinstance(q, dict):
+            raise PlanError('hf_quant_config.json: "quantization" must be an object with "quant_algo"')
+        out.append(("hf_quant_config.json", {**q, "quant_method": "modelopt"}))
+    return out
+
+
+def claims_unquantized(config: dict[str, Any] | None) -> bool:
+    """True when config.json declares no quantization, at the top or under `text_config`."""
+    config = config or {}
+    text = config.get("text_config")
+    return not (config.get("quantization_config") or (isinstance(text, dict) and text.get("quantization_config")))
+
+
+def read_scheme(config: dict[str, Any] | None, quant_config: dict[str, Any] | None) -> SchemeConfig | None:
+    """The scheme the checkpoint declares, or None when it declares none; raises on unknown ones."""
+    sources = quantization_sources(config, quant_config)
+    if not sources:
+        return None
+    where, q = sources[0]  # config.json first; hf_quant_config.json only when config.json says nothing
+    method = str(q.get("quant_method", "fp8" if "weight_block_size" in q else ""))
+    ignore = _patterns(q.get("ignore") or q.get("modules_to_not_convert") or q.get("exclude_modules") or [],
+                       f"{where}.ignore")
+    if method == "fp8":
+        block = _positive_pair(q.get("weight_block_size") or [128, 128], f"{where}.weight_block_size")
+        return SchemeConfig(method, where, (Variant(SCHEMES["fp8-block"], (("block", block),)),), ignore)
+    if method == "mxfp4":
+        return SchemeConfig(method, where, (Variant(SCHEMES["mxfp4"], (("group", 32),)),), ignore)
+    if method == "modelopt":
+        return _modelopt(q, where, ignore)
+    if method == "compressed-tensors":
+        return _compressed_tensors(q, where, ignore)
+    raise unsupported(method or "(no quant_method)", where)
+
+
+def _modelopt(q: dict[str, Any], where: str, ignore: tuple[str, ...]) -> SchemeConfig:
+    algo = str(q.get("quant_algo") or "")
+    if algo == "FP8":
+        return SchemeConfig("modelopt FP8", where, (Variant(SCHEMES["modelopt-fp8"], (("per", "tensor"),)),), ignore)
+    if algo == "NVFP4":
+        group = _positive(q.get("group_size", 16), f"{where}.group_size")
+        if group != 16:
+            raise unsupported(f"modelopt NVFP4 group_size {group}", where, "NVFP4 groups are 16 elements")
+        return SchemeConfig("modelopt NVFP4", where, (Variant(SCHEMES["modelopt-nvfp4"], (("group", 16),)),), ignore)
+    raise unsupported(f"modelopt {algo or '(no quant_algo)'}", where)
+
+
+def _compressed_tensors(q: dict[str, Any], where: str, ignore: tuple[str, ...]) -> SchemeConfig:
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise PlanError(f"{where}: compressed-tensors config has no config_groups; cannot tell the scheme")
+    fmt = q.get("format")
+    variants = []
+    for gname, group in sorted(groups.items()):
+        label = f"compressed-tensors {gname}"
+        if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+            raise PlanError(f"{where}.config_groups.{gname}: needs a \"weights\" object")
+        w = group["weights"]
+        gfmt = group.get("format") or fmt
+        kind, bits, strategy = w.get("type"), w.get("num_bits"), w.get("strategy")
+        desc = f"compressed-tensors {gfmt} ({kind} {bits}-bit, {strategy})"
+        if w.get("symmetric") is False:
+            raise unsupported(desc, f"{where}.config_groups.{gname}", "asymmetric: zero points")
+        targets = _patterns(group.get("targets") or [], f"{where}.config_groups.{gname}.targets")
+        if gfmt in ("float-quantized", "naive-quantized") and kind == "float" and bits == 8:
+            geometry = _ct_fp8_geometry(w, strategy, f"{where}.config_groups.{gname}", desc)
+            variants.append(Variant(SCHEMES["ct-fp8"], geometry, targets, label))
+        elif gfmt == "nvfp4-pack-quantized" and kind == "float" and bits == 4:
+            group_size = _positive(w.get("group_size", 16), f"{where}.config_groups.{gname}.weights.group_size")
+            if group_size != 16 or strategy not in ("tensor_group", "group"):
+                raise unsupported(desc, f"{where}.config_groups.{gname}", "NVFP4 is tensor_group of 16")
+            variants.append(Variant(SCHEMES["ct-nvfp4"], (("group", 16),), targets, label))
+        else:
+            raise unsupported(desc, f"{where}.config_groups.{gname}")
+    return SchemeConfig(f"compressed-tensors {fmt}", where, tuple(variants), ignore)
+
+
+def _ct_fp8_geometry(w: dict[str, Any], strategy: Any, where: str, desc: str) -> tuple[tuple[str, Any], ...]:
+    if strategy in ("tensor", "channel"):
+        return (("per", strategy),)
+    if strategy == "block":
+        return (("block", _positive_pair(w.get("block_structure"), f"{where}.weights.block_structure")),)
+    if strategy == "group":
+        return (("block", (1, _positive(w.get("group_size"), f"{where}.weights.group_size"))),)
+    raise unsupported(desc, where, f"strategy {strategy!r}")
+
+
+# Real configs list a few dozen module patterns of under 200 characters. A regex with a quantifier
+# on a quantified group can backtrack for hours on one name, and Python's re has no timeout.
+MAX_PATTERNS, MAX_PATTERN_CHARS = 10_000, 1000
+_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)[+*{]")
+
+
+def _patterns(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise PlanError(f"{where} must be a list of module names or patterns, got {type(value).__name__}")
+    if len(value) > MAX_PATTERNS:
+        raise PlanError(f"{where}: {len(value)} patterns; no real config has more than {MAX_PATTERNS}")
+    for p in value:
+        if len(p) > MAX_PATTERN_CHARS or (p.startswith("re:") and _NESTED_QUANTIFIER.search(p)):
+            raise PlanError(f"{where}: pattern {p[:80]!r} is too long or nests quantifiers (it could "
+                            "backtrack without end); write it without a repeated group")
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as exc:
+                raise PlanError(f"{where}: pattern {p[:80]!r} is not a valid regex: {exc}") from None
+    return tuple(value)
+
+
+def module_matches(pattern: str, module: str, classes_match: bool = False) -> bool:
+    """compressed-tensors / transformers module patterns: `re:REGEX`, globs with `*`, or a name
+    (or a name's tail). A class name such as `Linear` cannot be checked from headers: with
+    `classes_match` (targets, not ignore lists) it matches any module."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], module) is not None
+    if "*" in pattern:
+        return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), module) is not None
+    if classes_match and pattern[:1].isupper() and "." not in pattern:
+        return True  # a module class (Linear, …): any module may be one
+    return module == pattern or module.endswith("." + pattern)

@@ -1,0 +1,104 @@
+"""Streaming per-tensor/channel FP8, NVFP4 and gpt-oss MXFP4 dequant for `execute.write_shard`.
+
+The kernels (`tasks/kernels/dispatch.py`) work on whole arrays; here the source is cut into
+pieces of about `execute.CHUNK_BYTES` output so a shard task's memory stays a few chunks.
+Both formats are element-wise, so a piece dequantized alone has exactly the bits of the whole.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+from ckptflow.tasks.plan.model import OutputTensor
+from ckptflow.tasks.run import execute
+from ckptflow.tasks.run.execute import ExecContext, Piece, done, read_ahead, read_small
+
+
+def _bf16_bytes(x: torch.Tensor) -> memoryview:
+    import torch
+
+    return memoryview(x.contiguous().cpu().view(torch.int16).numpy()).cast("B")
+
+
+def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """compressed-tensors / ModelOpt FP8 with a per-tensor or per-channel scale, in row chunks;
+    the multiply happens in the scale's dtype, as compressed-tensors does (kernels/fp8_scaled.py)."""
+    import torch
+
+    from ckptflow.tasks.kernels.dispatch import fp8_scaled_dequant
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
+
+    weight, scale = t.sources
+    rows, cols = weight.shape
+    sdt = ST_TO_TORCH[scale.dtype]
+    per_channel = scale.shape not in ((), (1,))
+    whole = None if per_channel else torch.frombuffer(read_small(ctx, scale), dtype=sdt).reshape(scale.shape)
+    step = max(1, execute.CHUNK_BYTES // max(2 * cols, 1))
+    spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    ranges = [(weight.start + r0 * cols, weight.start + r1 * cols) for r0, r1 in spans]
+    for (r0, r1), (raw, release) in zip(spans, read_ahead(ctx, weight.file, ranges)):
+        w = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols).copy())
+        done(release)
+        s = whole if whole is not None else torch.frombuffer(
+            read_small(ctx, scale, r0 * sdt.itemsize, r1 * sdt.itemsize), dtype=sdt).reshape(r1 - r0, 1)
+        got = fp8_scaled_dequant(w.view(torch.float8_e4m3fn).to(ctx.device), s.to(ctx.device),
+                                 backend=ctx.backend, out_dtype=torch.bfloat16)
+        yield _bf16_bytes(got), None
+
+
+def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """NVFP4 rows in chunks: packed [rows, cols/2] E2M1 pairs, FP8 scale per group, one global scale."""
+    import torch
+
+    from ckptflow.tasks.kernels.dispatch import nvfp4_dequant
+
+    packed, scale, global_scale = t.sources
+    rows, half = packed.shape
+    groups = scale.shape[1]
+    g = torch.frombuffer(read_small(ctx, global_scale), dtype=torch.float32).reshape(global_scale.shape)
+    step = max(1, execute.CHUNK_BYTES // max(4 * half, 1))  # output rows of 2·cols bf16 bytes each
+    spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    ranges = [(packed.start + r0 * half, packed.start + r1 * half) for r0, r1 in spans]
+    for (r0, r1), (raw, release) in zip(spans, read_ahead(ctx, packed.file, ranges)):
+        codes = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, half).copy())
+        done(release)
+        s = torch.frombuffer(read_small(ctx, scale, r0 * groups, r1 * groups),
+                             dtype=torch.float8_e4m3fn).reshape(r1 - r0, groups)
+        got = nvfp4_dequant(codes.to(ctx.device), s.to(ctx.device), g.to(ctx.device),
+                            convention=t.param("convention"), backend=ctx.backend, out_dtype=torch.bfloat16)
+        yield _bf16_bytes(got), None
+
+
+def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """gpt-oss experts: blocks [E, OUT, G, 16] + E8M0 scales [E, OUT, G] → [E, G·32, OUT] BF16.
+
+    The output is transposed, so one expert's packed bytes are read at a time (OUT·G·16 bytes,
+    8 MB for gpt-oss-120b) and written out as runs of whole 32-row groups of about execute.CHUNK_BYTES.
+    """
+    import torch
+
+    from ckptflow.tasks.kernels.dispatch import mxfp4_gpt_oss
+
+    blocks, scales = t.sources
+    experts, out, groups, width = blocks.shape
+    per_expert = out * groups * width
+    step = max(1, execute.CHUNK_BYTES // max(out * 32 * 2, 1))  # groups per output chunk
+    ranges = [(blocks.start + e * per_expert, blocks.start + (e + 1) * per_expert) for e in range(experts)]
+    for e, (raw, release) in zip(range(experts), read_ahead(ctx, blocks.file, ranges)):
+        b = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(1, out, groups, width).copy())
+        done(release)
+        s = torch.frombuffer(read_small(ctx, scales, e * out * groups, (e + 1) * out * groups),
+                             dtype=torch.uint8).reshape(1, out, groups)
+        for g0 in range(0, groups, step):
+            g1 = min(g0 + step, groups)
+            got = mxfp4_gpt_oss(b[:, :, g0:g1].contiguous().to(ctx.device),
+                                s[:, :, g0:g1].contiguous().to(ctx.device), backend=ctx.backend)
+            yield _bf16_bytes(got), None
+
+
+QUANT_TRANSFORMS = {"fp8_scaled": _fp8_scaled, "nvfp4": _nvfp4, "mxfp4_gpt_oss": _mxfp4}

@@ -1,0 +1,191 @@
+"""Checkpoint generators for each quantized format, written from the formats' public descriptions.
+
+- FP8 block (DeepSeek-V3 / Qwen3 FP8 / V3.1 ue8m0): `W` F8_E4M3 + `W_scale_inv` [ceil(r/bm), ceil(c/bn)]
+  in F32, BF16 or F8_E8M0, `quantization_config = {quant_method: fp8, weight_block_size}`.
+- compressed-tensors float-quantized FP8 (llm-compressor): `weight` F8_E4M3 + `weight_scale`
+  ([1] tensor, [out, 1] channel, [ceil(r/bm), ceil(c/bn)] block), `input_scale` for static
+  activations; nvfp4-pack-quantized: `weight_packed` U8 [out, in/2] (low nibble first),
+  `weight_scale` F8_E4M3 [out, in/16], `weight_global_scale` F32 [1].
+- gpt-oss MXFP4: `*_blocks` U8 [E, OUT, IN/32, 16], `*_scales` U8 E8M0 [E, OUT, IN/32].
+- ModelOpt: `hf_quant_config.json` {producer, quantization: {quant_algo, group_size, …}}; NVFP4
+  `weight` U8 + `weight_scale` F8_E4M3 + `weight_scale_2` F32 []; FP8 `weight` + F32 [] scale.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+E4M3_MAX = 448.0
+
+
+def random_codes(shape: tuple[int, ...], g: torch.Generator, special: bool = True) -> torch.Tensor:
+    """Random bytes; with `special`, also zero, ±0, subnormal, ±max and NaN e4m3 codes up front."""
+    codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    if special and codes.numel() >= 8:
+        flat = codes.view(-1)
+        flat[:8] = torch.tensor([0x00, 0x80, 0x01, 0x81, 0x7E, 0xFE, 0x7F, 0xFF], dtype=torch.uint8)
+    return codes
+
+
+def quantize_fp8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w.float() / scale.float()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def write(path: Path, tensors: dict[str, torch.Tensor], config: dict, files: int = 1,
+          extra: dict[str, dict] | None = None) -> Path:
+    """Save `tensors` into `files` shards (round robin, so scales land away from their weights)."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if files == 1:
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i in range(files):
+            part = {n: tensors[n] for n in names[i::files]}
+            fname = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+            save_file(part, path / fname, metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(config))
+    for name, doc in (extra or {}).items():
+        (path / name).write_text(json.dumps(doc))
+    return path
+
+
+# ---------------------------------------------------------------- tiny models quantized
+
+def ct_fp8_config(strategy: str, block: tuple[int, int] | None = None, static_input: bool = False) -> dict:
+    weights = {"num_bits": 8, "type": "float", "strategy": strategy, "symmetric": True, "dynamic": False,
+               "group_size": None, "block_structure": list(block) if block else None, "observer": "minmax"}
+    acts = ({"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False,
+             "observer": "minmax"} if static_input else None)
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                          "output_activations": None, "format": "float-quantized"}},
+            "ignore": ["lm_head"], "kv_cache_scheme": None}
+
+
+def ct_nvfp4_config() -> dict:
+    weights = {"num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
+               "dynamic": False, "observer": "minmax"}
+    return {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "format": "nvfp4-pack-quantized"}},
+            "ignore": ["lm_head"], "kv_cache_scheme": None}
+
+
+def is_linear(name: str) -> bool:
+    return name.endswith("proj.weight") and ".layers." in name
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], scheme: str, g: torch.Generator,
+                        block: tuple[int, int] = (16, 16), static_input: bool = False,
+                        scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A BF16 state dict with every decoder Linear quantized as `scheme` describes; with
+    `static_input`, also the activation scales llm-compressor writes for static FP8 inputs.
+    FP8 scales are in the model's dtype, as llm-compressor writes them (transformers casts a
+    float32 `weight_scale` to the model dtype when it loads, compressed-tensors does not)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in sd.items():
+        if not is_linear(name):
+            out[name] = t.contiguous()
+            continue
+        base = name[: -len(".weight")]
+        rows, cols = t.shape
+        if scheme in ("ct-fp8-channel", "ct-fp8-tensor", "ct-fp8-block"):
+            if scheme == "ct-fp8-channel":
+                s = (t.float().abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-8).to(scale_dtype)
+                full = s
+            elif scheme == "ct-fp8-tensor":
+                s = (t.float().abs().amax() / E4M3_MAX).reshape(1).to(scale_dtype)
+                full = s
+            else:
+                bm, bn = block
+                s = (torch.rand(-(-rows // bm), -(-cols // bn), generator=g) * 1e-3 + 1e-4).to(scale_dtype)
+                full = s.repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:rows, :cols]
+            out[name] = quantize_fp8(t, full)
+            out[base + ".weight_scale"] = s
+            if static_input:
+                out[base + ".input_scale"] = torch.tensor([0.02], dtype=torch.float32)
+        elif scheme in ("ct-nvfp4", "modelopt-nvfp4"):
+            out[base + (".weight_packed" if scheme == "ct-nvfp4" else ".weight")] = random_codes(
+                (rows, cols // 2), g, special=False)
+            # e4m3 scale codes 0x20..0x3F: 2^-3 .. ~0.9, no NaN; the global scale brings values near 1e-2
+            out[base + ".weight_scale"] = torch.randint(0x20, 0x40, (rows, -(-cols // 16)), dtype=torch.uint8,
+                                                        generator=g).view(torch.float8_e4m3fn)
+            if scheme == "ct-nvfp4":
+                out[base + ".weight_global_scale"] = torch.tensor([40.0], dtype=torch.float32)
+            else:
+                out[base + ".weight_scale_2"] = torch.tensor(0.025, dtype=torch.float32)
+                if static_input:
+                    out[base + ".input_scale"] = torch.tensor(0.01, dtype=torch.float32)
+        else:
+            raise ValueError(scheme)
+    return out
+
+
+def tiny_llama(seed: int = 0):
+    """A random tiny Llama in BF16 (hidden 64: whole 16- and 32-element groups)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def make_llama(path: Path, scheme: str, seed: int = 0, static_input: bool = False) -> Path:
+    """A tiny Llama quantized as `scheme`: ct-fp8-{tensor,channel,block}, ct-nvfp4, modelopt-nvfp4."""
+    model = tiny_llama(seed)
+    g = torch.Generator().manual_seed(seed)
+    sd = quantize_state_dict(model.state_dict(), scheme, g, static_input=static_input)
+    config = model.config.to_dict()
+    extra = None
+    if scheme.startswith("ct-fp8"):
+        strategy = scheme.rsplit("-", 1)[1]
+        config["quantization_config"] = ct_fp8_config(strategy, (16, 16) if strategy == "block" else None,
+                                                      static_input)
+    elif scheme == "ct-nvfp4":
+        config["quantization_config"] = ct_nvfp4_config()
+    elif scheme == "modelopt-nvfp4":
+        extra = {"hf_quant_config.json": {"producer": {"name": "modelopt", "version": "0.29.0"},
+                                          "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
+                                                           "group_size": 16, "exclude_modules": ["lm_head"]}}}
+    return write(path, sd, config, files=2, extra=extra)
+
+
+def tiny_gpt_oss(seed: int = 0):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                       num_experts_per_tok=2, sliding_window=8, max_position_embeddings=64,
+                       layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False)
+    return GptOssForCausalLM(cfg).to(torch.bfloat16)
+
+
+def make_gpt_oss_mxfp4(path: Path, seed: int = 0) -> Path:
+    """gpt-oss as OpenAI ships it: experts' gate_up_proj/down_proj as MXFP4 blocks + E8M0 scales."""
+    model = tiny_gpt_oss(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    sd: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, inp, out = t.shape  # transformers' layout [E, IN, OUT]; packed is [E, OUT, IN/32, 16]
+            sd[name + "_blocks"] = random_codes((experts, out, inp // 32, 16), g, special=False)
+            scales = torch.randint(120, 126, (experts, out, inp // 32), dtype=torch.uint8, generator=g)
+            sd[name + "_scales"] = scales
+        else:
+            sd[name] = t.contiguous()
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    return write(path, sd, config, files=2)
