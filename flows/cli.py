@@ -287,7 +287,8 @@ def _add_convert_options(c: argparse.ArgumentParser) -> None:
                         "processes / dask LocalCluster: worker processes, default 2)")
     c.add_argument("--task-runner", choices=("threads", "processes", "dask"), default="threads",
                    help="where shard tasks run: threads of this process (default), a process pool, or "
-                        "Dask workers; processes and dask need a Prefect server (PREFECT_API_URL)")
+                        "Dask workers (local workers share this run's temporary Prefect server; "
+                        "--dask-address needs PREFECT_API_URL)")
     c.add_argument("--dask-address", metavar="tcp://HOST:PORT",
                    help="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
 
