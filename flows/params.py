@@ -75,7 +75,8 @@ class ConvertOptions(Recipe):
                                                                 "tables) or triton")
     task_runner: TaskRunnerKind = Field(
         "threads", description="where shard tasks run: threads of this process, a process pool, or Dask "
-                               "workers; processes and dask need a Prefect server (PREFECT_API_URL)")
+                               "workers (local workers share this run's temporary Prefect server; "
+                               "--dask-address needs PREFECT_API_URL)")
     dask_address: Annotated[str | None, Flag(metavar="tcp://HOST:PORT")] = Field(
         None, description="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
     max_workers: Annotated[Positive | None, Flag(metavar="N")] = Field(

@@ -97,12 +97,8 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     for shard in plan.shards:
         fps = [ckpt.fingerprint(f) for f in shard.source_files]
         entry = f"{shard_key(plan.stage, shard, fps, dst.url)}.json"
-        identity = identities[shard.file]
-        record = read_journal(journal, entry) if entry in journaled and identity else None
-        if record is not None and proves(record, identity):
-            if record.get("identity") != identity:  # killed between rename and the final entry
-                record = {**record, "identity": identity}
-                write_json(journal, entry, record)
+        record = reusable(journal, entry, identities[shard.file], journaled)
+        if record is not None:
             futures.append(record)  # the very file this plan committed, untouched since
             continue
         # Anything else is written again: no file, a file changed since its commit (same size or
@@ -130,6 +126,20 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
             progress.shard_done()
         records.append(record)
     return records
+
+
+def reusable(journal: Location, entry: str, identity: str | None, journaled: set[str]) -> dict[str, Any] | None:
+    """The journal record of a published shard that is still the very file its plan committed
+    (`identity`: its `file_identity` now, None if absent), or None: write it again. A run killed
+    between the rename and the final entry left the entry written before the rename; it proves
+    the file too, and is completed here so the next check is a plain comparison."""
+    record = read_journal(journal, entry) if entry in journaled and identity else None
+    if record is None or identity is None or not proves(record, identity):
+        return None
+    if record.get("identity") != identity:
+        record = {**record, "identity": identity}
+        write_json(journal, entry, record)
+    return record
 
 
 def read_journal(journal: Location, entry: str) -> dict[str, Any] | None:

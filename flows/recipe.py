@@ -2,8 +2,10 @@
 
 Stages are planned on headers alone; a later stage is planned on the *planned* output of the
 earlier one, so every planning error (missing scale, indivisible split, unmatched name, dtype
-mismatch) is raised before a byte is written. Copy-only stages fold into the previous pass;
-others (MP slices of dequantized tensors) run as a second pass through the work location.
+mismatch) is raised before a byte is written. Stages made of copies and slices (reindex, MP)
+fold into the previous pass (`compose`): dequant → MP reads the FP8 bytes each rank needs and
+writes its slice, no intermediate checkpoint. `fuse=False` keeps the two-pass route (through
+the work location), the reference a fused pass must equal byte for byte.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def plan_mp_stage(ckpt: Checkpoint, recipe: Recipe) -> StagePlan:
     return plan_mp(ckpt, recipe.mp, load_preset(recipe.preset), drop_unmatched=recipe.drop_unmatched)
 
 
-def plan_passes(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Pass], list[str]]:
+def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[list[Pass], list[str]]:
     """The passes to run, and warnings about the recipe itself."""
     warnings: list[str] = []
     if not (recipe.dequant or recipe.fix_dtypes or recipe.reindex or recipe.mp):
@@ -80,6 +82,9 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe) -> tuple[list[Pass], list[str]
         intermediate = planned_checkpoint(plan, "planned://", ckpt)
         mp = plan_mp_stage(intermediate, recipe)  # errors now, not after the first pass
         _check_dtypes(mp, intermediate, recipe)
+        fused = compose(plan, mp) if fuse else None
+        if fused is not None:
+            return [Pass(fused, into_work=False)], warnings
         return [Pass(plan, into_work=True), Pass(mp, into_work=False, replan="mp")], warnings
     assert plan is not None  # one of the stages above ran
     _check_dtypes(plan, ckpt, recipe)

@@ -5,9 +5,12 @@
 takes URLs and a plan, and returns a small JSON record, so any process on any machine that
 reaches the storage and the Prefect API can run it.
 
-Multi-process runners need a Prefect server every process talks to (`prefect server start` +
-`PREFECT_API_URL`): without one, each worker process would start its own temporary SQLite-backed
-server, and the workers' task runs, cache records and concurrency limits would not be shared.
+Multi-process runners need a Prefect server every process talks to: without one, each worker
+process would start its own temporary SQLite-backed server, and the workers' task runs, cache
+records and concurrency limits would not be shared. With no `PREFECT_API_URL`, local workers
+(a process pool, a Dask LocalCluster) are given the temporary server this process starts anyway:
+`share_temporary_server` starts it before the workers and exports its URL, which they inherit.
+A remote Dask cluster cannot reach a server on this machine's loopback: it needs a real one.
 """
 from __future__ import annotations
 
@@ -40,11 +43,12 @@ def check_runner(kind: str, dask_address: str | None = None) -> None:
         raise RunnerError(f"unknown task runner {kind!r}; choose one of: {', '.join(RUNNERS)}")
     if dask_address and kind != "dask":
         raise RunnerError(f"--dask-address is for --task-runner dask, not {kind!r}")
-    if kind != "threads" and not api_url():
+    if kind != "threads" and dask_address and not api_url():
         raise RunnerError(
-            f"--task-runner {kind} runs shard tasks in other processes, which must all talk to one "
-            "Prefect server; start one (`prefect server start`) and "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`, or use --task-runner threads")
+            "--dask-address runs shard tasks on another cluster, whose workers must all talk to one "
+            "Prefect server they can reach; start one (`prefect server start --host 0.0.0.0`) and "
+            "`export PREFECT_API_URL=http://HOST:4200/api` here and on the workers, or drop --dask-address "
+            "to use a LocalCluster")
     if kind == "dask":
         try:
             import prefect_dask  # noqa: F401
@@ -63,6 +67,8 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
                `distributed.LocalCluster` of `max_workers` single-threaded worker processes.
     """
     check_runner(kind, dask_address)
+    if kind != "threads" and not api_url():
+        share_temporary_server()
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -78,6 +84,19 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": max_workers or 2, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None})
+
+
+def share_temporary_server() -> str:
+    """Start the temporary Prefect server (the one Prefect would start for this process on first
+    use: same singleton) and export its URL, so worker processes started from here — they inherit
+    the environment — record their task runs there instead of each starting a server of their
+    own. Results already go to the work location (a path every local worker reaches)."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server.api_url
 
 
 def runner_kind(runner: Any) -> str | None:

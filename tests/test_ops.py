@@ -97,12 +97,25 @@ def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
 
 
 @pytest.mark.slow
-def test_multiprocess_runner_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
+@pytest.mark.parametrize("kind", ["processes", "dask"])
+def test_local_workers_on_the_temporary_server_match_threads(threaded_output, tmp_path, kind):
+    """No PREFECT_API_URL: the CLI's temporary server is given to the local workers (a process
+    pool, a Dask LocalCluster), which run the shards, on both workers, with the same bytes."""
+    t = threaded_output
+    env = server_env(tmp_path / "home")  # no server URL at all
+    out = convert(t["source"], tmp_path, kind, env, "--task-runner", kind, "--max-workers", "2")
+    assert tree(out) == t["tree"]
+    workers = shard_workers(tmp_path / f"work-{kind}")
+    assert len(workers) == 2, f"shard tasks ran on {workers}, expected both local workers"
+
+
+@pytest.mark.slow
+def test_remote_dask_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
     env = server_env(tmp_path / "home")
-    proc = run_cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask"], env,
-                   timeout=120)
+    proc = run_cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask",
+                    "--dask-address", "tcp://127.0.0.1:9"], env, timeout=120)
     assert proc.returncode == 2
-    assert "PREFECT_API_URL" in proc.stderr and "Traceback" not in proc.stderr
+    assert "PREFECT_API_URL" in proc.stderr and "--dask-address" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
 

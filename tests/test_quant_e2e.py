@@ -39,7 +39,7 @@ def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(prefect_harness, 
 
     src = make_gpt_oss_mxfp4(tmp_path / "src")
     out = tmp_path / "out"
-    summary = convert_flow(str(src), str(out), work=str(tmp_path / "work"))
+    summary = convert_flow(str(src), str(out), work=str(tmp_path / "work"), dequant=True)
     assert summary["dtypes"] == {"BF16": 37}
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16" and "torch_dtype" not in config
@@ -49,7 +49,7 @@ def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(prefect_harness, 
     assert torch.equal(logits(got), logits(ref))
     ref_state = ref.state_dict()
     assert all(torch.equal(t, ref_state[k]) for k, t in got.state_dict().items())
-    again = convert_flow(str(src), str(out), work=str(tmp_path / "work"))  # resume: every shard reused
+    again = convert_flow(str(src), str(out), work=str(tmp_path / "work"), dequant=True)  # resume: every shard reused
     assert again["cached_shards"] == again["shards"] == summary["shards"]
 
 
@@ -59,7 +59,7 @@ def test_compressed_tensors_llama_dequant_matches_transformers(prefect_harness, 
     pytest.importorskip("compressed_tensors")
     src = make_llama(tmp_path / "src", scheme)
     out = tmp_path / "out"
-    convert_flow(str(src), str(out), work=str(tmp_path / "work"))
+    convert_flow(str(src), str(out), work=str(tmp_path / "work"), dequant=True)
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     got, info = load(out)
     assert_clean_load(info)

@@ -1,4 +1,4 @@
-"""Stages chained in one flow: dequant → MP in two passes, planning errors before any write."""
+"""Stages chained in one flow: dequant → MP and dequant → reindex in one pass, planning errors before any write."""
 from __future__ import annotations
 
 import pytest
@@ -39,9 +39,13 @@ def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt
     assert not any(k.startswith("layers.3.") for r in ranks for k in r)  # the MTP layer is gone
     assert not any(k.endswith(".scale") for r in ranks for k in r)
 
-    again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"),
-                           dequant=True)
-    assert again["cached_shards"] == again["shards"] == 8  # 6 dequant shards + 2 rank files
+    # One pass: the work location holds records (journal, Prefect results), no tensor file.
+    work = tmp_path / "w2"
+    assert not (work / "stages").exists()
+    assert not [p for p in work.rglob("*") if p.is_file() and p.suffix == ".safetensors"]
+    assert {p.relative_to(work).parts[0] for p in work.rglob("*") if p.is_file()} <= {"journal", "results"}
+    again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"), dequant=True)
+    assert again["cached_shards"] == again["shards"] == 2  # the 2 rank files, nothing in between
 
 def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
     out = tmp_path / "mp3"

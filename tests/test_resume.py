@@ -59,3 +59,40 @@ def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path
     clean = tmp_path / "clean"
     convert_flow(str(demo_ckpt), str(clean), work=str(tmp_path / "work-clean"), dequant=True)
     assert tree(out) == tree(clean)
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_single_dequant_mp_pass_resumes_exactly(demo_ckpt, tmp_path):
+    """--dequant --mp 4 is one pass (rank files straight from FP8): killed after a rank file, the
+    rerun reuses it, writes the others, and equals the two passes byte for byte."""
+    from ckptflow.flows.recipe import Recipe
+
+    from .test_onepass import run_passes
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = cli_env(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # a loaded CI box starts it slowly
+    args = ["convert", str(demo_ckpt), str(out), "--dequant", "--mp", "4", "--work", str(work),
+            "--max-workers", "1", "--json"]
+    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if list(out.glob("*.safetensors")):
+            os.killpg(child.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    committed = sorted(p.name for p in out.glob("*.safetensors"))
+    assert 1 <= len(committed) < 4
+    assert not (work / "stages").exists()  # no intermediate checkpoint, even mid-run
+    mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
+    rerun = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert (summary["shards"], summary["cached_shards"]) == (4, len(committed))
+    assert {n: (out / n).stat().st_mtime_ns for n in committed} == mtimes
+    two = tmp_path / "two"
+    run_passes(demo_ckpt, two, tmp_path / "w2", Recipe(dequant=True, mp=4), fuse=False)
+    assert tree(out) == tree(two)

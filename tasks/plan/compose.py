@@ -2,8 +2,8 @@
 
 `planned_checkpoint` describes what a plan will write (headers from its specs) so the next
 stage can be planned — and its errors raised — before any byte is written. `compose` folds a
-downstream plan made only of whole-tensor copies (reindex) into the upstream plan, so
-dequant + reindex is a single read-transform-write pass.
+downstream plan of copies and slices (reindex, MP) into the upstream plan, so dequant + reindex
+and dequant (+ fix-dtypes) + MP are each a single read-transform-write pass.
 """
 from __future__ import annotations
 
@@ -47,20 +47,38 @@ def keeps_quant_config(plan: StagePlan) -> bool:
     return plan.copy_files is None or any(fnmatch.fnmatch(QUANT_CONFIG_NAME, g) for g in plan.copy_files)
 
 
-def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
-    """One plan doing both, when every downstream tensor is a whole copy of an upstream output.
+def _through(made: OutputTensor, t: OutputTensor) -> OutputTensor | None:
+    """Downstream tensor `t` (a copy or slice of upstream output `made`) made straight from the
+    upstream sources, or None when it cannot be (a slice of an already cut tensor)."""
+    if t.transform == "copy":
+        return replace(made, name=t.name)
+    if t.transform != "slice" or made.transform == "slice" or made.param("cut") is not None:
+        return None
+    cut = (t.param("dim"), t.param("start"), t.param("stop"))
+    if made.transform == "copy":  # a slice of a copy is the plain slice of the source
+        return replace(t, sources=made.sources)
+    return replace(made, name=t.name, shape=t.shape,
+                   params=made.params + (("cut", cut), ("full_shape", made.shape)))
 
-    Returns None when that does not hold (e.g. slices of a dequantized tensor): the stages then
-    run as two passes through the work location.
+
+def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
+    """One plan doing both, when every downstream tensor is a copy or slice of one upstream output.
+
+    A slice of a transformed tensor keeps the transform and gains a `cut` param, which the
+    executor honours by computing only what the slice needs (`ckptflow.tasks.run.cuts`). Returns
+    None when that does not hold: the stages then run as two passes through the work location.
     """
     made: dict[str, OutputTensor] = {t.name: t for s in upstream.shards for t in s.tensors}
     shards = []
     for shard in downstream.shards:
         tensors = []
         for t in shard.tensors:
-            if t.transform != "copy" or len(t.sources) != 1 or t.sources[0].name not in made:
+            if len(t.sources) != 1 or t.sources[0].name not in made:
                 return None
-            tensors.append(replace(made[t.sources[0].name], name=t.name))
+            fused = _through(made[t.sources[0].name], t)
+            if fused is None:
+                return None
+            tensors.append(fused)
         shards.append(ShardPlan(shard.file, tuple(tensors)))
     merged: dict[str, Any] = {
         "stage": f"{upstream.stage}+{downstream.stage}", "shards": tuple(shards),

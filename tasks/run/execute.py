@@ -11,7 +11,6 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import product
 
 import numpy as np
 
@@ -21,6 +20,7 @@ from ckptflow.storage.urls import Location
 from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 
 from ckptflow.tasks.run.buffers import BufferPool
+from ckptflow.tasks.run.cuts import BlockRegion, Cut, cut_of, cut_stream, source_cut, uncut
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 
 CHUNK_BYTES = 8 << 20
@@ -124,8 +124,21 @@ def done(release: Release | None) -> None:
         release()
 
 
+def _reader(ctx: ExecContext) -> Callable[[str, list[tuple[int, int]]], Iterator[Piece]]:
+    return lambda file, ranges: read_ahead(ctx, file, ranges)
+
+
+def _source_cut(t: OutputTensor, ctx: ExecContext, cut: Cut) -> Iterator[Piece]:
+    (src,) = t.sources
+    return source_cut(_reader(ctx), ctx.buffers.take, ctx.releaser, src, cut, DTYPE_SIZES[src.dtype], CHUNK_BYTES)
+
+
 def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     (src,) = t.sources
+    cut = cut_of(t)
+    if cut is not None:  # a copy of a slice is the slice of the source
+        yield from _source_cut(t, ctx, cut)
+        return
     if ctx.kernel_copy:
         yield FileRange(ctx.reader.fd(src.file), src.start, src.end - src.start), None
         return
@@ -141,6 +154,8 @@ def read_small(ctx: ExecContext, ref: SourceRef, a: int | None = None, b: int | 
 
 
 def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """Whole block rows a chunk at a time; with a `cut`, only the blocks the slice touches are
+    read and dequantized, and the slice is cut out of them (see `cuts.BlockRegion`)."""
     import torch
 
     from ckptflow.tasks.kernels.dispatch import block_scale_float32, weight_dequant
@@ -157,40 +172,65 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
                                   "F8_E8M0" if scale.dtype == "F8_E8M0" else None, scale.name)
     (bm, bn), scales = matrix_scales(weight.shape, scale_t, tuple(t.param("block")), t.name)
     rows, cols = weight.shape[-2:]
-    mats = scales.shape[0]
+    region = BlockRegion.of(weight.shape, (bm, bn), cut_of(t))
+    (c0, c1), out_cols = region.cols, region.cols[1] - region.cols[0]
     step = max(bm, (CHUNK_BYTES // max(cols, 1)) // bm * bm)  # whole block rows per chunk
-    pieces = [(e, r, min(r + step, rows)) for e, r in product(range(mats), range(0, rows, step))]
+    pieces = region.row_chunks(step)
     ranges = [(weight.start + (e * rows + r0) * cols, weight.start + (e * rows + r1) * cols)
               for e, r0, r1 in pieces]
     on_cpu_tables = ctx.device == "cpu" and ctx.backend in ("auto", "torch")
     for (e, r0, r1), (raw, release) in zip(pieces, read_ahead(ctx, weight.file, ranges)):
-        codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols)
-        block_scales = scales[e, r0 // bm: -(-r1 // bm)]
+        codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols)[:, c0:c1]
+        block_scales = scales[e, r0 // bm: -(-r1 // bm), c0 // bn: -(-c1 // bn)]
         if on_cpu_tables:
-            buf = ctx.buffers.take((r1 - r0) * cols * 2)
-            dequant_rows(codes, block_scales, (bm, bn), fp8, buf.view(np.int16).reshape(r1 - r0, cols))
+            buf = ctx.buffers.take((r1 - r0) * out_cols * 2)
+            dequant_rows(codes, block_scales, (bm, bn), fp8, buf.view(np.int16).reshape(r1 - r0, out_cols))
             done(release)
-            yield memoryview(buf), ctx.releaser(buf)
+            yield from _trimmed(ctx, region, r0, r1, buf, 2)
             continue
         # Device path: this chunk to the device, dequant there, bf16 bytes back.
-        w = torch.from_numpy(codes.copy()).to(ctx.device, non_blocking=True).view(fp8)
+        w = torch.from_numpy(np.ascontiguousarray(codes)).to(ctx.device, non_blocking=True).view(fp8)
         done(release)
         s = block_scales.contiguous().to(ctx.device) if scale_t.numel() > 1 else scale_t
         got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
-        yield memoryview(got.cpu().view(torch.int16).numpy()).cast("B"), None
+        host = np.frombuffer(memoryview(got.cpu().view(torch.int16).numpy()).cast("B"), dtype=np.uint8)
+        yield from _trimmed(ctx, region, r0, r1, host, 2, pooled=False)
+
+
+def _trimmed(ctx: ExecContext, region: BlockRegion, r0: int, r1: int, buf: np.ndarray, item: int,
+             pooled: bool = True) -> Iterator[Piece]:
+    """A computed chunk (rows [r0, r1) × the region's whole-block columns), cut to the slice."""
+    keep = region.trim(r0, r1)
+    if keep is None:
+        yield memoryview(buf), ctx.releaser(buf) if pooled else None
+        return
+    rows, cols = keep
+    width = (region.cols[1] - region.cols[0]) * item
+    part = buf.reshape(r1 - r0, width)[rows, cols.start * item: cols.stop * item]
+    if part.size:
+        out = ctx.buffers.take(part.size)
+        out.reshape(part.shape)[:] = part
+        yield memoryview(out), ctx.releaser(out)
+    if pooled:
+        ctx.buffers.give(buf)
 
 
 def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
-    """Cast element-wise with torch's own `.to()` (round to nearest-even), chunk by chunk."""
+    """Cast element-wise with torch's own `.to()` (round to nearest-even), chunk by chunk; with a
+    `cut`, only the slice's bytes are read and cast (slicing commutes with an element-wise op)."""
     import torch
 
     from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
 
     (src,) = t.sources
     src_dt, dst_dt = ST_TO_TORCH[src.dtype], ST_TO_TORCH[t.dtype]
-    step = max(1, CHUNK_BYTES // src_dt.itemsize) * src_dt.itemsize
-    ranges = [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)]
-    for raw, release in read_ahead(ctx, src.file, ranges):
+    cut = cut_of(t)
+    if cut is not None:
+        raws = _source_cut(t, ctx, cut)
+    else:
+        step = max(1, CHUNK_BYTES // src_dt.itemsize) * src_dt.itemsize
+        raws = read_ahead(ctx, src.file, [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)])
+    for raw, release in raws:
         if not isinstance(raw, memoryview) or raw.readonly:
             raw = bytearray(raw)  # torch wraps only writable buffers without a warning
         n = len(raw) // src_dt.itemsize
@@ -202,37 +242,26 @@ def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
 
 
 def _slice(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
-    """`source[..., start:stop, ...]` along `dim`, as raw bytes (any dtype, no decode).
-
-    The source is viewed as [outer, D, inner]; each outer row contributes one contiguous range.
-    Splits whose outer extent is 1 (dim 0) are a single range copy; otherwise whole outer rows
-    are read a chunk at a time and the wanted columns cut out with numpy.
-    """
-    (src,) = t.sources
-    dim, start, stop = t.param("dim"), t.param("start"), t.param("stop")
-    item = DTYPE_SIZES[src.dtype]
-    outer = int(np.prod(src.shape[:dim])) if dim else 1
-    size = src.shape[dim]
-    inner = int(np.prod(src.shape[dim + 1:])) * item
-    if outer == 1:
-        a = src.start + start * inner
-        ranges = [(x, min(x + CHUNK_BYTES, a + (stop - start) * inner))
-                  for x in range(a, a + (stop - start) * inner, CHUNK_BYTES)]
-        yield from read_ahead(ctx, src.file, ranges)
-        return
-    row = size * inner
-    rows_per = max(1, CHUNK_BYTES // max(row, 1))
-    groups = [(o, min(o + rows_per, outer)) for o in range(0, outer, rows_per)]
-    ranges = [(src.start + o0 * row, src.start + o1 * row) for o0, o1 in groups]
-    for (o0, o1), (raw, release) in zip(groups, read_ahead(ctx, src.file, ranges)):
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(o1 - o0, row)
-        buf = ctx.buffers.take((o1 - o0) * (stop - start) * inner)
-        buf.reshape(o1 - o0, -1)[:] = rows[:, start * inner: stop * inner]
-        done(release)
-        yield memoryview(buf), ctx.releaser(buf)
+    """`source[..., start:stop, ...]` along `dim`, as raw bytes (any dtype, no decode)."""
+    return _source_cut(t, ctx, (t.param("dim"), t.param("start"), t.param("stop")))
 
 
 TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast, "slice": _slice}
+# Transforms that make a `cut` of their output themselves (reading and computing only what it
+# needs); any other transform with a cut makes its whole output and `cut_stream` keeps the slice.
+CUT_AWARE = {"copy", "dequant_fp8", "cast"}
+
+
+def _pieces(file: str, t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    transform = transform_of(t.transform)
+    if transform is None:
+        raise ValueError(f"{file}: tensor {t.name!r} has unknown transform {t.transform!r}")
+    cut = cut_of(t)
+    if cut is None or t.transform in CUT_AWARE:
+        return transform(t, ctx)
+    whole = uncut(t)
+    item = DTYPE_SIZES[t.dtype]
+    return cut_stream(transform(whole, ctx), whole.shape, item, cut, ctx.buffers.take, ctx.releaser)
 
 
 def transform_of(name: str) -> Callable[[OutputTensor, ExecContext], Iterator[Piece]] | None:
@@ -255,10 +284,7 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
         bg = _BackgroundWriter(writer)
         try:
             for t in shard.tensors:
-                transform = transform_of(t.transform)
-                if transform is None:
-                    raise ValueError(f"{shard.file}: tensor {t.name!r} has unknown transform {t.transform!r}")
-                for data, release in transform(t, ctx):
+                for data, release in _pieces(shard.file, t, ctx):
                     bg.put(t.name, data, release)
                     if progress:
                         progress(len(data))

@@ -1,0 +1,163 @@
+"""Throughput at real sizes: DeepSeek-V3's real shapes, as sparse files, against the write floor.
+
+The source is DeepSeek-V3-shaped (hidden 7168, dense MLP 18432, 256 experts of 2048 a layer,
+MLA dims, vocab 129280), cut into ~4.3 GB shards in source order like the real checkpoint, and
+written as headers + holes: reading a hole yields zeros, which cost the same dequant work as
+real codes. Each run is a child process (wall, peak RSS from VmHWM); ckptflow runs its planners
+and shard executor without Prefect (the CLI adds a fixed start-up of several seconds on top).
+
+Per mode (`dequant`, `mp8` = --dequant --mp 8 in one pass, `reindex` = byte copy):
+- floor: `dd` writing as many bytes as the mode writes, fsynced (ckptflow fsyncs each shard);
+  for reindex also `cp --sparse=never` of the source;
+- seed 000 (bench/baseline_dequant.py) on the first shard only, against ckptflow's dequant of
+  that same shard: whole-file loads make seed 000 need ~3x a shard of RAM, and seed 001 the
+  whole model, which this machine does not have at 13 GB;
+- peak RSS of ckptflow on 1 shard and on all: flat means it does not grow with the input.
+
+    python bench/bench_real_shapes.py [--dir /tmp/ckptflow-real] [--shards 3] [--modes dequant,mp8,reindex]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import mib, run_measured  # noqa: E402
+
+SHARD_BYTES = 4_300_000_000
+REAL = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
+            num_hidden_layers=5, first_k_dense_replace=3, num_attention_heads=128, n_routed_experts=256,
+            n_shared_experts=1, num_experts_per_tok=8, q_lora_rank=1536, kv_lora_rank=512,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, num_nextn_predict_layers=0)
+
+
+def make_sparse(path: Path, shards: int) -> dict[str, int]:
+    """The first `shards` ~4.3 GB shards of a DeepSeek-V3-shaped checkpoint, as holes."""
+    from ckptflow.flows.synthetic import DeepSeekDims, deepseek_config, deepseek_entries
+    from ckptflow.storage.files import index_document, write_json
+    from ckptflow.storage.safetensors_format import TensorSpec, build_header
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.kernels.dtype_map import TORCH_TO_ST
+
+    dims = DeepSeekDims(**REAL)
+    flat = [(n, TORCH_TO_ST[dt], s) for group in deepseek_entries(dims) for n, dt, s, _ in group]
+    groups, size = [[]], 0
+    for name, dtype, shape in flat:
+        nbytes = TensorSpec(name, dtype, shape).nbytes
+        if size + nbytes > SHARD_BYTES and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dtype, shape))
+        size += nbytes
+    kept = [g for g in groups[:shards]]
+    names = {n for g in kept for n, _, _ in g}
+    # A weight whose scale fell into a shard left out (or the reverse) is left out too.
+    pair = {n: (n[: -len("_scale_inv")] if n.endswith("_scale_inv") else n + "_scale_inv") for n in names}
+    kept = [[t for t in g if t[1] != "F8_E4M3" and not t[0].endswith("_scale_inv") or pair[t[0]] in names]
+            for g in kept]
+    path.mkdir(parents=True, exist_ok=True)
+    weight_map, total, fp8 = {}, 0, 0
+    for k, group in enumerate(kept, start=1):
+        file = f"model-{k:05d}-of-{len(kept):05d}.safetensors"
+        specs = [TensorSpec(*t) for t in group]
+        header = build_header(specs, {"format": "pt"})
+        with open(path / file, "wb") as f:
+            f.write(header)
+            f.truncate(len(header) + sum(s.nbytes for s in specs))
+        for s in specs:
+            weight_map[s.name] = file
+            total += s.nbytes
+            fp8 += s.nbytes if s.dtype == "F8_E4M3" else 0
+    loc = open_location(str(path))
+    write_json(loc, "model.safetensors.index.json", index_document(weight_map, total))
+    write_json(loc, "config.json", deepseek_config(dims))
+    return {"files": len(kept), "bytes": total, "fp8_bytes": fp8}
+
+
+def child(mode: str, src: str, dst: str) -> None:
+    """ckptflow's passes for `mode`, no Prefect: plan, write every shard, finalize."""
+    from ckptflow.flows.convert import peak_rss_bytes
+    from ckptflow.flows.passes import finalize
+    from ckptflow.flows.recipe import Recipe, plan_passes
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.run.execute import write_shard
+
+    recipe = {"dequant": Recipe(dequant=True), "mp8": Recipe(dequant=True, mp=8),
+              "reindex": Recipe(reindex=True, max_shard_size="4.3GB")}[mode]
+    s, d = open_location(src), open_location(dst)
+    ckpt = scan_checkpoint(s)
+    (p,), _ = plan_passes(ckpt, recipe)
+    t0 = time.perf_counter()
+    for shard in p.plan.shards:
+        write_shard(shard, s, d)
+    finalize(p.plan, ckpt, s, d)
+    print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "bytes": p.plan.total_size,
+                      "shards_s": time.perf_counter() - t0}))
+
+
+def measured(cmd: list[str]) -> tuple[float, int, dict]:
+    wall, rss, out = run_measured(cmd)
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    info = json.loads(lines[-1]) if lines else {}
+    return wall, info.get("peak_rss_bytes", rss), info
+
+
+def dd_floor(dst: Path, nbytes: int) -> float:
+    block = 16 << 20
+    wall, _, _ = measured(["dd", "if=/dev/zero", f"of={dst}", f"bs={block}", f"count={-(-nbytes // block)}",
+                           "conv=fsync", "status=none"])
+    dst.unlink()
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/ckptflow-real")
+    ap.add_argument("--shards", type=int, default=3)
+    ap.add_argument("--modes", default="dequant,mp8,reindex")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "DST"))
+    args = ap.parse_args()
+    if args.child:
+        return child(*args.child)
+    base = Path(args.dir)
+    shutil.rmtree(base, ignore_errors=True)
+    one, full = base / "src-1", base / f"src-{args.shards}"
+    src_info = {1: make_sparse(one, 1), args.shards: make_sparse(full, args.shards)}
+    print(f"# load: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} (1/5 min), cpus {os.cpu_count()}")
+    print(f"# source: {src_info[args.shards]['files']} shards, {src_info[args.shards]['bytes'] / 1e9:.2f} GB "
+          f"({src_info[args.shards]['fp8_bytes'] / 1e9:.2f} GB FP8), sparse")
+    me = [sys.executable, str(Path(__file__).resolve())]
+    for mode in args.modes.split(","):
+        out = base / f"out-{mode}"
+        small_wall, small_rss, _ = measured([*me, "--child", mode, str(one), str(out)])
+        shutil.rmtree(out)
+        wall, rss, info = measured([*me, "--child", mode, str(full), str(out)])
+        shutil.rmtree(out)
+        nbytes = info["bytes"]
+        floor = dd_floor(base / "dd.bin", nbytes)
+        line = (f"{mode:8} {nbytes / 1e9:6.2f} GB out  wall {wall:6.1f}s  dd {floor:6.1f}s  "
+                f"x floor {wall / floor:4.2f}  {nbytes / wall / 1e9:5.2f} GB/s  "
+                f"RSS {mib(small_rss)} (1 shard) -> {mib(rss)} ({args.shards} shards)  load {os.getloadavg()[0]:.1f}")
+        if mode == "reindex":
+            cp_wall, _, _ = measured(["cp", "-r", "--sparse=never", str(full), str(base / "cp")])
+            shutil.rmtree(base / "cp")
+            line += f"  cp {cp_wall:.1f}s (x {wall / cp_wall:.2f})"
+        if mode == "dequant":
+            seed = [sys.executable, "bench/baseline_dequant.py", str(one), str(base / "seed")]
+            seed_wall, seed_rss, _ = measured(seed)
+            shutil.rmtree(base / "seed")
+            line += (f"\n{'':8} seed 000 on 1 shard: {seed_wall:.1f}s, RSS {mib(seed_rss)}; ckptflow {small_wall:.1f}s "
+                     f"-> {seed_wall / small_wall:.2f}x seed 000's throughput")
+        print(line, flush=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

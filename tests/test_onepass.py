@@ -1,0 +1,139 @@
+"""One pass for dequant (+ fix-dtypes) → MP: byte-identical to the two passes it replaces.
+
+The reference is computed here, by the same planners run as two passes (`plan_passes(...,
+fuse=False)`: dequant into an intermediate checkpoint, MP planned again on what was written);
+the fused plan must write the very same files, byte for byte, for N ∈ {1, 2, 4}, on ragged
+shapes whose rank slices cut through 128×128 scale blocks.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckptflow.flows.passes import finalize
+from ckptflow.flows.recipe import Recipe, plan_mp_stage, plan_passes
+from ckptflow.flows.synthetic import TOKENIZER_FILES, DeepSeekDims, deepseek_config, deepseek_entries, write_checkpoint
+from ckptflow.storage.checkpoint import scan_checkpoint
+from ckptflow.storage.urls import open_location
+from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
+from ckptflow.tasks.run.execute import write_shard
+
+# Split by MP (embed/head by rows), casted by --fix-dtypes: float32 where config says bfloat16.
+F32_NAMES = ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight")
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def fp8(tmp_path_factory) -> dict[bool, Path]:
+    """DeepSeek-V3 FP8 (ragged dims): as made (False), and with a few float32 tensors under its
+    bfloat16 config (True), which only --fix-dtypes converts."""
+    root = tmp_path_factory.mktemp("onepass")
+    out = {}
+    for f32 in (False, True):
+        groups = [[(n, torch.float32, s, (lambda m=m: m().to(torch.float32))) if f32 and n in F32_NAMES
+                   else (n, dt, s, m) for n, dt, s, m in group] for group in deepseek_entries(DeepSeekDims())]
+        out[f32] = root / f"fp8-{f32}"
+        write_checkpoint(open_location(str(out[f32])), groups, deepseek_config(DeepSeekDims()), TOKENIZER_FILES)
+    return out
+
+
+def run_passes(src: Path, dst: Path, work: Path, recipe: Recipe, fuse: bool) -> int:
+    """The convert flow's pass loop without Prefect: shards, finalize; returns the pass count."""
+    src_loc = open_location(str(src))
+    ckpt = scan_checkpoint(src_loc)
+    passes, _ = plan_passes(ckpt, recipe, fuse=fuse)
+    for p in passes:
+        plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
+        out = open_location(str(work / "stages" / plan.stage) if p.into_work else str(dst))
+        for shard in plan.shards:
+            write_shard(shard, src_loc, out)
+        finalize(plan, ckpt, src_loc, out)
+        src_loc, ckpt = out, scan_checkpoint(out)
+    return len(passes)
+
+
+@pytest.mark.parametrize("fix", [False, True], ids=["dequant", "dequant+fix"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_fused_dequant_mp_equals_two_passes(fp8, tmp_path, world, fix, monkeypatch):
+    src = fp8[fix]
+    recipe = Recipe(dequant=True, fix_dtypes=fix, mp=world)
+    assert run_passes(src, tmp_path / "two", tmp_path / "w2", recipe, fuse=False) == 2
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 3000)  # many chunks, rows cut mid-block
+    assert run_passes(src, tmp_path / "one", tmp_path / "w1", recipe, fuse=True) == 1
+    assert not (tmp_path / "w1").exists()  # no intermediate checkpoint
+    one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
+    assert sorted(one) == sorted(two) == sorted([f"model{r}-mp{world}.safetensors" for r in range(world)]
+                                                + ["config.json", "tokenizer.json", "tokenizer_config.json"])
+    for name in two:
+        assert one[name] == two[name], name
+    if not fix:  # and what seed 001 makes of the dequantized intermediate (seed 000's output)
+        from bench.seed001 import seed_rank_state_dicts
+        from safetensors import safe_open
+
+        want = seed_rank_state_dicts(str(tmp_path / "w2" / "stages" / "dequant"), world)
+        for r in range(world):
+            with safe_open(str(tmp_path / "one" / f"model{r}-mp{world}.safetensors"), "pt") as f:
+                assert sorted(f.keys()) == sorted(want[r])
+                assert all(torch.equal(f.get_tensor(n).view(torch.uint8), t.contiguous().view(torch.uint8))
+                           for n, t in want[r].items())
+    plan = plan_passes(scan_checkpoint(open_location(str(src))), recipe)[0][0].plan
+    kinds = {(t.transform, t.param("cut") is not None) for s in plan.shards for t in s.tensors}
+    if world > 1:  # the fused plan really cuts dequantized (and cast) tensors
+        assert ("dequant_fp8", True) in kinds and (("cast", True) in kinds) == fix
+    if fix:
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "one" / f"model0-mp{world}.safetensors"), "pt") as f:
+            assert f.get_tensor("embed.weight").dtype == torch.bfloat16
+
+
+def _fp8_tensor(tmp_path: Path, shape: tuple[int, ...], block: tuple[int, int]) -> tuple[OutputTensor, Path]:
+    """A lone FP8 weight + scale on disk and the plan's whole-tensor dequant of it."""
+    from ckptflow.storage.safetensors_format import TensorSpec
+    from ckptflow.storage.writer import SafetensorsWriter
+
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    sshape = (*shape[:-2], math.ceil(shape[-2] / block[0]), math.ceil(shape[-1] / block[1]))
+    s = torch.rand(sshape, generator=g) * 1e-2 + 1e-4
+    loc = open_location(str(tmp_path / "src"))
+    specs = [TensorSpec("w", "F8_E4M3", shape), TensorSpec("w_scale_inv", "F32", sshape)]
+    with SafetensorsWriter(loc, "a.safetensors", specs) as wr:
+        wr.write("w", memoryview(w.view(torch.uint8).numpy()).cast("B"))
+        wr.write("w_scale_inv", memoryview(s.view(torch.uint8).numpy().reshape(-1)).cast("B"))
+        wr.commit()
+    h = scan_checkpoint(loc).headers["a.safetensors"].tensors
+    srcs = (SourceRef.of("a.safetensors", h["w"]), SourceRef.of("a.safetensors", h["w_scale_inv"]))
+    return OutputTensor("w", "BF16", shape, "dequant_fp8", srcs, (("block", block),)), tmp_path / "src"
+
+
+@pytest.mark.parametrize("path", ["blocks", "stream"])
+def test_every_cut_of_a_dequantized_tensor_is_the_slice_of_the_whole(tmp_path, monkeypatch, path):
+    """Cuts along each dim of a stacked [3, 200, 300] FP8 tensor (blocks 64×128, ragged): whole-
+    block dequant then cut (`blocks`) and the generic cut of the full stream (`stream`, what an
+    unknown transform gets) both equal slicing the dequantized whole."""
+    from safetensors import safe_open
+
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 5000)
+    if path == "stream":
+        monkeypatch.setattr("ckptflow.tasks.run.execute.CUT_AWARE", {"copy", "cast"})
+    whole, src = _fp8_tensor(tmp_path, (3, 200, 300), (64, 128))
+    tensors = [whole]
+    cuts = [(0, 1, 3), (1, 0, 50), (1, 70, 200), (1, 64, 128), (2, 0, 150), (2, 130, 260), (2, 256, 300)]
+    for k, (dim, a, b) in enumerate(cuts):
+        shape = tuple(b - a if d == dim else n for d, n in enumerate(whole.shape))
+        tensors.append(OutputTensor(f"cut{k}", "BF16", shape, "dequant_fp8", whole.sources,
+                                    whole.params + (("cut", (dim, a, b)), ("full_shape", whole.shape))))
+    write_shard(ShardPlan("out.safetensors", tuple(tensors)), open_location(str(src)),
+                open_location(str(tmp_path / "dst")))
+    with safe_open(str(tmp_path / "dst" / "out.safetensors"), "pt") as f:
+        full = f.get_tensor("w")
+        for k, (dim, a, b) in enumerate(cuts):
+            want = full.narrow(dim, a, b - a).contiguous()
+            assert torch.equal(f.get_tensor(f"cut{k}").view(torch.int16), want.view(torch.int16)), cuts[k]
