@@ -76,6 +76,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     options = convert_options(args)
     ConvertOptions(**options)  # bad values fail here, one line each, before torch or Prefect load
     refuse_overlap_early(source, dest, work, opts)
+    planned = plan_early(source, options, opts)
     from tqdm import tqdm
 
     from ckptflow.tasks.run import progress
@@ -91,6 +92,21 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
     finally:
         progress.detach()
+
+
+def plan_early(source: str, options: dict[str, Any], opts: dict[str, Any]) -> Any:
+    """Headers read, validated and every pass planned before Prefect (or torch) is imported: an
+    input error is one `error:` line in about a second. The flow reuses this plan (same process,
+    same files) and plans itself when run any other way. A `--fetch` of a remote SOURCE plans on
+    the remote headers here (range reads); the flow plans again on the fetched copy."""
+    from ckptflow.storage.urls import open_location
+
+    from ckptflow.flows.preflight import plan_conversion, recipe_of, remember
+
+    src = open_location(source, opts)
+    planned = plan_conversion(src, recipe_of(options))
+    remember(src, planned)
+    return planned
 
 
 def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:

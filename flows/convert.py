@@ -13,7 +13,6 @@ from prefect import flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.lock import dest_lock
 from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.remote import check_writable_dest
@@ -22,10 +21,10 @@ from ckptflow.tasks.run import progress
 from ckptflow.tasks.kernels.dispatch import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
-from ckptflow.tasks.validate import check
 
 from ckptflow.flows.params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
-from ckptflow.flows.recipe import Recipe, plan_mp_stage, plan_passes
+from ckptflow.flows.preflight import plan_conversion, recipe_of
+from ckptflow.flows.recipe import Recipe, plan_mp_stage
 from ckptflow.flows.report import RunProgress, publish_summary
 from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
@@ -59,23 +58,22 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
-    recipe = Recipe(dequant=dequant, fix_dtypes=fix_dtypes, reindex=reindex, max_shard_size=max_shard_size,
-                    fused_groups=fused_groups, mp=mp, preset=preset, allow_missing_scale=allow_missing_scale,
-                    allow_dtypes=tuple(allow_dtypes or ()), drop_unmatched=drop_unmatched)
+    recipe = recipe_of(dict(dequant=dequant, fix_dtypes=fix_dtypes, reindex=reindex, max_shard_size=max_shard_size,
+                            fused_groups=fused_groups, mp=mp, preset=preset, allow_missing_scale=allow_missing_scale,
+                            allow_dtypes=allow_dtypes, drop_unmatched=drop_unmatched))
     src = open_location(source, storage_options)
     dst = open_location(dest, storage_options)
     refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", open_location(work, storage_options)))
     origin = src
     if fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)
-    ckpt = scan_checkpoint(src)
-    warnings = [str(w) for w in check(ckpt)]
-    passes, recipe_warnings = plan_passes(ckpt, recipe)
-    warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
+    # The same checks and plan the CLI made before Prefect started (reused when it did).
+    planned = plan_conversion(src, recipe, reuse=True)
+    ckpt, passes, warnings = planned.ckpt, planned.passes, list(planned.warnings)
     for w in warnings:
         logger.warning("%s", w)
     device = resolve_device(device)
-    total_bytes, total_shards = sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes)
+    total_bytes, total_shards = planned.total_bytes, planned.total_shards
     progress.set_totals(total_bytes, total_shards)
     run_progress = RunProgress(total_shards, total_bytes)
     records: list[dict[str, Any]] = []
