@@ -436,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     from ckptflow.storage.faults import explain
 
     if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
-        from ckptflow.flows import watchdog
+        from ckptflow.flows import interrupt, watchdog
 
         global _WATCHDOG
         _WATCHDOG = watchdog.start()
+        interrupt.arm()  # Ctrl-C / SIGTERM: one line, exit 130 / 143, within a second
     try:
         return args.func(args)
     except UserError as exc:

@@ -22,6 +22,7 @@ from ckptflow.tasks.kernels.dispatch import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 
+from ckptflow.flows import interrupt
 from ckptflow.flows.params import DequantBackend, Device, Positive, ShardSize, TaskRunnerKind
 from ckptflow.flows.preflight import plan_conversion, recipe_of
 from ckptflow.flows.recipe import Recipe, plan_mp_stage
@@ -50,6 +51,7 @@ def convert_flow(source: str, dest: str, dequant: bool = True, work: str | None 
     on that runner. `prune` deletes weight files in `dest` this run does not write (else they
     stop the run before it writes anything).
     """
+    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
     current = FlowRunContext.get()
     if current is not None:
         runner = make_task_runner(task_runner, max_workers, dask_address)
