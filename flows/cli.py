@@ -11,6 +11,9 @@ import os
 import sys
 from typing import Any
 
+from ckptflow.flows.summary_text import human as _human  # stdlib only: no Prefect, no torch
+from ckptflow.flows.summary_text import print_summary
+
 EXIT_USER_ERROR = 2
 _WATCHDOG: Any = None  # the orphan watcher of this CLI process (ckptflow.flows.watchdog), kept alive
 
@@ -25,33 +28,13 @@ def _quiet_prefect(verbose: bool) -> None:
         for logger in ("FLOW_RUNS", "TASK_RUNS"):
             os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # Prefect's telemetry notice would print between the progress bars; a user's own choice stands.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     # The embedded server's telemetry needs the internet; without it, it logs an error at exit.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A fresh PREFECT_HOME runs database migrations first; on a small, busy machine the
     # temporary server can need more than Prefect's default 20 s to come up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
-
-
-def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
-    gbps = summary.get("gb_per_s_in")
-    print(f"output:   {summary['dest']}", file=out)
-    print(f"shards:   {summary['shards']} ({summary['cached_shards']} reused from an earlier run)", file=out)
-    print(f"tensors:  {summary['tensors']} written "
-          f"({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
-    print(f"bytes:    {_human(summary['source_bytes'])} read → {_human(summary['bytes_written'])} written", file=out)
-    print(f"time:     {summary['seconds']:.2f} s total, {summary['shard_seconds']:.2f} s in shard tasks"
-          + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
-    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
-    for w in summary.get("warnings", []):
-        print(f"warning:  {w}", file=sys.stderr)
 
 
 _DEST_OF = {"allow_dtypes": "allow_dtype"}  # ConvertOptions field → argparse dest, where they differ
@@ -77,6 +60,12 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     ConvertOptions(**options)  # bad values fail here, one line each, before torch or Prefect load
     refuse_overlap_early(source, dest, work, opts)
     planned = plan_early(source, options, opts)
+    if getattr(args, "dry_run", False):
+        from ckptflow.flows.dry_run import dry_run_report
+
+        from ckptflow.flows.workdir import default_work
+
+        return dry_run_report(planned, source, dest, work or default_work(dest))
     from tqdm import tqdm
 
     from ckptflow.tasks.run import progress
@@ -86,10 +75,15 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
+    from ckptflow.flows.summary_text import process_age, timing
+
     try:
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
-        return convert_flow.with_options(task_runner=runner)(
+        called = process_age()
+        summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
+        summary["timing"] = timing(summary, called, process_age())
+        return summary
     finally:
         progress.detach()
 
@@ -137,6 +131,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if _no_stage_chosen(args):
         return EXIT_USER_ERROR
     summary = _run_convert(args, args.source, args.dest, args.work)
+    if summary.get("dry_run"):
+        from ckptflow.flows.dry_run import print_dry_run
+
+        print_dry_run(summary)
+        if args.json:
+            print(json.dumps(summary))
+        return 0
     print_summary(summary)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
@@ -249,9 +250,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = args.dest.rstrip("/")
     source, dest = f"{root}/source-fp8", f"{root}/output-bf16"
     src = open_location(source)
-    if not src.fs.exists(src.path("model.safetensors.index.json")):
+    if src.fs.exists(src.path("model.safetensors.index.json")):
+        print(f"demo: reused the DeepSeek-V3-shaped FP8 checkpoint at {source}")
+    else:
         make_deepseek_v3_fp8(src)
-    print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
+        print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
     summary = _run_convert(args, source, dest, f"{root}/.work")
     print_summary(summary)
     print(f"\nnext: ckptflow validate {dest}")
@@ -308,6 +311,14 @@ def _add_convert_options(c: argparse.ArgumentParser) -> None:
                    help="--task-runner dask: the scheduler of an existing cluster (default: a LocalCluster)")
 
 
+def _add_convert_extras(c: argparse.ArgumentParser) -> None:
+    """convert-only flags that are not `ConvertOptions` fields (they change what the CLI does, not
+    what the flow converts)."""
+    c.add_argument("--dry-run", action="store_true",
+                   help="read headers and plan every pass, print files, bytes and what happens to each "
+                        "tensor; write nothing and start no Prefect (with --json: as JSON)")
+
+
 def version() -> str:
     """The installed distribution's version: pyproject.toml is the one place it is written."""
     from importlib.metadata import PackageNotFoundError
@@ -345,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     _add_convert_options(c)
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    _add_convert_extras(c)
     c.set_defaults(func=cmd_convert)
 
     w = _command(sub, "watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "

@@ -38,8 +38,14 @@ def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt
     assert not any(k.startswith("layers.3.") for r in ranks for k in r)  # the MTP layer is gone
     assert not any(k.endswith(".scale") for r in ranks for k in r)
 
+    # The BF16 intermediate is deleted once DEST is verified (for DeepSeek-V3: 1.3 TB), and said so.
+    assert not (tmp_path / "w2" / "stages" / "dequant").exists()
+    assert summary["notes"] and "deleted the intermediate copy" in summary["notes"][0]
+    first = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    # So a rerun after success computes both passes again, into the same bytes.
     again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"))
-    assert again["cached_shards"] == again["shards"] == 8  # 6 dequant shards + 2 rank files
+    assert again["shards"] == 8 and again["cached_shards"] == 0  # 6 dequant shards + 2 rank files
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == first
 
 def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
     out = tmp_path / "mp3"
