@@ -182,10 +182,10 @@ def print_watch(summary: dict[str, Any], as_json: bool) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.storage.urls import open_location, parse_storage_options
-    from ckptflow.tasks.validate import find_problems
+    from ckptflow.tasks.validate import find_problems, mp_world
 
     ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
-    problems = find_problems(ckpt)
+    problems = find_problems(ckpt, require_index=None)  # None: MP rank files need no index
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
         print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else sys.stdout)
@@ -193,7 +193,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if errors:
         print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
         return 1
-    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, index consistent")
+    world = mp_world(ckpt)
+    layout = (f"{world} model-parallel rank files (no index, as ckptflow writes them)" if world
+              else "index consistent" if ckpt.index is not None or len(ckpt.weight_files) > 1 else "one file")
+    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, {layout}")
     return 0
 
 
@@ -209,14 +212,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print_summary(summary)
         return 0
     ckpt = scan_checkpoint(open_location(args.path, parse_storage_options(args.storage_options)))
-    errors = [p for p in find_problems(ckpt) if p.severity == "error"]
+    errors = [p for p in find_problems(ckpt, require_index=None) if p.severity == "error"]
     for p in errors:
         print(f"error: {p}", file=sys.stderr)
     report = check_dtypes(ckpt, tuple(args.allow_dtype or ()))
-    print(report.text())
+    text = report.text()
+    if errors:  # never "all … match" above a failure
+        text = text.replace("all floating tensors match the config",
+                            "floating dtypes match the config, but the checkpoint has problems")
+    print(text)
     if errors or not report.ok:
         if not report.ok:
             print(f"\nfix: ckptflow verify {args.path} --fix-dtypes DEST", file=sys.stderr)
+        if errors:  # the dtype table above may look clean: the verdict is this line
+            print(f"{args.path}: FAILED — {len(errors)} problem(s) besides dtypes (error lines above)",
+                  file=sys.stderr)
         return 1
     return 0
 
@@ -442,6 +452,15 @@ _STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:  # a real CLI process: skip Prefect's slow teardown of its temporary server
+        from ckptflow.flows import interrupt
+
+        return interrupt.leave(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_prefect(args.verbose)
     from ckptflow.storage.errors import UserError

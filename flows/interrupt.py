@@ -75,3 +75,36 @@ def rearm() -> None:
         return
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _handler)
+
+
+def leave(code: int) -> int:
+    """End a CLI process that ran a flow on Prefect's temporary server without Prefect's teardown.
+
+    After the summary (or an error line) nothing the user needs is left: shards, journal, index
+    and DEST are durable, and the temporary server's database only records the run. Its atexit
+    teardown (flushing events to a server about to stop, waiting for it to stop) costs seconds
+    and can print an EventsWorker warning after an error. So: stop the server process (without
+    waiting), flush, `os._exit`. With a real server (PREFECT_API_URL) the normal exit runs, so
+    every event and log reaches it; `code` is then just returned.
+    """
+    if "prefect" not in sys.modules or not _armed:
+        return code
+    try:
+        from prefect.settings import get_current_settings
+
+        if get_current_settings().api.url:
+            return code
+        from prefect.server.api.server import SubprocessASGIServer
+
+        for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
+            proc = getattr(server, "server_process", None)
+            if proc is not None:
+                proc.terminate()  # the watchdog SIGKILLs it if it lingers
+    except Exception:  # noqa: BLE001 - a normal exit is the fallback, never a failure
+        return code
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
+            pass
+    os._exit(code)
