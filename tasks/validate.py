@@ -71,7 +71,7 @@ def header_problems(h: Header, limit: int = MAX_PROBLEMS_PER_FILE) -> list[Probl
 
 def _header_problems(h: Header) -> Iterator[Problem]:
     cursor = h.data_start
-    truncated = False
+    cut: list[str] = []  # tensors whose data runs past the end: one problem for the file, with the count
     for info in h.tensors.values():  # ordered by start offset
         size = DTYPE_SIZES.get(info.dtype)
         if size is None:
@@ -82,9 +82,7 @@ def _header_problems(h: Header) -> Iterator[Problem]:
                                   f"[{info.start - h.data_start}, {info.end - h.data_start}]", info.name)
             continue
         if info.end > h.file_size:
-            truncated = True
-            yield Problem(h.file, f"data runs to byte {info.end} but the file has {h.file_size} "
-                                  "bytes; the file is truncated — fetch it again", info.name)
+            cut.append(info.name)
         expected = info.expected_nbytes()
         if expected is not None and expected != info.nbytes:
             yield Problem(h.file, f"holds {info.nbytes} bytes but {info.dtype} × "
@@ -95,7 +93,11 @@ def _header_problems(h: Header) -> Iterator[Problem]:
             yield Problem(h.file, f"{info.start - cursor} unused bytes before this tensor "
                                   "(safetensors requires contiguous data)", info.name)
         cursor = max(cursor, info.end)
-    if cursor < h.file_size and not truncated:
+    if cut:
+        yield Problem(h.file, f"truncated: the header's data runs to byte {cursor} but the file has "
+                              f"{h.file_size} bytes; {len(cut)} of {len(h.tensors)} tensor(s) cut "
+                              f"(first: {short(cut[0], 120)}) — fetch it again")
+    elif cursor < h.file_size:
         yield Problem(h.file, f"{h.file_size - cursor} trailing bytes after the last tensor")
 
 
