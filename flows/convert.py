@@ -123,12 +123,19 @@ def pass_summary(plan: StagePlan, records: list[dict[str, Any]], into: str) -> d
     """What one pass did in this run: written now and reused (an earlier run's) counted apart."""
     fresh = [r for r in records if not r["cached"]]
     reused = [r for r in records if r["cached"]]
+    nbytes = tensor_bytes([plan])
     return {"stage": plan.stage, "into": into, "shards": len(records), "cached_shards": len(reused),
             "tensors": sum(r["tensors"] for r in fresh), "reused_tensors": sum(r["tensors"] for r in reused),
             "source_bytes": sum(r.get("source_bytes", 0) for r in fresh),
-            "bytes_written": sum(r.get("size", 0) for r in fresh),
-            "reused_bytes": sum(r.get("size", 0) for r in reused),
+            "bytes_written": sum(nbytes(r) for r in fresh), "reused_bytes": sum(nbytes(r) for r in reused),
             "dropped_tensors": len(plan.dropped)}
+
+
+def tensor_bytes(plans: list[StagePlan]) -> Any:
+    """record → the tensor bytes of its shard (as the index's total_size counts them, headers
+    not included), looked up by (stage, file) in the plans."""
+    sizes = {(p.stage, s.file): s.nbytes for p in plans for s in p.shards}
+    return lambda r: sizes.get((r.get("stage"), r.get("name")), int(r.get("size", 0)))
 
 
 def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, Any]], report: DtypeReport,
@@ -138,13 +145,14 @@ def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, An
     is counted apart (`reused_*`); `output_*` describe the finished DEST."""
     computed = [r for r in records if not r["cached"]]
     reused = [r for r in records if r["cached"]]
+    nbytes = tensor_bytes(plans)
     compute_s = sum(r.get("seconds", 0.0) for r in computed)
     in_bytes = sum(r.get("source_bytes", 0) for r in computed)
     return {
         "stage": "+".join(recipe.stages()), "shards": len(records), "cached_shards": len(reused),
         "tensors": sum(r["tensors"] for r in computed), "reused_tensors": sum(r["tensors"] for r in reused),
-        "source_bytes": in_bytes, "bytes_written": sum(r.get("size", 0) for r in computed),
-        "reused_bytes": sum(r.get("size", 0) for r in reused),
+        "source_bytes": in_bytes, "bytes_written": sum(nbytes(r) for r in computed),
+        "reused_bytes": sum(nbytes(r) for r in reused),
         "output_bytes": plans[-1].total_size, "output_tensors": sum(len(s.tensors) for s in plans[-1].shards),
         "dropped_tensors": sum(len(p.dropped) for p in plans),
         "seconds": round(seconds, 3), "shard_seconds": round(compute_s, 3),
