@@ -386,34 +386,40 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_watch)
 
     f = _command(sub, "verify", help="check dtypes against config.json, index and total_size")
-    f.add_argument("path")
+    f.add_argument("path", help="checkpoint folder or URL (index + shards, one file, or MP rank files)")
     f.add_argument("--fix-dtypes", dest="fix_dtypes_dest", metavar="DEST",
                    help="write a copy to DEST with mismatched tensors cast to the config's dtype")
-    f.add_argument("--allow-dtype", action="append", metavar="REGEX")
-    f.add_argument("--storage-options")
-    f.add_argument("--work")
-    f.add_argument("--max-workers", type=int, default=1)
+    f.add_argument("--allow-dtype", action="append", metavar="REGEX",
+                   help="tensor names allowed to differ from torch_dtype (repeatable)")
+    f.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for PATH and DEST")
+    f.add_argument("--work", help="--fix-dtypes: work location for shard records "
+                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    f.add_argument("--max-workers", type=int, default=1, help="--fix-dtypes: shard tasks at once (default 1)")
     f.set_defaults(func=cmd_verify, fix_dtypes=False)
 
     m = _command(sub, "megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
     m.add_argument("source", help=".pt file, Megatron checkpoint directory or NVIDIA .zip (any fsspec URL)")
-    m.add_argument("dest")
+    m.add_argument("dest", help="output folder or URL for the Hugging Face GPT-2 checkpoint")
     m.add_argument("--tokenizer", metavar="PATH", help="copy tokenizer files from here (no hub download)")
-    m.add_argument("--config", metavar="FILE", help="config.json values that override the checkpoint's args")
-    m.add_argument("--max-shard-size", default="5GB")
-    m.add_argument("--work")
-    m.add_argument("--storage-options")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--config", metavar="FILE", help="config.json values that override the checkpoint's args "
+                                                    "(e.g. {\"vocab_size\": 50257})")
+    m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--work", help="work location: the imported state and shard records "
+                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    m.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE and DEST")
+    m.add_argument("--json", action="store_true", help="also print the summary as JSON")
     m.set_defaults(func=cmd_megatron)
 
     v = _command(sub, "validate", help="check the index against every shard header")
-    v.add_argument("source")
-    v.add_argument("--storage-options")
+    v.add_argument("source", help="checkpoint folder or URL (index + shards, one file, or MP rank files)")
+    v.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE")
     v.set_defaults(func=cmd_validate)
 
     d = _command(sub, "demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
-    d.add_argument("dest", nargs="?", default="ckptflow-demo")
-    d.add_argument("--max-workers", type=int, default=1)
+    d.add_argument("dest", nargs="?", default="ckptflow-demo",
+                   help="folder for the generated source-fp8/ and the converted output-bf16/ "
+                        "(default ./ckptflow-demo; a second run reuses the source)")
+    d.add_argument("--max-workers", type=int, default=1, help="shard tasks at once (default 1)")
     d.set_defaults(func=cmd_demo)
     return p
 
