@@ -66,6 +66,9 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         from ckptflow.flows.workdir import default_work
 
         return dry_run_report(planned, source, dest, work or default_work(dest))
+    from ckptflow.flows import server
+
+    server.prestart()  # boots while torch and Prefect import below
     from tqdm import tqdm
 
     from ckptflow.tasks.run import progress
@@ -79,7 +82,8 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
     try:
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
-        called = process_age()
+        called = process_age()  # from here on the wait is Prefect's: its server, then the flow run
+        server.ready()
         summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
         summary["timing"] = timing(summary, called, process_age())

@@ -60,6 +60,11 @@ def _release_locks() -> None:
     worker.join(2.0)
 
 
+def armed() -> bool:
+    """Did this process's CLI arm the handlers (a real `ckptflow …` process)?"""
+    return _armed
+
+
 def arm() -> None:
     """Install the handlers for SIGINT and SIGTERM (main thread of the CLI only)."""
     global _armed
