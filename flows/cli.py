@@ -11,6 +11,9 @@ import os
 import sys
 from typing import Any
 
+from ckptflow.flows.summary_text import human as _human  # stdlib only: no Prefect, no torch
+from ckptflow.flows.summary_text import print_summary
+
 EXIT_USER_ERROR = 2
 _WATCHDOG: Any = None  # the orphan watcher of this CLI process (ckptflow.flows.watchdog), kept alive
 
@@ -25,33 +28,13 @@ def _quiet_prefect(verbose: bool) -> None:
         for logger in ("FLOW_RUNS", "TASK_RUNS"):
             os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    # Prefect's telemetry notice would print between the progress bars; a user's own choice stands.
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     # The embedded server's telemetry needs the internet; without it, it logs an error at exit.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A fresh PREFECT_HOME runs database migrations first; on a small, busy machine the
     # temporary server can need more than Prefect's default 20 s to come up.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return str(n)
-
-
-def print_summary(summary: dict[str, Any], out: Any = sys.stdout) -> None:
-    gbps = summary.get("gb_per_s_in")
-    print(f"output:   {summary['dest']}", file=out)
-    print(f"shards:   {summary['shards']} ({summary['cached_shards']} reused from an earlier run)", file=out)
-    print(f"tensors:  {summary['tensors']} written "
-          f"({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
-    print(f"bytes:    {_human(summary['source_bytes'])} read → {_human(summary['bytes_written'])} written", file=out)
-    print(f"time:     {summary['seconds']:.2f} s total, {summary['shard_seconds']:.2f} s in shard tasks"
-          + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
-    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
-    for w in summary.get("warnings", []):
-        print(f"warning:  {w}", file=sys.stderr)
 
 
 def convert_options(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
@@ -73,6 +56,16 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     # bad values fail here, one line each, before torch or Prefect load
     options = ConvertOptions(**convert_options(args, **fixed)).model_dump()
     refuse_overlap_early(source, dest, work, opts)
+    planned = plan_early(source, options, opts)
+    if getattr(args, "dry_run", False):
+        from ckptflow.flows.dry_run import dry_run_report
+
+        from ckptflow.flows.workdir import default_work
+
+        return dry_run_report(planned, source, dest, work or default_work(dest))
+    from ckptflow.flows import server
+
+    server.prestart()  # boots while torch and Prefect import below
     from tqdm import tqdm
 
     from ckptflow.tasks.run import progress
@@ -82,12 +75,33 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
                     tqdm(unit="shard", desc="shards", disable=None, leave=False))
+    from ckptflow.flows.summary_text import process_age, timing
+
     try:
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
-        return convert_flow.with_options(task_runner=runner)(
+        called = process_age()  # from here on the wait is Prefect's: its server, then the flow run
+        server.ready()
+        summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
+        summary["timing"] = timing(summary, called, process_age())
+        return summary
     finally:
         progress.detach()
+
+
+def plan_early(source: str, options: dict[str, Any], opts: dict[str, Any]) -> Any:
+    """Headers read, validated and every pass planned before Prefect (or torch) is imported: an
+    input error is one `error:` line in about a second. The flow reuses this plan (same process,
+    same files) and plans itself when run any other way. A `--fetch` of a remote SOURCE plans on
+    the remote headers here (range reads); the flow plans again on the fetched copy."""
+    from ckptflow.storage.urls import open_location
+
+    from ckptflow.flows.preflight import plan_conversion, recipe_of, remember
+
+    src = open_location(source, opts)
+    planned = plan_conversion(src, recipe_of(options))
+    remember(src, planned)
+    return planned
 
 
 def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:
@@ -118,6 +132,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if _no_stage_chosen(args):
         return EXIT_USER_ERROR
     summary = _run_convert(args, args.source, args.dest, args.work)
+    if summary.get("dry_run"):
+        from ckptflow.flows.dry_run import print_dry_run
+
+        print_dry_run(summary)
+        if args.json:
+            print(json.dumps(summary))
+        return 0
     print_summary(summary)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
@@ -162,10 +183,10 @@ def print_watch(summary: dict[str, Any], as_json: bool) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.storage.urls import open_location, parse_storage_options
-    from ckptflow.tasks.validate import find_problems
+    from ckptflow.tasks.validate import find_problems, mp_world
 
     ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
-    problems = find_problems(ckpt)
+    problems = find_problems(ckpt, require_index=None)  # None: MP rank files need no index
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
         print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else sys.stdout)
@@ -173,7 +194,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if errors:
         print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
         return 1
-    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, index consistent")
+    world = mp_world(ckpt)
+    layout = (f"{world} model-parallel rank files (no index, as ckptflow writes them)" if world
+              else "index consistent" if ckpt.index is not None or len(ckpt.weight_files) > 1 else "one file")
+    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, {layout}")
     return 0
 
 
@@ -189,14 +213,21 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print_summary(summary)
         return 0
     ckpt = scan_checkpoint(open_location(args.path, parse_storage_options(args.storage_options)))
-    errors = [p for p in find_problems(ckpt) if p.severity == "error"]
+    errors = [p for p in find_problems(ckpt, require_index=None) if p.severity == "error"]
     for p in errors:
         print(f"error: {p}", file=sys.stderr)
     report = check_dtypes(ckpt, tuple(args.allow_dtype or ()))
-    print(report.text())
+    text = report.text()
+    if errors:  # never "all … match" above a failure
+        text = text.replace("all floating tensors match the config",
+                            "floating dtypes match the config, but the checkpoint has problems")
+    print(text)
     if errors or not report.ok:
         if not report.ok:
             print(f"\nfix: ckptflow verify {args.path} --fix-dtypes DEST", file=sys.stderr)
+        if errors:  # the dtype table above may look clean: the verdict is this line
+            print(f"{args.path}: FAILED — {len(errors)} problem(s) besides dtypes (error lines above)",
+                  file=sys.stderr)
         return 1
     return 0
 
@@ -236,9 +267,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     root = args.dest.rstrip("/")
     source, dest = f"{root}/source-fp8", f"{root}/output-bf16"
     src = open_location(source)
-    if not src.fs.exists(src.path("model.safetensors.index.json")):
+    if src.fs.exists(src.path("model.safetensors.index.json")):
+        print(f"demo: reused the DeepSeek-V3-shaped FP8 checkpoint at {source}")
+    else:
         make_deepseek_v3_fp8(src)
-    print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
+        print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
     summary = _run_convert(args, source, dest, f"{root}/.work", dequant=True)
     print_summary(summary)
     print(f"\nnext: ckptflow validate {dest}")
@@ -293,6 +326,14 @@ def _add_convert_options(c: argparse.ArgumentParser) -> None:
     c.add_argument("--storage-options", help="JSON of fsspec storage options for SOURCE and DEST")
 
 
+def _add_convert_extras(c: argparse.ArgumentParser) -> None:
+    """convert-only flags that are not `ConvertOptions` fields (they change what the CLI does, not
+    what the flow converts)."""
+    c.add_argument("--dry-run", action="store_true",
+                   help="read headers and plan every pass, print files, bytes and what happens to each "
+                        "tensor; write nothing and start no Prefect (with --json: as JSON)")
+
+
 def version() -> str:
     """The installed distribution's version: pyproject.toml is the one place it is written."""
     from importlib.metadata import PackageNotFoundError
@@ -330,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     _add_convert_options(c)
     c.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    _add_convert_extras(c)
     c.set_defaults(func=cmd_convert)
 
     w = _command(sub, "watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "
@@ -349,31 +391,35 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_watch)
 
     f = _command(sub, "verify", help="check dtypes against config.json, index and total_size")
-    f.add_argument("path")
+    f.add_argument("path", help="checkpoint folder or URL (index + shards, one file, or MP rank files)")
     f.add_argument("--fix-dtypes", dest="fix_dtypes_dest", metavar="DEST",
                    help="write a copy to DEST with mismatched tensors cast to the config's dtype")
-    f.add_argument("--allow-dtype", action="append", metavar="REGEX")
-    f.add_argument("--storage-options")
-    f.add_argument("--work")
-    f.add_argument("--max-workers", type=int, default=1)
+    f.add_argument("--allow-dtype", action="append", metavar="REGEX",
+                   help="tensor names allowed to differ from torch_dtype (repeatable)")
+    f.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for PATH and DEST")
+    f.add_argument("--work", help="--fix-dtypes: work location for shard records "
+                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    f.add_argument("--max-workers", type=int, default=1, help="--fix-dtypes: shard tasks at once (default 1)")
     f.set_defaults(func=cmd_verify, fix_dtypes=False)
 
     m = _command(sub, "megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
     m.add_argument("source", help=".pt file, Megatron checkpoint directory or NVIDIA .zip (any fsspec URL)")
-    m.add_argument("dest")
+    m.add_argument("dest", help="output folder or URL for the Hugging Face GPT-2 checkpoint")
     m.add_argument("--tokenizer", metavar="PATH", help="copy tokenizer files from here (no hub download)")
-    m.add_argument("--config", metavar="FILE", help="config.json values that override the checkpoint's args")
+    m.add_argument("--config", metavar="FILE", help="config.json values that override the checkpoint's args "
+                                                    "(e.g. {\"vocab_size\": 50257})")
     m.add_argument("--table", metavar="FILE|URL", help="Megatron → GPT-2 name table, JSON in the built-in "
                                                       "table's format (default: built in)")
-    m.add_argument("--max-shard-size", default="5GB")
-    m.add_argument("--work")
-    m.add_argument("--storage-options")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--work", help="work location: the imported state and shard records "
+                                  "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
+    m.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE and DEST")
+    m.add_argument("--json", action="store_true", help="also print the summary as JSON")
     m.set_defaults(func=cmd_megatron)
 
     v = _command(sub, "validate", help="check the index against every shard header")
-    v.add_argument("source")
-    v.add_argument("--storage-options")
+    v.add_argument("source", help="checkpoint folder or URL (index + shards, one file, or MP rank files)")
+    v.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE")
     v.set_defaults(func=cmd_validate)
 
     i = _command(sub, "inspect", help="detected quantization schemes and what --dequant would write (headers only)")
@@ -383,8 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     d = _command(sub, "demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
-    d.add_argument("dest", nargs="?", default="ckptflow-demo")
-    d.add_argument("--max-workers", type=int, default=1)
+    d.add_argument("dest", nargs="?", default="ckptflow-demo",
+                   help="folder for the generated source-fp8/ and the converted output-bf16/ "
+                        "(default ./ckptflow-demo; a second run reuses the source)")
+    d.add_argument("--max-workers", type=int, default=1, help="shard tasks at once (default 1)")
     d.set_defaults(func=cmd_demo)
     return p
 
@@ -425,16 +473,26 @@ _STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None:  # a real CLI process: skip Prefect's slow teardown of its temporary server
+        from ckptflow.flows import interrupt
+
+        return interrupt.leave(code)
+    return code
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_prefect(args.verbose)
     from ckptflow.storage.errors import UserError
     from ckptflow.storage.faults import explain
 
     if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
-        from ckptflow.flows import watchdog
+        from ckptflow.flows import interrupt, watchdog
 
         global _WATCHDOG
         _WATCHDOG = watchdog.start()
+        interrupt.arm()  # Ctrl-C / SIGTERM: one line, exit 130 / 143, within a second
     try:
         return args.func(args)
     except UserError as exc:

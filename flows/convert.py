@@ -13,19 +13,20 @@ from prefect import flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.lock import dest_lock
 from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.remote import check_writable_dest
-from ckptflow.storage.urls import open_location
+from ckptflow.storage.files import list_files
+from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.run import progress
 from ckptflow.tasks.kernels.dispatch import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
-from ckptflow.tasks.validate import raise_on_errors
 
+from ckptflow.flows import interrupt
 from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
-from ckptflow.flows.recipe import plan_mp_stage, plan_passes
+from ckptflow.flows.preflight import plan_conversion
+from ckptflow.flows.recipe import plan_mp_stage
 from ckptflow.flows.report import RunProgress, publish_summary
 from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
@@ -44,6 +45,7 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     does not write (else they stop the run before it writes anything).
     """
     opts = ConvertOptions(**options)
+    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
     current = FlowRunContext.get()
     if current is not None:
         runner = make_task_runner(opts.task_runner, opts.max_workers, opts.dask_address)
@@ -59,17 +61,17 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     origin = src
     if opts.fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)
-    ckpt = scan_checkpoint(src)
-    warnings = [str(w) for w in raise_on_errors(ckpt)]
-    passes, recipe_warnings = plan_passes(ckpt, recipe)
-    warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
+    # The same checks and plan the CLI made before Prefect started (reused when it did).
+    planned = plan_conversion(src, recipe, reuse=True)
+    ckpt, passes, warnings = planned.ckpt, planned.passes, list(planned.warnings)
     for w in warnings:
         logger.warning("%s", w)
     device = resolve_device(opts.device)
-    total_bytes, total_shards = sum(p.plan.total_size for p in passes), sum(len(p.plan.shards) for p in passes)
+    total_bytes, total_shards = planned.total_bytes, planned.total_shards
     progress.set_totals(total_bytes, total_shards)
     run_progress = RunProgress(total_shards, total_bytes)
     records: list[dict[str, Any]] = []
+    per_pass: list[dict[str, Any]] = []
     check_writable_dest(dst)  # before the lock's first write: a missing bucket is never created
     with dest_lock(dst):
         prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, opts.prune,
@@ -80,17 +82,51 @@ def convert_flow(source: str, dest: str, work: str | None = None,
             # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
             with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])), \
                     (dest_lock(out) if p.into_work else contextlib.nullcontext()):
-                records += run_shards(plan, ckpt, src, out, work, storage_options, opts.checksum, device,
-                                      opts.dequant_backend, on_commit=run_progress.shard_committed)
+                done = run_shards(plan, ckpt, src, out, work, storage_options, opts.checksum, device,
+                                  opts.dequant_backend, on_commit=run_progress.shard_committed)
+                records += done
+                per_pass.append(pass_summary(plan, done, "work" if p.into_work else "DEST"))
                 finalize(plan, ckpt, src, out)
                 written, report = verify_output(out, plan, recipe.allow_dtypes or ())
             src, ckpt = out, written
+    notes = [drop_intermediate(open_location(f"{work.rstrip('/')}/stages/{p.plan.stage}", storage_options))
+             for p in passes if p.into_work]
     summary = summarize(recipe, [p.plan for p in passes], records, report, time.perf_counter() - t0)
+    summary.update(passes=per_pass, notes=notes)
     summary.update(source=source, dest=dest, work=work, warnings=warnings)
     publish_summary(summary)
     logger.info("converted %d shard(s) (%d cached) into %s in %.1fs", summary["shards"],
                 summary["cached_shards"], dest, summary["seconds"])
     return summary
+
+
+def drop_intermediate(loc: Location) -> str:
+    """Delete a finished run's intermediate pass output (for DeepSeek-V3 `--dequant --mp 8`, a
+    1.3 TB BF16 copy under the work location) and say so. Only once DEST has been written and
+    verified; a rerun of the same command then computes that pass again."""
+    size = sum(list_files(loc).values()) if loc.fs.exists(loc.root) else 0
+    if size:
+        loc.fs.rm(loc.root, recursive=True)
+    return f"deleted the intermediate copy ({size / 1e9:.2f} GB) at {loc.url}"
+
+
+def pass_summary(plan: StagePlan, records: list[dict[str, Any]], into: str) -> dict[str, Any]:
+    """What one pass did in this run: written now and reused (an earlier run's) counted apart."""
+    fresh = [r for r in records if not r["cached"]]
+    reused = [r for r in records if r["cached"]]
+    nbytes = tensor_bytes([plan])
+    return {"stage": plan.stage, "into": into, "shards": len(records), "cached_shards": len(reused),
+            "tensors": sum(r["tensors"] for r in fresh), "reused_tensors": sum(r["tensors"] for r in reused),
+            "source_bytes": sum(r.get("source_bytes", 0) for r in fresh),
+            "bytes_written": sum(nbytes(r) for r in fresh), "reused_bytes": sum(nbytes(r) for r in reused),
+            "dropped_tensors": len(plan.dropped)}
+
+
+def tensor_bytes(plans: list[StagePlan]) -> Any:
+    """record → the tensor bytes of its shard (as the index's total_size counts them, headers
+    not included), looked up by (stage, file) in the plans."""
+    sizes = {(p.stage, s.file): s.nbytes for p in plans for s in p.shards}
+    return lambda r: sizes.get((r.get("stage"), r.get("name")), int(r.get("size", 0)))
 
 
 
@@ -101,13 +137,21 @@ convert_flow = flow(name="ckptflow-convert", task_runner=ThreadPoolTaskRunner(ma
 
 def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, Any]], report: DtypeReport,
               seconds: float) -> dict[str, Any]:
+    """The run's numbers, every pass together: `tensors`, `source_bytes` and `bytes_written` count
+    what this run read and wrote (a cached rerun reads and writes nothing); what reused shards hold
+    is counted apart (`reused_*`); `output_*` describe the finished DEST."""
     computed = [r for r in records if not r["cached"]]
+    reused = [r for r in records if r["cached"]]
+    nbytes = tensor_bytes(plans)
     compute_s = sum(r.get("seconds", 0.0) for r in computed)
     in_bytes = sum(r.get("source_bytes", 0) for r in computed)
     return {
-        "stage": "+".join(recipe.stages()), "shards": len(records), "cached_shards": len(records) - len(computed),
-        "tensors": sum(r["tensors"] for r in records), "bytes_written": plans[-1].total_size,
-        "source_bytes": plans[0].source_bytes, "dropped_tensors": sum(len(p.dropped) for p in plans),
+        "stage": "+".join(recipe.stages()), "shards": len(records), "cached_shards": len(reused),
+        "tensors": sum(r["tensors"] for r in computed), "reused_tensors": sum(r["tensors"] for r in reused),
+        "source_bytes": in_bytes, "bytes_written": sum(nbytes(r) for r in computed),
+        "reused_bytes": sum(nbytes(r) for r in reused),
+        "output_bytes": plans[-1].total_size, "output_tensors": sum(len(s.tensors) for s in plans[-1].shards),
+        "dropped_tensors": sum(len(p.dropped) for p in plans),
         "seconds": round(seconds, 3), "shard_seconds": round(compute_s, 3),
         "gb_per_s_in": round(in_bytes / compute_s / 1e9, 3) if compute_s else None,
         "dtypes": {r["dtype"]: r["tensors"] for r in report.rows()}, "records": records,

@@ -33,6 +33,7 @@ from ckptflow.tasks.plan.sizes import parse_size
 from ckptflow.tasks.presets.megatron import MegatronTable, load_megatron_table
 from ckptflow.tasks.planners.by_size import plan_size_shards
 
+from ckptflow.flows import interrupt
 from ckptflow.flows.params import ShardSize
 from ckptflow.flows.report import RunProgress, publish_summary
 from ckptflow.flows.passes import finalize, prepare_dest, run_shards, verify_output
@@ -107,6 +108,7 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
                   max_shard_size: ShardSize = "5GB", work: str | None = None,
                   storage_options: dict[str, Any] | None = None, table: str | None = None) -> dict[str, Any]:
     """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one."""
+    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)

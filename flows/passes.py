@@ -109,21 +109,21 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
                                    device, backend, journal.url))
     on_commit = on_commit or (lambda record: None)
     for fut in futures:
-        if isinstance(fut, dict):
+        if isinstance(fut, dict):  # reused shards count at once: a resumed run's bar starts where it is
+            progress.add_bytes(fut.get("size", 0))
+            progress.shard_done()
             on_commit(fut)
     for fut in as_completed([f for f in futures if not isinstance(f, dict)]):
         try:
             record = fut.result()  # not fut.state: the API may not have recorded it yet
         except Exception:  # noqa: BLE001 - raised again below, in plan order, after every task ends
             continue
+        progress.shard_done()
         on_commit(record)
     records = []
     for fut in futures:
         record = fut if isinstance(fut, dict) else dict(fut.result())
         record["cached"] = isinstance(fut, dict)  # submitted tasks refresh: never Prefect-cached
-        if record["cached"]:
-            progress.add_bytes(record.get("size", 0))
-            progress.shard_done()
         records.append(record)
     return records
 

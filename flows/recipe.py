@@ -68,7 +68,7 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[li
 
         size = parse_size(recipe.max_shard_size)
         groups = load_fused_groups(recipe.fused_groups)
-        upstream = planned_checkpoint(plan, "planned://", ckpt) if plan else ckpt
+        upstream = planned_checkpoint(plan, ckpt.url, ckpt) if plan else ckpt
         reindexed = plan_reindex(upstream, size, groups)
         plan = compose(plan, reindexed) if plan else reindexed
         if plan is None:  # compose() only fails for non-copy downstream tensors
@@ -79,7 +79,7 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[li
             _check_dtypes(mp, ckpt, recipe)
             return [Pass(mp, into_work=False)], warnings
         _check_dtypes(plan, ckpt, recipe)
-        intermediate = planned_checkpoint(plan, "planned://", ckpt)
+        intermediate = planned_checkpoint(plan, ckpt.url, ckpt)
         mp = plan_mp_stage(intermediate, recipe)  # errors now, not after the first pass
         _check_dtypes(mp, intermediate, recipe)
         fused = compose(plan, mp) if fuse else None

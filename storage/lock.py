@@ -107,6 +107,20 @@ def _write_lock(dst: Location, holder: dict[str, object]) -> None:
         f.write(json.dumps(holder).encode())
 
 
+# Object-store locks this process holds (token → DEST), for `release_held`.
+_HELD: dict[str, Location] = {}
+
+
+def release_held() -> None:
+    """Delete every object-store lock this process holds that is still ours: called by the CLI's
+    interrupt handler, which leaves without unwinding the `dest_lock` blocks (local flocks need
+    nothing: the kernel drops them with the process)."""
+    for token, dst in list(_HELD.items()):
+        with contextlib.suppress(Exception):
+            if (_read_lock(dst) or {}).get("token") == token:
+                dst.fs.rm(dst.path(LOCK_NAME))
+
+
 @contextlib.contextmanager
 def _object_lock(dst: Location) -> Iterator[None]:
     current = _read_lock(dst)
@@ -127,9 +141,11 @@ def _object_lock(dst: Location) -> Iterator[None]:
 
     thread = threading.Thread(target=beat, name="ckptflow-lock-heartbeat", daemon=True)
     thread.start()
+    _HELD[str(me["token"])] = dst
     try:
         yield
     finally:
+        _HELD.pop(str(me["token"]), None)
         stop.set()
         thread.join(5)
         with contextlib.suppress(Exception):

@@ -5,6 +5,7 @@ at once; `raise_on_errors` is what a conversion calls before planning.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def header_problems(h: Header, limit: int = MAX_PROBLEMS_PER_FILE) -> list[Probl
 
 def _header_problems(h: Header) -> Iterator[Problem]:
     cursor = h.data_start
-    truncated = False
+    cut: list[str] = []  # tensors whose data runs past the end: one problem for the file, with the count
     for info in h.tensors.values():  # ordered by start offset
         size = DTYPE_SIZES.get(info.dtype)
         if size is None:
@@ -80,9 +81,7 @@ def _header_problems(h: Header) -> Iterator[Problem]:
                                   f"[{info.start - h.data_start}, {info.end - h.data_start}]", info.name)
             continue
         if info.end > h.file_size:
-            truncated = True
-            yield Problem(h.file, f"data runs to byte {info.end} but the file has {h.file_size} "
-                                  "bytes; the file is truncated — fetch it again", info.name)
+            cut.append(info.name)
         expected = info.expected_nbytes()
         if expected is not None and expected != info.nbytes:
             yield Problem(h.file, f"holds {info.nbytes} bytes but {info.dtype} × "
@@ -93,7 +92,11 @@ def _header_problems(h: Header) -> Iterator[Problem]:
             yield Problem(h.file, f"{info.start - cursor} unused bytes before this tensor "
                                   "(safetensors requires contiguous data)", info.name)
         cursor = max(cursor, info.end)
-    if cursor < h.file_size and not truncated:
+    if cut:
+        yield Problem(h.file, f"truncated: the header's data runs to byte {cursor} but the file has "
+                              f"{h.file_size} bytes; {len(cut)} of {len(h.tensors)} tensor(s) cut "
+                              f"(first: {short(cut[0], 120)}) — fetch it again")
+    elif cursor < h.file_size:
         yield Problem(h.file, f"{h.file_size - cursor} trailing bytes after the last tensor")
 
 
@@ -146,13 +149,58 @@ def _index_problems(ckpt: Checkpoint, require_index: bool) -> Iterator[Problem]:
         yield Problem(INDEX_NAME, f"metadata.total_size is {total} but the tensors hold {actual} bytes")
 
 
-def find_problems(ckpt: Checkpoint, require_index: bool = True) -> list[Problem]:
+# The model-parallel layout ckptflow (and DeepSeek-V3's inference/convert.py) writes: one
+# `model{rank}-mp{world}.safetensors` per rank, no index (every rank holds its part of the same names).
+MP_FILE = re.compile(r"^model(0|[1-9][0-9]{0,5})-mp([1-9][0-9]{0,5})\.safetensors$")
+
+
+def mp_world(ckpt: Checkpoint) -> int | None:
+    """The world size when every weight file is named as an MP rank file and there is no index,
+    else None. Whether the ranks are complete is `mp_problems`' business."""
+    if ckpt.index is not None or not ckpt.weight_files:
+        return None
+    found = [MP_FILE.match(f.rsplit("/", 1)[-1]) for f in ckpt.weight_files]
+    if not all(found):
+        return None
+    worlds = {int(m.group(2)) for m in found if m}
+    return worlds.pop() if len(worlds) == 1 else -1
+
+
+def mp_problems(ckpt: Checkpoint) -> Iterator[Problem]:
+    """Rank files of one world size, each rank exactly once."""
+    found = [m for m in (MP_FILE.match(f.rsplit("/", 1)[-1]) for f in ckpt.weight_files) if m]
+    worlds = sorted({int(m.group(2)) for m in found})
+    if len(worlds) > 1:
+        yield Problem(ckpt.url, f"rank files of several world sizes ({', '.join(f'mp{w}' for w in worlds)}); "
+                                "keep the files of one conversion")
+        return
+    world = worlds[0]
+    ranks = {int(m.group(1)) for m in found}
+    missing = sorted(set(range(world)) - ranks)
+    extra = sorted(r for r in ranks if r >= world)
+    if missing:
+        shown = ", ".join(f"model{r}-mp{world}.safetensors" for r in missing[:5])
+        yield Problem(ckpt.url, f"{len(missing)} of {world} rank file(s) missing: {shown}"
+                                + (", …" if len(missing) > 5 else ""))
+    if extra:
+        yield Problem(ckpt.url, f"rank file(s) beyond world size {world}: "
+                                + ", ".join(f"model{r}-mp{world}.safetensors" for r in extra[:5]))
+
+
+def find_problems(ckpt: Checkpoint, require_index: bool | None = True) -> list[Problem]:
     """Every problem of the checkpoint, errors and warnings, in a stable order.
 
     `require_index=False` accepts several files without an index: model-parallel layouts,
-    where every rank file holds its own part of the same names.
+    where every rank file holds its own part of the same names. `None` (validate, verify)
+    accepts them only in the layout ckptflow writes (`mp_world`), and checks its ranks.
+    A conversion's SOURCE keeps `True`: the planners read one name → one tensor.
     """
     out: list[Problem] = []
+    if require_index is None:
+        world = mp_world(ckpt)
+        require_index = world is None
+        if world is not None:
+            out.extend(mp_problems(ckpt))
     if not ckpt.weight_files:
         out.append(Problem(ckpt.url, "no .safetensors files found"))
     for f, reason in sorted(ckpt.header_errors.items()):

@@ -271,7 +271,7 @@ def test_not_megatron_files(tmp_path):
 
 def test_layer_count_mismatch(tmp_path, model):
     ck = load_megatron(write("pt", tmp_path, model, 3.0, 1))
-    with pytest.raises(MegatronConvertError, match=r"n_layer=3 \(from the config override\).*2 layers"):
+    with pytest.raises(MegatronConvertError, match=r"n_layer=3 \(from --config\).*2 layers"):
         convert_megatron(ck, {**VOCAB, "n_layer": 3})
     ck.args.num_layers = 5
     with pytest.raises(MegatronConvertError, match=r"n_layer=5 \(from args.num_layers\)"):
@@ -291,7 +291,8 @@ def test_unknown_keys_listed(tmp_path, model):
 
 def test_vocab_size_needs_the_tokenizer(tmp_path, model):
     ck = load_megatron(write("pt", tmp_path, model, 3.0, 1))
-    with pytest.raises(MegatronConvertError, match=r"vocab_size=50257 \(from the GPT-2 BPE tokenizer\).*128"):
+    with pytest.raises(MegatronConvertError,
+                       match=r"vocab_size=50257 \(from the GPT-2 BPE tokenizer\).*128.*--config FILE"):
         convert_megatron(ck)  # args say GPT2BPETokenizer, whose 50257 rows this tiny model lacks
     ck.args.tokenizer_type = "SentencePieceTokenizer"
     state, config = convert_megatron(ck)  # unknown tokenizer size: keep every padded row

@@ -165,7 +165,7 @@ def test_unmatched_names_listed_or_dropped_with_warning():
     with pytest.raises(PlanError) as err:
         plan_mp(ckpt, 2, "deepseek-v3")
     msg = str(err.value)
-    assert "2 tensor name(s) match no row" in msg and "drop_unmatched=True" in msg
+    assert "2 tensor name(s) match no row" in msg and "--drop-unmatched" in msg
     assert "model.layers.0.mystery.weight" in msg and "vision_tower.proj.weight" in msg
     assert "enorm" not in msg  # the MTP layer is dropped before the table is consulted
     plan = plan_mp(ckpt, 2, "deepseek-v3", drop_unmatched=True)

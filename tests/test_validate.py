@@ -78,7 +78,7 @@ def test_every_index_problem_reported_at_once(tmp_path):
     ("not_json", "header is not valid JSON"),
     ("too_long", "runs past the end of the file"),
     ("overlap", "tensor 'y': data overlaps the previous tensor's bytes"),
-    ("out_of_bounds", "tensor 'y': data runs to byte"),
+    ("out_of_bounds", "truncated: the header's data runs to byte"),
     ("size_mismatch", "tensor 'x': holds 8 bytes but F32 × [3] needs 12"),
     ("unknown_dtype", "tensor 'x': unknown dtype 'F12'"),
     ("tiny", "too short for a safetensors header"),

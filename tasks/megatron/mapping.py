@@ -125,11 +125,11 @@ def gpt2_config(args: Any, table: MegatronTable, override: dict[str, Any] | None
         if tokenizer not in (None, "GPT2BPETokenizer") and tensors.get("transformer.wte.weight"):
             cfg["vocab_size"] = sum(p.shape[0] for p in tensors["transformer.wte.weight"])
             origin["vocab_size"] = (f"all embedding rows: tokenizer {tokenizer}'s size is unknown here; "
-                                    "pass vocab_size in the config override to drop the padding")
+                                    "pass vocab_size in a --config FILE to drop the padding")
         elif "vocab_size" in cfg:
             cfg["vocab_size"], origin["vocab_size"] = GPT2_BPE_VOCAB, "the GPT-2 BPE tokenizer"
     for key, value in (override or {}).items():
-        cfg[key], origin[key] = value, "the config override"
+        cfg[key], origin[key] = value, "--config"
     # Unset, null (GPT-2's own meaning) or from the 345M defaults: 4h, as Megatron before ffn_hidden_size.
     if (cfg.get("n_inner") is None or origin.get("n_inner", "").startswith("defaults")) \
             and isinstance(cfg.get("n_embd"), int):
@@ -142,7 +142,8 @@ def gpt2_config(args: Any, table: MegatronTable, override: dict[str, Any] | None
     def check(ok: bool, key: str, has: str) -> None:
         if not ok:
             raise MegatronConvertError(f"{where}: config {key}={cfg[key]} (from {origin[key]}) does not fit "
-                                       f"the checkpoint, which has {has}; fix it with a config override")
+                                       f"the checkpoint, which has {has}; set {key} in a JSON file passed "
+                                       "with --config FILE")
     check(cfg["n_layer"] == n_layers, "n_layer", f"{n_layers} layers")
     check(cfg["n_embd"] % cfg["n_head"] == 0, "n_head", f"hidden size {cfg['n_embd']}")
     check(cfg["n_head"] % tp == 0, "n_head", f"{tp} tensor-parallel ranks, each holding whole heads")

@@ -188,7 +188,7 @@ def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
     items, dropped, unmatched = _map_all(preset, tensors, drop, errors)
     if unmatched and not drop_unmatched:
         errors.append(f"{len(unmatched)} tensor name(s) match no row of preset '{preset.source}' (add rows "
-                      "for them, or pass drop_unmatched=True to drop them):\n"
+                      "for them, or pass --drop-unmatched to drop them):\n"
                       + "\n".join(f"      {n}" for n in unmatched))
     per_rank = _experts_per_rank(items, preset, config, world, errors)
     errors += _split_problems(items, world)

@@ -53,7 +53,6 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
     out = {**record.as_dict(), **extra, "seconds": round(time.perf_counter() - t0, 3)}
     if journal_loc is not None:
         write_json(journal_loc, entry, out)
-    progress.shard_done()
     seconds = max(out["seconds"], 1e-9)
     # One key=value line per shard: greppable in the worker's output and the run's logs in the UI.
     get_run_logger().info(

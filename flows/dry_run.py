@@ -1,0 +1,82 @@
+"""`ckptflow convert … --dry-run`: what a conversion would do, from its plan alone.
+
+Pure: a `Preflight` in (headers read, every pass planned, no Prefect, no torch), a dict out.
+The numbers are the ones a real run's summary reports on a fresh DEST: output files and their
+bytes, bytes read from SOURCE, bytes a pass parks in the work location, and what happens to
+each tensor (dequantized, cast, sliced, moved to another file, copied where it was, dropped).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ckptflow.tasks.plan.model import StagePlan
+
+from ckptflow.flows.preflight import Preflight
+from ckptflow.flows.summary_text import human
+
+MAX_FILES_LISTED = 8  # per pass in the text form; --json lists every file
+
+
+def tensor_actions(plan: StagePlan) -> dict[str, int]:
+    """How many output tensors each kind of work makes, plus the source tensors dropped."""
+    counts: Counter[str] = Counter()
+    for shard in plan.shards:
+        for t in shard.tensors:
+            if t.transform.startswith("dequant"):
+                counts["dequantized"] += 1
+            elif t.transform == "cast":
+                counts["cast"] += 1
+            elif t.transform == "slice":
+                counts["sliced"] += 1
+            elif t.transform == "copy":
+                same_file = len(t.sources) == 1 and t.sources[0].file == shard.file
+                counts["copied" if same_file else "moved"] += 1
+            else:  # a transform this report does not know yet still counts
+                counts[t.transform] += 1
+    counts["dropped"] = len(plan.dropped)
+    return {k: counts.get(k, 0) for k in ("dequantized", "cast", "sliced", "moved", "copied", "dropped")} | \
+        {k: v for k, v in counts.items() if k not in ("dequantized", "cast", "sliced", "moved", "copied", "dropped")}
+
+
+def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dict[str, Any]:
+    passes = []
+    for i, p in enumerate(planned.passes):
+        passes.append({
+            "stage": p.plan.stage, "into": "work" if p.into_work else "DEST",
+            "location": f"{work.rstrip('/')}/stages/{p.plan.stage}" if p.into_work else dest,
+            "files": [s.file for s in p.plan.shards], "shards": len(p.plan.shards),
+            "tensors": sum(len(s.tensors) for s in p.plan.shards),
+            "bytes_in": p.plan.source_bytes, "bytes_out": p.plan.total_size,
+            "actions": tensor_actions(p.plan), "index": p.plan.write_index,
+        })
+    final = planned.passes[-1].plan
+    return {
+        "dry_run": True, "source": source, "dest": dest, "work": work,
+        "stage": "+".join(planned.recipe.stages()), "passes": passes,
+        "source_tensors": sum(len(h.tensors) for h in planned.ckpt.headers.values()),
+        "source_bytes": planned.passes[0].plan.source_bytes,
+        "output_bytes": final.total_size, "output_shards": len(final.shards),
+        "output_tensors": sum(len(s.tensors) for s in final.shards),
+        "work_bytes": sum(p.plan.total_size for p in planned.passes if p.into_work),
+        "warnings": list(planned.warnings),
+    }
+
+
+def print_dry_run(report: dict[str, Any]) -> None:
+    print(f"dry run: {report['stage']} of {report['source']} ({report['source_tensors']} tensors); "
+          "nothing written")
+    for i, p in enumerate(report["passes"], 1):
+        acts = ", ".join(f"{v} {k}" for k, v in p["actions"].items() if v)
+        print(f"pass {i}:   {p['stage']} → {p['into']} ({p['location']})")
+        print(f"          {p['shards']} files, {p['tensors']} tensors, "
+              f"{human(p['bytes_in'])} read → {human(p['bytes_out'])} written; {acts}")
+        files = p["files"]
+        shown = ", ".join(files[:MAX_FILES_LISTED]) + (f", … ({len(files)} in all)"
+                                                       if len(files) > MAX_FILES_LISTED else "")
+        print(f"          files: {shown}")
+    print(f"bytes:    {human(report['source_bytes'])} read from SOURCE, {human(report['output_bytes'])} "
+          f"into DEST, {human(report['work_bytes'])} in the work location"
+          + (" (deleted after success)" if report["work_bytes"] else ""))
+    for w in report["warnings"]:
+        print(f"warning:  {w}")

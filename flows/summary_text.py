@@ -1,0 +1,86 @@
+"""The block a conversion prints at the end: what this run did, what it reused, what the user waited.
+
+Every number describes this run: a cached rerun reads and writes nothing and says so; shards and
+tensors reused from an earlier run are counted apart; each pass of a multi-pass run has its own
+line. `time` is the wall clock since the process started (what the user waited), with the
+part Prefect took (imports, temporary server, flow-run bookkeeping) named beside the part spent
+converting. Lines stay short: a long DEST goes on its own line, so no label wraps.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter start-up included), from /proc; falls back
+    to the time since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
+
+
+_IMPORTED = time.perf_counter()
+
+
+def timing(summary: dict[str, Any], flow_called_at: float, flow_returned_at: float) -> dict[str, float]:
+    """Where the user's wait went, all in seconds of process age: `before_flow` (Python, imports,
+    reading headers and planning), `prefect` (from calling the flow to its body starting, and
+    from its body ending to the call returning: Prefect's imports, temporary server, flow-run
+    records), `flow` (the flow body: shard tasks, finalize, read-back verify)."""
+    flow_s = float(summary.get("seconds", 0.0))
+    return {"before_flow_s": round(flow_called_at, 3),
+            "prefect_s": round(max(0.0, flow_returned_at - flow_called_at - flow_s), 3),
+            "flow_s": round(flow_s, 3), "waited_s": round(flow_returned_at, 3)}
+
+
+def _pass_line(i: int, p: dict[str, Any]) -> str:
+    return (f"pass {i}:   {p['stage']} → {p['into']}: {p['shards']} shards "
+            f"({p['cached_shards']} reused), {p['tensors']} tensors, "
+            f"{human(p['source_bytes'])} read → {human(p['bytes_written'])} written")
+
+
+def print_summary(summary: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
+    gbps = summary.get("gb_per_s_in")
+    t = summary.get("timing") or {}
+    dest = str(summary["dest"])
+    print("output:" + (f"   {dest}" if len(dest) <= 60 else f"\n  {dest}"), file=out)
+    passes = summary.get("passes") or []
+    if len(passes) > 1:
+        for i, p in enumerate(passes, 1):
+            print(_pass_line(i, p), file=out)
+    reused = summary.get("cached_shards", 0)
+    print(f"shards:   {summary['shards'] - reused} written, {reused} reused from an earlier run", file=out)
+    print(f"tensors:  {summary['tensors']} written, {summary.get('reused_tensors', 0)} reused "
+          f"({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
+    print(f"bytes:    {human(summary['source_bytes'])} read → {human(summary['bytes_written'])} written"
+          + (f" ({human(summary['reused_bytes'])} reused)" if summary.get("reused_bytes") else ""), file=out)
+    if t:
+        print(f"time:     {t['waited_s']:.1f} s waited: {t['flow_s']:.1f} s converting, "
+              f"{t['prefect_s']:.1f} s Prefect (server, bookkeeping), "
+              f"{t['before_flow_s']:.1f} s start-up + planning", file=out)
+    else:
+        print(f"time:     {summary['seconds']:.2f} s in the flow", file=out)
+    print(f"          {summary['shard_seconds']:.2f} s in shard tasks"
+          + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
+    for note in summary.get("notes", []):
+        print(f"note:     {note}", file=out)
+    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
+    for w in summary.get("warnings", []):
+        print(f"warning:  {w}", file=sys.stderr)
