@@ -71,7 +71,7 @@ def _bad_index(ckpt, tmp_path):
 @pytest.mark.parametrize("case, expect", [
     ("missing", "no files found"),
     ("index", "problem(s) found; nothing was converted"),
-    ("preset", "preset 'nope': no such built-in preset"),
+    ("preset", "preset nope: no such file and no such built-in preset"),
     ("mp3", "cannot shard"),
 ])
 def test_input_errors_are_one_line_before_prefect_or_torch(ckpt, tmp_path, case, expect):
