@@ -10,16 +10,20 @@ see the same moments of a noisy machine; the median of each is kept:
 - NVFP4 ModelOpt: NVFP4QTensor.dequantize's recipe (unpack, E2M1 gather, float32 scale product)
 Every pair is checked equal (NaN-aware) before it is timed. GB/s counts bytes read (packed
 weight; scales are < 7 %) and bytes written (BF16). Peak RSS: each (format, implementation)
-runs alone in a child process; the table shows its peak minus the peak of a child that only
-builds the inputs (the output itself is 29 MB for FP8, 29 MB NVFP4, 66 MB MXFP4).
+runs once alone in a child process, which reports how far its resident memory rose above where
+it stood before the call (sampled every 0.5 ms, after malloc_trim); the output itself is 28 MiB
+for FP8 and NVFP4, 63 MiB for MXFP4.
 
     python bench/bench_quant_formats.py [--repeat 5] [--no-rss] [--only mxfp4,...]
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -147,17 +151,34 @@ def timed(fn: Callable) -> float:
     return time.perf_counter() - t0
 
 
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def child(name: str, impl: str) -> None:
+    """Run one implementation once; print how far resident memory rose above where it stood."""
     ours, ref, _ = FORMATS[name]()
-    if impl != "none":
-        (ours if impl == "ours" else ref)()
-    print("ok")
+    fn = ours if impl == "ours" else ref
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed input-building scratch back first
+    before, peak, done = _rss_now(), [0], threading.Event()
+
+    def sample() -> None:  # the kernels release the GIL, so this keeps sampling during them
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_now())
+            time.sleep(0.0005)
+
+    watcher = threading.Thread(target=sample)
+    watcher.start()
+    fn()
+    done.set()
+    watcher.join()
+    print(max(peak[0], _rss_now()) - before)
 
 
 def peak_rss(name: str) -> tuple[int, int]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name]
-    base = run_measured(cmd + ["none"])[1]
-    return run_measured(cmd + ["ours"])[1] - base, run_measured(cmd + ["ref"])[1] - base
+    return tuple(int(run_measured(cmd + [impl])[2].split()[-1]) for impl in ("ours", "ref"))
 
 
 def main() -> None:
@@ -170,8 +191,6 @@ def main() -> None:
     if args.child:
         return child(*args.child)
     names = [n for n in FORMATS if not args.only or n in args.only.split(",")]
-    # Children first: a forked child starts with its parent's RSS high-water mark, so they must
-    # be spawned while this process is still small.
     rss = {n: ("", "") if args.no_rss else tuple(mib(x) for x in peak_rss(n)) for n in names}
     print(f"threads: {torch.get_num_threads()}")
     print(f"{'format':>20}{'in MB':>8}{'ref GB/s in':>12}{'ours GB/s in':>13}{'ours GB/s out':>14}{'ratio':>7}"
