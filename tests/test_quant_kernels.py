@@ -320,3 +320,14 @@ def test_every_format_writes_into_a_given_out(backend):
         assert_same(buf, want)
         with pytest.raises(ValueError, match="out must be"):
             run(torch.empty(shape[:-1] + (shape[-1] + 1,), dtype=torch.bfloat16))
+
+
+def test_backend_names_are_checked():
+    blocks, scales = torch.zeros(1, 1, 16, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        mxfp4_dequant(blocks, scales, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nvfp4_dequant(torch.zeros(1, 8, dtype=torch.uint8), torch.zeros(1, 1, dtype=torch.uint8), torch.tensor([1.0]),
+                      "modelopt", backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fp8_scaled_dequant(torch.zeros(1, 8, dtype=torch.float8_e4m3fn), torch.ones(1), backend="numpy")
