@@ -25,6 +25,24 @@ def _bf16_bytes(x: torch.Tensor) -> memoryview:
     return memoryview(x.contiguous().cpu().view(torch.int16).numpy()).cast("B")
 
 
+def _output(ctx: ExecContext, shape: tuple[int, ...]) -> tuple[torch.Tensor | None, np.ndarray | None]:
+    """On the CPU the kernels write straight into a pooled buffer the writer hands back when it
+    has written it (no allocation per chunk); on a device they allocate there."""
+    import torch
+
+    if ctx.device != "cpu":
+        return None, None
+    n = 1
+    for d in shape:
+        n *= d
+    buf = ctx.buffers.take(2 * n)
+    return torch.from_numpy(buf).view(torch.bfloat16).reshape(shape), buf
+
+
+def _piece(ctx: ExecContext, got: torch.Tensor, buf: np.ndarray | None) -> Piece:
+    return (memoryview(buf), ctx.releaser(buf)) if buf is not None else (_bf16_bytes(got), None)
+
+
 def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """compressed-tensors / ModelOpt FP8 with a per-tensor or per-channel scale, in row chunks;
     the multiply happens in the scale's dtype, as compressed-tensors does (kernels/fp8_scaled.py)."""
@@ -46,9 +64,10 @@ def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         done(release)
         s = whole if whole is not None else torch.frombuffer(
             read_small(ctx, scale, r0 * sdt.itemsize, r1 * sdt.itemsize), dtype=sdt).reshape(r1 - r0, 1)
+        out, buf = _output(ctx, (r1 - r0, cols))
         got = fp8_scaled_dequant(w.view(torch.float8_e4m3fn).to(ctx.device), s.to(ctx.device),
-                                 backend=ctx.backend, out_dtype=torch.bfloat16)
-        yield _bf16_bytes(got), None
+                                 backend=ctx.backend, out_dtype=torch.bfloat16, out=out)
+        yield _piece(ctx, got, buf)
 
 
 def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
@@ -69,9 +88,10 @@ def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         done(release)
         s = torch.frombuffer(read_small(ctx, scale, r0 * groups, r1 * groups),
                              dtype=torch.float8_e4m3fn).reshape(r1 - r0, groups)
+        out, buf = _output(ctx, (r1 - r0, 2 * half))
         got = nvfp4_dequant(codes.to(ctx.device), s.to(ctx.device), g.to(ctx.device),
-                            convention=t.param("convention"), backend=ctx.backend, out_dtype=torch.bfloat16)
-        yield _bf16_bytes(got), None
+                            convention=t.param("convention"), backend=ctx.backend, out_dtype=torch.bfloat16, out=out)
+        yield _piece(ctx, got, buf)
 
 
 def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
@@ -96,9 +116,10 @@ def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
                              dtype=torch.uint8).reshape(1, out, groups)
         for g0 in range(0, groups, step):
             g1 = min(g0 + step, groups)
+            out_t, buf = _output(ctx, (1, (g1 - g0) * 32, out))
             got = mxfp4_gpt_oss(b[:, :, g0:g1].contiguous().to(ctx.device),
-                                s[:, :, g0:g1].contiguous().to(ctx.device), backend=ctx.backend)
-            yield _bf16_bytes(got), None
+                                s[:, :, g0:g1].contiguous().to(ctx.device), backend=ctx.backend, out=out_t)
+            yield _piece(ctx, got, buf)
 
 
 QUANT_TRANSFORMS = {"fp8_scaled": _fp8_scaled, "nvfp4": _nvfp4, "mxfp4_gpt_oss": _mxfp4}
