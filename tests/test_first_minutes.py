@@ -180,7 +180,8 @@ def test_dry_run_numbers_match_a_real_run(prefect_harness, ckpt, tmp_path):
     assert sorted(report["passes"][-1]["files"]) == sorted(p.name for p in out.glob("*.safetensors"))
     assert report["source_bytes"] == summary["passes"][0]["source_bytes"]
     acts = report["passes"][0]["actions"]
-    assert acts["dequantized"] == acts["dropped"] > 0  # one weight_scale_inv folded in per FP8 weight
+    # one pass: every weight_scale_inv folded into its FP8 weight, and the MTP layer the preset drops
+    assert 0 < acts["dequantized"] < acts["dropped"]
 
     # ckptflow's own MP output passes its own validate and verify (no index, rank files).
     for command, ok in (("validate", "2 model-parallel rank files"), ("verify", "all floating tensors match")):

@@ -189,7 +189,8 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
             yield from _trimmed(ctx, region, r0, r1, buf, 2)
             continue
         # Device path: this chunk to the device, dequant there, bf16 bytes back.
-        w = torch.from_numpy(np.ascontiguousarray(codes)).to(ctx.device, non_blocking=True).view(fp8)
+        # a copy: `codes` views the read buffer, which `done` hands back to the pool for the next read
+        w = torch.from_numpy(codes.copy()).to(ctx.device, non_blocking=True).view(fp8)
         done(release)
         s = block_scales.contiguous().to(ctx.device) if scale_t.numel() > 1 else scale_t
         got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
