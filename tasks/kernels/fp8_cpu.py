@@ -20,7 +20,7 @@ import torch
 
 from ckptflow.tasks.kernels.scale_grid import normalise_scale
 
-FP8_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+FP8_TORCH_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
 _STEP_ELEMENTS = 1 << 17  # elements per add+take: amortises numpy's per-call cost, index stays in L2
 _MIN_TASK_ELEMENTS = 1 << 17  # below this a thread-pool hop costs more than it saves

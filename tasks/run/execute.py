@@ -160,10 +160,10 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
 
     from ckptflow.tasks.kernels.dispatch import block_scale_float32, weight_dequant
     from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
-    from ckptflow.tasks.kernels.fp8_cpu import FP8_DTYPES, dequant_rows, matrix_scales
+    from ckptflow.tasks.kernels.fp8_cpu import FP8_TORCH_DTYPES, dequant_rows, matrix_scales
 
     weight, scale = t.sources
-    fp8 = FP8_DTYPES[weight.dtype]
+    fp8 = FP8_TORCH_DTYPES[weight.dtype]
     raw_dtype = torch.uint8 if scale.dtype == "F8_E8M0" else ST_TO_TORCH[scale.dtype]
     raw_scale = torch.frombuffer(read_small(ctx, scale), dtype=raw_dtype) if scale.end > scale.start \
         else torch.empty(0, dtype=raw_dtype)
