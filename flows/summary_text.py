@@ -65,6 +65,10 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     if len(passes) > 1:
         for i, p in enumerate(passes, 1):
             print(_pass_line(i, p), file=out)
+    for i, p in enumerate(passes, 1):  # what the plan does to tensors: --fix-dtypes says what it cast
+        acts = ", ".join(f"{v} {k}" for k, v in (p.get("actions") or {}).items() if v and k != "copied")
+        if acts:
+            print(f"plan:     {acts}" if len(passes) == 1 else f"plan {i}:   {acts}", file=out)
     reused = summary.get("cached_shards", 0)
     print(f"shards:   {summary['shards'] - reused} written, {reused} reused from an earlier run", file=out)
     print(f"tensors:  {summary['tensors']} written, {summary.get('reused_tensors', 0)} reused "
