@@ -255,3 +255,19 @@ def test_summary_block_is_width_safe_and_names_prefects_share():
     assert "shards:   2 written, 6 reused from an earlier run" in lines
     assert "time:     9.0 s waited: 1.0 s converting, 6.5 s Prefect (server, runs)" in lines
     assert "          1.5 s start-up + planning, 0.50 s in shard tasks" in lines
+
+
+def test_flow_reuses_the_clis_plan_unless_a_file_changed(ckpt):
+    from ckptflow.flows.preflight import plan_conversion, remember
+    from ckptflow.flows.recipe import Recipe
+    from ckptflow.storage.urls import open_location
+
+    src, recipe = open_location(str(ckpt)), Recipe(dequant=True)
+    planned = plan_conversion(src, recipe)
+    remember(src, planned)
+    assert plan_conversion(open_location(str(ckpt)), recipe, reuse=True) is planned  # headers not read again
+    remember(src, planned)
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1000))
+    again = plan_conversion(src, recipe, reuse=True)
+    assert again is not planned and again.ckpt.versions[shard.name] != planned.ckpt.versions[shard.name]
