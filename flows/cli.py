@@ -153,7 +153,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from ckptflow.flows.params import ConvertOptions
 
     options = ConvertOptions(**convert_options(args))  # before torch and Prefect load
+    from ckptflow.flows import server
+
+    server.prestart()  # boots while the flow imports; deaf to the terminal's Ctrl-C (flows/server.py)
     from ckptflow.flows.watch import WatchFailed, watch_flow
+
+    server.ready()
 
     try:
         summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
@@ -243,10 +248,13 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 
     opts = parse_storage_options(args.storage_options) or None
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
+    from ckptflow.flows import server
     from ckptflow.flows.megatron import megatron_flow, megatron_preflight
 
     megatron_preflight(args.source, args.config, opts, args.table)  # bombs and bad shapes: before Prefect starts
 
+    server.prestart()  # deaf to the terminal's Ctrl-C (flows/server.py)
+    server.ready()
     summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
                             table=args.table, max_shard_size=args.max_shard_size, work=args.work,
                             storage_options=parse_storage_options(args.storage_options) or None)
@@ -514,8 +522,10 @@ def _main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # only where the handlers are not armed (main(argv) from Python)
+        from ckptflow.flows.interrupt import message
+
+        print(message(), file=sys.stderr)
         return 130
 
 

@@ -24,6 +24,7 @@ from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 
 from ckptflow.flows import interrupt
+from ckptflow.flows.dry_run import tensor_actions
 from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
 from ckptflow.flows.preflight import plan_conversion
 from ckptflow.flows.recipe import plan_mp_stage
@@ -119,7 +120,7 @@ def pass_summary(plan: StagePlan, records: list[dict[str, Any]], into: str) -> d
             "tensors": sum(r["tensors"] for r in fresh), "reused_tensors": sum(r["tensors"] for r in reused),
             "source_bytes": sum(r.get("source_bytes", 0) for r in fresh),
             "bytes_written": sum(nbytes(r) for r in fresh), "reused_bytes": sum(nbytes(r) for r in reused),
-            "dropped_tensors": len(plan.dropped)}
+            "dropped_tensors": len(plan.dropped), "actions": tensor_actions(plan)}
 
 
 def tensor_bytes(plans: list[StagePlan]) -> Any:

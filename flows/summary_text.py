@@ -49,10 +49,10 @@ def timing(summary: dict[str, Any], flow_called_at: float, flow_returned_at: flo
             "flow_s": round(flow_s, 3), "waited_s": round(flow_returned_at, 3)}
 
 
-def _pass_line(i: int, p: dict[str, Any]) -> str:
-    return (f"pass {i}:   {p['stage']} → {p['into']}: {p['shards']} shards "
-            f"({p['cached_shards']} reused), {p['tensors']} tensors, "
-            f"{human(p['source_bytes'])} read → {human(p['bytes_written'])} written")
+def _pass_lines(i: int, p: dict[str, Any]) -> list[str]:
+    return [f"pass {i}:   {p['stage']} → {p['into']}: {p['shards']} shards ({p['cached_shards']} reused), "
+            f"{p['tensors']} tensors written",
+            f"          {human(p['source_bytes'])} read → {human(p['bytes_written'])} written"]
 
 
 def print_summary(summary: dict[str, Any], out: Any = None) -> None:
@@ -64,7 +64,11 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     passes = summary.get("passes") or []
     if len(passes) > 1:
         for i, p in enumerate(passes, 1):
-            print(_pass_line(i, p), file=out)
+            print("\n".join(_pass_lines(i, p)), file=out)
+    for i, p in enumerate(passes, 1):  # what the plan does to tensors: --fix-dtypes says what it cast
+        acts = ", ".join(f"{v} {k}" for k, v in (p.get("actions") or {}).items() if v and k != "copied")
+        if acts:
+            print(f"plan:     {acts}" if len(passes) == 1 else f"plan {i}:   {acts}", file=out)
     reused = summary.get("cached_shards", 0)
     print(f"shards:   {summary['shards'] - reused} written, {reused} reused from an earlier run", file=out)
     print(f"tensors:  {summary['tensors']} written, {summary.get('reused_tensors', 0)} reused "
@@ -73,12 +77,12 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           + (f" ({human(summary['reused_bytes'])} reused)" if summary.get("reused_bytes") else ""), file=out)
     if t:
         print(f"time:     {t['waited_s']:.1f} s waited: {t['flow_s']:.1f} s converting, "
-              f"{t['prefect_s']:.1f} s Prefect (server, bookkeeping), "
-              f"{t['before_flow_s']:.1f} s start-up + planning", file=out)
+              f"{t['prefect_s']:.1f} s Prefect (server, runs)", file=out)
+        print(f"          {t['before_flow_s']:.1f} s start-up + planning, ", end="", file=out)
     else:
-        print(f"time:     {summary['seconds']:.2f} s in the flow", file=out)
-    print(f"          {summary['shard_seconds']:.2f} s in shard tasks"
-          + (f" ({gbps:.3f} GB/s of input)" if gbps else ""), file=out)
+        print(f"time:     {summary['seconds']:.2f} s in the flow, ", end="", file=out)
+    print(f"{summary['shard_seconds']:.2f} s in shard tasks"
+          + (f" ({gbps:.3f} GB/s in)" if gbps else ""), file=out)
     for note in summary.get("notes", []):
         print(f"note:     {note}", file=out)
     print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)

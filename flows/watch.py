@@ -25,6 +25,7 @@ from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, StorageError, open_location
 from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
 
+from ckptflow.flows import interrupt
 from ckptflow.flows.convert import convert_flow
 from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
 from ckptflow.flows.runners import check_runner, make_task_runner
@@ -64,6 +65,7 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     """Convert each checkpoint `source_prefix/<name>` into `dest_prefix/<name>` unless its output
     is up to date; `work_prefix/<name>` (default `dest_prefix/.ckptflow-work/<name>`) holds its
     shard records and the marker of its last finished conversion."""
+    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
     logger = get_run_logger()
     check_runner(options.task_runner, options.dask_address)  # once, not once per checkpoint
     dst = open_location(dest_prefix, storage_options)

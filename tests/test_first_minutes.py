@@ -232,3 +232,43 @@ def test_truncated_shard_is_one_problem_with_its_count(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(header + b"\0" * 16 * 10)  # 10 of 42 tensors present
     found = [str(p) for p in find_problems(scan_checkpoint(open_location(str(tmp_path))))]
     assert len(found) == 1 and "32 of 42 tensor(s) cut (first: 't10')" in found[0], found
+
+
+def test_summary_block_is_width_safe_and_names_prefects_share():
+    import io
+
+    from ckptflow.flows.summary_text import print_summary
+
+    passes = [{"stage": s, "into": into, "shards": n, "cached_shards": c, "tensors": t, "source_bytes": 10,
+               "bytes_written": 20, "actions": {"dequantized": 4, "cast": 2, "copied": 9}}
+              for s, into, n, c, t in (("dequant", "work", 6, 6, 0), ("mp", "DEST", 2, 0, 134))]
+    summary = {"dest": "/very/long/" + "x" * 80, "shards": 8, "cached_shards": 6, "tensors": 134,
+               "reused_tensors": 135, "dropped_tensors": 1, "source_bytes": 10, "bytes_written": 20,
+               "reused_bytes": 5, "seconds": 1.0, "shard_seconds": 0.5, "dtypes": {"BF16": 3}, "passes": passes,
+               "timing": {"waited_s": 9.0, "flow_s": 1.0, "prefect_s": 6.5, "before_flow_s": 1.5}}
+    out = io.StringIO()
+    print_summary(summary, out)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "output:" and lines[1].strip() == summary["dest"]  # the label never wraps
+    assert all(len(line) <= 80 for line in lines[2:]), [line for line in lines if len(line) > 80]
+    assert "pass 1:   dequant → work: 6 shards (6 reused), 0 tensors written" in lines
+    assert "plan 2:   4 dequantized, 2 cast" in lines
+    assert "shards:   2 written, 6 reused from an earlier run" in lines
+    assert "time:     9.0 s waited: 1.0 s converting, 6.5 s Prefect (server, runs)" in lines
+    assert "          1.5 s start-up + planning, 0.50 s in shard tasks" in lines
+
+
+def test_flow_reuses_the_clis_plan_unless_a_file_changed(ckpt):
+    from ckptflow.flows.preflight import plan_conversion, remember
+    from ckptflow.flows.recipe import Recipe
+    from ckptflow.storage.urls import open_location
+
+    src, recipe = open_location(str(ckpt)), Recipe(dequant=True)
+    planned = plan_conversion(src, recipe)
+    remember(src, planned)
+    assert plan_conversion(open_location(str(ckpt)), recipe, reuse=True) is planned  # headers not read again
+    remember(src, planned)
+    shard = sorted(ckpt.glob("*.safetensors"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1000))
+    again = plan_conversion(src, recipe, reuse=True)
+    assert again is not planned and again.ckpt.versions[shard.name] != planned.ckpt.versions[shard.name]
