@@ -78,9 +78,9 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     from ckptflow.flows.summary_text import process_age, timing
 
     try:
-        runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
         called = process_age()  # from here on the wait is Prefect's: its server, then the flow run
-        server.ready()
+        server.ready()  # before the runner: local workers share this same temporary server
+        runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
         summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
         summary["timing"] = timing(summary, called, process_age())
