@@ -153,6 +153,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from ckptflow.flows.params import ConvertOptions
 
     options = ConvertOptions(**convert_options(args))  # before torch and Prefect load
+    from ckptflow.storage.overlap import open_watch_prefixes
+
+    open_watch_prefixes(args.source_prefix, args.dest_prefix, args.work_prefix,
+                        parse_storage_options(args.storage_options) or None)  # overlap: before Prefect too
     from ckptflow.flows import server
 
     server.prestart()  # boots while the flow imports; deaf to the terminal's Ctrl-C (flows/server.py)

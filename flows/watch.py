@@ -20,7 +20,7 @@ from ckptflow.storage.errors import problem_list
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.files import read_json, write_json
 from ckptflow.storage.listing import list_tree
-from ckptflow.storage.overlap import refuse_overlap
+from ckptflow.storage.overlap import open_watch_prefixes
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, StorageError, open_location
 from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
@@ -68,15 +68,8 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
     logger = get_run_logger()
     check_runner(options.task_runner, options.dask_address)  # once, not once per checkpoint
-    dst = open_location(dest_prefix, storage_options)
-    work = open_location(work_prefix or dst.url_of(".ckptflow-work"), storage_options)
+    src, dst, work = open_watch_prefixes(source_prefix, dest_prefix, work_prefix, storage_options)
     recipe = options.recipe_key()
-    src = open_location(source_prefix, storage_options)
-    # The work prefix lives inside DEST_PREFIX by default (hidden, never listed as output).
-    refuse_overlap(("SOURCE_PREFIX", src), ("DEST_PREFIX", dst), ("--work-prefix", work),
-                   allow_nested=frozenset({("--work-prefix", "DEST_PREFIX")}))
-    if not src.fs.exists(src.root):
-        raise StorageError(f"{source_prefix}: no such folder or prefix; check the source_prefix")
     if not dry_run:
         check_writable_dest(dst)
     found = find_checkpoints(list_tree(src))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 from collections.abc import Iterator
+from typing import Any
 
 from ckptflow.storage.urls import Location, StorageError
 
@@ -91,3 +92,21 @@ def refuse_under(path: str, loc: Location, protected: Location, role: str = "SOU
     """Last guard before a delete: never remove anything under `protected` (SOURCE)."""
     if inside(Location(loc.url, loc.fs, path), protected):
         raise StorageError(f"refusing to delete {path}: it lies inside {role} {protected.url}")
+
+
+def open_watch_prefixes(source_prefix: str, dest_prefix: str, work_prefix: str | None,
+                        storage_options: dict[str, Any] | None) -> tuple[Location, Location, Location]:
+    """SOURCE_PREFIX, DEST_PREFIX and the work prefix of a watch run, refused when they overlap or
+    the source is missing: the CLI calls it before Prefect starts, the watch flow again."""
+    from ckptflow.storage.urls import open_location
+
+    dst = open_location(dest_prefix, storage_options)
+    work = open_location(work_prefix or dst.url_of(".ckptflow-work"), storage_options)
+    src = open_location(source_prefix, storage_options)
+    # The work prefix lives inside DEST_PREFIX by default (hidden, never listed as output).
+    refuse_overlap(("SOURCE_PREFIX", src), ("DEST_PREFIX", dst), ("--work-prefix", work),
+                   allow_nested=frozenset({("--work-prefix", "DEST_PREFIX")}))
+    if not src.fs.exists(src.root):
+        raise StorageError(f"{source_prefix}: no such folder or prefix; check SOURCE_PREFIX "
+                           "(the watch flow's source_prefix)")
+    return src, dst, work
