@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
-from ckptflow.storage.checkpoint import Checkpoint
+from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.safetensors_format import DTYPE_SIZES, Header, TensorInfo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +82,34 @@ def fake_ckpt(files: dict[str, list[tuple[str, str, tuple[int, ...]]]], config=N
     weight_map = {t: f for f, h in headers.items() for t in h.tensors}
     return Checkpoint("mem://x", {f: h.file_size for f, h in headers.items()}, headers,
                       index={"metadata": {}, "weight_map": weight_map}, config=config)
+
+
+def sigkill_when(child: subprocess.Popen, ready: Callable[[], bool], timeout: float = 180) -> None:
+    """SIGKILL `child`'s process group the moment `ready()` holds (polled), then reap it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if ready():
+            os.killpg(child.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    child.wait()
+
+
+def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
+    """The convert flow's pass loop without Prefect: shards, finalize; returns the pass count."""
+    from ckptflow.flows.passes import finalize
+    from ckptflow.flows.recipe import plan_mp_stage, plan_passes
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.run.execute import write_shard
+
+    src_loc = open_location(str(src))
+    ckpt = scan_checkpoint(src_loc)
+    passes, _ = plan_passes(ckpt, recipe, fuse=fuse)
+    for p in passes:
+        plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
+        out = open_location(str(work / "stages" / plan.stage) if p.into_work else str(dst))
+        for shard in plan.shards:
+            write_shard(shard, src_loc, out)
+        finalize(plan, ckpt, src_loc, out)
+        src_loc, ckpt = out, scan_checkpoint(out)
+    return len(passes)

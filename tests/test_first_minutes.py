@@ -14,8 +14,7 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .conftest import PYTHON, ROOT, cli_env
-from .test_flow import tree
+from .helpers import PYTHON, ROOT, cli_env, tree
 
 # The real CLI (`main()` with no argv: the handlers are armed, as for `ckptflow …`), with a pause
 # before each shard so a signal lands mid-run. Prefect's settings are set before it is imported.

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptflow.flows.passes import finalize
-from ckptflow.flows.recipe import Recipe, plan_mp_stage, plan_passes
+from ckptflow.flows.params import Recipe
+from ckptflow.flows.recipe import plan_passes
 from ckptflow.flows.synthetic import TOKENIZER_FILES, DeepSeekDims, deepseek_config, deepseek_entries, write_checkpoint
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 from ckptflow.tasks.run.execute import write_shard
+
+from .helpers import run_passes
 
 # Split by MP (embed/head by rows), casted by --fix-dtypes: float32 where config says bfloat16.
 F32_NAMES = ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight")
@@ -41,21 +43,6 @@ def fp8(tmp_path_factory) -> dict[bool, Path]:
         out[f32] = root / f"fp8-{f32}"
         write_checkpoint(open_location(str(out[f32])), groups, deepseek_config(DeepSeekDims()), TOKENIZER_FILES)
     return out
-
-
-def run_passes(src: Path, dst: Path, work: Path, recipe: Recipe, fuse: bool) -> int:
-    """The convert flow's pass loop without Prefect: shards, finalize; returns the pass count."""
-    src_loc = open_location(str(src))
-    ckpt = scan_checkpoint(src_loc)
-    passes, _ = plan_passes(ckpt, recipe, fuse=fuse)
-    for p in passes:
-        plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
-        out = open_location(str(work / "stages" / plan.stage) if p.into_work else str(dst))
-        for shard in plan.shards:
-            write_shard(shard, src_loc, out)
-        finalize(plan, ckpt, src_loc, out)
-        src_loc, ckpt = out, scan_checkpoint(out)
-    return len(passes)
 
 
 @pytest.mark.parametrize("fix", [False, True], ids=["dequant", "dequant+fix"])

@@ -2,17 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .helpers import PYTHON, ROOT, cli_env
-from .helpers import tree
+from .helpers import PYTHON, ROOT, cli_env, run_passes, sigkill_when, tree
 
 # The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
 SLOW_CHILD = """
@@ -34,13 +31,7 @@ def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path
     args = ["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(work), "--max-workers", "1", "--json"]
     child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=cli_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if len(list(out.glob("*.safetensors"))) >= 2:
-            os.killpg(child.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    child.wait()
+    sigkill_when(child, lambda: len(list(out.glob("*.safetensors"))) >= 2)
     assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
     committed = sorted(p.name for p in out.glob("*.safetensors"))
     assert 2 <= len(committed) < 6
@@ -65,9 +56,7 @@ def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path
 def test_sigkill_during_the_single_dequant_mp_pass_resumes_exactly(demo_ckpt, tmp_path):
     """--dequant --mp 4 is one pass (rank files straight from FP8): killed after a rank file, the
     rerun reuses it, writes the others, and equals the two passes byte for byte."""
-    from ckptflow.flows.recipe import Recipe
-
-    from .test_onepass import run_passes
+    from ckptflow.flows.params import Recipe
 
     out, work = tmp_path / "out", tmp_path / "work"
     env = cli_env(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # a loaded CI box starts it slowly
@@ -75,13 +64,7 @@ def test_sigkill_during_the_single_dequant_mp_pass_resumes_exactly(demo_ckpt, tm
             "--max-workers", "1", "--json"]
     child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and child.poll() is None:
-        if list(out.glob("*.safetensors")):
-            os.killpg(child.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    child.wait()
+    sigkill_when(child, lambda: bool(list(out.glob("*.safetensors"))))
     assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
     committed = sorted(p.name for p in out.glob("*.safetensors"))
     assert 1 <= len(committed) < 4
