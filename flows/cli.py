@@ -54,9 +54,10 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
 
     opts = parse_storage_options(getattr(args, "storage_options", None))
     # bad values fail here, one line each, before torch or Prefect load
-    options = ConvertOptions(**convert_options(args, **fixed)).model_dump()
+    validated = ConvertOptions(**convert_options(args, **fixed))
+    options = validated.model_dump()
     refuse_overlap_early(source, dest, work, opts)
-    planned = plan_early(source, options, opts)
+    planned = plan_early(source, validated.recipe(), opts)
     if getattr(args, "dry_run", False):
         from ckptflow.flows.dry_run import dry_run_report
 
@@ -89,17 +90,17 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         progress.detach()
 
 
-def plan_early(source: str, options: dict[str, Any], opts: dict[str, Any]) -> Any:
+def plan_early(source: str, recipe: Any, opts: dict[str, Any]) -> Any:
     """Headers read, validated and every pass planned before Prefect (or torch) is imported: an
     input error is one `error:` line in about a second. The flow reuses this plan (same process,
     same files) and plans itself when run any other way. A `--fetch` of a remote SOURCE plans on
     the remote headers here (range reads); the flow plans again on the fetched copy."""
     from ckptflow.storage.urls import open_location
 
-    from ckptflow.flows.preflight import plan_conversion, recipe_of, remember
+    from ckptflow.flows.preflight import plan_conversion, remember
 
     src = open_location(source, opts)
-    planned = plan_conversion(src, recipe_of(options))
+    planned = plan_conversion(src, recipe)
     remember(src, planned)
     return planned
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
 
 from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.urls import Location
@@ -83,8 +82,3 @@ def _unchanged(ckpt: Checkpoint, src: Location) -> bool:
         return False
     return ({n: s.size for n, s in now.items()} == ckpt.files
             and all(now[n].version == ckpt.versions.get(n) for n in ckpt.weight_files))
-
-
-def recipe_of(options: dict[str, Any]) -> Recipe:
-    """The `Recipe` of a convert command's options (`ConvertOptions` fields)."""
-    return Recipe(**{k: options[k] for k in Recipe.model_fields if k in options})

@@ -162,13 +162,13 @@ def test_summary_counts_this_run_only(prefect_harness, ckpt, tmp_path):
 
 def test_dry_run_numbers_match_a_real_run(prefect_harness, ckpt, tmp_path):
     from ckptflow.flows.dry_run import dry_run_report
-    from ckptflow.flows.preflight import plan_conversion, recipe_of
+    from ckptflow.flows.preflight import plan_conversion
     from ckptflow.flows.params import ConvertOptions
     from ckptflow.storage.urls import open_location
 
     out = tmp_path / "mp"
-    options = ConvertOptions(dequant=True, mp=2).model_dump()
-    report = dry_run_report(plan_conversion(open_location(str(ckpt)), recipe_of(options)), str(ckpt), str(out),
+    recipe = ConvertOptions(dequant=True, mp=2).recipe()
+    report = dry_run_report(plan_conversion(open_location(str(ckpt)), recipe), str(ckpt), str(out),
                             str(tmp_path / "w"))
     summary = convert_flow(str(ckpt), str(out), mp=2, work=str(tmp_path / "w"), dequant=True)
     assert [p["stage"] for p in report["passes"]] == [p["stage"] for p in summary["passes"]]
