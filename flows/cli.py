@@ -84,7 +84,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
         summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
-        summary["timing"] = timing(summary, called, process_age())
+        summary["timing"] = timing(summary, called, process_age(), server.label())
         return summary
     finally:
         progress.detach()
@@ -275,19 +275,38 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ckptflow.storage.urls import open_location
 
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
-
     root = args.dest.rstrip("/")
     source, dest = f"{root}/source-fp8", f"{root}/output-bf16"
     src = open_location(source)
     if src.fs.exists(src.path("model.safetensors.index.json")):
         print(f"demo: reused the DeepSeek-V3-shaped FP8 checkpoint at {source}")
     else:
+        from ckptflow.flows.synthetic import make_deepseek_v3_fp8  # torch: only to generate
+
         make_deepseek_v3_fp8(src)
         print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
     summary = _run_convert(args, source, dest, f"{root}/.work", dequant=True)
     print_summary(summary)
     print(f"\nnext: ckptflow validate {dest}")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from ckptflow.flows import local_server
+
+    if args.action == "start":
+        url = local_server.start(args.port)
+        print(f"local Prefect server at {url} (UI: {url.removesuffix('/api')}); ckptflow runs without "
+              f"PREFECT_API_URL use it until `ckptflow server stop`")
+        return 0
+    if args.action == "stop":
+        print("local Prefect server stopped" if local_server.stop() else "no local Prefect server was running")
+        return 0
+    url, pid = local_server.status()
+    if url is None:
+        print(f"no local Prefect server running (start one: ckptflow server start; files: {local_server.home()})")
+        return 1
+    print(f"local Prefect server at {url}, pid {pid}, files in {local_server.home()}")
     return 0
 
 
@@ -447,6 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default ./ckptflow-demo; a second run reuses the source)")
     d.add_argument("--max-workers", type=int, default=1, help="shard tasks at once (default 1)")
     d.set_defaults(func=cmd_demo)
+
+    s = _command(sub, "server", help="keep a local Prefect server running between runs (no start-up per run)")
+    s.add_argument("action", choices=("start", "stop", "status"),
+                   help="start: run one in the background (UI included), used by every later run without "
+                        "PREFECT_API_URL; stop: stop it; status: is it running (exit 1 if not)")
+    s.add_argument("--port", type=_at_least_one, help="start: its port on 127.0.0.1 (default: a free one)")
+    s.set_defaults(func=cmd_server)
     return p
 
 

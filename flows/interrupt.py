@@ -8,7 +8,8 @@ design survives SIGKILL at any instant), a shard in flight only ever has a hidde
 (`.NAME.partial-*`, swept by the next run) and the local DEST lock is an flock the kernel drops.
 So the handler prints one line and leaves with `os._exit`: no atexit hooks, no Prefect
 teardown. What it does first: release object-store DEST locks (else a rerun would wait out the
-lock's 90 s lease) and let the orphan watchdog (flows/watchdog.py) reap the temporary server.
+lock's 90 s lease) and stop the temporary server (the orphan watchdog, flows/watchdog.py, reaps
+what else is left).
 
 Only the CLI arms this (`arm()`), never a deployment run or a test calling `main(argv)`.
 Prefect swaps in its own SIGTERM handler at each flow run's start; the flows call `rearm()`
@@ -22,6 +23,7 @@ import sys
 import threading
 from typing import Any
 
+from ckptflow.flows import server
 from ckptflow.tasks.run import progress
 
 _armed = False
@@ -42,6 +44,7 @@ def _handler(signum: int, frame: Any) -> None:
         signal.signal(sig, signal.SIG_IGN)
     progress.clear_bars()
     _release_locks()
+    server.stop()  # the temporary server, if this run started one
     try:
         sys.stdout.flush()
     except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
@@ -83,30 +86,18 @@ def rearm() -> None:
 
 
 def leave(code: int) -> int:
-    """End a CLI process that ran a flow on Prefect's temporary server without Prefect's teardown.
+    """End a CLI process that ran a flow on ckptflow's temporary server without Prefect's teardown.
 
     After the summary (or an error line) nothing the user needs is left: shards, journal, index
-    and DEST are durable, and the temporary server's database only records the run. Its atexit
-    teardown (flushing events to a server about to stop, waiting for it to stop) costs seconds
-    and can print an EventsWorker warning after an error. So: stop the server process (without
-    waiting), flush, `os._exit`. With a real server (PREFECT_API_URL) the normal exit runs, so
-    every event and log reaches it; `code` is then just returned.
+    and DEST are durable, and the temporary server's database only records the run. Prefect's
+    atexit teardown (flushing events to a server about to stop) costs seconds and can print an
+    EventsWorker warning after an error. So: stop the server process (without waiting), flush,
+    `os._exit`. With a server that outlives the run (the user's, or `ckptflow server start`'s)
+    the normal exit runs, so every event and log reaches it; `code` is then just returned.
     """
-    if "prefect" not in sys.modules or not _armed:
+    if not _armed or server.kind() != "temporary":
         return code
-    try:
-        from prefect.settings import get_current_settings
-
-        if get_current_settings().api.url:
-            return code
-        from prefect.server.api.server import SubprocessASGIServer
-
-        for server in list(getattr(SubprocessASGIServer, "_instances", {}).values()):
-            proc = getattr(server, "server_process", None)
-            if proc is not None:
-                proc.terminate()  # the watchdog SIGKILLs it if it lingers
-    except Exception:  # noqa: BLE001 - a normal exit is the fallback, never a failure
-        return code
+    server.stop()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -10,7 +10,8 @@ process would start its own temporary SQLite-backed server, and the workers' tas
 records and concurrency limits would not be shared. With no `PREFECT_API_URL`, local workers
 (a process pool, a Dask LocalCluster) are given the temporary server this process starts anyway:
 `share_temporary_server` starts it before the workers and exports its URL, which they inherit.
-A remote Dask cluster cannot reach a server on this machine's loopback: it needs a real one.
+(A CLI run has already exported the URL of its own server, flows/server.py.) A remote Dask
+cluster cannot reach a server on this machine's loopback: it needs a real one.
 """
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def check_runner(kind: str, dask_address: str | None = None) -> None:
         raise RunnerError(f"unknown task runner {kind!r}; choose one of: {', '.join(RUNNERS)}")
     if dask_address and kind != "dask":
         raise RunnerError(f"--dask-address is for --task-runner dask, not {kind!r}")
-    if kind != "threads" and dask_address and not api_url():
+    from ckptflow.flows import server
+
+    if kind != "threads" and dask_address and (not api_url() or server.owned()):
         raise RunnerError(
             "--dask-address runs shard tasks on another cluster, whose workers must all talk to one "
             "Prefect server they can reach; start one (`prefect server start --host 0.0.0.0`) and "

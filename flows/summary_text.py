@@ -38,13 +38,15 @@ def process_age() -> float:
 _IMPORTED = time.perf_counter()
 
 
-def timing(summary: dict[str, Any], flow_called_at: float, flow_returned_at: float) -> dict[str, float]:
+def timing(summary: dict[str, Any], flow_called_at: float, flow_returned_at: float,
+           server: tuple[str, str | None] = ("yours", None)) -> dict[str, Any]:
     """Where the user's wait went, all in seconds of process age: `before_flow` (Python, imports,
     reading headers and planning), `prefect` (from calling the flow to its body starting, and
     from its body ending to the call returning: Prefect's imports, temporary server, flow-run
-    records), `flow` (the flow body: shard tasks, finalize, read-back verify)."""
+    records), `flow` (the flow body: shard tasks, finalize, read-back verify). `server` is which
+    Prefect server the run used (flows/server.py): "temporary", "local" or "yours", and its URL."""
     flow_s = float(summary.get("seconds", 0.0))
-    return {"before_flow_s": round(flow_called_at, 3),
+    return {"server": server[0], "server_url": server[1], "before_flow_s": round(flow_called_at, 3),
             "prefect_s": round(max(0.0, flow_returned_at - flow_called_at - flow_s), 3),
             "flow_s": round(flow_s, 3), "waited_s": round(flow_returned_at, 3)}
 
@@ -53,6 +55,9 @@ def _pass_lines(i: int, p: dict[str, Any]) -> list[str]:
     return [f"pass {i}:   {p['stage']} → {p['into']}: {p['shards']} shards ({p['cached_shards']} reused), "
             f"{p['tensors']} tensors written",
             f"          {human(p['source_bytes'])} read → {human(p['bytes_written'])} written"]
+
+
+_SERVER_WORDS = {"temporary": "temporary server", "local": "local server", "yours": "your server"}
 
 
 def print_summary(summary: dict[str, Any], out: Any = None) -> None:
@@ -77,7 +82,7 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
           + (f" ({human(summary['reused_bytes'])} reused)" if summary.get("reused_bytes") else ""), file=out)
     if t:
         print(f"time:     {t['waited_s']:.1f} s waited: {t['flow_s']:.1f} s converting, "
-              f"{t['prefect_s']:.1f} s Prefect (server, runs)", file=out)
+              f"{t['prefect_s']:.1f} s Prefect ({_SERVER_WORDS.get(t.get('server'), 'server')}, runs)", file=out)
         print(f"          {t['before_flow_s']:.1f} s start-up + planning, ", end="", file=out)
     else:
         print(f"time:     {summary['seconds']:.2f} s in the flow, ", end="", file=out)

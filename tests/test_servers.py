@@ -1,0 +1,110 @@
+"""Which Prefect server a CLI run uses (flows/server.py): its own temporary one, gone when it
+leaves, or the local server `ckptflow server start` keeps running (flows/local_server.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from .helpers import PYTHON, ROOT, cli_env, tree
+
+
+def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _flow_run_names(url: str) -> list[str]:
+    request = urllib.request.Request(f"{url}/flow_runs/filter", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [run["name"] for run in json.loads(response.read())]
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
+    env = cli_env(CKPTFLOW_SERVER_HOME=str(tmp_path / "srv"))
+    env.pop("PREFECT_API_URL", None)
+    assert _cli("server", "status", env=env).returncode == 1  # none yet
+
+    started = _cli("server", "start", env=env, timeout=180)
+    assert started.returncode == 0, started.stderr[-2000:]
+    state = json.loads((tmp_path / "srv" / "server.json").read_text())
+    url, pid = state["url"], state["pid"]
+    assert url in started.stdout and url.startswith("http://127.0.0.1:")
+    again = _cli("server", "start", env=env)  # a second start finds it, starts nothing
+    assert again.returncode == 0 and url in again.stdout
+    assert json.loads((tmp_path / "srv" / "server.json").read_text())["pid"] == pid
+    status = _cli("server", "status", env=env)
+    assert status.returncode == 0 and url in status.stdout and str(pid) in status.stdout
+
+    try:
+        out = tmp_path / "out"
+        run = _cli("convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w"), "--json",
+                   env=env)
+        assert run.returncode == 0, run.stderr[-2000:]
+        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        assert summary["timing"]["server"] == "local"
+        assert "local server" in run.stdout
+        assert len(_flow_run_names(url)) >= 1  # the run is recorded there, browsable in its UI
+        assert (out / "model.safetensors.index.json").exists()
+    finally:
+        stopped = _cli("server", "stop", env=env)
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    deadline = time.monotonic() + 20
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    while _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _listening(port)
+    assert _cli("server", "status", env=env).returncode == 1
+    assert "no local Prefect server was running" in _cli("server", "stop", env=env).stdout
+
+
+def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_path):
+    env = cli_env(CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
+    env.pop("PREFECT_API_URL", None)
+    out = tmp_path / "out"
+    run = _cli("convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w"), "--json",
+               env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["timing"]["server"] == "temporary"
+    assert "temporary server" in run.stdout
+    port = int(summary["timing"]["server_url"].rsplit(":", 1)[1].split("/")[0])
+    assert not _listening(port) or _wait_closed(port)
+    assert tree(out)  # the run itself is whole
+
+
+def _wait_closed(port: int) -> bool:
+    deadline = time.monotonic() + 15
+    while _listening(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _listening(port)
+
+
+def test_a_stale_local_server_record_is_ignored(demo_ckpt, tmp_path):
+    """server.json naming a server that died: runs fall back to a temporary server; status says none."""
+    home = tmp_path / "srv"
+    home.mkdir()
+    (home / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:9/api", "pid": os.getpid()}))
+    env = cli_env(CKPTFLOW_SERVER_HOME=str(home))
+    env.pop("PREFECT_API_URL", None)
+    assert _cli("server", "status", env=env).returncode == 1
+    run = _cli("convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--work", str(tmp_path / "w"),
+               "--json", env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1])["timing"]["server"] == "temporary"
+    # stop must not signal a PID that is not the server it started (here: this test process)
+    assert "no local Prefect server was running" in _cli("server", "stop", env=env).stdout
