@@ -20,6 +20,11 @@ Measured 2026-12-02 (2 cores shared with 3 other engineers, load 5-7; 3 shards, 
     dequant  23.88 GB out  182.8 s  dd 52.6 s (3.48x)  RSS 387 -> 388 MiB   seed 000 (1 shard): 2.04x slower, 9 GiB
     mp8      24.75 GB out  129.2 s  dd 41.6 s (3.11x)  RSS 408 -> 402 MiB   (one pass)
     reindex  12.87 GB out   93.5 s  dd 19.3 s (4.84x)  RSS 278 -> 280 MiB   cp --sparse=never 52.4 s (1.78x)
+Measured again 2026-12-02 on an idle machine (load 0.5; 3 shards, 12.87 GB, 11.0 GB FP8):
+    dequant  23.88 GB out   66.5 s  dd 29.5 s (2.26x)  RSS 396 -> 387 MiB   seed 000 (1 shard): 1.41x slower, 9 GiB
+    mp8      24.75 GB out   54.5 s  dd 17.2 s (3.17x)  RSS 410 -> 399 MiB   (one pass)
+    reindex  12.87 GB out   43.3 s  dd 10.1 s (4.30x)  RSS 278 -> 280 MiB   cp --sparse=never 16.2 s (2.68x)
+The first figures were taken under load 5-7.
 The CPU dequant kernel alone runs ~0.55 GB/s of FP8 per core here: dequant/mp8 are bound by
 compute per core (the share of 2 cores this machine gave), not by the disk.
 """
