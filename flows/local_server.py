@@ -20,10 +20,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from ckptflow.flows.server import ServerError, health
+from ckptflow.flows.server import ServerError, health, last_line, wait_until_answers
 
 START_TIMEOUT_S = 120.0
 
@@ -93,23 +92,19 @@ def start(port: int | None = None) -> str:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                  "--port", str(port)], env=_env(), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not health(url, timeout=2.0):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise ServerError(f"the local Prefect server did not start on {url} "
-                              f"({_last_line(home() / 'server.log')}); its log: {home() / 'server.log'}")
-        time.sleep(0.2)
+    if wait_until_answers(url, proc, START_TIMEOUT_S, interval=0.2) is not None:
+        proc.kill()
+        raise ServerError(f"the local Prefect server did not start on {url} "
+                          f"({_last_line(home() / 'server.log')}); its log: {home() / 'server.log'}")
     (home() / "server.json").write_text(json.dumps({"url": url, "pid": proc.pid}) + "\n")
     return url
 
 
 def _last_line(path: Path) -> str:
     try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        return last_line(path.read_text(errors="replace")) or "no output"
     except OSError:
         return "no log"
-    return lines[-1][:300] if lines else "no output"
 
 
 def stop() -> bool:

@@ -152,28 +152,46 @@ def ready(timeout: float | None = None) -> None:
         sys.stdout.flush()
         os.execv(sys.executable, [sys.executable, "-m", "ckptflow.flows.cli", *sys.argv[1:]])
     limit = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+    why = wait_until_answers(_url, _proc, limit, interval=0.05)
+    said = last_line(_log_text())
+    said = f" ({said})" if said else ""
+    if why == "exited":
+        raise ServerError(f"Prefect's temporary server exited with status {_proc.returncode} before it "
+                          f"answered{said}; start one yourself (`prefect server start`) and "
+                          "export PREFECT_API_URL, or run `ckptflow server start`")
+    if why == "timeout":
+        stop()
+        raise ServerError(f"Prefect's temporary server did not answer within {limit:.0f} s{said}; "
+                          "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `ckptflow server start`")
+
+
+def wait_until_answers(url: str, proc: subprocess.Popen, limit: float, interval: float) -> str | None:
+    """Poll the health of the server `proc` runs at `url` until it answers (None), `proc` exits
+    ("exited") or `limit` seconds pass ("timeout")."""
     deadline = time.monotonic() + limit
-    while not health(_url, timeout=2.0):
-        if _proc.poll() is not None:
-            raise ServerError(f"Prefect's temporary server exited with status {_proc.returncode} before it "
-                              f"answered{_last_words()}; start one yourself (`prefect server start`) and "
-                              "export PREFECT_API_URL, or run `ckptflow server start`")
+    while not health(url, timeout=2.0):
+        if proc.poll() is not None:
+            return "exited"
         if time.monotonic() > deadline:
-            stop()
-            raise ServerError(f"Prefect's temporary server did not answer within {limit:.0f} s{_last_words()}; "
-                              "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `ckptflow server start`")
-        time.sleep(0.05)
+            return "timeout"
+        time.sleep(interval)
+    return None
 
 
-def _last_words() -> str:
-    if _log is None:
+def last_line(text: str) -> str:
+    """The last non-blank line of a server's log, trimmed for an error message ("" if none)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _log_text() -> str:
+    if _log is None or _log.closed:
         return ""
     try:
         _log.seek(0)
-        lines = [ln for ln in _log.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
+        return _log.read().decode(errors="replace")
+    except (OSError, ValueError):
         return ""
-    return f" ({lines[-1].strip()[:300]})" if lines else ""
 
 
 def stop() -> None:

@@ -25,6 +25,18 @@ def _flow_run_names(url: str) -> list[str]:
         return [run["name"] for run in json.loads(response.read())]
 
 
+def _convert_json(src, tmp_path, env: dict[str, str]) -> dict:
+    """`convert SRC tmp/out --dequant --json` through the CLI; its summary."""
+    run = _cli("convert", str(src), str(tmp_path / "out"), "--dequant", "--work", str(tmp_path / "w"), "--json",
+               env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return {**json.loads(run.stdout.strip().splitlines()[-1]), "stdout": run.stdout}
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].split("/")[0])
+
+
 def _listening(port: int) -> bool:
     import socket
 
@@ -51,23 +63,15 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
     assert status.returncode == 0 and url in status.stdout and str(pid) in status.stdout
 
     try:
-        out = tmp_path / "out"
-        run = _cli("convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w"), "--json",
-                   env=env)
-        assert run.returncode == 0, run.stderr[-2000:]
-        summary = json.loads(run.stdout.strip().splitlines()[-1])
+        summary = _convert_json(demo_ckpt, tmp_path, env)
         assert summary["timing"]["server"] == "local"
-        assert "local server" in run.stdout
+        assert "local server" in summary["stdout"]
         assert len(_flow_run_names(url)) >= 1  # the run is recorded there, browsable in its UI
-        assert (out / "model.safetensors.index.json").exists()
+        assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     finally:
         stopped = _cli("server", "stop", env=env)
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    deadline = time.monotonic() + 20
-    port = int(url.rsplit(":", 1)[1].split("/")[0])
-    while _listening(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _listening(port)
+    assert _wait_closed(_port(url), 20)
     assert _cli("server", "status", env=env).returncode == 1
     assert "no local Prefect server was running" in _cli("server", "stop", env=env).stdout
 
@@ -75,20 +79,15 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
 def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_path):
     env = cli_env(CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
     env.pop("PREFECT_API_URL", None)
-    out = tmp_path / "out"
-    run = _cli("convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w"), "--json",
-               env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    summary = _convert_json(demo_ckpt, tmp_path, env)
     assert summary["timing"]["server"] == "temporary"
-    assert "temporary server" in run.stdout
-    port = int(summary["timing"]["server_url"].rsplit(":", 1)[1].split("/")[0])
-    assert not _listening(port) or _wait_closed(port)
-    assert tree(out)  # the run itself is whole
+    assert "temporary server" in summary["stdout"]
+    assert _wait_closed(_port(summary["timing"]["server_url"]), 15)
+    assert tree(tmp_path / "out")  # the run itself is whole
 
 
-def _wait_closed(port: int) -> bool:
-    deadline = time.monotonic() + 15
+def _wait_closed(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
     while _listening(port) and time.monotonic() < deadline:
         time.sleep(0.2)
     return not _listening(port)
@@ -102,9 +101,6 @@ def test_a_stale_local_server_record_is_ignored(demo_ckpt, tmp_path):
     env = cli_env(CKPTFLOW_SERVER_HOME=str(home))
     env.pop("PREFECT_API_URL", None)
     assert _cli("server", "status", env=env).returncode == 1
-    run = _cli("convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--work", str(tmp_path / "w"),
-               "--json", env=env)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1])["timing"]["server"] == "temporary"
+    assert _convert_json(demo_ckpt, tmp_path, env)["timing"]["server"] == "temporary"
     # stop must not signal a PID that is not the server it started (here: this test process)
     assert "no local Prefect server was running" in _cli("server", "stop", env=env).stdout
