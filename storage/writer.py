@@ -22,6 +22,7 @@ from typing import Any
 from ckptflow.storage.listing import file_identity, local_identity_before_rename
 from ckptflow.storage.safetensors_format import SHARD_METADATA, TensorSpec, build_header
 from ckptflow.storage.urls import Location, StorageError
+from ckptflow.storage.writeback import WINDOW, RollingWriteback
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class AtomicFile:
         self._f = open(self._path, "wb", buffering=0) if loc.is_local else loc.fs.open(self._path, "wb")
         self.size = 0
         self._sha = hashlib.sha256() if digest else None
+        self._writeback = RollingWriteback(self._f.fileno()) if loc.is_local else None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -81,6 +83,8 @@ class AtomicFile:
         if self._sha is not None:
             self._sha.update(data)
         self.size += len(data)
+        if self._writeback is not None:
+            self._writeback.wrote(self.size)
 
     def copy_range(self, src_fd: int, offset: int, length: int) -> None:
         """Append `length` bytes of the file open as `src_fd` from `offset`, in the kernel.
@@ -93,10 +97,12 @@ class AtomicFile:
             done = 0
             try:
                 while done < length:
-                    n = os.copy_file_range(src_fd, out_fd, length - done, offset + done)
+                    n = os.copy_file_range(src_fd, out_fd, min(length - done, WINDOW), offset + done)
                     if n == 0:
                         raise OSError(f"{self.name}: source ended {length - done} bytes early")
                     done += n
+                    if self._writeback is not None:
+                        self._writeback.wrote(self.size + done)
                 self.size += length
                 return
             except OSError as exc:

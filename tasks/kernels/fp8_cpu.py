@@ -24,6 +24,7 @@ FP8_TORCH_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_
 _INT_VIEW = {2: torch.int16, 4: torch.int32}
 _STEP_ELEMENTS = 1 << 17  # elements per add+take: amortises numpy's per-call cost, index stays in L2
 _MIN_TASK_ELEMENTS = 1 << 17  # below this a thread-pool hop costs more than it saves
+_SERIAL_ELEMENTS = 1 << 15  # torch's GRAIN_SIZE: an op on fewer elements runs on the calling thread
 _pool: ThreadPoolExecutor | None = None
 _scratch = threading.local()
 
@@ -53,10 +54,18 @@ def code_values(fp8: torch.dtype) -> torch.Tensor:
 
 
 def block_tables(scales: torch.Tensor, fp8: torch.dtype, out_dtype: torch.dtype) -> np.ndarray:
-    """For scales [..., nb]: every code's result per block, as raw integers [..., nb, 256]."""
+    """For scales [..., nb]: every code's result per block, as raw integers [..., nb, 256].
+
+    Computed in slices below torch's parallel grain: a table is small, and an OpenMP region per
+    chunk would wake torch's threads, which then spin on the cores the gather workers need.
+    """
     values = code_values(fp8)
-    tables = (scales.to(torch.float32)[..., None] * values).to(out_dtype)
-    return tables.view(_INT_VIEW[out_dtype.itemsize]).numpy()
+    flat = scales.to(torch.float32).reshape(-1)
+    out = torch.empty(flat.numel(), 256, dtype=out_dtype)
+    rows = max(1, _SERIAL_ELEMENTS // 256)
+    for a in range(0, flat.numel(), rows):
+        out[a:a + rows].copy_(flat[a:a + rows, None] * values)  # copy_ rounds as .to() does
+    return out.view(_INT_VIEW[out_dtype.itemsize]).numpy().reshape(*scales.shape, 256)
 
 
 def dequant_rows(codes: np.ndarray, scales: torch.Tensor, block: tuple[int, int],
