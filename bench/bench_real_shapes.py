@@ -26,9 +26,9 @@ Measured again 2026-12-02 on an idle machine (load 0.5; 3 shards, 12.87 GB, 11.0
     reindex  12.87 GB out   43.3 s  dd 10.1 s (4.30x)  RSS 278 -> 280 MiB   cp --sparse=never 16.2 s (2.68x)
 The first figures were taken under load 5-7.
 Measured 2026-12-03 after rolling writeback and serial block tables (load 0.8-2.0; same input):
-    dequant  23.88 GB out   41.9 s (shards 36.5 s)  dd 22.0 s (1.91x, 1.66x)  RSS 379 -> 388 MiB   seed 000: 1.79x slower
-    mp8      24.75 GB out   55.9 s (shards 50.2 s)  dd 22.1 s (2.52x, 2.27x)  RSS 401 -> 402 MiB   (one pass)
-    reindex  12.87 GB out   20.5 s (shards 15.1 s)  dd  8.8 s (2.33x, 1.72x)  RSS 278 -> 281 MiB   cp --sparse=never 7.3 s
+    dequant  23.88 GB out  41.9 s (shards 36.5 s)  dd 22.0 s (1.91x, 1.66x)  RSS 379 -> 388 MiB  seed 000: 1.79x slower
+    mp8      24.75 GB out  55.9 s (shards 50.2 s)  dd 22.1 s (2.52x, 2.27x)  RSS 401 -> 402 MiB   (one pass)
+    reindex  12.87 GB out  20.5 s (shards 15.1 s)  dd  8.8 s (2.33x, 1.72x)  RSS 278 -> 281 MiB  cp (no fsync) 7.3 s
 "shards" is the wall less the child's interpreter start, imports (Prefect, torch) and planning.
 The CPU dequant kernel alone runs ~0.55 GB/s of FP8 per core here: dequant/mp8 are bound by
 compute per core (the share of 2 cores this machine gave), not by the disk.
