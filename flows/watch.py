@@ -8,7 +8,6 @@ location); one checkpoint failing does not stop the others, but fails the watch 
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -18,17 +17,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ckptflow.storage.errors import problem_list
 from ckptflow.storage.errors import UserError
-from ckptflow.storage.files import read_json, write_json
+from ckptflow.storage.files import write_json
 from ckptflow.storage.listing import list_tree
 from ckptflow.storage.overlap import open_watch_prefixes
 from ckptflow.storage.remote import check_writable_dest
-from ckptflow.storage.urls import Location, StorageError, open_location
-from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, find_checkpoints, marker, plan_watch
+from ckptflow.storage.urls import Location, open_location
+from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, marker
 
 from ckptflow.flows import interrupt
 from ckptflow.flows.convert import convert_flow
 from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
 from ckptflow.flows.runners import check_runner, make_task_runner
+from ckptflow.flows.watch_scan import scan_watch, watch_summary
 
 
 class WatchFailed(UserError):
@@ -69,25 +69,18 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
     logger = get_run_logger()
     check_runner(options.task_runner, options.dask_address)  # once, not once per checkpoint
     src, dst, work = open_watch_prefixes(source_prefix, dest_prefix, work_prefix, storage_options)
-    recipe = options.recipe_key()
     if not dry_run:
         check_writable_dest(dst)
-    found = find_checkpoints(list_tree(src))
-    if not found:
+    scan = scan_watch(src, dst, work, options.recipe_key(), settle_seconds, logger.warning)
+    if not scan.found:
         logger.warning("%s: no checkpoints found (folders holding *.safetensors or %s)", source_prefix,
                        "model.safetensors.index.json")
-    outputs = list_tree(dst) if dst.fs.exists(dst.root) else {}
-    markers = read_watch_markers(work, list(found))
-    plan = plan_watch(found, markers, outputs, recipe, time.time(), settle_seconds)
-    for d in plan.decisions:
+    for d in scan.plan.decisions:
         logger.info("%s: %s (%s)", d.name, d.action, d.reason)
     results: dict[str, Any] = {}
-    if plan.to_convert() and not dry_run:
-        results = run_conversions(plan, src, dst, work, options, found, max_concurrent, storage_options)
-    summary = {"source_prefix": source_prefix, "dest_prefix": dest_prefix, "dry_run": dry_run,
-               "checkpoints": [{"name": d.name, "action": d.action, "reason": d.reason,
-                                **({"result": results[d.name]} if d.name in results else {})}
-                               for d in plan.decisions]}
+    if scan.plan.to_convert() and not dry_run:
+        results = run_conversions(scan.plan, src, dst, work, options, scan.found, max_concurrent, storage_options)
+    summary = watch_summary(source_prefix, dest_prefix, scan.plan, dry_run, results)
     publish_watch_summary(summary)
     failed = {n: r["error"] for n, r in results.items() if "error" in r}
     if failed:
@@ -95,22 +88,6 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
                           + problem_list(f"{n}: {e}" for n, e in failed.items()),
                           summary)
     return summary
-
-
-def read_watch_markers(work: Location, names: list[str]) -> dict[str, Any]:
-    """The marker of each checkpoint's last finished conversion; an unreadable one counts as none
-    (that checkpoint is converted again, mostly from cached shards)."""
-    if not work.fs.exists(work.root):
-        return {}
-    present = set(list_tree(work))
-    markers = {}
-    for n in names:
-        if f"{n}/{MARKER_NAME}" in present:
-            try:
-                markers[n] = read_json(work, f"{n}/{MARKER_NAME}")
-            except StorageError as exc:
-                get_run_logger().warning("%s; converting %s again", exc, n)
-    return markers
 
 
 def run_conversions(plan: WatchPlan, src: Location, dst: Location, work: Location, options: ConvertOptions,

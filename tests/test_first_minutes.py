@@ -89,6 +89,24 @@ def test_input_errors_are_one_line_before_prefect_or_torch(ckpt, tmp_path, case,
     assert seconds < 30  # ~0.5 s on an idle 2-core machine; bench/bench_first_minutes.py measures it
 
 
+def test_watch_dry_run_decides_without_prefect_or_torch(ckpt, tmp_path):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    shutil.copytree(ckpt, incoming / "org" / "m1")
+    (incoming / "notes.txt").write_text("not a checkpoint")
+    run, loaded, _ = _probe("watch", str(incoming), str(out), "--dequant", "--dry-run", "--settle-seconds", "0",
+                            "--json")
+    assert loaded == {"code": 0, "prefect": False, "torch": False}, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].split() == ["org/m1", "convert", "new"]
+    summary = json.loads(lines[1])
+    assert summary["dry_run"] is True and [c["name"] for c in summary["checkpoints"]] == ["org/m1"]
+    assert not out.exists()  # nothing written, not even the work prefix inside DEST_PREFIX
+    settling, loaded, _ = _probe("watch", str(incoming), str(out), "--dequant", "--dry-run")
+    assert loaded["code"] == 0 and settling.stdout.split()[:2] == ["org/m1", "settling"], settling.stdout
+    empty, loaded, _ = _probe("watch", str(tmp_path / "nothing"), str(out), "--dequant", "--dry-run")
+    assert loaded["code"] == 2 and "nothing: no such folder or prefix" in empty.stderr
+
+
 def _interrupted(ckpt, tmp_path, sig: int, group: bool):
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["convert", str(ckpt), str(out), "--dequant", "--work", str(work), "--json"]
