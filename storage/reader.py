@@ -102,6 +102,31 @@ class RangeReader:
                                "bytes); the object changed or was truncated since validation")
         return data
 
+    def read_columns(self, name: str, start: int, end: int, row: int, lo: int, hi: int, out: Any = None
+                     ) -> memoryview | bytes:
+        """Bytes [lo, hi) of each `row`-byte row of [start, end), back to back (a column slice of a
+        row-major matrix). A narrow slice of a local file is read one row at a time, so only its
+        bytes leave the page cache or the disk; otherwise (wide slice, object store: one ranged
+        GET beats a request per row) the rows are read whole and cut here."""
+        n, width = (end - start) // row, hi - lo
+        if self.loc.is_local and 2 * width <= row:
+            fd = self.fd(name)
+            buf = memoryview(out).cast("B")[:n * width] if out is not None else memoryview(bytearray(n * width))
+            for i in range(n):
+                a = start + i * row + lo
+                got = os.preadv(fd, [buf[i * width:(i + 1) * width]], a)
+                if got != width:  # a local pread returns all it asked for unless the file ends
+                    raise StorageError(f"{self.loc.url_of(name)}: wanted bytes up to {a + width} but the file "
+                                       f"ends at {a + got}; it changed or was truncated since validation")
+            return buf
+        import numpy as np
+
+        rows = np.frombuffer(self.read(name, start, end), dtype=np.uint8).reshape(n, row)
+        dst = np.frombuffer(memoryview(out).cast("B")[:n * width], dtype=np.uint8) if out is not None \
+            else np.empty(n * width, dtype=np.uint8)
+        dst.reshape(n, width)[:] = rows[:, lo:hi]
+        return memoryview(dst).cast("B")
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():

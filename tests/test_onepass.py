@@ -124,3 +124,53 @@ def test_every_cut_of_a_dequantized_tensor_is_the_slice_of_the_whole(tmp_path, m
         for k, (dim, a, b) in enumerate(cuts):
             want = full.narrow(dim, a, b - a).contiguous()
             assert torch.equal(f.get_tensor(f"cut{k}").view(torch.int16), want.view(torch.int16)), cuts[k]
+
+
+@pytest.mark.parametrize("transform", ["dequant_fp8", "copy"])
+def test_a_column_cut_reads_only_its_columns(tmp_path, monkeypatch, transform):
+    """An MP rank's slice of a ROW-split tensor (o_proj, down_proj: dim 1) costs its own bytes of
+    each row, not the whole rows: 1/8 of the tensor for --mp 8, from the page cache or the disk."""
+    import os
+
+    from safetensors import safe_open
+
+    whole, src = _fp8_tensor(tmp_path, (512, 2048), (128, 128))
+    cut = (1, 768, 1024)  # rank 3 of 8
+    tensor = OutputTensor("w", "BF16", (512, 256), "dequant_fp8", whole.sources,
+                          whole.params + (("cut", cut), ("full_shape", whole.shape)))
+    if transform == "copy":  # the raw FP8 codes, as an MP pass of an FP8 checkpoint copies them
+        tensor = OutputTensor("w", "F8_E4M3", (512, 256), "copy", whole.sources[:1], (("cut", cut),))
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 64 << 10)  # several chunks of whole rows
+    read = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: read.append(sum(map(len, bufs))) or real(fd, bufs, at))
+    write_shard(ShardPlan("out.safetensors", (tensor,)), open_location(str(src)), open_location(str(tmp_path / "d")))
+    scale_bytes = 4 * 4 * 16
+    assert 512 * 256 <= sum(read) <= 512 * 256 + scale_bytes, sum(read)  # the whole tensor is 1 MiB
+    with safe_open(str(tmp_path / "d" / "out.safetensors"), "pt") as g:
+        got = g.get_tensor("w")
+    with safe_open(str(src / "a.safetensors"), "pt") as f:
+        if transform == "copy":
+            assert torch.equal(got.view(torch.uint8), f.get_tensor("w")[:, 768:1024].contiguous().view(torch.uint8))
+        else:
+            from ckptflow.tasks.kernels.fp8_cpu import torch_weight_dequant
+
+            want = torch_weight_dequant(f.get_tensor("w"), f.get_tensor("w_scale_inv"), (128, 128))[:, 768:1024]
+            assert torch.equal(got.view(torch.int16), want.contiguous().view(torch.int16))
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("lo, hi", [(0, 16), (40, 64), (8, 64)])  # narrow (a read per row) and wide
+def test_read_columns_is_the_numpy_column_slice(tmp_path, where, lo, hi):
+    import numpy as np
+
+    from ckptflow.storage.reader import RangeReader
+
+    data = np.random.default_rng(0).integers(0, 256, 10 * 64 + 30, dtype=np.uint8)
+    loc = open_location(str(tmp_path) if where == "local" else f"memory://cols-{lo}-{hi}")
+    loc.fs.pipe_file(loc.path("f.bin"), data.tobytes())
+    want = data[30:].reshape(10, 64)[:, lo:hi].tobytes()
+    with RangeReader(loc) as reader:
+        assert bytes(reader.read_columns("f.bin", 30, 30 + 640, 64, lo, hi)) == want
+        out = bytearray(len(want) + 7)  # a pooled buffer may be larger than asked
+        assert bytes(reader.read_columns("f.bin", 30, 30 + 640, 64, lo, hi, out=out)) == want

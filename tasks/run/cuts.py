@@ -42,12 +42,11 @@ def view3(shape: tuple[int, ...], dim: int, item: int) -> tuple[int, int, int]:
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]) * item
 
 
-def source_cut(read_ahead: Callable[[str, list[tuple[int, int]]], Iterator[Piece]], take: Callable[[int], Any],
-               give: Callable[[Any], Release], src: SourceRef, cut: Cut, item: int,
+def source_cut(read_ahead: Callable[..., Iterator[Piece]], src: SourceRef, cut: Cut, item: int,
                chunk: int) -> Iterator[Piece]:
     """Raw bytes of `src[..., start:stop, ...]` along `dim` (any dtype, no decode), in pieces of
     whole elements. Outer extent 1 (dim 0): range reads; otherwise whole outer rows a chunk at a
-    time, the wanted columns cut out with numpy."""
+    time, of which the reader keeps only the wanted columns (`read_ahead(file, ranges, columns)`)."""
     dim, start, stop = cut
     outer, size, inner = view3(src.shape, dim, item)
     if outer == 1:
@@ -57,15 +56,8 @@ def source_cut(read_ahead: Callable[[str, list[tuple[int, int]]], Iterator[Piece
         return
     row = size * inner
     rows_per = max(1, chunk // max(row, 1))
-    groups = [(o, min(o + rows_per, outer)) for o in range(0, outer, rows_per)]
-    ranges = [(src.start + o0 * row, src.start + o1 * row) for o0, o1 in groups]
-    for (o0, o1), (raw, release) in zip(groups, read_ahead(src.file, ranges)):
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(o1 - o0, row)
-        buf = take((o1 - o0) * (stop - start) * inner)
-        buf.reshape(o1 - o0, -1)[:] = rows[:, start * inner: stop * inner]
-        if release is not None:
-            release()
-        yield memoryview(buf), give(buf)
+    ranges = [(src.start + o0 * row, src.start + min(o0 + rows_per, outer) * row) for o0 in range(0, outer, rows_per)]
+    yield from read_ahead(src.file, ranges, (row, start * inner, stop * inner))
 
 
 def cut_stream(pieces: Iterator[Piece], full_shape: tuple[int, ...], item: int, cut: Cut,

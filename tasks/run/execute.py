@@ -102,14 +102,19 @@ class ExecContext:
 Piece = tuple[memoryview | bytes | FileRange, Release | None]
 
 
-def read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]]) -> Iterator[Piece]:
-    """Yield (bytes, release) for each range, READ_AHEAD reads in flight; release when done."""
+def read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]],
+               columns: tuple[int, int, int] | None = None) -> Iterator[Piece]:
+    """Yield (bytes, release) for each range, READ_AHEAD reads in flight; release when done.
+
+    `columns` = (row, lo, hi): each range is whole `row`-byte rows, of which only bytes [lo, hi)
+    are wanted; each piece then holds those, row after row (`RangeReader.read_columns`)."""
 
     def read(a: int, b: int) -> Piece:
-        if not ctx.reader.loc.is_local:
-            return ctx.reader.read(file, a, b), None
-        buf = ctx.buffers.take(b - a)
-        return ctx.reader.read(file, a, b, out=buf), ctx.releaser(buf)
+        size = b - a if columns is None else (b - a) // columns[0] * (columns[2] - columns[1])
+        buf = ctx.buffers.take(size) if ctx.reader.loc.is_local else None
+        got = ctx.reader.read(file, a, b, out=buf) if columns is None \
+            else ctx.reader.read_columns(file, a, b, *columns, out=buf)
+        return got, (ctx.releaser(buf) if buf is not None else None)
 
     pending = [ctx.pool.submit(read, a, b) for a, b in ranges[:READ_AHEAD]]
     for i in range(len(ranges)):
@@ -124,13 +129,13 @@ def done(release: Release | None) -> None:
         release()
 
 
-def _reader(ctx: ExecContext) -> Callable[[str, list[tuple[int, int]]], Iterator[Piece]]:
-    return lambda file, ranges: read_ahead(ctx, file, ranges)
+def _reader(ctx: ExecContext) -> Callable[..., Iterator[Piece]]:
+    return lambda file, ranges, columns=None: read_ahead(ctx, file, ranges, columns)
 
 
 def _source_cut(t: OutputTensor, ctx: ExecContext, cut: Cut) -> Iterator[Piece]:
     (src,) = t.sources
-    return source_cut(_reader(ctx), ctx.buffers.take, ctx.releaser, src, cut, DTYPE_SIZES[src.dtype], CHUNK_BYTES)
+    return source_cut(_reader(ctx), src, cut, DTYPE_SIZES[src.dtype], CHUNK_BYTES)
 
 
 def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
@@ -179,8 +184,9 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     ranges = [(weight.start + (e * rows + r0) * cols, weight.start + (e * rows + r1) * cols)
               for e, r0, r1 in pieces]
     on_cpu_tables = ctx.device == "cpu" and ctx.backend in ("auto", "torch")
-    for (e, r0, r1), (raw, release) in zip(pieces, read_ahead(ctx, weight.file, ranges)):
-        codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols)[:, c0:c1]
+    narrow = (cols, c0, c1) if out_cols < cols else None  # a column cut: read only its bytes of each row
+    for (e, r0, r1), (raw, release) in zip(pieces, read_ahead(ctx, weight.file, ranges, narrow)):
+        codes = np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, out_cols)
         block_scales = scales[e, r0 // bm: -(-r1 // bm), c0 // bn: -(-c1 // bn)]
         if on_cpu_tables:
             buf = ctx.buffers.take((r1 - r0) * out_cols * 2)
