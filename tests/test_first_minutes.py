@@ -251,6 +251,14 @@ def test_truncated_shard_is_one_problem_with_its_count(tmp_path):
     assert len(found) == 1 and "32 of 42 tensor(s) cut (first: 't10')" in found[0], found
 
 
+def test_the_convert_flow_imports_no_torch_until_a_kernel_needs_it():
+    """A reindex, MP or copy run never loads torch (~1-3 s here); dequant and casts load it in their tasks."""
+    probe = ("import sys, ckptflow.flows.convert, ckptflow.flows.cli, ckptflow.flows.cli_parser; "
+             "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+    run = subprocess.run([PYTHON, "-c", probe], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
 def test_summary_block_is_width_safe_and_names_prefects_share():
     import io
 
