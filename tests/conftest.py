@@ -23,6 +23,23 @@ if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_configure(config):
+    """Under xdist (`pytest -n 3`), the CLI runs of three workers start temporary servers on the one
+    default database (PREFECT_HOME/prefect.db); on a machine where it does not exist yet, they would
+    all create and migrate it at once. The controller creates it first, once (~10 s), before any
+    worker starts."""
+    if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        return
+    if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+        return
+    home = os.path.expanduser(os.environ.get("PREFECT_HOME", "~/.prefect"))
+    if not os.path.exists(os.path.join(home, "prefect.db")):
+        made = subprocess.run([PYTHON, "-m", "prefect", "server", "database", "upgrade", "-y"],
+                              capture_output=True, text=True, timeout=600)
+        if made.returncode != 0:
+            raise pytest.UsageError(f"could not create Prefect's database in {home}:\n{made.stderr[-2000:]}")
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One Prefect server for the whole session (each start costs seconds)."""
