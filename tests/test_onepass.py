@@ -144,9 +144,11 @@ def test_a_column_cut_reads_only_its_columns(tmp_path, monkeypatch, transform):
     read = []
     real = os.preadv
     monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: read.append(sum(map(len, bufs))) or real(fd, bufs, at))
-    write_shard(ShardPlan("out.safetensors", (tensor,)), open_location(str(src)), open_location(str(tmp_path / "d")))
+    shard = ShardPlan("out.safetensors", (tensor,))
+    write_shard(shard, open_location(str(src)), open_location(str(tmp_path / "d")))
     scale_bytes = 4 * 4 * 16
     assert 512 * 256 <= sum(read) <= 512 * 256 + scale_bytes, sum(read)  # the whole tensor is 1 MiB
+    assert shard.source_bytes == sum(read)  # what runs and dry runs report as read is what was read
     with safe_open(str(tmp_path / "d" / "out.safetensors"), "pt") as g:
         got = g.get_tensor("w")
     with safe_open(str(src / "a.safetensors"), "pt") as f:

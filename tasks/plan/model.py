@@ -70,7 +70,11 @@ class ShardPlan:
 
     @property
     def source_bytes(self) -> int:
-        return sum(s.end - s.start for t in self.tensors for s in t.sources)
+        """Source bytes this shard's transforms read: an MP rank's cut of a tensor costs its slice
+        (or the scale blocks around it), not the whole tensor (`cuts.read_bytes`)."""
+        from ckptflow.tasks.run.cuts import read_bytes  # imports this module
+
+        return sum(read_bytes(t) for t in self.tensors)
 
     @property
     def source_files(self) -> list[str]:

@@ -37,6 +37,25 @@ def uncut(t: OutputTensor) -> OutputTensor:
     return replace(t, shape=tuple(t.param("full_shape")), params=params)
 
 
+def read_bytes(t: OutputTensor) -> int:
+    """Bytes of its sources `t`'s transform reads: every source whole, except the sliced one of a
+    cut, which costs only what the cut needs (the slice for copy, cast and slice; the whole blocks
+    around it for a block-wise FP8 dequant). What runs and dry runs report as read."""
+    total = sum(s.end - s.start for s in t.sources)
+    cut = (int(t.param("dim")), int(t.param("start")), int(t.param("stop"))) if t.transform == "slice" \
+        else cut_of(t)
+    if cut is None or not t.sources or t.transform not in ("copy", "cast", "slice", "dequant_fp8"):
+        return total
+    src = t.sources[0]
+    whole, n = src.end - src.start, math.prod(src.shape)
+    if t.transform != "dequant_fp8":
+        dim, start, stop = cut
+        return total - whole + whole // src.shape[dim] * (stop - start)
+    region = BlockRegion.of(src.shape, tuple(t.param("block")), cut)
+    kept = len(region.mats) * (region.rows[1] - region.rows[0]) * (region.cols[1] - region.cols[0])
+    return total - whole + whole // max(n, 1) * kept
+
+
 def view3(shape: tuple[int, ...], dim: int, item: int) -> tuple[int, int, int]:
     """`shape` seen as [outer, shape[dim], inner bytes]: a cut keeps [start, stop) of the middle."""
     return math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]) * item
