@@ -29,6 +29,13 @@ Measured 2026-12-03 after rolling writeback and serial block tables (load 0.8-2.
     dequant  23.88 GB out  41.9 s (shards 36.5 s)  dd 22.0 s (1.91x, 1.66x)  RSS 379 -> 388 MiB  seed 000: 1.79x slower
     mp8      24.75 GB out  55.9 s (shards 50.2 s)  dd 22.1 s (2.52x, 2.27x)  RSS 401 -> 402 MiB   (one pass)
     reindex  12.87 GB out  20.5 s (shards 15.1 s)  dd  8.8 s (2.33x, 1.72x)  RSS 278 -> 281 MiB  cp (no fsync) 7.3 s
+Measured 2026-12-03 after column reads for MP cuts and torch off the reindex path (load 1.7-2.2; same input):
+    dequant  23.88 GB out  52.9 s (shards 48.9 s)  dd 23.5 s (2.25x, 2.08x)  RSS 379 -> 385 MiB  seed 000: 1.54x slower
+    mp8      24.75 GB out  48.2 s (shards 44.5 s)  dd 17.3 s (2.79x, 2.57x)  RSS 401 -> 401 MiB   (one pass)
+    reindex  12.87 GB out  17.2 s (shards 14.0 s)  dd  9.9 s (1.74x, 1.42x)  RSS 100 -> 103 MiB  cp (no fsync) 6.9 s
+  mp8 alone, minutes earlier (load 1.6-2.0): 35.9 s (shards 32.2 s) with column reads, 37.9 s (33.0 s) without;
+  this sparse source is served from the page cache, so reading 1/8 of a column-split tensor's bytes saves
+  copies, not disk time. Same-day spreads of 30% between runs are this shared machine, not the code.
 "shards" is the wall less the child's interpreter start, imports (Prefect, torch) and planning.
 The CPU dequant kernel alone runs ~0.55 GB/s of FP8 per core here: dequant/mp8 are bound by
 compute per core (the share of 2 cores this machine gave), not by the disk.
