@@ -19,6 +19,7 @@ from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.files import list_files
 from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.run import progress
+from ckptflow.tasks.kernels.device import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 
@@ -66,11 +67,7 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     ckpt, passes, warnings = planned.ckpt, planned.passes, list(planned.warnings)
     for w in warnings:
         logger.warning("%s", w)
-    device = "cpu"  # only dequant kernels run on a device: without --dequant, torch is not even imported
-    if opts.dequant or opts.device != "auto":
-        from ckptflow.tasks.kernels.dispatch import resolve_device
-
-        device = resolve_device(opts.device)
+    device = resolve_device(opts.device)  # imports torch only where a GPU could be visible
     total_bytes, total_shards = planned.total_bytes, planned.total_shards
     progress.set_totals(total_bytes, total_shards)
     run_progress = RunProgress(total_shards, total_bytes)

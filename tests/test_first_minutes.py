@@ -256,9 +256,30 @@ def test_truncated_shard_is_one_problem_with_its_count(tmp_path):
 def test_the_convert_flow_imports_no_torch_until_a_kernel_needs_it():
     """A reindex, MP or copy run never loads torch (~1-3 s here); dequant and casts load it in their tasks."""
     probe = ("import sys, ckptflow.flows.convert, ckptflow.flows.cli, ckptflow.flows.cli_parser; "
-             "print(sorted(m for m in ('torch', 'triton') if m in sys.modules))")
+             "from ckptflow.tasks.kernels.device import no_gpu_possible, resolve_device; "
+             "print(no_gpu_possible() and resolve_device('auto'), "
+             "sorted(m for m in ('torch', 'triton') if m in sys.modules))")
     run = subprocess.run([PYTHON, "-c", probe], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() in (["cpu", "[]"], ["False", "[]"]), run.stdout  # False: a GPU node exists here
+
+
+def test_device_is_resolved_with_or_without_asking_torch(monkeypatch):
+    import torch
+
+    from ckptflow.storage.errors import UserError
+    from ckptflow.tasks.kernels import device
+
+    for nodes_absent in (True, False):  # Linux without GPU device nodes, or a machine where torch decides
+        monkeypatch.setattr(device, "no_gpu_possible", lambda: nodes_absent)
+        visible = not nodes_absent and torch.cuda.is_available()
+        assert device.resolve_device("auto") == ("cuda" if visible else "cpu")
+        assert device.resolve_device("cpu") == "cpu"
+        if not visible:
+            with pytest.raises(UserError, match="--device cuda:1: no CUDA device is visible here"):
+                device.resolve_device("cuda:1")
+    with pytest.raises(UserError, match="--device must be auto, cpu or cuda"):
+        device.resolve_device("tpu")
 
 
 def test_summary_block_is_width_safe_and_names_prefects_share():

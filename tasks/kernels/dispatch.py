@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from ckptflow.tasks.kernels.device import resolve_device
 from ckptflow.tasks.kernels.fp4 import mxfp4_dequant, mxfp4_gpt_oss, nvfp4_dequant
 from ckptflow.tasks.kernels.fp8_cpu import block_tables, matrix_scales, torch_weight_dequant
 from ckptflow.tasks.kernels.fp8_scaled import fp8_scaled_dequant
@@ -88,18 +89,3 @@ def weight_dequant(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: in
     if weight.device.type == "cpu":
         return torch_weight_dequant(weight, scale_inv, block, out_dtype)
     return _gpu_lut_dequant(weight, scale_inv, block, out_dtype)
-
-
-def resolve_device(device: str) -> str:
-    """`--device auto|cpu|cuda[:n]` → the device shard tasks dequantize on."""
-    from ckptflow.storage.errors import UserError
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
-        return device
-    raise UserError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
