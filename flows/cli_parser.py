@@ -94,8 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = _command(sub, "convert", help="convert SOURCE into DEST (any fsspec URLs)")
-    c.add_argument("source")
-    c.add_argument("dest")
+    c.add_argument("source", help="checkpoint folder or URL (index + shards, or one file)")
+    c.add_argument("dest", help="output folder or URL (written atomically, shard by shard)")
     c.add_argument("--work", help="work location: shard records and fetched files "
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     _add_convert_options(c)
@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE")
 
     i = _command(sub, "inspect", help="detected quantization schemes and what --dequant would write (headers only)")
-    i.add_argument("source")
-    i.add_argument("--storage-options")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("source", help="checkpoint folder or URL")
+    i.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
 
     d = _command(sub, "demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
     d.add_argument("dest", nargs="?", default="ckptflow-demo",

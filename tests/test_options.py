@@ -76,3 +76,11 @@ def test_a_value_is_refused_alike_by_the_flag_and_the_flow_parameter(bad, flag):
         ConvertOptions(**bad)
     with pytest.raises(ParameterTypeError, match=flag):
         convert_flow.validate_parameters({"source": "a", "dest": "b", **bad})
+
+
+def test_every_argument_of_every_command_has_help():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    missing = [(name, a.dest) for name, p in sub.choices.items() for a in p._actions
+               if not a.help and a.dest != "help"]
+    assert missing == []
