@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from ckptflow.flows.cli_parser import build_parser  # stdlib only: no Prefect, no torch
+from ckptflow.flows.cli_parser import build_parser  # no Prefect, no torch
 from ckptflow.flows.summary_text import human as _human
 from ckptflow.flows.summary_text import print_summary
 

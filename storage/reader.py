@@ -86,15 +86,8 @@ class RangeReader:
     def read(self, name: str, start: int, end: int, out: Any = None) -> memoryview | bytes:
         """Bytes [start, end) of file `name`; local reads land in `out` (≥ end - start bytes) if given."""
         if self.loc.is_local:
-            fd = self.fd(name)
             buf = memoryview(out).cast("B")[:end - start] if out is not None else memoryview(bytearray(end - start))
-            got = 0
-            while got < len(buf):
-                n = os.preadv(fd, [buf[got:]], start + got)
-                if n == 0:
-                    raise StorageError(f"{self.loc.url_of(name)}: wanted bytes up to {end} but the file "
-                                       f"ends at {start + got}; it changed or was truncated since validation")
-                got += n
+            self._pread_into(name, buf, start)
             return buf
         data = _cat(self.loc, name, start, end)
         if len(data) != end - start:
@@ -110,14 +103,9 @@ class RangeReader:
         GET beats a request per row) the rows are read whole and cut here."""
         n, width = (end - start) // row, hi - lo
         if self.loc.is_local and 2 * width <= row:
-            fd = self.fd(name)
             buf = memoryview(out).cast("B")[:n * width] if out is not None else memoryview(bytearray(n * width))
             for i in range(n):
-                a = start + i * row + lo
-                got = os.preadv(fd, [buf[i * width:(i + 1) * width]], a)
-                if got != width:  # a local pread returns all it asked for unless the file ends
-                    raise StorageError(f"{self.loc.url_of(name)}: wanted bytes up to {a + width} but the file "
-                                       f"ends at {a + got}; it changed or was truncated since validation")
+                self._pread_into(name, buf[i * width:(i + 1) * width], start + i * row + lo)
             return buf
         import numpy as np
 
@@ -126,6 +114,16 @@ class RangeReader:
             else np.empty(n * width, dtype=np.uint8)
         dst.reshape(n, width)[:] = rows[:, lo:hi]
         return memoryview(dst).cast("B")
+
+    def _pread_into(self, name: str, buf: memoryview, at: int) -> None:
+        """Fill `buf` from local file `name` at offset `at`; a file that ends first is an error."""
+        fd, got = self.fd(name), 0
+        while got < len(buf):
+            n = os.preadv(fd, [buf[got:]], at + got)
+            if n == 0:
+                raise StorageError(f"{self.loc.url_of(name)}: wanted bytes up to {at + len(buf)} but the file "
+                                   f"ends at {os.fstat(fd).st_size}; it changed or was truncated since validation")
+            got += n
 
     def close(self) -> None:
         with self._lock:

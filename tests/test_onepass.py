@@ -176,3 +176,15 @@ def test_read_columns_is_the_numpy_column_slice(tmp_path, where, lo, hi):
         assert bytes(reader.read_columns("f.bin", 30, 30 + 640, 64, lo, hi)) == want
         out = bytearray(len(want) + 7)  # a pooled buffer may be larger than asked
         assert bytes(reader.read_columns("f.bin", 30, 30 + 640, 64, lo, hi, out=out)) == want
+
+
+def test_a_local_file_cut_short_since_validation_is_one_error_naming_it(tmp_path):
+    from ckptflow.storage.reader import RangeReader
+    from ckptflow.storage.urls import StorageError
+
+    (tmp_path / "f.bin").write_bytes(bytes(100))  # validated at 640 + 30 bytes, now 100
+    with RangeReader(open_location(str(tmp_path))) as reader:
+        with pytest.raises(StorageError, match=r"f\.bin: wanted bytes up to 120 but the file ends at 100; it changed"):
+            reader.read("f.bin", 30, 120)
+        with pytest.raises(StorageError, match=r"f\.bin: wanted bytes up to 110 but the file ends at 100; it changed"):
+            reader.read_columns("f.bin", 30, 30 + 640, 64, 8, 16)  # row 1's slice is [102, 110)

@@ -16,14 +16,13 @@ import os
 
 import torch
 
-from ckptflow.tasks.kernels.device import resolve_device
 from ckptflow.tasks.kernels.fp4 import mxfp4_dequant, mxfp4_gpt_oss, nvfp4_dequant
 from ckptflow.tasks.kernels.fp8_cpu import block_tables, matrix_scales, torch_weight_dequant
 from ckptflow.tasks.kernels.fp8_scaled import fp8_scaled_dequant
 from ckptflow.tasks.kernels.scales import block_scale_float32
 
 __all__ = ["BACKENDS", "block_scale_float32", "fp8_scaled_dequant", "mxfp4_dequant", "mxfp4_gpt_oss",
-           "nvfp4_dequant", "resolve_backend", "resolve_device", "weight_dequant"]
+           "nvfp4_dequant", "resolve_backend", "weight_dequant"]
 
 BACKENDS = ("auto", "torch", "triton")
 

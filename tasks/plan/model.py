@@ -68,10 +68,11 @@ class ShardPlan:
     def nbytes(self) -> int:
         return sum(t.spec.nbytes for t in self.tensors)
 
-    @property
+    @cached_property
     def source_bytes(self) -> int:
         """Source bytes this shard's transforms read: an MP rank's cut of a tensor costs its slice
-        (or the scale blocks around it), not the whole tensor (`cuts.read_bytes`)."""
+        (or the scale blocks around it), not the whole tensor (`cuts.read_bytes`). Computed once
+        per plan object (dry runs and shard tasks ask more than once)."""
         from ckptflow.tasks.run.cuts import read_bytes  # imports this module
 
         return sum(read_bytes(t) for t in self.tensors)
