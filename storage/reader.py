@@ -13,6 +13,7 @@ from ckptflow.storage.listing import version_of
 from ckptflow.storage.safetensors_format import (HEADER_PROBE_BYTES, Header, HeaderError, decode_header, header_length,
                                   parse_header_text)
 from ckptflow.storage.urls import Location, StorageError
+from ckptflow.storage.writeback import drop_cached
 
 # Headers larger than the probe are read and parsed one at a time. Real ones are a few KB to a
 # few MB, so this costs nothing; but 16 threads each holding a 100 MB hostile header and its
@@ -64,10 +65,15 @@ class RangeReader:
     Local files are read with `preadv` into fresh buffers rather than memory-mapped: mapped
     pages that have been touched count toward the process's resident set until unmapped, so a
     mapped 5 GB shard would show as 5 GB of RSS. One copy from the page cache is cheap.
+
+    `drop_behind`: whole ranges read from local files are dropped from the page cache once read
+    (`writeback.drop_cached`), for callers that read each source byte once. Column slices are
+    not: the MP ranks that read a matrix's other columns share those pages.
     """
 
-    def __init__(self, loc: Location):
+    def __init__(self, loc: Location, drop_behind: bool = False):
         self.loc = loc
+        self.drop_behind = drop_behind and loc.is_local
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -85,9 +91,14 @@ class RangeReader:
 
     def read(self, name: str, start: int, end: int, out: Any = None) -> memoryview | bytes:
         """Bytes [start, end) of file `name`; local reads land in `out` (≥ end - start bytes) if given."""
+        return self._read(name, start, end, out, self.drop_behind)
+
+    def _read(self, name: str, start: int, end: int, out: Any, drop: bool) -> memoryview | bytes:
         if self.loc.is_local:
             buf = memoryview(out).cast("B")[:end - start] if out is not None else memoryview(bytearray(end - start))
             self._pread_into(name, buf, start)
+            if drop:
+                drop_cached(self.fd(name), start, end - start)
             return buf
         data = _cat(self.loc, name, start, end)
         if len(data) != end - start:
@@ -109,7 +120,7 @@ class RangeReader:
             return buf
         import numpy as np
 
-        rows = np.frombuffer(self.read(name, start, end), dtype=np.uint8).reshape(n, row)
+        rows = np.frombuffer(self._read(name, start, end, None, False), dtype=np.uint8).reshape(n, row)
         dst = np.frombuffer(memoryview(out).cast("B")[:n * width], dtype=np.uint8) if out is not None \
             else np.empty(n * width, dtype=np.uint8)
         dst.reshape(n, width)[:] = rows[:, lo:hi]

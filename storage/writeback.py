@@ -9,6 +9,12 @@ window is computed, the final `fsync` finds almost nothing left to do, and the o
 cache stays at two windows. Durability still comes from that `fsync`: this only schedules.
 
 Linux only (glibc's `sync_file_range`); elsewhere, and on failure, it does nothing.
+
+`drop_cached` is the read side of the same idea: a source byte range ckptflow has consumed is
+dropped from the page cache (`dd iflag=nocache`), so a conversion reads a 700 GB model through a
+page cache that recycles a few windows instead of filling all of memory and then making the
+kernel reclaim it. On a virtual machine whose free memory goes back to the host, filling fresh
+pages is the dearest part: a 13 GB conversion here spent 30 s of its 46 s of system time there.
 """
 from __future__ import annotations
 
@@ -34,6 +40,21 @@ def _load():
 _sync_file_range = _load() if os.name == "posix" else None
 
 
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Advise the kernel that bytes [offset, offset + length) of `fd` will not be read again.
+
+    Only whole clean pages inside the range go (partial pages at its ends stay), mapped and
+    dirty pages stay; a no-op where unsupported (tmpfs, non-Linux)."""
+    if _fadvise is not None and length > 0:
+        try:
+            _fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+
+
+_fadvise = getattr(os, "posix_fadvise", None)
+
+
 class RollingWriteback:
     """Call `wrote(total)` after each write with the file's size so far."""
 
@@ -53,5 +74,5 @@ class RollingWriteback:
         if self._prev is not None:
             a, n = self._prev
             _sync_file_range(self.fd, a, n, _WAIT_BEFORE | _WRITE | _WAIT_AFTER)
-            os.posix_fadvise(self.fd, a, n, os.POSIX_FADV_DONTNEED)
+            drop_cached(self.fd, a, n)
         self._prev, self._started = (start, length), total

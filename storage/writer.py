@@ -22,7 +22,7 @@ from typing import Any
 from ckptflow.storage.listing import file_identity, local_identity_before_rename
 from ckptflow.storage.safetensors_format import SHARD_METADATA, TensorSpec, build_header
 from ckptflow.storage.urls import Location, StorageError
-from ckptflow.storage.writeback import WINDOW, RollingWriteback
+from ckptflow.storage.writeback import WINDOW, RollingWriteback, drop_cached
 
 
 @dataclass(frozen=True)
@@ -86,11 +86,13 @@ class AtomicFile:
         if self._writeback is not None:
             self._writeback.wrote(self.size)
 
-    def copy_range(self, src_fd: int, offset: int, length: int) -> None:
+    def copy_range(self, src_fd: int, offset: int, length: int, drop_source: bool = False) -> None:
         """Append `length` bytes of the file open as `src_fd` from `offset`, in the kernel.
 
         `copy_file_range` moves the bytes without bringing them through user space (a reflink
         on filesystems that share extents). Falls back to reading when unsupported.
+        `drop_source`: drop each copied window of the source from the page cache (see
+        `writeback.drop_cached`).
         """
         if self._sha is None and self.loc.is_local and hasattr(os, "copy_file_range"):
             out_fd = self._f.fileno()
@@ -100,6 +102,8 @@ class AtomicFile:
                     n = os.copy_file_range(src_fd, out_fd, min(length - done, WINDOW), offset + done)
                     if n == 0:
                         raise OSError(f"{self.name}: source ended {length - done} bytes early")
+                    if drop_source:
+                        drop_cached(src_fd, offset + done, n)
                     done += n
                     if self._writeback is not None:
                         self._writeback.wrote(self.size + done)
@@ -112,6 +116,8 @@ class AtomicFile:
             chunk = os.pread(src_fd, min(length, 8 << 20), offset)
             if not chunk:
                 raise OSError(f"{self.name}: source ended {length} bytes early")
+            if drop_source:
+                drop_cached(src_fd, offset, len(chunk))
             self.write(chunk)
             offset += len(chunk)
             length -= len(chunk)
@@ -204,10 +210,10 @@ class SafetensorsWriter:
         if length > self._left:
             raise RuntimeError(f"{self.name}: tensor {name!r} got more than its {spec.nbytes} bytes")
 
-    def copy_range(self, name: str, src_fd: int, offset: int, length: int) -> None:
+    def copy_range(self, name: str, src_fd: int, offset: int, length: int, drop_source: bool = False) -> None:
         """Like `write`, but the bytes are `length` bytes of `src_fd` from `offset` (see AtomicFile)."""
         self._check(name, length)
-        self._file.copy_range(src_fd, offset, length)
+        self._file.copy_range(src_fd, offset, length, drop_source)
         self._left -= length
         if self._left == 0:
             self._advance()

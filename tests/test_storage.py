@@ -204,3 +204,95 @@ def test_rolling_writeback_flushes_as_it_goes(tmp_path):
     assert (tmp_path / "f.bin").read_bytes() == data
     if wb._on:  # Linux: every whole window before the last has been scheduled
         assert wb._started >= 4 * window
+
+
+def _resident_pages(path) -> int:
+    """Pages of `path` in the page cache (mincore over a read-only mapping)."""
+    import ctypes
+    import ctypes.util
+    import mmap
+    import os
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size, page = os.path.getsize(path), mmap.PAGESIZE
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        vec = ctypes.create_string_buffer(-(-size // page))
+        try:
+            if libc.mincore(ctypes.c_void_p(addr), size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            libc.munmap(ctypes.c_void_p(addr), size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw)
+
+
+def _page_cache_drops(tmp_path) -> bool:
+    """Whether this filesystem drops clean pages on POSIX_FADV_DONTNEED (ext4/xfs do; tmpfs not)."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    probe = tmp_path / "probe.bin"
+    probe.write_bytes(os.urandom(1 << 20))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.read(fd, 1 << 20)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    dropped = _resident_pages(probe) == 0
+    probe.unlink()
+    return dropped
+
+
+def test_shard_reads_leave_no_source_pages_cached_but_column_slices_do(tmp_path):
+    """A shard's source bytes leave the page cache once read, by buffered reads (a cast) and kernel
+    copies alike, so a 700 GB conversion recycles a few windows of memory; a column slice's pages
+    stay, for the MP ranks that read the other columns of the same rows. Output bytes are exact."""
+    import os
+
+    import numpy as np
+
+    from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
+    from ckptflow.tasks.run.execute import write_shard
+
+    if not _page_cache_drops(tmp_path):
+        pytest.skip("this filesystem keeps pages cached after POSIX_FADV_DONTNEED")
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {"copied": torch.randint(0, 255, (1024, 1024), dtype=torch.uint8),
+               "cast": torch.randn(512, 1024, dtype=torch.float32)}
+    save_file(tensors, src / "m.safetensors")
+    fd = os.open(src / "m.safetensors", os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    (src / "m.safetensors").read_bytes()  # all of it in the page cache now
+    pages = _resident_pages(src / "m.safetensors")
+    assert pages > 700  # ~3 MiB
+
+    h = read_header(open_location(str(src)), "m.safetensors")
+    refs = {n: SourceRef.of("m.safetensors", t) for n, t in h.tensors.items()}
+    shard = ShardPlan("out.safetensors", (
+        OutputTensor("copied", "U8", (1024, 1024), "copy", (refs["copied"],)),
+        OutputTensor("cast", "BF16", (512, 1024), "cast", (refs["cast"],))))
+    write_shard(shard, open_location(str(src)), open_location(str(tmp_path / "out")))
+    with safe_open(str(tmp_path / "out" / "out.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("copied"), tensors["copied"])
+        assert torch.equal(f.get_tensor("cast"), tensors["cast"].to(torch.bfloat16))
+    assert _resident_pages(src / "m.safetensors") <= 4  # at most the header's and ranges' edge pages
+
+    (src / "m.safetensors").read_bytes()
+    c = h.tensors["copied"]
+    with RangeReader(open_location(str(src)), drop_behind=True) as r:
+        got = r.read_columns("m.safetensors", c.start, c.end, 1024, 256, 384)  # an MP rank's 1/8
+    assert np.array_equal(np.frombuffer(got, np.uint8).reshape(1024, 128), tensors["copied"].numpy()[:, 256:384])
+    assert _resident_pages(src / "m.safetensors") == pages

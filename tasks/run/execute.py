@@ -38,6 +38,7 @@ class FileRange:
     fd: int
     offset: int
     length: int
+    drop_source: bool = False  # drop the copied source bytes from the page cache (RangeReader.drop_behind)
 
     def __len__(self) -> int:
         return self.length
@@ -66,7 +67,7 @@ class _BackgroundWriter:
             if self._error is None:
                 try:
                     if isinstance(data, FileRange):
-                        self.writer.copy_range(name, data.fd, data.offset, data.length)
+                        self.writer.copy_range(name, data.fd, data.offset, data.length, data.drop_source)
                     else:
                         self.writer.write(name, data)
                 except BaseException as exc:  # re-raised on the caller's thread
@@ -145,7 +146,7 @@ def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         yield from _source_cut(t, ctx, cut)
         return
     if ctx.kernel_copy:
-        yield FileRange(ctx.reader.fd(src.file), src.start, src.end - src.start), None
+        yield FileRange(ctx.reader.fd(src.file), src.start, src.end - src.start, ctx.reader.drop_behind), None
         return
     ranges = [(a, min(a + CHUNK_BYTES, src.end)) for a in range(src.start, src.end, CHUNK_BYTES)]
     yield from read_ahead(ctx, src.file, ranges)  # the writer releases each read buffer
@@ -284,7 +285,11 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                 before_publish: Callable[[WrittenFile, str | None], None] | None = None) -> WrittenFile:
     """Write `shard.file` under `dst` from sources under `src`; atomic; returns its record.
     `before_publish`: see `SafetensorsWriter.commit`."""
-    with RangeReader(src) as reader, ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
+    # Source bytes leave the page cache once read (`RangeReader.drop_behind`): a conversion reads
+    # each once, but for MP ranks' column slices (not dropped) and replicated tensors, which at
+    # real sizes the cache could not keep from one rank's pass to the next anyway.
+    with RangeReader(src, drop_behind=True) as reader, \
+            ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
         ctx = ExecContext(reader, pool, device=device, backend=backend,
                           kernel_copy=src.is_local and dst.is_local and not digest)
         writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest)
