@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from collections.abc import Callable
 from typing import Any
 
+from ckptflow.storage import direct_io
 from ckptflow.storage.listing import file_identity, local_identity_before_rename
 from ckptflow.storage.safetensors_format import SHARD_METADATA, TensorSpec, build_header
 from ckptflow.storage.urls import Location, StorageError
@@ -58,7 +59,10 @@ def temp_name(name: str) -> str:
 class AtomicFile:
     """A binary file that becomes visible under its final name only on `commit()`."""
 
-    def __init__(self, loc: Location, name: str, digest: bool = False, expected_size: int | None = None):
+    def __init__(self, loc: Location, name: str, digest: bool = False, expected_size: int | None = None,
+                 direct: bool = False):
+        """`direct`: a local file of at least `direct_io.MIN_BYTES` (`expected_size`) is written
+        with O_DIRECT where the filesystem allows (`direct_io.DirectSink`)."""
         self.loc, self.name, self.expected_size = loc, name, expected_size
         self.final = loc.path(name)
         parent = os.path.dirname(self.final)
@@ -70,10 +74,24 @@ class AtomicFile:
         self._f = open(self._path, "wb", buffering=0) if loc.is_local else loc.fs.open(self._path, "wb")
         self.size = 0
         self._sha = hashlib.sha256() if digest else None
-        self._writeback = RollingWriteback(self._f.fileno()) if loc.is_local else None
+        self._sink: direct_io.DirectSink | None = None
+        if direct and loc.is_local and (expected_size or 0) >= direct_io.MIN_BYTES:
+            fd = direct_io.open_direct(self._path)
+            if fd is not None:
+                self._sink = direct_io.DirectSink(fd, self._f.fileno())
+        self._writeback = RollingWriteback(self._f.fileno()) if loc.is_local and self._sink is None else None
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
+        if self._sink is not None:
+            try:
+                self._sink.write(view)
+            except OSError as exc:
+                raise self._disk_error(exc, len(view)) from None
+            if self._sha is not None:
+                self._sha.update(data)
+            self.size += view.nbytes
+            return
         try:
             while view:  # an unbuffered OS file may write less than asked
                 n = self._f.write(view)
@@ -92,8 +110,17 @@ class AtomicFile:
         `copy_file_range` moves the bytes without bringing them through user space (a reflink
         on filesystems that share extents). Falls back to reading when unsupported.
         `drop_source`: drop each copied window of the source from the page cache (see
-        `writeback.drop_cached`).
+        `writeback.drop_cached`). Written with O_DIRECT, the bytes are read into its staging
+        buffer instead (one copy either way).
         """
+        if self._sink is not None and self._sha is None:
+            after = (lambda at, n: drop_cached(src_fd, at, n)) if drop_source else None
+            try:
+                self._sink.fill_from(src_fd, offset, length, after)
+            except OSError as exc:
+                raise (OSError(f"{self.name}: {exc}") if exc.errno is None else self._disk_error(exc, length)) from exc
+            self.size += length
+            return
         if self._sha is None and self.loc.is_local and hasattr(os, "copy_file_range"):
             out_fd = self._f.fileno()
             done = 0
@@ -146,6 +173,9 @@ class AtomicFile:
         written there leaves no instant in which the file is published but unrecorded."""
         if self.loc.is_local:
             try:
+                if self._sink is not None:
+                    self._sink.finish()
+                    self._sink = None
                 os.fsync(self._f.fileno())
             except OSError as exc:
                 raise self._disk_error(exc, 0) from None
@@ -160,6 +190,12 @@ class AtomicFile:
                 self.loc.fs.mv(self._path, self.final)
 
     def abort(self) -> None:
+        if self._sink is not None:
+            try:
+                self._sink.close()
+            except Exception:
+                pass
+            self._sink = None
         try:
             if self._direct and hasattr(self._f, "discard"):
                 self._f.discard()  # abort the multipart upload: no final object appears
@@ -186,7 +222,8 @@ class SafetensorsWriter:
                  metadata: dict[str, str] | None = None, digest: bool = False):
         self.loc, self.name, self.specs = loc, name, specs
         header = build_header(specs, metadata or SHARD_METADATA)
-        self._file = AtomicFile(loc, name, digest, expected_size=len(header) + sum(s.nbytes for s in specs))
+        self._file = AtomicFile(loc, name, digest, expected_size=len(header) + sum(s.nbytes for s in specs),
+                                direct=True)
         self._file.write(header)
         self._index = 0
         self._left = specs[0].nbytes if specs else 0

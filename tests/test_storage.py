@@ -296,3 +296,113 @@ def test_shard_reads_leave_no_source_pages_cached_but_column_slices_do(tmp_path)
         got = r.read_columns("m.safetensors", c.start, c.end, 1024, 256, 384)  # an MP rank's 1/8
     assert np.array_equal(np.frombuffer(got, np.uint8).reshape(1024, 128), tensors["copied"].numpy()[:, 256:384])
     assert _resident_pages(src / "m.safetensors") == pages
+
+
+@pytest.fixture
+def direct_small(monkeypatch):
+    """O_DIRECT for every shard-sized write, through 64 KiB staging buffers (many hand-offs)."""
+    from ckptflow.storage import direct_io
+
+    monkeypatch.setattr(direct_io, "MIN_BYTES", 0)
+    monkeypatch.setattr(direct_io, "STAGING", 64 << 10)
+    return direct_io
+
+
+def _write_pieces(loc, payload: bytes, src_fd: int, drop: bool = False) -> SafetensorsWriter:
+    """A shard of three tensors: odd-sized writes, a kernel copy from `src_fd`, a ragged tail."""
+    specs = [TensorSpec("a", "U8", (200_003,)), TensorSpec("b", "U8", (len(payload) - 300_000,)),
+             TensorSpec("c", "U8", (99_997,))]
+    w = SafetensorsWriter(loc, "out.safetensors", specs)
+    for a in range(0, 200_003, 70_001):
+        w.write("a", payload[a:min(a + 70_001, 200_003)])
+    w.copy_range("b", src_fd, 200_003, len(payload) - 300_000, drop)
+    w.write("c", payload[len(payload) - 99_997:])
+    return w
+
+
+def test_direct_io_writes_exactly_the_bytes_buffered_writing_does(tmp_path, direct_small, monkeypatch):
+    """Shards written with O_DIRECT (staged, double-buffered, last block padded then truncated,
+    kernel copies read into staging) are byte-identical to buffered writing; where the
+    filesystem refuses O_DIRECT at open, the same bytes come buffered."""
+    import os
+
+    payload = os.urandom(1_000_000)
+    (tmp_path / "src.bin").write_bytes(payload)
+    fd = os.open(tmp_path / "src.bin", os.O_RDONLY)
+    files = {}
+    try:
+        for mode in ("direct", "buffered"):
+            if mode == "buffered":
+                monkeypatch.setattr(direct_small, "open_direct", lambda path: None)
+            loc = open_location(str(tmp_path / mode))
+            w = _write_pieces(loc, payload, fd, drop=True)
+            files[mode] = w._file._sink is not None
+            w.commit()
+    finally:
+        os.close(fd)
+    direct, buffered = ((tmp_path / m / "out.safetensors").read_bytes() for m in ("direct", "buffered"))
+    assert direct == buffered and direct.endswith(payload[-99_997:]) and payload[:200_003] in direct
+    assert files["buffered"] is False and not list((tmp_path / "direct").glob(".*partial*"))
+    if not files["direct"]:
+        pytest.skip("this filesystem has no O_DIRECT: only the buffered path ran")
+
+
+def test_direct_io_refused_mid_file_finishes_buffered(tmp_path, direct_small, monkeypatch):
+    """A filesystem that opens O_DIRECT but refuses a write (EINVAL) gets the rest buffered:
+    the file is still exact."""
+    import errno
+    import os
+
+    payload = os.urandom(700_000)
+    (tmp_path / "src.bin").write_bytes(payload)
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, at):
+        calls.append(fd)
+        if len(calls) == 3:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, at)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    fd = os.open(tmp_path / "src.bin", os.O_RDONLY)
+    try:
+        w = _write_pieces(open_location(str(tmp_path / "o")), payload, fd)
+        if w._file._sink is None:
+            pytest.skip("this filesystem has no O_DIRECT")
+        w.commit()
+    finally:
+        os.close(fd)
+    raw = (tmp_path / "o" / "out.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    assert raw[8 + n:] == payload[:200_003] + payload[200_003:600_003] + payload[-99_997:]
+    assert len(calls) > 3
+
+
+def test_direct_io_disk_full_is_one_line_and_publishes_nothing(tmp_path, direct_small):
+    """ENOSPC on an O_DIRECT write, raised on the next hand-off or at commit: the same one-line
+    error as buffered writing, and no file under the final name."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        payload = os.urandom(3_000_000)
+        (tmp_path / "src.bin").write_bytes(payload)
+        fd = os.open(tmp_path / "src.bin", os.O_RDONLY)
+        try:
+            with pytest.raises(StorageError, match=r"out.safetensors: no space left on device after .* bytes; "
+                                                   r".* more bytes were needed for it\. Nothing was published"):
+                w = _write_pieces(open_location(str(mnt)), payload, fd)
+                try:
+                    w.commit()
+                except BaseException:
+                    w.abort()
+                    raise
+        finally:
+            os.close(fd)
+        assert not (mnt / "out.safetensors").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
