@@ -219,11 +219,13 @@ class SafetensorsWriter:
     """
 
     def __init__(self, loc: Location, name: str, specs: list[TensorSpec],
-                 metadata: dict[str, str] | None = None, digest: bool = False):
+                 metadata: dict[str, str] | None = None, digest: bool = False, direct: bool = True):
+        """`direct`: see `AtomicFile` (a file of kernel copies is better left to `copy_file_range`,
+        which shares extents on filesystems that can)."""
         self.loc, self.name, self.specs = loc, name, specs
         header = build_header(specs, metadata or SHARD_METADATA)
         self._file = AtomicFile(loc, name, digest, expected_size=len(header) + sum(s.nbytes for s in specs),
-                                direct=True)
+                                direct=direct)
         self._file.write(header)
         self._index = 0
         self._left = specs[0].nbytes if specs else 0

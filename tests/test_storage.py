@@ -406,3 +406,33 @@ def test_direct_io_disk_full_is_one_line_and_publishes_nothing(tmp_path, direct_
         assert not (mnt / "out.safetensors").exists()
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_copy_only_shards_keep_copy_file_range_and_computed_ones_go_direct(tmp_path, direct_small, monkeypatch):
+    """A reindex shard (whole-tensor copies, local to local) is left to copy_file_range, which
+    shares extents where the filesystem can; a shard with computed bytes is written O_DIRECT."""
+    from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
+    from ckptflow.tasks.run.execute import write_shard
+
+    opened = []
+    real = direct_small.open_direct
+    monkeypatch.setattr(direct_small, "open_direct", lambda path: (opened.append(path), real(path))[1])
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {"u": torch.randint(0, 255, (300, 70), dtype=torch.uint8), "f": torch.randn(40, 30)}
+    save_file(tensors, src / "m.safetensors")
+    h = read_header(open_location(str(src)), "m.safetensors")
+    refs = {n: SourceRef.of("m.safetensors", t) for n, t in h.tensors.items()}
+    copies = ShardPlan("copies.safetensors", (OutputTensor("u", "U8", (300, 70), "copy", (refs["u"],)),))
+    mixed = ShardPlan("mixed.safetensors", (OutputTensor("u", "U8", (300, 70), "copy", (refs["u"],)),
+                                            OutputTensor("f", "BF16", (40, 30), "cast", (refs["f"],))))
+    out = open_location(str(tmp_path / "out"))
+    write_shard(copies, open_location(str(src)), out)
+    assert opened == []
+    write_shard(mixed, open_location(str(src)), out)
+    assert len(opened) == 1 and "mixed.safetensors" in opened[0]
+    with safe_open(str(tmp_path / "out" / "mixed.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("u"), tensors["u"])
+        assert torch.equal(f.get_tensor("f"), tensors["f"].to(torch.bfloat16))
+    with safe_open(str(tmp_path / "out" / "copies.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("u"), tensors["u"])

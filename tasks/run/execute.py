@@ -292,7 +292,10 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
             ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
         ctx = ExecContext(reader, pool, device=device, backend=backend,
                           kernel_copy=src.is_local and dst.is_local and not digest)
-        writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest)
+        # Computed bytes go out with O_DIRECT; a shard of whole-tensor copies (reindex) stays with
+        # copy_file_range: reflinks where the filesystem shares extents, a kernel copy elsewhere.
+        only_copies = ctx.kernel_copy and all(t.transform == "copy" and cut_of(t) is None for t in shard.tensors)
+        writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest, direct=not only_copies)
         bg = _BackgroundWriter(writer)
         try:
             for t in shard.tensors:
