@@ -36,9 +36,18 @@ Measured 2026-12-03 after column reads for MP cuts and torch off the reindex pat
   mp8 alone, minutes earlier (load 1.6-2.0): 35.9 s (shards 32.2 s) with column reads, 37.9 s (33.0 s) without;
   this sparse source is served from the page cache, so reading 1/8 of a column-split tensor's bytes saves
   copies, not disk time. Same-day spreads of 30% between runs are this shared machine, not the code.
+Measured 2026-12-03 (evening, load 0.8-1.5) after source drop-behind and O_DIRECT shard writes; floors now
+also on an O_DIRECT dd, since this VM's buffered dd is slowed 3-5x by pages the page cache takes fresh from
+the host (the ratios are against the faster floor):
+    dequant  23.88 GB out  23.4 s (shards 21.9 s)  dd 65.7 s / O_DIRECT 13.1 s (1.78x, 1.66x)  RSS 395 -> 404 MiB
+             seed 000 on 1 shard 47.2 s vs ckptflow 7.9 s: 5.97x seed 000's throughput
+    mp8      24.75 GB out  24.8 s (shards 23.3 s)  dd 62.5 s / O_DIRECT 17.9 s (1.39x, 1.30x)  RSS 394 -> 403 MiB
+    reindex  12.87 GB out  11.2 s (shards 10.0 s)  dd 38.2 s / O_DIRECT  7.8 s (1.44x, 1.28x)  RSS 100 -> 102 MiB
+             cp --sparse=never 21.0 s (ckptflow 0.53x of cp's wall)
 "shards" is the wall less the child's interpreter start, imports (Prefect, torch) and planning.
-The CPU dequant kernel alone runs ~0.55 GB/s of FP8 per core here: dequant/mp8 are bound by
-compute per core (the share of 2 cores this machine gave), not by the disk.
+The CPU dequant kernel alone runs ~0.76 G FP8 elements/s on one core here, 1.04 on both: dequant is bound
+by compute per core (the disk is busy ~55% of a dequant shard's time; phases of whole-tensor copies, e.g.
+the 1.85 GB embedding, leave compute idle while they go to the disk, and FP8 phases the reverse).
 """
 from __future__ import annotations
 
