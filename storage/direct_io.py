@@ -64,10 +64,8 @@ class DirectSink:
         while data:
             n = min(len(data), len(self._view) - self._fill)
             self._view[self._fill:self._fill + n] = data[:n]
-            self._fill += n
             data = data[n:]
-            if self._fill == len(self._view):
-                self._hand_off()
+            self._filled(n)
 
     def fill_from(self, src_fd: int, offset: int, length: int, after_read=None) -> None:
         """Append `length` bytes of `src_fd` from `offset`, read straight into staging;
@@ -79,11 +77,9 @@ class DirectSink:
                 raise OSError(f"source ended {length} bytes early")
             if after_read is not None:
                 after_read(offset, n)
-            self._fill += n
             offset += n
             length -= n
-            if self._fill == len(self._view):
-                self._hand_off()
+            self._filled(n)
 
     def finish(self) -> None:
         """Write what is staged (padded to ALIGN for O_DIRECT) and cut the file to its size."""
@@ -105,6 +101,12 @@ class DirectSink:
         for view, buf in zip(self._views, self._bufs):
             view.release()
             buf.close()
+
+    def _filled(self, n: int) -> None:
+        """`n` more bytes are in the current buffer; a full one goes to the disk."""
+        self._fill += n
+        if self._fill == len(self._view):
+            self._hand_off()
 
     def _hand_off(self) -> None:
         """Start writing the full buffer on the I/O thread and switch to the other one."""

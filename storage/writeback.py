@@ -40,6 +40,9 @@ def _load():
 _sync_file_range = _load() if os.name == "posix" else None
 
 
+_fadvise = getattr(os, "posix_fadvise", None)
+
+
 def drop_cached(fd: int, offset: int, length: int) -> None:
     """Advise the kernel that bytes [offset, offset + length) of `fd` will not be read again.
 
@@ -50,9 +53,6 @@ def drop_cached(fd: int, offset: int, length: int) -> None:
             _fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
         except OSError:
             pass
-
-
-_fadvise = getattr(os, "posix_fadvise", None)
 
 
 class RollingWriteback:

@@ -83,19 +83,13 @@ class AtomicFile:
 
     def write(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        if self._sink is not None:
-            try:
-                self._sink.write(view)
-            except OSError as exc:
-                raise self._disk_error(exc, len(view)) from None
-            if self._sha is not None:
-                self._sha.update(data)
-            self.size += view.nbytes
-            return
         try:
-            while view:  # an unbuffered OS file may write less than asked
-                n = self._f.write(view)
-                view = view[n if n is not None else len(view):]
+            if self._sink is not None:
+                self._sink.write(view)
+            else:
+                while view:  # an unbuffered OS file may write less than asked
+                    n = self._f.write(view)
+                    view = view[n if n is not None else len(view):]
         except OSError as exc:
             raise self._disk_error(exc, len(view)) from None
         if self._sha is not None:
