@@ -5,15 +5,21 @@ Either way a caller asks for `(file, start, end)` and gets a buffer of exactly t
 """
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from typing import Any
+
+import numpy as np
 
 from ckptflow.storage.listing import version_of
 from ckptflow.storage.safetensors_format import (HEADER_PROBE_BYTES, Header, HeaderError, decode_header, header_length,
                                   parse_header_text)
 from ckptflow.storage.urls import Location, StorageError
 from ckptflow.storage.writeback import drop_cached
+
+ALIGN = 4096  # O_DIRECT's alignment of offsets, lengths and buffer addresses (a multiple of 512)
+DIRECT_MIN = 1 << 20  # smaller ranges: one copy from the page cache costs less than a disk round trip
 
 # Headers larger than the probe are read and parsed one at a time. Real ones are a few KB to a
 # few MB, so this costs nothing; but 16 threads each holding a 100 MB hostile header and its
@@ -68,13 +74,22 @@ class RangeReader:
 
     `drop_behind`: whole ranges read from local files are dropped from the page cache once read
     (`writeback.drop_cached`), for callers that read each source byte once. Column slices are
-    not: the MP ranks that read a matrix's other columns share those pages.
+    not: the MP ranks that read a matrix's other columns share those pages. Such a range of at
+    least `DIRECT_MIN` bytes, read into a page-aligned `out` with `SLACK` bytes to spare, is read
+    with O_DIRECT instead: the disk fills our buffer and the page cache is not involved at all
+    (reading 4 GB here: 1.4 s of system CPU through the cache, 0.2 s direct). The bytes come back
+    as a view into `out` at the range's offset within its first page. Where O_DIRECT is refused
+    (tmpfs, some FUSE mounts, macOS), reads go through the page cache as before.
     """
+
+    SLACK = 2 * ALIGN  # what an O_DIRECT read needs beyond the range: its partial first and last pages
 
     def __init__(self, loc: Location, drop_behind: bool = False):
         self.loc = loc
         self.drop_behind = drop_behind and loc.is_local
         self._fds: dict[str, int] = {}
+        self._direct_fds: dict[str, int | None] = {}
+        self._refused: list[int] = []
         self._lock = threading.Lock()
 
     def fd(self, name: str) -> int:
@@ -95,6 +110,11 @@ class RangeReader:
 
     def _read(self, name: str, start: int, end: int, out: Any, drop: bool) -> memoryview | bytes:
         if self.loc.is_local:
+            if drop and out is not None and end - start >= DIRECT_MIN:
+                got = self._read_direct(name, start, end, memoryview(out).cast("B"))
+                if got is not None:  # pages cached before (a fresh download) go all the same
+                    drop_cached(self.fd(name), start, end - start)
+                    return got
             buf = memoryview(out).cast("B")[:end - start] if out is not None else memoryview(bytearray(end - start))
             self._pread_into(name, buf, start)
             if drop:
@@ -126,6 +146,45 @@ class RangeReader:
         dst.reshape(n, width)[:] = rows[:, lo:hi]
         return memoryview(dst).cast("B")
 
+    def _read_direct(self, name: str, start: int, end: int, out: memoryview) -> memoryview | None:
+        """Bytes [start, end) read with O_DIRECT into `out`, as a view of it; None where that
+        cannot be done (buffer too small or unaligned, O_DIRECT refused): read buffered then."""
+        first = start - start % ALIGN
+        span = -(-(end - first) // ALIGN) * ALIGN
+        if len(out) < span or np.frombuffer(out, dtype=np.uint8).ctypes.data % ALIGN:
+            return None
+        fd = self._direct_fd(name)
+        if fd is None:
+            return None
+        got = 0
+        while got < end - first:
+            try:
+                n = os.preadv(fd, [out[got:span]], first + got)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                with self._lock:  # refused here (alignment this filesystem wants): buffered from now on;
+                    self._direct_fds[name] = None  # the fd stays open until close(): another read may be using it
+                    self._refused.append(fd)
+                return None
+            if n == 0:
+                raise StorageError(f"{self.loc.url_of(name)}: wanted bytes up to {end} but the file ends at "
+                                   f"{os.fstat(fd).st_size}; it changed or was truncated since validation")
+            got += n
+        return out[start - first:end - first]
+
+    def _direct_fd(self, name: str) -> int | None:
+        with self._lock:
+            if name not in self._direct_fds:
+                flag = getattr(os, "O_DIRECT", 0)
+                try:
+                    self._direct_fds[name] = os.open(self.loc.path(name), os.O_RDONLY | flag) if flag else None
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise
+                    self._direct_fds[name] = None
+            return self._direct_fds[name]
+
     def _pread_into(self, name: str, buf: memoryview, at: int) -> None:
         """Fill `buf` from local file `name` at offset `at`; a file that ends first is an error."""
         fd, got = self.fd(name), 0
@@ -138,9 +197,11 @@ class RangeReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in {*self._fds.values(), *self._direct_fds.values(), *self._refused} - {None}:
                 os.close(fd)
             self._fds.clear()
+            self._direct_fds.clear()
+            self._refused.clear()
 
     def __enter__(self) -> "RangeReader":
         return self

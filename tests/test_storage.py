@@ -436,3 +436,98 @@ def test_copy_only_shards_keep_copy_file_range_and_computed_ones_go_direct(tmp_p
         assert torch.equal(f.get_tensor("f"), tensors["f"].to(torch.bfloat16))
     with safe_open(str(tmp_path / "out" / "copies.safetensors"), "pt") as f:
         assert torch.equal(f.get_tensor("u"), tensors["u"])
+
+
+def _takes_o_direct(path) -> bool:
+    """Whether the filesystem of existing file `path` opens it with O_DIRECT (tmpfs does not)."""
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def _direct_reads(monkeypatch) -> list:
+    """Every range `RangeReader` reads with O_DIRECT (DIRECT_MIN lowered to 1 byte), recorded."""
+    from ckptflow.storage import reader
+
+    monkeypatch.setattr(reader, "DIRECT_MIN", 1)
+    direct, real = [], reader.RangeReader._read_direct
+
+    def spy(self, name, start, end, out):
+        got = real(self, name, start, end, out)
+        if got is not None:
+            direct.append((start, end))
+        return got
+
+    monkeypatch.setattr(reader.RangeReader, "_read_direct", spy)
+    return direct
+
+
+def test_direct_reads_return_exactly_the_range_at_any_alignment(tmp_path, monkeypatch):
+    """Source ranges read with O_DIRECT (aligned pages around the range, the range a view into the
+    buffer) are the very bytes asked for, at odd offsets and at the file's unaligned end; a buffer
+    without room or alignment for it, or a filesystem refusing O_DIRECT, reads buffered; a range
+    past the end of a truncated file is one clear error either way."""
+    import os
+
+    from ckptflow.tasks.run.buffers import BufferPool
+
+    direct = _direct_reads(monkeypatch)
+    data = os.urandom(3 * 4096 * 100 + 123)
+    (tmp_path / "f.bin").write_bytes(data)
+    takes = _takes_o_direct(tmp_path / "f.bin")
+    pool = BufferPool()
+    ranges = [(0, 4096), (1, 1_000_001), (4095, 8193), (len(data) - 5000, len(data)), (123, len(data)), (7, 9)]
+    with RangeReader(open_location(str(tmp_path)), drop_behind=True) as r:
+        for a, b in ranges:
+            assert bytes(r.read("f.bin", a, b, out=pool.take(b - a + r.SLACK))) == data[a:b], (a, b)
+        assert direct == (ranges if takes else [])
+        unaligned = pool.take(20_000 + r.SLACK)[1:]
+        assert bytes(r.read("f.bin", 5, 20_005, out=unaligned)) == data[5:20_005]
+        assert bytes(r.read("f.bin", 5, 20_005, out=pool.take(20_000))) == data[5:20_005]  # no slack
+        assert direct == (ranges if takes else [])
+        with pytest.raises(StorageError, match="truncated"):
+            r.read("f.bin", len(data) - 10, len(data) + 10, out=pool.take(20 + r.SLACK))
+    monkeypatch.delattr(os, "O_DIRECT", raising=False)
+    with RangeReader(open_location(str(tmp_path)), drop_behind=True) as r:
+        assert bytes(r.read("f.bin", 1, 1_000_001, out=pool.take(1_000_000 + r.SLACK))) == data[1:1_000_001]
+    assert direct == (ranges if takes else [])
+
+
+def test_shards_read_with_o_direct_are_byte_identical(tmp_path, monkeypatch):
+    """A shard of an FP8 dequant (several chunks), a cast and a copied slice, its source ranges
+    read with O_DIRECT, is byte-identical to the same shard read through the page cache."""
+    from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
+    from ckptflow.tasks.run.execute import write_shard
+
+    g = torch.Generator().manual_seed(3)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"pad": torch.zeros(777, dtype=torch.uint8),  # every range below starts off a page
+               "w": (torch.randn(300, 1000, generator=g) * 50).to(torch.float8_e4m3fn),
+               "w_scale_inv": torch.rand(3, 8, generator=g) + 0.5,
+               "f": torch.randn(333, 517, generator=g)}, src / "m.safetensors")
+    h = scan_checkpoint(open_location(str(src))).headers["m.safetensors"].tensors
+    ref = {n: SourceRef.of("m.safetensors", t) for n, t in h.items()}
+    shard = ShardPlan("out.safetensors", (
+        OutputTensor("w", "BF16", (300, 1000), "dequant_fp8", (ref["w"], ref["w_scale_inv"]), (("block", (128, 128)),)),
+        OutputTensor("f", "BF16", (333, 517), "cast", (ref["f"],)),
+        OutputTensor("rows", "F32", (100, 517), "slice", (ref["f"],), (("dim", 0), ("start", 33), ("stop", 133)))))
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 100_000)
+    write_shard(shard, open_location(str(src)), open_location(str(tmp_path / "cached")))
+    direct = _direct_reads(monkeypatch)
+    write_shard(shard, open_location(str(src)), open_location(str(tmp_path / "direct")))
+    got = (tmp_path / "direct" / "out.safetensors").read_bytes()
+    assert got == (tmp_path / "cached" / "out.safetensors").read_bytes()
+    if _takes_o_direct(src / "m.safetensors"):
+        assert len(direct) > 6 and any(a % 4096 for a, _ in direct)
+    with safe_open(str(tmp_path / "direct" / "out.safetensors"), "pt") as f:
+        from ckptflow.tasks.kernels.fp8_cpu import torch_weight_dequant
+        with safe_open(str(src / "m.safetensors"), "pt") as s:
+            want = torch_weight_dequant(s.get_tensor("w"), s.get_tensor("w_scale_inv"), (128, 128))
+            assert torch.equal(f.get_tensor("w").view(torch.int16), want.view(torch.int16))
+            assert torch.equal(f.get_tensor("rows"), s.get_tensor("f")[33:133])

@@ -112,7 +112,9 @@ def read_ahead(ctx: ExecContext, file: str, ranges: list[tuple[int, int]],
 
     def read(a: int, b: int) -> Piece:
         size = b - a if columns is None else (b - a) // columns[0] * (columns[2] - columns[1])
-        buf = ctx.buffers.take(size) if ctx.reader.loc.is_local else None
+        # whole ranges get room for an O_DIRECT read's partial pages (RangeReader.SLACK)
+        slack = ctx.reader.SLACK if columns is None and ctx.reader.drop_behind else 0
+        buf = ctx.buffers.take(size + slack) if ctx.reader.loc.is_local else None
         got = ctx.reader.read(file, a, b, out=buf) if columns is None \
             else ctx.reader.read_columns(file, a, b, *columns, out=buf)
         return got, (ctx.releaser(buf) if buf is not None else None)
