@@ -44,6 +44,20 @@ the host (the ratios are against the faster floor):
     mp8      24.75 GB out  24.8 s (shards 23.3 s)  dd 62.5 s / O_DIRECT 17.9 s (1.39x, 1.30x)  RSS 394 -> 403 MiB
     reindex  12.87 GB out  11.2 s (shards 10.0 s)  dd 38.2 s / O_DIRECT  7.8 s (1.44x, 1.28x)  RSS 100 -> 102 MiB
              cp --sparse=never 21.0 s (ckptflow 0.53x of cp's wall)
+Measured 2026-12-04 after O_DIRECT reads of whole source ranges (idle machine, load 0.2-1.3; the disk
+was slow that day, 0.5-0.7 GB/s for dd, and varied 20% between runs):
+    dequant  23.88 GB out  39.4 s (shards 36.6 s)  dd 52.3 s / O_DIRECT 43.0 s (0.92x, 0.85x)  RSS 434 -> 422 MiB
+             seed 000 on 1 shard 36.5 s (RSS 8974 MiB) vs ckptflow 16.4 s: 2.22x seed 000's throughput
+             CPU 30.8 s user + 5.8 s sys (sys was 8.3 s with page-cache reads of the source)
+    mp8      24.75 GB out  43.9 s (shards 41.2 s)  dd 45.3 s / O_DIRECT 48.3 s (0.97x, 0.91x)  RSS 412 -> 421 MiB
+             CPU 32.5 s user + 6.7 s sys
+    reindex  12.87 GB out  18.1 s (shards 15.7 s)  dd 24.5 s / O_DIRECT 24.9 s (0.74x, 0.64x)  RSS 100 -> 103 MiB
+             cp --sparse=never 18.0 s (1.00x); CPU 0.2 s user + 9.3 s sys
+  Below 1x: ckptflow keeps the disk's queue fuller (writes of one shard overlap reads and compute of the
+  next) than dd's one stream of 16 MiB blocks. On a disk at ~1.8 GB/s (2026-12-03) dequant is bound by
+  compute instead: ~31 CPU-s for 11 G FP8 elements is ~15 s on both cores, against a 13 s floor.
+  Where the CPU goes (perf, dequant): the LUT gather (numpy take) 44%, staging copies 9%, uint8->uint16
+  widening 4%, the block-scale add 3%, Python 4%; sys time is mostly writes and zeroing the source holes.
 "shards" is the wall less the child's interpreter start, imports (Prefect, torch) and planning.
 The CPU dequant kernel alone runs ~0.76 G FP8 elements/s on one core here, 1.04 on both: dequant is bound
 by compute per core (the disk is busy ~55% of a dequant shard's time; phases of whole-tensor copies, e.g.
@@ -54,6 +68,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import sys
 import time
@@ -127,12 +142,18 @@ def child(mode: str, src: str, dst: str) -> None:
     s, d = open_location(src), open_location(dst)
     ckpt = scan_checkpoint(s)
     (p,), _ = plan_passes(ckpt, recipe)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     for shard in p.plan.shards:
         write_shard(shard, s, d)
     finalize(p.plan, ckpt, s, d)
     print(json.dumps({"peak_rss_bytes": peak_rss_bytes(), "bytes": p.plan.total_size,
-                      "shards_s": time.perf_counter() - t0}))
+                      "shards_s": time.perf_counter() - t0, "cpu_s": [a - b for a, b in zip(cpu_seconds(), cpu0)]}))
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """User and system CPU seconds of this process, all its threads."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
 
 
 def measured(cmd: list[str]) -> tuple[float, int, dict]:
@@ -197,6 +218,9 @@ def main() -> None:
             shutil.rmtree(base / "seed")
             line += (f"\n{'':8} seed 000 on 1 shard: {seed_wall:.1f}s, RSS {mib(seed_rss)}; ckptflow {small_wall:.1f}s "
                      f"-> {seed_wall / small_wall:.2f}x seed 000's throughput")
+        user, system = info["cpu_s"]
+        line += (f"\n{'':8} CPU over the shards: {user:.1f}s user + {system:.1f}s sys "
+                 f"= {(user + system) / shards:.2f} of {os.cpu_count()} cores busy")
         print(line, flush=True)
     shutil.rmtree(base, ignore_errors=True)
 
