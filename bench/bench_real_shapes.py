@@ -48,7 +48,8 @@ Measured 2026-12-04 after O_DIRECT reads of whole source ranges (idle machine, l
 was slow that day, 0.5-0.7 GB/s for dd, and varied 20% between runs):
     dequant  23.88 GB out  39.4 s (shards 36.6 s)  dd 52.3 s / O_DIRECT 43.0 s (0.92x, 0.85x)  RSS 434 -> 422 MiB
              seed 000 on 1 shard 36.5 s (RSS 8974 MiB) vs ckptflow 16.4 s: 2.22x seed 000's throughput
-             CPU 30.8 s user + 5.8 s sys (sys was 8.3 s with page-cache reads of the source)
+             CPU 30.8 s user + 5.8 s sys (whole child under /usr/bin/time, same day: sys 8.3 s with
+             page-cache reads of the source, 4.4 s with these O_DIRECT reads)
     mp8      24.75 GB out  43.9 s (shards 41.2 s)  dd 45.3 s / O_DIRECT 48.3 s (0.97x, 0.91x)  RSS 412 -> 421 MiB
              CPU 32.5 s user + 6.7 s sys
     reindex  12.87 GB out  18.1 s (shards 15.7 s)  dd 24.5 s / O_DIRECT 24.9 s (0.74x, 0.64x)  RSS 100 -> 103 MiB
