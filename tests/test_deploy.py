@@ -46,8 +46,8 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
             "    async with get_client() as c:\n"
             "        runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(\n"
             "            name=DeploymentFilterName(any_=[sys.argv[1]])))\n"
-            "        print(json.dumps([{'name': r.name, 'state': r.state_type.value, 'parameters': r.parameters}\n"
-            "                          for r in runs]))\n"
+            "        print(json.dumps([{'name': r.name, 'state': r.state_type.value, 'parameters': r.parameters,\n"
+            "                           'auto_scheduled': r.auto_scheduled} for r in runs]))\n"
             "asyncio.run(main())\n")
     proc = subprocess.run([PYTHON, "-c", code, deployment], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -153,3 +153,40 @@ def test_watch_deployment_converts_what_is_missing_under_the_prefix(deployed, de
     markers = sorted(p.rsplit("/", 2)[-2] for p in fs.find(f"{b}/watched-bf16/.ckptflow-work")
                      if p.endswith("/watch.json"))
     assert markers == ["one", "two"]
+
+
+def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt, tmp_path):
+    """The server's scheduler creates a flow run from an interval schedule and the worker runs it to
+    Completed. With SQLAlchemy 2.1 every scheduler tick failed ("Can't evaluate bulk DML statement")
+    and no scheduled run was ever created; pyproject pins sqlalchemy<2.1."""
+    import datetime
+    import time
+
+    env = deployed["env"]
+    # One run due ~10 s from now: an hourly interval anchored just under an hour ago.
+    anchor = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=3600 - 10)
+    project = deployed["project"]
+    (project / "scheduled.yaml").write_text(json.dumps({
+        "name": "ckptflow-scheduled", "prefect-version": "3.8.0", "pull": [],
+        "deployments": [{
+            "name": "scheduled-convert", "entrypoint": "ckptflow.flows.convert.convert_flow",
+            "parameters": {"source": str(demo_ckpt), "dest": str(tmp_path / "out"), "work": str(tmp_path / "work"),
+                           "dequant": True},
+            "work_pool": {"name": "ckptflow-process", "job_variables": {}},
+            "schedules": [{"interval": 3600, "anchor_date": anchor.isoformat(), "active": True}],
+        }]}))  # JSON is YAML
+    dep = prefect(["--no-prompt", "deploy", "--prefect-file", "scheduled.yaml", "--all"], env, project)
+    assert dep.returncode == 0, dep.stdout + dep.stderr
+    try:
+        deadline, runs = time.monotonic() + 240, []
+        while time.monotonic() < deadline:
+            runs = flow_runs(env, "scheduled-convert")
+            if any(r["state"] == "COMPLETED" for r in runs) or any(r["state"] in ("FAILED", "CRASHED") for r in runs):
+                break
+            time.sleep(3)
+        done = [r for r in runs if r["state"] == "COMPLETED"]
+        assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
+        assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    finally:
+        prefect(["deployment", "delete", "ckptflow-convert/scheduled-convert"], env, project, timeout=120)
