@@ -57,7 +57,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     # bad values fail here, one line each, before torch or Prefect load
     validated = ConvertOptions(**convert_options(args, **fixed))
     options = validated.model_dump()
-    refuse_overlap_early(source, dest, work, opts)
+    refuse_overlap_early(source, dest, work, opts, validated.dask_address)
     planned = plan_early(source, validated.recipe(), opts)
     if getattr(args, "dry_run", False):
         from ckptflow.flows.dry_run import dry_run_report
@@ -106,17 +106,19 @@ def plan_early(source: str, recipe: Any, opts: dict[str, Any]) -> Any:
     return planned
 
 
-def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any]) -> None:
+def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any],
+                         dask_address: str | None = None) -> None:
     """SOURCE, DEST and the work location must not nest, and DEST and work must be writable: said
     in a second, before Prefect starts. The flows check again (deployment runs do not come through here)."""
     from ckptflow.storage.overlap import refuse_overlap
     from ckptflow.storage.remote import check_writable_dest
     from ckptflow.storage.urls import open_location
 
-    from ckptflow.flows.workdir import default_work
+    from ckptflow.flows.workdir import check_work_reachable, default_work
 
     dst, work_loc = open_location(dest, opts), open_location(work or default_work(dest), opts)
     refuse_overlap(("SOURCE", open_location(source, opts)), ("DEST", dst), ("--work", work_loc))
+    check_work_reachable(work_loc, dask_address)
     check_writable_dest(dst)  # also: a DEST that is a file, a read-only disk, a missing bucket
     check_writable_dest(work_loc)
 

@@ -31,7 +31,7 @@ from ckptflow.flows.recipe import plan_mp_stage
 from ckptflow.flows.report import RunProgress, publish_summary
 from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
-from ckptflow.flows.workdir import default_work
+from ckptflow.flows.workdir import check_work_reachable, default_work
 
 
 def convert_flow(source: str, dest: str, work: str | None = None,
@@ -58,7 +58,9 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     recipe = opts.recipe()
     src = open_location(source, storage_options)
     dst = open_location(dest, storage_options)
-    refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", open_location(work, storage_options)))
+    work_loc = open_location(work, storage_options)
+    refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", work_loc))
+    check_work_reachable(work_loc, opts.dask_address)
     origin = src
     if opts.fetch and not src.is_local:
         src = fetch_source(src, work, storage_options)

@@ -7,14 +7,37 @@ from pathlib import Path
 from typing import Any
 
 from ckptflow.storage.remote import check_writable_dest
-from ckptflow.storage.urls import effective_options, open_location
+from ckptflow.storage.urls import Location, StorageError, effective_options, open_location, protocol_of
+
+WORK_FOLDER = ".ckptflow-work"
 
 
 def default_work(dest: str) -> str:
-    """One work directory per destination, so reruns of the same command find their records."""
+    """One work location per destination, so reruns of the same command find their records.
+
+    A DEST on a remote store (any URL with a protocol but `file://`) gets its work location on that
+    same store, `<DEST's parent>/.ckptflow-work/<DEST's name>` (the rule `watch` uses): every
+    machine that can write DEST reaches it, so a rerun from another machine, or a Dask worker on
+    one, finds the journal. A local DEST keeps it in this machine's cache.
+    """
+    protocol = protocol_of(dest)
+    if protocol not in (None, "file", "local"):
+        head, _, name = dest.rstrip("/").rpartition("/")
+        if name and "://" in head:
+            return f"{head}/{WORK_FOLDER}/{name}"
     base = os.environ.get("CKPTFLOW_WORK") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptflow", "work")
     return os.path.join(base, hashlib.sha256(dest.rstrip("/").encode()).hexdigest()[:16])
+
+
+def check_work_reachable(work: Location, dask_address: str | None) -> None:
+    """Shard tasks on another cluster write their journal and records to the work location: a
+    path on this machine's disk is not theirs, so resume would silently never find a shard."""
+    if dask_address and work.is_local:
+        raise StorageError(
+            f"--work {work.url} is on this machine's disk, but --dask-address {dask_address} runs shard "
+            "tasks on other machines, which cannot reach it (resume would never find their shards); pass "
+            "--work on storage every worker reaches, e.g. --work s3://BUCKET/ckptflow-work/NAME")
 
 
 def result_storage(work: str, storage_options: dict[str, Any] | None = None) -> Any:

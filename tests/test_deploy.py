@@ -114,13 +114,14 @@ def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness,
 
     run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16",
                    "--param", f"source=s3://{b}/incoming/demo", "--param", f"dest=s3://{b}/converted/demo",
-                   "--param", f"work=s3://{b}/ckptflow-work/demo", "--param", "max_workers=2",
+                   "--param", "max_workers=2",
                    "--watch", "--watch-timeout", "300"], env, tmp_path, timeout=360)
     assert run.returncode == 0, run.stdout + run.stderr + worker_log(deployed)
     assert "Completed" in run.stdout, run.stdout + worker_log(deployed)
     assert s3_tree(fs, f"{b}/converted/demo") == tree(reference)
-    # Shard records went to the bucket work location (a RemoteFileSystem block): any worker reaches them.
-    assert fs.find(f"{b}/ckptflow-work/demo/results")
+    # With no `work` parameter, shard records and the journal went to the bucket, beside DEST (a
+    # RemoteFileSystem block): any worker reaches them.
+    assert fs.find(f"{b}/converted/.ckptflow-work/demo/results")
     runs = flow_runs(env, "convert-fp8-to-bf16")
     assert [r["state"] for r in runs] == ["COMPLETED"]
     assert not any(k in json.dumps(runs[0]["parameters"]).lower() for k in ("secret", "testing"))
