@@ -14,11 +14,12 @@ from prefect.futures import as_completed, wait
 from ckptflow.storage.errors import problem_list
 from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
-                                    read_json, write_json)
+                                    write_json)
 from ckptflow.storage.listing import file_identities
 from ckptflow.storage.overlap import refuse_under
 from ckptflow.storage.urls import Location, StorageError, open_location
 from ckptflow.tasks.run import progress
+from ckptflow.tasks.run.journal import reusable
 from ckptflow.tasks.run.resume import shard_key
 from ckptflow.tasks.planners.dequant import refuse_packed_leftovers
 from ckptflow.tasks.planners.torch_dtype import DtypeReport, check_dtypes
@@ -123,45 +124,11 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     records = []
     for fut in futures:
         record = fut if isinstance(fut, dict) else dict(fut.result())
-        record["cached"] = isinstance(fut, dict)  # submitted tasks refresh: never Prefect-cached
+        # Reused: proven before submission, or by the task itself (a resubmitted task whose shard
+        # an earlier attempt, e.g. on a lost Dask worker, had committed). Never Prefect-cached.
+        record["cached"] = isinstance(fut, dict) or bool(record.pop("reused", False))
         records.append(record)
     return records
-
-
-def reusable(journal: Location, entry: str, identity: str | None, journaled: set[str]) -> dict[str, Any] | None:
-    """The journal record of a published shard that is still the very file its plan committed
-    (`identity`: its `file_identity` now, None if absent), or None: write it again. A run killed
-    between the rename and the final entry left the entry written before the rename; it proves
-    the file too, and is completed here so the next check is a plain comparison."""
-    record = read_journal(journal, entry) if entry in journaled and identity else None
-    if record is None or identity is None or not proves(record, identity):
-        return None
-    if record.get("identity") != identity:
-        record = {**record, "identity": identity}
-        write_json(journal, entry, record)
-    return record
-
-
-def read_journal(journal: Location, entry: str) -> dict[str, Any] | None:
-    """A commit journal entry, or None when it is missing, empty or damaged (a power cut can
-    leave any of those): such a shard is simply written again."""
-    try:
-        record = read_json(journal, entry)
-    except StorageError:
-        return None
-    if not isinstance(record, dict):
-        return None
-    return record if isinstance(record.get("identity") or record.get("identity_before_rename"), str) else None
-
-
-def proves(record: dict[str, Any], identity: str) -> bool:
-    """Does a journal entry vouch for the file whose `file_identity` is `identity`? The final entry
-    names the whole identity; one written just before the rename (the run died before it could
-    write the final one) names everything but the ctime the rename set."""
-    if record.get("identity") is not None:
-        return record["identity"] == identity
-    before = record.get("identity_before_rename")
-    return isinstance(before, str) and identity.rsplit(":", 1)[0] == before
 
 
 def finalize(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location) -> None:

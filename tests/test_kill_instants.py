@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptflow.flows.passes import reusable
+from ckptflow.tasks.run.journal import reusable
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.files import list_files
 from ckptflow.storage.listing import file_identity

@@ -9,9 +9,11 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from ckptflow.storage.files import write_json
+from ckptflow.storage.listing import file_identity
 from ckptflow.storage.transient import TRANSIENT_RETRIES
 from ckptflow.storage.urls import open_location
 
+from ckptflow.tasks.run.journal import reusable
 from ckptflow.tasks.run.resume import SHARD_CACHE, shard_key
 from ckptflow.tasks.run.execute import write_shard
 from ckptflow.tasks.plan.model import ShardPlan
@@ -42,6 +44,15 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
              "worker": f"{socket.gethostname()}:{os.getpid()}"}  # which process ran it (scale-out)
     entry = f"{shard_key(stage, shard, fingerprints, dest)}.json"
     journal_loc = open_location(journal, storage_options) if journal else None
+    if journal_loc is not None:
+        # The flow checked before submitting, but this may be a retry or a resubmission (Dask resubmits
+        # the tasks of a worker it lost, including ones that had committed): what the journal proves
+        # is done is never computed again.
+        done = reusable(journal_loc, entry, file_identity(dst, shard.file), {entry})
+        if done is not None:
+            get_run_logger().info("shard reused stage=%s file=%s (committed by an earlier attempt, worker=%s)",
+                                  stage, shard.file, done.get("worker"))
+            return {**done, "reused": True}
 
     def before_publish(written: Any, identity: str | None) -> None:
         if journal_loc is not None and identity is not None:
