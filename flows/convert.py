@@ -42,7 +42,7 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     make the CLI's flags. `task_runner`/`dask_address`/`max_workers` pick where shard tasks run
     (`ckptflow.flows.runners`). The CLI applies the runner with `with_options`; a run whose runner
     is not the one asked for (a deployment run with `task_runner: dask` or `max_workers: 4`)
-    reruns itself as a subflow on that runner. `prune` deletes weight files in `dest` this run
+    submits its shard tasks to that runner, within the same flow run. `prune` deletes weight files in `dest` this run
     does not write (else they stop the run before it writes anything).
     """
     opts = ConvertOptions(**options)
@@ -51,7 +51,16 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     if current is not None:
         runner = make_task_runner(opts.task_runner, opts.max_workers, opts.dask_address)
         if runner_settings(current.task_runner) != runner_settings(runner):
-            return convert_flow.with_options(task_runner=runner)(**dict(current.parameters))
+            # A deployment run asks for another runner as a parameter: shard tasks go to it from
+            # within this same flow run (no subflow), so the operator's run is the one that holds
+            # the task runs, logs and artifacts.
+            with runner, current.model_copy(update={"task_runner": runner}):
+                return _convert(source, dest, work, storage_options, opts)
+    return _convert(source, dest, work, storage_options, opts)
+
+
+def _convert(source: str, dest: str, work: str | None, storage_options: dict[str, Any] | None,
+             opts: ConvertOptions) -> dict[str, Any]:
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)

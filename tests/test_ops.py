@@ -81,17 +81,35 @@ def test_dask_local_cluster_matches_threads_on_two_workers(threaded_output):
 @pytest.mark.slow
 def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
     """`task_runner="processes"` as a parameter (as a deployment run passes it, with no
-    `with_options`): the flow reruns itself as a subflow on a process pool."""
+    `with_options`): the flow submits its shards to a process pool, within the one flow run."""
     t = threaded_output
     out, work = t["base"] / "out-processes", t["base"] / "work-processes"
-    code = ("import json, sys; from ckptflow.flows.convert import convert_flow; "
-            "s = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], dequant=True, task_runner='processes', "
-            "max_workers=2); "
-            "print(json.dumps({k: s[k] for k in ('shards', 'cached_shards')}))")
+    code = ("import asyncio, json, sys; from ckptflow.flows.convert import convert_flow\n"
+            "from prefect.client.orchestration import get_client\n"
+            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, ArtifactFilter, "
+            "ArtifactFilterFlowRunId\n"
+            "async def runs():\n"
+            "    async with get_client() as c:\n"
+            "        return [r.id for r in await c.read_flow_runs()]\n"
+            "async def artifacts(run):\n"
+            "    async with get_client() as c:\n"
+            "        return len(await c.read_artifacts(artifact_filter=ArtifactFilter(\n"
+            "            flow_run_id=ArtifactFilterFlowRunId(any_=[run]))))\n"
+            "before = set(asyncio.run(runs()))\n"
+            "state = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], dequant=True, task_runner='processes', "
+            "max_workers=2, return_state=True)\n"
+            "s = state.result()\n"
+            "new = set(asyncio.run(runs())) - before\n"
+            "print(json.dumps({**{k: s[k] for k in ('shards', 'cached_shards')}, 'flow_runs': len(new), "
+            "'artifacts': asyncio.run(artifacts(state.state_details.flow_run_id))}))\n")
     proc = subprocess.run([PYTHON, "-c", code, str(t["source"]), str(out), str(work)], env=t["env"], cwd=ROOT,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"shards": 6, "cached_shards": 0}
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    # One flow run (no subflow on the other runner), and the run the caller started holds the artifacts.
+    assert {k: got[k] for k in ("shards", "cached_shards", "flow_runs")} == {"shards": 6, "cached_shards": 0,
+                                                                              "flow_runs": 1}, got
+    assert got["artifacts"] >= 1, got
     assert tree(out) == t["tree"]
     assert not shard_workers(t["base"] / "work-processes") & shard_workers(t["work"])
 
@@ -112,8 +130,9 @@ def test_local_workers_on_the_temporary_server_match_threads(threaded_output, tm
 @pytest.mark.slow
 def test_remote_dask_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
     env = server_env(tmp_path / "home")
+    # --work on storage a remote cluster could reach (a local one is refused first, naming --work)
     proc = run_cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask",
-                    "--dask-address", "tcp://127.0.0.1:9"], env, timeout=120)
+                    "--dask-address", "tcp://127.0.0.1:9", "--work", "memory://ckptflow-work/out"], env, timeout=120)
     assert proc.returncode == 2
     assert "PREFECT_API_URL" in proc.stderr and "--dask-address" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
