@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Any
 
-from ckptflow.flows.cli_parser import build_parser  # no Prefect, no torch
+from ckptflow.flows.cli_parser import build_parser, non_utf8_argument  # no Prefect, no torch
+from ckptflow.flows.printable import printable
 from ckptflow.flows.summary_text import human as _human
 from ckptflow.flows.summary_text import print_summary
 
@@ -193,9 +194,9 @@ def print_watch(summary: dict[str, Any], as_json: bool) -> None:
         r = c.get("result") or {}
         done = (" → failed" if "error" in r else
                 f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else "")
-        print(f"{c['name']:<24} {c['action']:<11} {c['reason']}{done}")
+        print(f"{printable(c['name']):<24} {c['action']:<11} {printable(c['reason'])}{done}")
     if not summary["checkpoints"]:
-        print(f"{summary['source_prefix']}: no checkpoints found (folders holding *.safetensors)")
+        print(f"{printable(summary['source_prefix'])}: no checkpoints found (folders holding *.safetensors)")
     if as_json:
         print(json.dumps(summary))
 
@@ -368,7 +369,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (problem := non_utf8_argument(parser, args)) is not None:  # before anything hashes or sends it
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     _quiet_prefect(args.verbose)
     from ckptflow.storage.errors import UserError
     from ckptflow.storage.faults import explain
