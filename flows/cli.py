@@ -87,6 +87,10 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
         summary["timing"] = timing(summary, called, process_age(), server.label())
+        from ckptflow.flows.user_dirs import note
+
+        if note():  # no HOME: where Prefect's records went
+            summary["notes"] = [*summary.get("notes", []), note()]
         return summary
     finally:
         progress.detach()
@@ -305,6 +309,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from ckptflow.flows import local_server
 
+    if args.action in ("start", "stop") and (stale := local_server.forget_stale()):
+        print(f"note: {stale}")
     if args.action == "start":
         url = local_server.start(args.port)
         print(f"local Prefect server at {url} (UI: {url.removesuffix('/api')}); ckptflow runs without "
@@ -362,7 +368,9 @@ _STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if argv is None:  # a real CLI process: skip Prefect's slow teardown of its temporary server
-        from ckptflow.flows import interrupt
+        from ckptflow.flows import interrupt, user_dirs
+
+        user_dirs.remove_temporary_prefect_home()
 
         return interrupt.leave(code)
     return code
@@ -379,7 +387,9 @@ def _main(argv: list[str] | None = None) -> int:
     from ckptflow.storage.faults import explain
 
     if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
-        from ckptflow.flows import interrupt, watchdog
+        from ckptflow.flows import interrupt, user_dirs, watchdog
+
+        user_dirs.fall_back_prefect_home()  # no HOME: Prefect, imported later, gets a temporary one
 
         global _WATCHDOG
         _WATCHDOG = watchdog.start()
