@@ -219,3 +219,20 @@ def test_watch_table_shows_checkpoint_names_with_control_characters_on_one_line(
     assert [r.split()[0] for r in rows] == ["bad\\xffname", "evil\\nname\\x1b[31m", "tab\\there"]
     assert all(r.split()[1:3] == ["convert", "new"] for r in rows)
     assert seconds < FAST_S, seconds
+
+
+def test_dry_run_lists_a_file_name_with_control_characters_on_one_line(demo_ckpt, tmp_path):
+    index_path = demo_ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    old = sorted(set(index["weight_map"].values()))[0]
+    new = "model\n\x1b[2Jshard.safetensors"
+    (demo_ckpt / old).rename(demo_ckpt / new)
+    index["weight_map"] = {t: new if f == old else f for t, f in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    run, seconds = _cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--dry-run",
+                         "--work", str(tmp_path / "w")], _env(tmp_path))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "\x1b" not in run.stdout and "Traceback" not in run.stderr
+    files = [ln for ln in run.stdout.splitlines() if ln.strip().startswith("files: ")]
+    assert len(files) == 1 and "model\\n\\x1b[2Jshard.safetensors" in files[0]
+    assert seconds < FAST_S, seconds
