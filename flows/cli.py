@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Any
 
-from ckptflow.flows.cli_parser import build_parser  # no Prefect, no torch
+from ckptflow.flows.cli_parser import build_parser, non_utf8_argument  # no Prefect, no torch
+from ckptflow.flows.printable import printable
 from ckptflow.flows.summary_text import human as _human
 from ckptflow.flows.summary_text import print_summary
 
@@ -86,6 +87,10 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
         summary["timing"] = timing(summary, called, process_age(), server.label())
+        from ckptflow.flows.user_dirs import note
+
+        if note():  # no HOME: where Prefect's records went
+            summary["notes"] = [*summary.get("notes", []), note()]
         return summary
     finally:
         progress.detach()
@@ -193,9 +198,9 @@ def print_watch(summary: dict[str, Any], as_json: bool) -> None:
         r = c.get("result") or {}
         done = (" → failed" if "error" in r else
                 f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else "")
-        print(f"{c['name']:<24} {c['action']:<11} {c['reason']}{done}")
+        print(f"{printable(c['name']):<24} {c['action']:<11} {printable(c['reason'])}{done}")
     if not summary["checkpoints"]:
-        print(f"{summary['source_prefix']}: no checkpoints found (folders holding *.safetensors)")
+        print(f"{printable(summary['source_prefix'])}: no checkpoints found (folders holding *.safetensors)")
     if as_json:
         print(json.dumps(summary))
 
@@ -304,6 +309,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from ckptflow.flows import local_server
 
+    if args.action in ("start", "stop") and (stale := local_server.forget_stale()):
+        print(f"note: {stale}")
     if args.action == "start":
         url = local_server.start(args.port)
         print(f"local Prefect server at {url} (UI: {url.removesuffix('/api')}); ckptflow runs without "
@@ -361,20 +368,28 @@ _STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
 def main(argv: list[str] | None = None) -> int:
     code = _main(argv)
     if argv is None:  # a real CLI process: skip Prefect's slow teardown of its temporary server
-        from ckptflow.flows import interrupt
+        from ckptflow.flows import interrupt, user_dirs
+
+        user_dirs.remove_temporary_prefect_home()
 
         return interrupt.leave(code)
     return code
 
 
 def _main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (problem := non_utf8_argument(parser, args)) is not None:  # before anything hashes or sends it
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     _quiet_prefect(args.verbose)
     from ckptflow.storage.errors import UserError
     from ckptflow.storage.faults import explain
 
     if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
-        from ckptflow.flows import interrupt, watchdog
+        from ckptflow.flows import interrupt, user_dirs, watchdog
+
+        user_dirs.fall_back_prefect_home()  # no HOME: Prefect, imported later, gets a temporary one
 
         global _WATCHDOG
         _WATCHDOG = watchdog.start()

@@ -164,3 +164,37 @@ def build_parser() -> argparse.ArgumentParser:
                         "PREFECT_API_URL; stop: stop it; status: is it running (exit 1 if not)")
     s.add_argument("--port", type=_at_least_one, help="start: its port on 127.0.0.1 (default: a free one)")
     return p
+
+
+# Arguments that name files or locations: a non-UTF-8 one is a path to rename.
+_PATHS = {"source", "dest", "path", "work", "source_prefix", "dest_prefix", "work_prefix", "tokenizer", "config",
+          "table", "fix_dtypes_dest", "fused_groups", "preset"}
+
+
+def _labels(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """How the user typed each argument of `command`: SOURCE for a positional, its flag for an option."""
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.dest: max(a.option_strings, key=len) if a.option_strings else a.dest.upper()
+            for a in subs.choices[command]._actions}
+
+
+def non_utf8_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The problem with the first argument that is not valid UTF-8, or None.
+
+    Python hands such bytes over as lone surrogates; let through, they fail deep inside (a hash,
+    a URL, Prefect's JSON) as a UnicodeEncodeError traceback, after Prefect has started."""
+    from ckptflow.flows.printable import printable
+
+    labels = _labels(parser, args.command)
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, list) else [value]:
+            if not isinstance(v, str):
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                label = labels.get(dest, dest)
+                if dest in _PATHS:
+                    return f"{label} path is not valid UTF-8: '{printable(v)}'; rename it"
+                return f"{label} is not valid UTF-8: '{printable(v)}'; type it in UTF-8"
+    return None

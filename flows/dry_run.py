@@ -13,6 +13,7 @@ from typing import Any
 from ckptflow.tasks.plan.model import StagePlan
 
 from ckptflow.flows.preflight import Preflight
+from ckptflow.flows.printable import printable
 from ckptflow.flows.summary_text import human
 
 MAX_FILES_LISTED = 8  # per pass in the text form; --json lists every file
@@ -64,14 +65,14 @@ def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dic
 
 
 def print_dry_run(report: dict[str, Any]) -> None:
-    print(f"dry run: {report['stage']} of {report['source']} ({report['source_tensors']} tensors); "
+    print(f"dry run: {report['stage']} of {printable(report['source'])} ({report['source_tensors']} tensors); "
           "nothing written")
     for i, p in enumerate(report["passes"], 1):
         acts = ", ".join(f"{v} {k}" for k, v in p["actions"].items() if v)
-        print(f"pass {i}:   {p['stage']} → {p['into']} ({p['location']})")
+        print(f"pass {i}:   {p['stage']} → {p['into']} ({printable(p['location'])})")
         print(f"          {p['shards']} files, {p['tensors']} tensors, "
               f"{human(p['bytes_in'])} read → {human(p['bytes_out'])} written; {acts}")
-        files = p["files"]
+        files = [printable(f) for f in p["files"]]
         shown = ", ".join(files[:MAX_FILES_LISTED]) + (f", … ({len(files)} in all)"
                                                        if len(files) > MAX_FILES_LISTED else "")
         print(f"          files: {shown}")

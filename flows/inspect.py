@@ -13,6 +13,8 @@ from typing import Any
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.tasks.plan.model import PlanError
 
+from ckptflow.flows.printable import printable
+
 
 def _geometry(params: tuple[tuple[str, Any], ...], transform: str) -> str:
     p = dict(params)
@@ -70,21 +72,21 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
-    print(f"{r['source']}: {r['files']} file(s), {r['tensors']} tensors, {human(r['bytes_in'])}", file=out)
+    print(f"{printable(r['source'])}: {r['files']} file(s), {r['tensors']} tensors, {human(r['bytes_in'])}", file=out)
     s = r["scheme"]
     print(f"scheme:   {s['method']} (from {s['declared_in']})" if s else "scheme:   none declared", file=out)
     for g in r["groups"]:
         print(f"  {g['scheme']:<15} {g['geometry']:<22} {g['codes_dtype']} + {g['scale_dtypes']:<16} "
               f"{g['tensors']:>6} tensors  {human(g['bytes_in'])} → {human(g['bytes_out'])} BF16  "
-              f"(e.g. {g['example']})", file=out)
+              f"(e.g. {printable(g['example'])})", file=out)
     print(f"copied:   {r['copied']['tensors']} tensors, {human(r['copied']['bytes'])}", file=out)
     if r["dropped"]:
-        names = ", ".join(r["dropped"][:5]) + (", …" if len(r["dropped"]) > 5 else "")
+        names = ", ".join(printable(n) for n in r["dropped"][:5]) + (", …" if len(r["dropped"]) > 5 else "")
         print(f"dropped:  {len(r['dropped'])} activation/KV-cache scale(s): {names}", file=out)
     if r["refused"]:
         print(f"refused:  --dequant would stop before writing ({len(r['refused'])} problem(s)):", file=out)
         for p in r["refused"][:50]:
-            print(f"  - {p}", file=out)
+            print(f"  - {printable(p)}", file=out)
     elif r["dequant_bytes_out"] is not None:
         print(f"--dequant would write {human(r['dequant_bytes_out'])}", file=out)
     else:

@@ -8,12 +8,16 @@ loopback port; its URL and PID go to `server.json` beside it. (Prefect's `--back
 is not used: it leaves the server writing to pipes nobody reads once the starting CLI exits.)
 Every later CLI run finds it (`running_url()`, one health check of a few milliseconds) and uses
 it; the runs stay in its database, browsable in its UI.
-`ckptflow server stop` sends it SIGTERM (after checking the PID is still that server).
+`ckptflow server stop` sends it SIGTERM only once the PID is proven to be that server: its start
+time (the kernel's, /proc/PID/stat) must be the one recorded in `server.json`. A PID the kernel
+has since given to another process (after a reboot, or a server killed without `stop`) is never
+signalled, whatever its command line says; the stale record is removed and the CLI says so.
 
 The folder is `$CKPTFLOW_SERVER_HOME`, else `$XDG_CACHE_HOME/ckptflow/server` (~/.cache/…).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -22,7 +26,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ckptflow.flows.printable import printable
 from ckptflow.flows.server import ServerError, health, last_line, wait_until_answers
+from ckptflow.flows.user_dirs import missing_home, unwritable
 
 START_TIMEOUT_S = 120.0
 
@@ -44,11 +50,59 @@ def _state() -> dict | None:
 
 
 def running_url() -> str | None:
-    """The local server's API URL if it is running and answers, else None (cheap: no Prefect)."""
+    """The local server's API URL if it is running and answers, else None (cheap: no Prefect).
+    A record whose PID is not the server it recorded is not trusted, even if its port answers."""
     state = _state()
-    if state is None:
+    if state is None or stale_reason(state) is not None:
         return None
     return state["url"] if health(state["url"], timeout=0.5) else None
+
+
+def process_start(pid: int) -> str | None:
+    """When `pid` started, as a token that differs for any later process with the same PID: its
+    start time in clock ticks after boot (/proc/PID/stat field 22), or psutil's creation time where
+    there is no /proc and psutil is installed. None when the process is gone or it cannot be told."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode(errors="replace")
+        return "proc:" + raw[raw.rfind(")") + 2:].split()[19]  # the command name may hold ') '
+    except (OSError, IndexError):
+        if os.path.isdir("/proc/self"):
+            return None  # /proc is there: the process is gone
+    try:
+        import psutil  # optional: not a dependency of ckptflow
+    except ImportError:
+        return None
+    try:
+        return f"psutil:{psutil.Process(pid).create_time()!r}"
+    except psutil.Error:
+        return None
+
+
+def stale_reason(state: dict) -> str | None:
+    """Why the PID in `server.json` cannot be the server it records; None when it is proven to be."""
+    pid, started = state.get("pid"), state.get("started")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return "it names no process"
+    if not isinstance(started, str):
+        return (f"it does not record when pid {pid} started (an older ckptflow wrote it), so pid {pid} "
+                "cannot be proven to be the server; if that server still runs, stop it yourself")
+    now = process_start(pid)
+    if now is None:
+        return f"pid {pid} is gone"
+    if now != started:
+        return f"pid {pid} is now another process (it started at another time)"
+    return None
+
+
+def forget_stale() -> str | None:
+    """Remove a `server.json` whose PID is not the server it records; what to tell the user, or None."""
+    state = _state()
+    why = stale_reason(state) if state is not None else None
+    if why is None:
+        return None
+    (home() / "server.json").unlink(missing_ok=True)
+    return f"removed the stale {printable(home() / 'server.json')}: {why}; signalled nothing"
 
 
 def _env() -> dict[str, str]:
@@ -65,18 +119,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _is_server(pid: int) -> bool:
-    """Is `pid` still the process `start` spawned (not a recycled PID)?"""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read()
-        return b"prefect" in cmd and b"server" in cmd
-    except OSError:
+def _check_port(port: int) -> None:
+    """Is `port` free on 127.0.0.1? Asked with a bind before spawning: Prefect's own message for a
+    taken port is a wrapped panel whose last line alone says nothing, and comes seconds later."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
         try:
-            os.kill(pid, 0)  # no /proc: alive is the best we can tell
-            return True
-        except OSError:
-            return False
+            s.bind(("127.0.0.1", port))
+        except OverflowError:
+            raise ServerError(f"--port {port} is not a port number; choose one from 1024 to 65535") from None
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; choose another "
+                                  "--port, or leave --port out to get a free one") from None
+            raise ServerError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); choose another --port, "
+                              "or leave --port out to get a free one") from None
+
+
+def _check_home() -> Path:
+    """The server's PREFECT_HOME, proven writable before spawning (Prefect would only say
+    "Application startup failed")."""
+    if not os.environ.get("CKPTFLOW_SERVER_HOME") and not os.environ.get("XDG_CACHE_HOME") and missing_home():
+        raise ServerError(f"{missing_home()}, so the local server has no folder for its database; set HOME to "
+                          "an existing folder, or CKPTFLOW_SERVER_HOME to where the server should keep its files")
+    prefect_home = home() / "prefect"
+    why = unwritable(prefect_home)
+    if why is not None:
+        raise ServerError(f"the local server's folder {printable(prefect_home)} is not writable ({why}); set "
+                          "CKPTFLOW_SERVER_HOME to a writable folder")
+    return prefect_home
 
 
 def start(port: int | None = None) -> str:
@@ -84,19 +155,23 @@ def start(port: int | None = None) -> str:
     url = running_url()
     if url:
         return url
-    stop()  # a server that stopped answering, or a stale state file
-    (home() / "prefect").mkdir(parents=True, exist_ok=True)
+    prefect_home = _check_home()
+    stop()  # a proven server that stopped answering, or a stale state file
+    if port:
+        _check_port(port)
     port = port or _free_port()
     url = f"http://127.0.0.1:{port}/api"
     with open(home() / "server.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                  "--port", str(port)], env=_env(), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
+    started = process_start(proc.pid)  # now, while the PID is certainly this child's
     if wait_until_answers(url, proc, START_TIMEOUT_S, interval=0.2) is not None:
         proc.kill()
         raise ServerError(f"the local Prefect server did not start on {url} "
                           f"({_last_line(home() / 'server.log')}); its log: {home() / 'server.log'}")
-    (home() / "server.json").write_text(json.dumps({"url": url, "pid": proc.pid}) + "\n")
+    record = {"url": url, "pid": proc.pid, "started": started, "prefect_home": str(prefect_home)}
+    (home() / "server.json").write_text(json.dumps(record) + "\n")
     return url
 
 
@@ -108,14 +183,14 @@ def _last_line(path: Path) -> str:
 
 
 def stop() -> bool:
-    """Stop the local server; False when none was running."""
+    """Stop the local server; False when none was running. A PID not proven to be the server it
+    recorded is never signalled."""
     state = _state()
     (home() / "server.json").unlink(missing_ok=True)
-    pid = state.get("pid") if state else None
-    if not isinstance(pid, int) or not _is_server(pid):
+    if state is None or stale_reason(state) is not None:
         return False
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(state["pid"], signal.SIGTERM)
     except OSError:
         return False
     return True

@@ -114,6 +114,7 @@ def prestart() -> None:
         return
     if os.environ.get(_NO_TEMPORARY) or _profile_names_server() or not _ephemeral_allowed():
         return
+    check_prefect_home()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -125,6 +126,22 @@ def prestart() -> None:
     _url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
     sock.close()  # the server holds its own copy
     os.environ["PREFECT_API_URL"], _kind = _url, "temporary"
+
+
+def check_prefect_home() -> None:
+    """The temporary server keeps its database in PREFECT_HOME: a `ServerError` naming it, now,
+    if nothing can be written there (Prefect would say "Application startup failed", seconds later)."""
+    from pathlib import Path
+
+    from ckptflow.flows.printable import printable
+    from ckptflow.flows.user_dirs import unwritable
+
+    folder = os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
+    why = unwritable(Path(folder))
+    if why is not None:
+        raise ServerError(f"PREFECT_HOME ({printable(folder)}) is not writable ({why}); Prefect's temporary "
+                          "server keeps its database there: set PREFECT_HOME to a writable folder, or export "
+                          "PREFECT_API_URL of a running server")
 
 
 def _configured_elsewhere() -> bool:

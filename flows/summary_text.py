@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+from ckptflow.flows.printable import printable
+
 
 def human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -64,7 +66,7 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
     gbps = summary.get("gb_per_s_in")
     t = summary.get("timing") or {}
-    dest = str(summary["dest"])
+    dest = printable(summary["dest"])
     print("output:" + (f"   {dest}" if len(dest) <= 60 else f"\n  {dest}"), file=out)
     passes = summary.get("passes") or []
     if len(passes) > 1:

@@ -27,6 +27,7 @@ from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, marker
 from ckptflow.flows import interrupt
 from ckptflow.flows.convert import convert_flow
 from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
+from ckptflow.flows.printable import printable
 from ckptflow.flows.runners import check_runner, make_task_runner
 from ckptflow.flows.watch_scan import scan_watch, watch_summary
 
@@ -115,7 +116,7 @@ def publish_watch_summary(summary: dict[str, Any]) -> None:
         r = c.get("result")
         result = ("–" if r is None else f"failed: {r['error'].splitlines()[0]}" if "error" in r
                   else f"{r['shards']} shards ({r['cached_shards']} cached), {r['bytes_written']:,} bytes")
-        rows.append(f"| {c['name']} | {c['action']} | {c['reason']} | {result} |")
+        rows.append(f"| {printable(c['name'])} | {c['action']} | {printable(c['reason'])} | {result} |")
     head = f"### ckptflow watch `{summary['source_prefix']}` → `{summary['dest_prefix']}`"
     if summary["dry_run"]:
         head += " (dry run)"

@@ -9,6 +9,8 @@ from typing import Any
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, StorageError, effective_options, open_location, protocol_of
 
+from ckptflow.flows.user_dirs import cache_dir
+
 WORK_FOLDER = ".ckptflow-work"
 
 
@@ -25,8 +27,7 @@ def default_work(dest: str) -> str:
         head, _, name = dest.rstrip("/").rpartition("/")
         if name and "://" in head:
             return f"{head}/{WORK_FOLDER}/{name}"
-    base = os.environ.get("CKPTFLOW_WORK") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "ckptflow", "work")
+    base = os.environ.get("CKPTFLOW_WORK") or os.path.join(cache_dir(), "ckptflow", "work")  # no HOME: in /tmp
     return os.path.join(base, hashlib.sha256(dest.rstrip("/").encode()).hexdigest()[:16])
 
 
