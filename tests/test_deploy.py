@@ -114,8 +114,7 @@ def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness,
 
     run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16",
                    "--param", f"source=s3://{b}/incoming/demo", "--param", f"dest=s3://{b}/converted/demo",
-                   "--param", "max_workers=2",
-                   "--watch", "--watch-timeout", "300"], env, tmp_path, timeout=360)
+                   "--watch", "--watch-timeout", "300"], env, tmp_path, timeout=360)  # as the README writes it
     assert run.returncode == 0, run.stdout + run.stderr + worker_log(deployed)
     assert "Completed" in run.stdout, run.stdout + worker_log(deployed)
     assert s3_tree(fs, f"{b}/converted/demo") == tree(reference)
@@ -191,3 +190,34 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
         assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
     finally:
         prefect(["deployment", "delete", "ckptflow-convert/scheduled-convert"], env, project, timeout=120)
+
+
+def deployment(env: dict[str, str], name: str) -> dict:
+    code = ("import asyncio, json, sys\n"
+            "from prefect.client.orchestration import get_client\n"
+            "async def main():\n"
+            "    async with get_client() as c:\n"
+            "        d = await c.read_deployment_by_name(sys.argv[1])\n"
+            "        print(json.dumps({'parameters': d.parameters, 'schedules': [\n"
+            "            {'cron': getattr(s.schedule, 'cron', None), 'active': s.active} for s in d.schedules]}))\n"
+            "asyncio.run(main())\n")
+    proc = subprocess.run([PYTHON, "-c", code, name], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_an_operator_points_the_watch_deployment_at_their_buckets_without_editing_the_yaml(deployed):
+    """README: `prefect deploy … --name watch-incoming --param source_prefix=… --param dest_prefix=…
+    --cron …` sets the buckets and an active schedule; the yaml is not edited."""
+    env, b = deployed["env"], deployed["bucket"]
+    yaml_before = (ROOT / "deployments" / "prefect.yaml").read_bytes()
+    dep = prefect(["--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"),
+                   "--name", "watch-incoming", "--param", f"source_prefix=s3://{b}/uploads",
+                   "--param", f"dest_prefix=s3://{b}/served", "--cron", "30 3 * * *"], env, deployed["project"])
+    assert dep.returncode == 0, dep.stdout + dep.stderr
+    got = deployment(env, "ckptflow-watch/watch-incoming")
+    assert got["parameters"]["source_prefix"] == f"s3://{b}/uploads"
+    assert got["parameters"]["dest_prefix"] == f"s3://{b}/served"
+    assert got["parameters"]["options"]["dequant"] is True  # the yaml's other parameters are kept
+    assert {"cron": "30 3 * * *", "active": True} in got["schedules"], got
+    assert (ROOT / "deployments" / "prefect.yaml").read_bytes() == yaml_before
