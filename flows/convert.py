@@ -164,6 +164,7 @@ def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, An
         "reused_bytes": sum(nbytes(r) for r in reused),
         "output_bytes": plans[-1].total_size, "output_tensors": sum(len(s.tensors) for s in plans[-1].shards),
         "dropped_tensors": sum(len(p.dropped) for p in plans),
+        "dropped_unmatched": [n for p in plans for n in p.dropped_unmatched],
         "seconds": round(seconds, 3), "shard_seconds": round(compute_s, 3),
         "gb_per_s_in": round(in_bytes / compute_s / 1e9, 3) if compute_s else None,
         "dtypes": {r["dtype"]: r["tensors"] for r in report.rows()}, "records": records,

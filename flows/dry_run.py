@@ -14,7 +14,7 @@ from ckptflow.tasks.plan.model import StagePlan
 
 from ckptflow.flows.preflight import Preflight
 from ckptflow.flows.printable import printable
-from ckptflow.flows.summary_text import human
+from ckptflow.flows.summary_text import human, print_dropped_unmatched
 
 MAX_FILES_LISTED = 8  # per pass in the text form; --json lists every file
 
@@ -60,6 +60,7 @@ def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dic
         "output_bytes": final.total_size, "output_shards": len(final.shards),
         "output_tensors": sum(len(s.tensors) for s in final.shards),
         "work_bytes": sum(p.plan.total_size for p in planned.passes if p.into_work),
+        "dropped_unmatched": [n for p in planned.passes for n in p.plan.dropped_unmatched],
         "warnings": list(planned.warnings),
     }
 
@@ -79,5 +80,6 @@ def print_dry_run(report: dict[str, Any]) -> None:
     print(f"bytes:    {human(report['source_bytes'])} read from SOURCE, {human(report['output_bytes'])} "
           f"into DEST, {human(report['work_bytes'])} in the work location"
           + (" (deleted after success)" if report["work_bytes"] else ""))
+    print_dropped_unmatched(report["dropped_unmatched"])
     for w in report["warnings"]:
         print(f"warning:  {w}")

@@ -53,9 +53,11 @@ class Recipe(BaseModel):
         None, description="--reindex: JSON table of fused groups, a path or fsspec URL (default: built in)")
     mp: Annotated[Positive | None, Flag(metavar="N")] = Field(
         None, description="write model-parallel rank files model{r}-mp{N}.safetensors")
-    preset: Annotated[str, Flag(metavar="NAME|FILE|URL")] = Field(
-        "deepseek-v3", description="--mp: name table, deepseek-v3, llama or a JSON file (path or fsspec URL)")
-    drop_unmatched: bool = Field(False, description="--mp: drop tensors no preset row matches (with a warning)")
+    preset: Annotated[str | None, Flag(metavar="NAME|FILE|URL")] = Field(
+        None, description="--mp: name table, deepseek-v3, llama or a JSON file (path or fsspec URL); default: "
+                          "the built-in one config.json's model_type names")
+    drop_unmatched: bool = Field(False, description="--mp: drop tensors no preset row matches (each listed; "
+                                                    "refused where a fused partner is kept)")
     allow_missing_scale: bool = Field(False, description="--dequant: keep FP8 tensors that have no scale as FP8")
 
     def stages(self) -> list[str]:

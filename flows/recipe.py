@@ -39,11 +39,13 @@ def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
 
 
 def plan_mp_stage(ckpt: Checkpoint, recipe: Recipe) -> StagePlan:
-    from ckptflow.tasks.planners.mp import load_preset, plan_mp
+    from ckptflow.tasks.planners.mp import plan_mp
 
     if recipe.mp is None or recipe.mp < 1:
         raise PlanError(f"--mp must be a positive integer, got {recipe.mp}")
-    return plan_mp(ckpt, recipe.mp, load_preset(recipe.preset), drop_unmatched=recipe.drop_unmatched)
+    # no --preset: plan_mp takes the one config.json's model_type names (the intermediate of a
+    # two-pass run keeps the source's model_type, so both plans use the same table)
+    return plan_mp(ckpt, recipe.mp, recipe.preset, drop_unmatched=recipe.drop_unmatched)
 
 
 def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[list[Pass], list[str]]:

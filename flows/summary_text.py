@@ -59,6 +59,15 @@ def _pass_lines(i: int, p: dict[str, Any]) -> list[str]:
             f"          {human(p['source_bytes'])} read → {human(p['bytes_written'])} written"]
 
 
+def print_dropped_unmatched(names: list[str], out: Any = None) -> None:
+    """Every tensor --drop-unmatched left out, by name: a dropped weight must never pass unseen."""
+    if names:
+        print(f"dropped:  {len(names)} tensor(s) no preset row matches (--drop-unmatched), not written:",
+              file=out or sys.stdout)
+        for name in names:
+            print(f"          {printable(name)}", file=out or sys.stdout)
+
+
 _SERVER_WORDS = {"temporary": "temporary server", "local": "local server", "yours": "your server"}
 
 
@@ -80,6 +89,7 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
     print(f"shards:   {summary['shards'] - reused} written, {reused} reused from an earlier run", file=out)
     print(f"tensors:  {summary['tensors']} written, {summary.get('reused_tensors', 0)} reused "
           f"({summary['dropped_tensors']} source tensors folded in or dropped)", file=out)
+    print_dropped_unmatched(summary.get("dropped_unmatched") or [], out)
     print(f"bytes:    {human(summary['source_bytes'])} read → {human(summary['bytes_written'])} written"
           + (f" ({human(summary['reused_bytes'])} reused)" if summary.get("reused_bytes") else ""), file=out)
     if t:

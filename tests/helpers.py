@@ -3,6 +3,7 @@
 Test modules import from here, never from each other (conftest.py holds fixtures only)."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -113,3 +114,40 @@ def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
         finalize(plan, ckpt, src_loc, out)
         src_loc, ckpt = out, scan_checkpoint(out)
     return len(passes)
+
+
+def make_llama(path: Path, model_type: str = "qwen2") -> dict:
+    """Qwen2-style: q/k/v biases, GQA (4 heads, 2 KV heads), untied head, two files; the source
+    tensors by name (bf16; the rotary inv_freq the llama preset drops left out)."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    h, hd, inter, vocab = 64, 16, 96, 100
+    t = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for proj, rows in (("q_proj", 4 * hd), ("k_proj", 2 * hd), ("v_proj", 2 * hd)):
+            t[p + f"self_attn.{proj}.weight"] = torch.randn(rows, h, generator=g)
+            t[p + f"self_attn.{proj}.bias"] = torch.randn(rows, generator=g)
+        t[p + "self_attn.o_proj.weight"] = torch.randn(h, 4 * hd, generator=g)
+        t[p + "mlp.gate_proj.weight"] = torch.randn(inter, h, generator=g)
+        t[p + "mlp.up_proj.weight"] = torch.randn(inter, h, generator=g)
+        t[p + "mlp.down_proj.weight"] = torch.randn(h, inter, generator=g)
+        t[p + "input_layernorm.weight"] = torch.randn(h, generator=g)
+        t[p + "post_attention_layernorm.weight"] = torch.randn(h, generator=g)
+    t["model.norm.weight"] = torch.randn(h, generator=g)
+    t["lm_head.weight"] = torch.randn(vocab, h, generator=g)
+    t = {k: v.to(torch.bfloat16) for k, v in t.items()}
+    names = sorted(t)
+    path.mkdir()
+    files = {"model-00001-of-00002.safetensors": {k: t[k] for k in names[:12]},
+             "model-00002-of-00002.safetensors": {k: t[k] for k in names[12:]}
+             | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}}
+    for file, tensors in files.items():
+        save_file(tensors, str(path / file))
+    index = {"metadata": {"total_size": sum(x.nbytes for ts in files.values() for x in ts.values())},
+             "weight_map": {n: file for file, ts in files.items() for n in ts}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}))
+    return t

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from bench.seed001 import is_routed_expert, seed_rank_state_dicts, seed_rename  # the seed, re-expressed
 from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
@@ -22,7 +21,7 @@ from ckptflow.tasks.run.execute import write_shard
 from ckptflow.tasks.planners.mp import plan_mp
 from ckptflow.tasks.presets.mp import Split, load_preset, map_name, parse_preset
 from ckptflow.tasks.plan.model import PlanError
-from .helpers import fake_ckpt
+from .helpers import fake_ckpt, make_llama
 
 # Every split dim here divides by 4 and, for FP8 weights, gives each rank whole 128-row blocks.
 ALIGNED = DeepSeekDims(intermediate_size=512, moe_intermediate_size=512, num_attention_heads=16,
@@ -169,10 +168,9 @@ def test_unmatched_names_listed_or_dropped_with_warning():
     assert "model.layers.0.mystery.weight" in msg and "vision_tower.proj.weight" in msg
     assert "enorm" not in msg  # the MTP layer is dropped before the table is consulted
     plan = plan_mp(ckpt, 2, "deepseek-v3", drop_unmatched=True)
-    assert plan.warnings == ("model.layers.0.mystery.weight: matches no row of preset "
-                             "'deepseek-v3', dropped",
-                             "vision_tower.proj.weight: matches no row of preset "
-                             "'deepseek-v3', dropped")
+    assert plan.warnings == ("--drop-unmatched: 2 tensor(s) match no row of preset 'deepseek-v3' and are "
+                             "not written (each is listed under 'dropped')",)
+    assert plan.dropped_unmatched == ("model.layers.0.mystery.weight", "vision_tower.proj.weight")
     assert set(plan.dropped) == {"model.layers.0.mystery.weight", "vision_tower.proj.weight",
                                  "model.layers.1.enorm.weight"}
     assert [[t.name for t in s.tensors] for s in plan.shards] == [["layers.0.attn_norm.weight"]] * 2
@@ -227,34 +225,6 @@ def test_load_preset_errors_name_the_file(tmp_path):
             load_preset(bad)
     with pytest.raises(PlanError, match="no such built-in preset"):
         load_preset(tmp_path / "missing.json")
-
-
-def make_llama(path: Path) -> dict[str, torch.Tensor]:
-    """Qwen2-style: q/k/v biases, GQA (4 heads, 2 KV heads), untied head, two files."""
-    g = torch.Generator().manual_seed(7)
-    h, hd, inter, vocab = 64, 16, 96, 100
-    t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": torch.randn(vocab, h, generator=g)}
-    for i in range(2):
-        p = f"model.layers.{i}."
-        for proj, rows in (("q_proj", 4 * hd), ("k_proj", 2 * hd), ("v_proj", 2 * hd)):
-            t[p + f"self_attn.{proj}.weight"] = torch.randn(rows, h, generator=g)
-            t[p + f"self_attn.{proj}.bias"] = torch.randn(rows, generator=g)
-        t[p + "self_attn.o_proj.weight"] = torch.randn(h, 4 * hd, generator=g)
-        t[p + "mlp.gate_proj.weight"] = torch.randn(inter, h, generator=g)
-        t[p + "mlp.up_proj.weight"] = torch.randn(inter, h, generator=g)
-        t[p + "mlp.down_proj.weight"] = torch.randn(h, inter, generator=g)
-        t[p + "input_layernorm.weight"] = torch.randn(h, generator=g)
-        t[p + "post_attention_layernorm.weight"] = torch.randn(h, generator=g)
-    t["model.norm.weight"] = torch.randn(h, generator=g)
-    t["lm_head.weight"] = torch.randn(vocab, h, generator=g)
-    t = {k: v.to(torch.bfloat16) for k, v in t.items()}
-    names = sorted(t)
-    path.mkdir()
-    save_file({k: t[k] for k in names[:12]}, str(path / "model-00001-of-00002.safetensors"))
-    save_file({k: t[k] for k in names[12:]} | {"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)},
-              str(path / "model-00002-of-00002.safetensors"))
-    (path / "config.json").write_text('{"model_type": "qwen2"}')
-    return t
 
 
 def test_llama_preset_round_trips(tmp_path):

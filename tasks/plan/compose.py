@@ -85,6 +85,7 @@ def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
         "config": downstream.config if downstream.config is not None else upstream.config,
         "dropped": upstream.dropped + downstream.dropped,
         "warnings": upstream.warnings + downstream.warnings,
+        "dropped_unmatched": upstream.dropped_unmatched + downstream.dropped_unmatched,
         "write_index": downstream.write_index,
         # a file the upstream stage leaves out (dequant: hf_quant_config.json) stays out
         "copy_files": downstream.copy_files if downstream.copy_files is not None else upstream.copy_files,

@@ -105,6 +105,7 @@ class StagePlan:
     warnings: tuple[str, ...] = field(default=())
     write_index: bool = True                      # False: a layout without an index (MP files)
     copy_files: tuple[str, ...] | None = None     # globs of non-weight files to copy; None = all
+    dropped_unmatched: tuple[str, ...] = ()       # of `dropped`: no MP preset row matched (--drop-unmatched)
 
     def weight_map(self) -> dict[str, str]:
         return {t.name: s.file for s in self.shards for t in s.tensors}

@@ -8,6 +8,7 @@ whole tensors, "slice" for splits), so no process ever holds more than a few chu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FP8_DTYPES, TensorInfo
 
 from ckptflow.tasks.planners.dequant import SCALE_SUFFIX, block_size_from_config
-from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset, map_name
+from ckptflow.tasks.planners.mp_unmatched import broken_groups, listed, suggestion
+from ckptflow.tasks.presets.fused_groups import FusedGroup, load_fused_groups
+from ckptflow.tasks.presets.mp import Mapped, Preset, Split, load_preset, map_name, preset_for_config
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, SourceRef, StagePlan
 
-# load_preset / Preset live in mp_preset; re-exported because flows/recipe.py imports them from here.
+# load_preset / Preset live in tasks/presets/mp.py; re-exported because flows/recipe.py imports them from here.
 __all__ = ["plan_mp", "load_preset", "Preset", "Split"]
 
 
@@ -168,12 +171,46 @@ def _split_problems(items: dict[str, _Item], world: int) -> list[str]:
     return errors
 
 
-def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
-            drop_unmatched: bool = False) -> StagePlan:
-    """`world` rank files laid out by `preset`; raises `PlanError` naming every problem at once."""
+def _resolve(preset: Preset | str | Path | None, config: dict[str, Any], names: list[str]) -> Preset:
+    """`preset` loaded; None: the built-in one config.json's model_type names (an error otherwise,
+    saying which built-in preset would match every tensor, if one would)."""
+    if isinstance(preset, Preset):
+        return preset
+    if preset is not None:
+        return load_preset(preset)
+    try:
+        return load_preset(preset_for_config(config))
+    except PlanError as exc:
+        hint = suggestion(names, config, them="every tensor of this checkpoint")
+        raise PlanError(f"{exc}" + (f" ({hint})" if hint else "")) from None
+
+
+def _unmatched_problem(preset: Preset, config: dict[str, Any], names: list[str], unmatched: list[str],
+                       kept: Sequence[str], drop_unmatched: bool,
+                       fused_groups: Sequence[FusedGroup] | None) -> str | None:
+    """Why the unmatched names stop the plan (and what to pass instead), or None to drop them."""
+    if not unmatched:
+        return None
+    if drop_unmatched:
+        groups = load_fused_groups() if fused_groups is None else fused_groups
+        broken = broken_groups(unmatched, kept, groups)
+        if broken is None:
+            return None
+        hint = suggestion(names, config, but=preset.source, them="every tensor of this checkpoint")
+        return f"{broken}; {hint or 'add rows for the dropped ones to the preset (--preset FILE|URL)'}"
+    hint = suggestion(names, config, but=preset.source)
+    return (f"{len(unmatched)} tensor name(s) match no row of preset '{preset.source}' (first: {unmatched[0]}); "
+            + (hint or "add rows for them (--preset FILE|URL), or pass --drop-unmatched to drop them")
+            + ":\n" + listed(unmatched))
+
+
+def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path | None = None, *,
+            drop_unmatched: bool = False, fused_groups: Sequence[FusedGroup] | None = None) -> StagePlan:
+    """`world` rank files laid out by `preset` (None: the one config.json's model_type names); raises
+    `PlanError` naming every problem at once. `fused_groups` (default: the built-in table) says
+    which tensors `drop_unmatched` may not separate."""
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise PlanError(f"model-parallel world size must be a positive integer, got {world!r}")
-    preset = preset if isinstance(preset, Preset) else load_preset(preset)
     if ckpt.header_errors:
         raise PlanError("cannot plan MP shards while some headers are unreadable (their tensors would be "
                         "missing from every rank): " + "; ".join(f"{f}: {e}" for f, e in
@@ -181,15 +218,16 @@ def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
     config = ckpt.config or {}
     # Source order (file, offset): each rank task then reads every file front to back.
     tensors = sorted(ckpt.tensors().values(), key=lambda fi: (fi[0], fi[1].start))
+    names = [info.name for _, info in tensors]
+    preset = _resolve(preset, config, names)
     try:
-        drop, errors = _dropped_layers(preset, config, [info.name for _, info in tensors])
+        drop, errors = _dropped_layers(preset, config, names)
     except PlanError as exc:  # still report the other problems with it
         drop, errors = set(), [str(exc)]
     items, dropped, unmatched = _map_all(preset, tensors, drop, errors)
-    if unmatched and not drop_unmatched:
-        errors.append(f"{len(unmatched)} tensor name(s) match no row of preset '{preset.source}' (add rows "
-                      "for them, or pass --drop-unmatched to drop them):\n"
-                      + "\n".join(f"      {n}" for n in unmatched))
+    if (problem := _unmatched_problem(preset, config, names, unmatched, list(items), drop_unmatched,
+                                      fused_groups)) is not None:
+        errors.append(problem)
     per_rank = _experts_per_rank(items, preset, config, world, errors)
     errors += _split_problems(items, world)
     if any(n.endswith(SCALE_SUFFIX) for n in items):
@@ -204,6 +242,8 @@ def plan_mp(ckpt: Checkpoint, world: int, preset: Preset | str | Path, *,
             ranks[rank].append(out)
     shards = tuple(ShardPlan(preset.output_file.format(rank=r, world=world), tuple(ts))
                    for r, ts in enumerate(ranks))
-    warnings = tuple(f"{n}: matches no row of preset '{preset.source}', dropped" for n in unmatched)
+    warnings = (f"--drop-unmatched: {len(unmatched)} tensor(s) match no row of preset '{preset.source}' and "
+                "are not written (each is listed under 'dropped')",) if unmatched else ()
     return StagePlan("mp", shards, None, tuple(sorted(dropped + unmatched)), warnings,
-                     write_index=preset.write_index, copy_files=preset.copy_files)
+                     write_index=preset.write_index, copy_files=preset.copy_files,
+                     dropped_unmatched=tuple(unmatched))

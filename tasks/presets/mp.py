@@ -10,13 +10,16 @@ the one rank that owns expert `{expert}`.
 
 Built-in presets are named ("deepseek-v3", "llama"); `load_preset` also takes any fsspec URL or
 local path of a JSON file in the same format, so a new model family is a new file, not new code.
+A built-in preset lists the config.json `model_type`s it is written for (`model_types`, data like
+the rows): `preset_for_config` picks the preset from them, so a Llama is never laid out by the
+DeepSeek table because that table was the default.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, Str
                       field_validator, model_validator)
 
 from ckptflow.tasks.presets.patterns import NameMatcher, captures, regex_of, target_fields
+from ckptflow.tasks.plan.model import PlanError
 from ckptflow.tasks.presets.tables import TableKind, load_table, parse_table
 
 DEFAULT_OUTPUT = "model{rank}-mp{world}.safetensors"
@@ -43,6 +47,7 @@ PRESETS = TableKind("preset", {"deepseek-v3": "deepseek_v3.json", "deepseek_v3":
     "drop_layers": 'drop_layers must be {"prefix": "...{layer}...", "first": <config key>, '
                    '"count": <config key>}',
     "experts": "experts must be the config.json key holding the routed-expert count",
+    "model_types": "model_types must be a list of config.json model_type strings",
 })
 FROZEN = ConfigDict(frozen=True, extra="forbid")
 
@@ -132,6 +137,7 @@ class Preset(BaseModel):
     copy_files: tuple[StrictStr, ...] | None = None
     drop_layers: LayerDrop | None = None
     experts: StrictStr | None = None     # config key holding the routed-expert count
+    model_types: tuple[StrictStr, ...] = ()  # config.json model_types this preset is written for
     rules: tuple[Rule, ...] = Field(min_length=1)
     _source: str = PrivateAttr("<memory>")   # where it was loaded from, for error messages
 
@@ -183,6 +189,36 @@ def map_name(preset: Preset, name: str) -> Mapped | None:
     return Mapped(rule, None if rule.target is None else rule.target.format(**hit[1]), hit[1])
 
 
+def builtin_preset_names() -> tuple[str, ...]:
+    """The canonical names of the built-in presets ("deepseek-v3", "llama"), aliases left out."""
+    return tuple(dict.fromkeys(PRESETS.canonical(n) for n in PRESETS.builtins))
+
+
+@lru_cache(maxsize=None)
+def builtin_presets() -> tuple[Preset, ...]:
+    """Every built-in preset, parsed once (choosing one and suggesting one both read them all)."""
+    return tuple(load_preset(n) for n in builtin_preset_names())
+
+
+def _choices() -> str:
+    return "; ".join(f"--preset {p.name} (model_type {', '.join(p.model_types) or 'none'})"
+                     for p in builtin_presets())
+
+
+def preset_for_config(config: dict[str, Any] | None) -> str:
+    """The built-in preset written for config.json's `model_type`; a `PlanError` listing the presets
+    when there is no model_type or no preset claims it. Explicit on purpose: a guessed table
+    renames or drops real weights."""
+    model_type = (config or {}).get("model_type")
+    for preset in builtin_presets():
+        if model_type in preset.model_types:
+            return preset.name
+    said = "config.json has no model_type" if not isinstance(model_type, str) or not model_type else \
+        f"config.json's model_type {model_type!r} has no built-in MP preset"
+    raise PlanError(f"{said}, so the --mp name table cannot be chosen; pass {_choices()}; or --preset FILE|URL "
+                    "for a table of your own")
+
+
 def parse_preset(doc: Any, source: str) -> Preset:
     """A `Preset` from a parsed JSON document; every error names `source`, the row and the fix."""
     return parse_table(PRESETS, Preset, doc, PRESETS.label(source), source=source)
@@ -193,5 +229,5 @@ def load_preset(name_or_url: str | Path, storage_options: dict[str, Any] | None 
     return load_table(PRESETS, Preset, str(name_or_url), storage_options)
 
 
-__all__ = ["PRESETS", "LayerDrop", "Mapped", "Preset", "Rule", "Split", "load_preset",
-           "map_name", "parse_preset"]
+__all__ = ["PRESETS", "LayerDrop", "Mapped", "Preset", "Rule", "Split", "builtin_preset_names",
+           "builtin_presets", "load_preset", "map_name", "parse_preset", "preset_for_config"]
