@@ -20,7 +20,9 @@ from ckptflow.storage.safetensors_format import DTYPE_SIZES
 from ckptflow.storage.urls import Location
 from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 
+from ckptflow.tasks.kernels.finite import max_abs, may_overflow
 from ckptflow.tasks.run.buffers import BufferPool
+from ckptflow.tasks.run.finite_guard import check_scales, record
 from ckptflow.tasks.run.cuts import BlockRegion, Cut, cut_of, cut_stream, source_cut, uncut
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 
@@ -170,9 +172,7 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
 
     from ckptflow.tasks.kernels.dispatch import block_scale_float32, weight_dequant
     from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
-    from ckptflow.tasks.kernels.finite import max_abs, may_overflow
     from ckptflow.tasks.kernels.fp8_cpu import FP8_TORCH_DTYPES, dequant_rows, matrix_scales
-    from ckptflow.tasks.run.finite_guard import check_scales, record
 
     weight, scale = t.sources
     fp8 = FP8_TORCH_DTYPES[weight.dtype]
@@ -203,7 +203,7 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
             buf = ctx.buffers.take((r1 - r0) * out_cols * 2)
             dequant_rows(codes, block_scales, (bm, bn), fp8, buf.view(np.int16).reshape(r1 - r0, out_cols))
             if scan:
-                _scan(ctx, t, region, r0, r1, buf, codes, record)
+                _scan(ctx, t, region, r0, r1, buf, codes)
             done(release)
             yield from _trimmed(ctx, region, r0, r1, buf, 2)
             continue
@@ -215,7 +215,7 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
         host = np.frombuffer(memoryview(got.cpu().view(torch.int16).numpy()).cast("B"), dtype=np.uint8)
         if scan:
-            _scan(ctx, t, region, r0, r1, host, w.view(torch.uint8).cpu().numpy(), record)
+            _scan(ctx, t, region, r0, r1, host, w.view(torch.uint8).cpu().numpy())
         yield from _trimmed(ctx, region, r0, r1, host, 2, pooled=False)
 
 
@@ -223,7 +223,7 @@ FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}  # largest finite code of each 
 
 
 def _scan(ctx: ExecContext, t: OutputTensor, region: BlockRegion, r0: int, r1: int, buf: np.ndarray,
-          codes: np.ndarray, record: Callable[..., None]) -> None:
+          codes: np.ndarray) -> None:
     """Count inf/NaN in the part of a computed chunk that is kept (a cut's slice), from finite codes."""
     out = buf[: codes.size * 2].view(np.int16).reshape(codes.shape)
     keep = region.trim(r0, r1)
