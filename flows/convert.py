@@ -168,8 +168,17 @@ def summarize(recipe: Recipe, plans: list[StagePlan], records: list[dict[str, An
         "seconds": round(seconds, 3), "shard_seconds": round(compute_s, 3),
         "gb_per_s_in": round(in_bytes / compute_s / 1e9, 3) if compute_s else None,
         "dtypes": {r["dtype"]: r["tensors"] for r in report.rows()}, "records": records,
+        "nonfinite": nonfinite_counts(records),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def nonfinite_counts(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """inf/NaN that dequant wrote from finite codes (`--allow-nonfinite`), per output file and
+    tensor, reused shards included (their journal records carry the counts)."""
+    tensors = [{"file": r.get("name"), "tensor": name, "count": n}
+               for r in records for name, n in sorted((r.get("nonfinite") or {}).items())]
+    return {"values": sum(t["count"] for t in tensors), "tensors": tensors}
 
 
 def peak_rss_bytes() -> int:

@@ -59,6 +59,8 @@ class Recipe(BaseModel):
     drop_unmatched: bool = Field(False, description="--mp: drop tensors no preset row matches (each listed; "
                                                     "refused where a fused partner is kept)")
     allow_missing_scale: bool = Field(False, description="--dequant: keep FP8 tensors that have no scale as FP8")
+    allow_nonfinite: bool = Field(False, description="--dequant: write what zero, negative or NaN/inf scales (or "
+                                                     "BF16 overflow) make instead of refusing; inf/NaN are counted")
 
     def stages(self) -> list[str]:
         return [s for s, on in (("dequant", self.dequant), ("fix-dtypes", self.fix_dtypes),

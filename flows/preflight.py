@@ -60,6 +60,10 @@ def plan_conversion(src: Location, recipe: Recipe, reuse: bool = False) -> Prefl
     ckpt = scan_checkpoint(src)
     warnings = [str(w) for w in raise_on_errors(ckpt)]
     passes, recipe_warnings = plan_passes(ckpt, recipe)
+    if recipe.dequant:  # global and per-tensor scales: a few bytes each, read before a byte is written
+        from ckptflow.tasks.run.scale_preflight import check_small_scales
+
+        check_small_scales(src, [p.plan for p in passes if p.replan is None])
     warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
     return Preflight(ckpt, recipe, passes, warnings)
 

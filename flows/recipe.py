@@ -58,7 +58,8 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[li
                         "preset); skipping it")
     plan: StagePlan | None = None
     if recipe.dequant:
-        plan = plan_dequant(ckpt, allow_missing_scale=recipe.allow_missing_scale)
+        plan = plan_dequant(ckpt, allow_missing_scale=recipe.allow_missing_scale,
+                            allow_nonfinite=recipe.allow_nonfinite)
     if recipe.fix_dtypes:
         base = plan or identity_plan(ckpt)
         config = base.config if base.config is not None else ckpt.config

@@ -28,6 +28,10 @@ def publish_summary(summary: dict[str, Any]) -> None:
         f"| throughput | {rate if rate is not None else '–'} GB/s of input |",
         f"| dtypes | {', '.join(f'{k}×{v}' for k, v in summary['dtypes'].items())} |",
     ]
+    bad = summary.get("nonfinite") or {}
+    if bad.get("values"):  # written only with --allow-nonfinite: the artifact must say so
+        lines.append(f"| inf/NaN from finite codes | {bad['values']} in "
+                     + ", ".join(f"`{t['file']}`: `{t['tensor']}` ({t['count']})" for t in bad["tensors"][:50]) + " |")
     create_markdown_artifact(key="convert-summary", markdown="\n".join(lines), description="conversion summary")
 
 

@@ -100,6 +100,11 @@ def print_summary(summary: dict[str, Any], out: Any = None) -> None:
         print(f"time:     {summary['seconds']:.2f} s in the flow, ", end="", file=out)
     print(f"{summary['shard_seconds']:.2f} s in shard tasks"
           + (f" ({gbps:.3f} GB/s in)" if gbps else ""), file=out)
+    bad = summary.get("nonfinite") or {}
+    if bad.get("values"):
+        shown = ", ".join(f"{t['tensor']} ({t['count']})" for t in bad["tensors"][:5])
+        print(f"nonfinite: {bad['values']} inf/NaN value(s) from finite codes written (--allow-nonfinite) in "
+              f"{len(bad['tensors'])} tensor(s): {shown}" + (", …" if len(bad["tensors"]) > 5 else ""), file=out)
     for note in summary.get("notes", []):
         print(f"note:     {note}", file=out)
     print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)

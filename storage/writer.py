@@ -36,10 +36,12 @@ class WrittenFile:
     sha256: str | None  # None unless the writer was asked to hash (it costs ~1 s/GB of CPU)
     tensors: int
     identity: str | None = None  # what proves, on resume, that the file is still this one
+    # (tensor, count) of inf/NaN dequant wrote from finite codes (only with --allow-nonfinite)
+    nonfinite: tuple[tuple[str, int], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "name": self.name, "size": self.size, "sha256": self.sha256,
-                "tensors": self.tensors, "identity": self.identity}
+                "tensors": self.tensors, "identity": self.identity, "nonfinite": dict(self.nonfinite)}
 
 
 def fsync_dir(path: str) -> None:

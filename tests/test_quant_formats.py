@@ -29,15 +29,18 @@ def same_bits(a: torch.Tensor, b: torch.Tensor, any_nan: bool = False) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def convert(tmp_path, tensors, config, monkeypatch, extra=None):
-    """Plan `--dequant` and write every shard with 4 KB chunks; returns (plan, output tensors)."""
+def convert(tmp_path, tensors, config, monkeypatch, extra=None, nonfinite=None):
+    """Plan `--dequant` and write every shard with 4 KB chunks; returns (plan, output tensors).
+    With a `nonfinite` dict, inf/NaN are allowed and their counts (per tensor) gathered into it."""
     monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 4096)
     src = open_location(str(write(tmp_path / "src", tensors, config, files=2, extra=extra)))
-    plan = plan_dequant(scan_checkpoint(src))
+    plan = plan_dequant(scan_checkpoint(src), allow_nonfinite=nonfinite is not None)
     dst = open_location(str(tmp_path / "out"))
     out = {}
     for shard in plan.shards:
-        write_shard(shard, src, dst)
+        record = write_shard(shard, src, dst)
+        if nonfinite is not None:
+            nonfinite.update(record.nonfinite)
         with safe_open(str(tmp_path / "out" / shard.file), "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return plan, out
@@ -66,11 +69,16 @@ def test_fp8_block_every_scale_dtype(tmp_path, monkeypatch, scale_dtype):
         s, se = torch.rand(3, 3, generator=g).to(dt), torch.rand(2, 2, 2, generator=g).to(dt)
     config = {"dtype": "bfloat16", "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
                                                            "weight_block_size": [128, 128]}}
+    counts: dict[str, int] | None = {} if scale_dtype == "F8_E8M0" else None  # a NaN scale: allowed, counted
     plan, out = convert(tmp_path, {"l.w.weight": w, "l.w.weight_scale_inv": s, "e.w": experts,
                                    "e.w_scale_inv": se, "norm.weight": torch.ones(260, dtype=torch.bfloat16)},
-                        config, monkeypatch)
-    assert same_bits(out["l.w.weight"], block_reference(w, s.to(torch.float32), (128, 128)))
+                        config, monkeypatch, nonfinite=counts)
+    ref = block_reference(w, s.to(torch.float32), (128, 128))
+    assert same_bits(out["l.w.weight"], ref)
     assert same_bits(out["e.w"], block_reference(experts, se.to(torch.float32), (128, 128)))
+    if counts is not None:  # 2^127 overflows, NaN spoils its block: counted where the codes were finite
+        made = int((~ref.isfinite() & w.float().isfinite()).sum())
+        assert made > 0 and counts == {"l.w.weight": made}
     assert sorted(out) == ["e.w", "l.w.weight", "norm.weight"]
     assert plan.config == {"dtype": "bfloat16"}  # the source's key spelling, no torch_dtype added
 
@@ -116,8 +124,9 @@ def test_compressed_tensors_nvfp4_matches_its_own_decompression(tmp_path, monkey
     scale = random_codes((37, 5), g).view(torch.float8_e4m3fn)          # zero, subnormal, ±max, NaN scales
     gscale = torch.tensor([448.0 * 6.0 / 3.5])
     cfg = {"torch_dtype": "bfloat16", "text_config": {"quantization_config": ct_nvfp4_config(), "dtype": "float16"}}
+    # every scale code, zero, negative and NaN ones included: allowed here, as the reference decodes them
     plan, out = convert(tmp_path, {"x.weight_packed": packed, "x.weight_scale": scale, "x.weight_global_scale": gscale},
-                        cfg, monkeypatch)
+                        cfg, monkeypatch, nonfinite={})
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
         num_bits=4, type="float", strategy="tensor_group", group_size=16))
     want = NVFP4PackedCompressor.decompress({"weight_packed": packed, "weight_scale": scale,
@@ -138,7 +147,7 @@ def test_gpt_oss_mxfp4_matches_transformers(tmp_path, monkeypatch):
     cfg = {"torch_dtype": "bfloat16", "quantization_config": {"quant_method": "mxfp4"}}
     name = "model.layers.0.mlp.experts.gate_up_proj"
     plan, out = convert(tmp_path, {name + "_blocks": blocks, name + "_scales": scales, name + "_bias": bias},
-                        cfg, monkeypatch)
+                        cfg, monkeypatch, nonfinite={})  # 2^127 overflows: allowed here
     want = convert_moe_packed_tensors(blocks.clone(), scales.clone())
     assert out[name].shape == (3, 128, 40)  # [E, IN, OUT], as transformers' BF16 gpt-oss checkpoints
     assert same_bits(out[name], want)
@@ -157,7 +166,8 @@ def test_modelopt_nvfp4_and_fp8_match_the_formula(tmp_path, monkeypatch):
              "quantization": {"quant_algo": "NVFP4", "group_size": 16, "exclude_modules": ["lm_head"]}}
     plan, out = convert(tmp_path, {"a.weight": packed, "a.weight_scale": scale, "a.weight_scale_2": s2,
                                    "a.input_scale": torch.tensor(1.0)},
-                        {"torch_dtype": "bfloat16"}, monkeypatch, extra={"hf_quant_config.json": quant})
+                        {"torch_dtype": "bfloat16"}, monkeypatch, extra={"hf_quant_config.json": quant},
+                        nonfinite={})  # every scale code, as the formula decodes them
     # ModelOpt: value = e2m1(code) × float32(weight_scale) × weight_scale_2, codes low nibble first
     lut = torch.tensor(E2M1 + [-v for v in E2M1], dtype=torch.float32)
     lut[8] = 0.0  # ModelOpt's table holds +0 where the sign bit is set on a zero
@@ -217,7 +227,8 @@ def test_streamed_triton_path_writes_the_same_bytes(tmp_path, monkeypatch, fmt):
                    "x.weight_scale_inv": s.view(torch.float8_e8m0fnu)}
         cfg = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 32]}}
     src = open_location(str(write(tmp_path / "src", tensors, {"torch_dtype": "bfloat16", **cfg})))
-    (shard,) = plan_dequant(scan_checkpoint(src)).shards
+    # every scale code, NaN and overflowing ones included: written and counted, the same on both paths
+    (shard,) = plan_dequant(scan_checkpoint(src), allow_nonfinite=True).shards
     a = write_shard(shard, src, open_location(str(tmp_path / "cpu")), digest=True, backend="torch")
     b = write_shard(shard, src, open_location(str(tmp_path / "triton")), digest=True, backend="triton")
-    assert a.sha256 == b.sha256 and a.size == b.size
+    assert a.sha256 == b.sha256 and a.size == b.size and a.nonfinite == b.nonfinite

@@ -62,8 +62,11 @@ def refuse_packed_leftovers(plan: StagePlan, config: dict[str, Any] | None, wher
                         + "\n".join(f"  - {f}: tensor {n!r} is {d}" for f, n, d in left[:50]))
 
 
-def plan_dequant(ckpt: Checkpoint, *, allow_missing_scale: bool = False) -> StagePlan:
-    """One output shard per source shard; raises `PlanError` listing every unconvertible tensor."""
+def plan_dequant(ckpt: Checkpoint, *, allow_missing_scale: bool = False, allow_nonfinite: bool = False) -> StagePlan:
+    """One output shard per source shard; raises `PlanError` listing every unconvertible tensor.
+    `allow_nonfinite`: each dequantized tensor carries it (`finite_guard.ALLOW`), so bad scales are
+    written through and counted rather than refused; it is part of the plan, so of the cache key:
+    a shard written with it is never reused by a run without it."""
     layout = detect(ckpt, allow_missing_scale)
     if layout.problems:
         scheme = layout.scheme
@@ -83,7 +86,8 @@ def plan_dequant(ckpt: Checkpoint, *, allow_missing_scale: bool = False) -> Stag
                 t = OutputTensor(name, info.dtype, tuple(info.shape), "copy", (SourceRef.of(file, info),))
             else:
                 sources = (SourceRef.of(*q.main), *[SourceRef.of(f, i) for f, i in q.aux])
-                t = OutputTensor(q.out_name, "BF16", q.out_shape, q.transform, sources, q.params)
+                params = q.params + ((("allow_nonfinite", True),) if allow_nonfinite else ())
+                t = OutputTensor(q.out_name, "BF16", q.out_shape, q.transform, sources, params)
             if t.name in names:
                 raise PlanError(f"{file}: output tensor {t.name!r} would be written twice (also from "
                                 f"{names[t.name]}); the checkpoint holds both a packed and a plain copy")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckptflow.storage.checkpoint import Checkpoint
-from ckptflow.storage.safetensors_format import TensorInfo
+from ckptflow.storage.safetensors_format import FLOAT_DTYPES, TensorInfo
 from ckptflow.tasks.kernels.scale_grid import normalise_scale
 from ckptflow.tasks.planners.quant_scheme import (ACTIVATION_SUFFIXES, FP8, SCHEMES, SchemeConfig, Variant,
                                                   module_matches, read_scheme)
@@ -19,6 +19,13 @@ from ckptflow.tasks.planners.quant_scheme import (ACTIVATION_SUFFIXES, FP8, SCHE
 Located = tuple[str, TensorInfo]  # (file, header entry)
 PACKED_SUFFIXES = ("_blocks", "_scales", ".weight_packed", ".qweight", ".qzeros", ".scales", ".g_idx",
                    ".weight_global_scale", ".weight_scale_2", ".weight_zero_point", ".weight_shape")
+INT_DTYPES = frozenset({"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"})
+# What sits beside codes in the schemes ckptflow knows and those it refuses (GPTQ, AWQ, int8 W8A16):
+# a tensor with one of these beside it is quantized, whatever its own dtype says.
+WEIGHT_SCALES = (".weight_scale", ".weight_scale_inv", ".weight_zero_point", ".weight_global_scale",
+                 ".weight_scale_2")
+CODE_SUFFIXES = (".weight_packed", ".qweight", "_blocks", ".weight")
+INT_SIBLINGS = WEIGHT_SCALES + ("_scales", ".scales", ".qzeros")
 
 
 @dataclass(frozen=True)
@@ -45,9 +52,45 @@ class QuantLayout:
 
 
 def is_packed(name: str, dtype: str) -> bool:
-    """A tensor that only makes sense with a quantization config (codes or packing)."""
+    """A tensor that only makes sense with a quantization config (codes or packing): integer
+    weights are codes too (int8 W8A16, …); integer buffers (position ids) are not weights."""
     return dtype in FP8 or dtype == "F8_E8M0" or (dtype in ("U8", "I8", "I32") and name.endswith(PACKED_SUFFIXES)) \
-        or (dtype == "U8" and name.endswith(".weight"))
+        or (dtype in INT_DTYPES and name.endswith(".weight"))
+
+
+def scale_siblings(name: str, dtype: str) -> tuple[str, ...]:
+    """Where a scale or zero point of tensor `name` would sit. A floating tensor counts only the
+    weight-scale family (`x.weight_scale…`, DeepSeek's `X_scale_inv`): names distinctive enough
+    that a model's own float parameters never use them. An integer tensor is codes with any scale."""
+    out = [name + "_scale_inv"]
+    for suffix in CODE_SUFFIXES:
+        if name.endswith(suffix):
+            base = name[: len(name) - len(suffix)]
+            out += [base + s for s in (WEIGHT_SCALES if dtype in FLOAT_DTYPES else INT_SIBLINGS)]
+            break
+    if dtype not in FLOAT_DTYPES:
+        out.append(name + "_scale")
+    return tuple(dict.fromkeys(out))
+
+
+def uncovered(tensors: dict[str, Located], handled: set[str], scheme: SchemeConfig | None) -> list[str]:
+    """A problem line for every tensor left to be copied that holds codes: one with a scale or zero
+    point beside it, an integer weight, an FP8 or packed tensor. Copied raw under a config that no
+    longer declares quantization, a loader would take its codes for weights."""
+    desc = (f"the quantization_config ({scheme.method}, {scheme.where}) does not describe it" if scheme
+            else "config.json has no quantization_config that describes it")
+    problems = []
+    for name, (file, info) in tensors.items():
+        if name in handled or name.endswith(ACTIVATION_SUFFIXES):
+            continue
+        beside = next((s for s in scale_siblings(name, info.dtype) if s in tensors), None)
+        if beside is not None:
+            kind = "integer" if info.dtype not in FLOAT_DTYPES else "floating"
+            problems.append(f"{file}: tensor {name!r} is {info.dtype} ({kind}) with a scale beside it ({beside!r}) but "
+                            f"{desc}; it would be copied as raw codes and its scale left unused")
+        elif is_packed(name, info.dtype):
+            problems.append(f"{file}: tensor {name!r} is {info.dtype}, quantized, packed or integer codes, but {desc}")
+    return problems
 
 
 def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
@@ -59,6 +102,7 @@ def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
                               (Variant(SCHEMES["fp8-block"], (("block", (128, 128)),)),))
     layout = QuantLayout(scheme)
     if scheme is None:
+        layout.problems += uncovered(tensors, set(), None)
         return layout
     weight_map = ckpt.weight_map()
     flagged: set[str] = set()  # tensors with a problem line already
@@ -100,10 +144,7 @@ def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
                                        + ("; pass --allow-missing-scale to keep it as FP8"
                                           if missing_only and info.dtype in FP8 else ""))
     handled = layout.quantized.keys() | layout.consumed | set(layout.kept) | flagged
-    for name, (file, info) in tensors.items():
-        if name not in handled and not name.endswith(ACTIVATION_SUFFIXES) and is_packed(name, info.dtype):
-            layout.problems.append(f"{file}: tensor {name!r} is {info.dtype}, quantized or packed, but "
-                                   f"{scheme.method} ({scheme.where}) does not describe it")
+    layout.problems += uncovered(tensors, handled, scheme)
     return layout
 
 

@@ -15,13 +15,18 @@ from ckptflow.storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
 
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, StagePlan
 from ckptflow.tasks.presets.dtype_exceptions import builtin_dtype_exceptions
-from ckptflow.tasks.planners.quant_layout import is_packed
+from ckptflow.tasks.planners.quant_layout import is_packed, scale_siblings
 from ckptflow.tasks.planners.quant_scheme import claims_unquantized
 
 # config.json dtype names → safetensors dtype strings
 CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "half": "F16", "float32": "F32", "float": "F32",
                  "float64": "F64", "double": "F64"}
 SCALE_SUFFIXES = ("_scale_inv", "_scale", "_scale_2", ".scales")  # .scales: GPTQ / AWQ (F16 by design)
+# Mismatch reasons of tensors holding codes under a config that declares no quantization
+PACKED_NO_CONFIG = "packed quantized codes without a quantization_config"
+FP8_NO_CONFIG = "FP8 without a quantization_config"
+INT_NO_CONFIG = "integer codes with a scale beside them, without a quantization_config"
+QUANTIZED_REASONS = (PACKED_NO_CONFIG, FP8_NO_CONFIG, INT_NO_CONFIG)
 
 
 def scale_names(name: str) -> tuple[str, ...]:
@@ -107,6 +112,10 @@ class DtypeReport:
     def ok(self) -> bool:
         return not self.mismatches
 
+    def quantized_line(self) -> str | None:
+        n = sum(m.reason in QUANTIZED_REASONS for m in self.mismatches)
+        return f"{n} tensor(s) are quantized/integer but config.json has no quantization_config" if n else None
+
     def rows(self) -> list[dict[str, Any]]:
         return [{"dtype": d, "tensors": c, "bytes": b} for d, (c, b) in sorted(self.table.items())]
 
@@ -114,6 +123,7 @@ class DtypeReport:
         lines = [f"config torch_dtype: {self.expected or '(not set)'}", f"{'dtype':8}{'tensors':>9}{'bytes':>16}"]
         lines += [f"{r['dtype']:8}{r['tensors']:>9}{r['bytes']:>16,}" for r in self.rows()]
         if self.mismatches:
+            lines += [line for line in (self.quantized_line(),) if line]
             lines.append(f"{len(self.mismatches)} mismatch(es):")
             lines += [f"  - {m}" for m in self.mismatches]
         else:
@@ -125,6 +135,7 @@ class DtypeReport:
                "|---|---:|---:|"]
         out += [f"| {r['dtype']} | {r['tensors']} | {r['bytes']:,} |" for r in self.rows()]
         if self.mismatches:
+            out += [f"\n**{line}**" for line in (self.quantized_line(),) if line]
             out += ["", f"**{len(self.mismatches)} mismatch(es)**", ""] + [f"- `{m}`" for m in self.mismatches[:200]]
         return "\n".join(out)
 
@@ -143,17 +154,21 @@ def report_for(entries: list[Entry], config: dict[str, Any] | None,
         row[0] += 1
         row[1] += nbytes
         want = exp.for_tensor(name)
-        if not exp.fp8_allowed and is_packed(name, dtype) and dtype not in FP8_DTYPES:
-            # gpt-oss blocks, NVFP4 packs, GPTQ qweights: a loader would take the codes for weights
-            report.mismatches.append(Mismatch(file, name, dtype, want or "(not set)",
-                                              "packed quantized codes without a quantization_config"))
+        if not exp.fp8_allowed and dtype not in FP8_DTYPES:
+            # gpt-oss blocks, NVFP4 packs, GPTQ qweights, int8 weights: a loader would take the codes
+            # for weights; so would it an integer tensor with a scale beside it
+            reason = PACKED_NO_CONFIG if is_packed(name, dtype) else INT_NO_CONFIG \
+                if dtype not in FLOAT_DTYPES and any(s in present for s in scale_siblings(name, dtype)) else None
+            if reason is not None:
+                report.mismatches.append(Mismatch(file, name, dtype, want or "(not set)", reason))
+                continue
+        if dtype in FP8_DTYPES and not is_scale(name) and not exp.fp8_allowed:  # with no torch_dtype too
+            report.mismatches.append(Mismatch(file, name, dtype, want or "(not set)", FP8_NO_CONFIG))
             continue
         if want is None or dtype not in FLOAT_DTYPES or dtype == want:
             continue
         if dtype in FP8_DTYPES and not is_scale(name):
-            if not exp.fp8_allowed:
-                report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without a quantization_config"))
-            elif not any(s in present for s in scale_names(name)):
+            if not any(s in present for s in scale_names(name)):
                 report.mismatches.append(Mismatch(file, name, dtype, want, "FP8 without its scale tensor"))
         elif not _by_design(exp, name, dtype):  # a scale keeps its format's dtype (NVFP4's are FP8)
             report.mismatches.append(Mismatch(file, name, dtype, want))

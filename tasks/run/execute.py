@@ -6,6 +6,7 @@ the caller's thread (itself multi-threaded), writes drain on a writer thread, so
 """
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Iterator
@@ -19,7 +20,9 @@ from ckptflow.storage.safetensors_format import DTYPE_SIZES
 from ckptflow.storage.urls import Location
 from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 
+from ckptflow.tasks.kernels.finite import max_abs, may_overflow
 from ckptflow.tasks.run.buffers import BufferPool
+from ckptflow.tasks.run.finite_guard import check_scales, record
 from ckptflow.tasks.run.cuts import BlockRegion, Cut, cut_of, cut_stream, source_cut, uncut
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 
@@ -95,6 +98,7 @@ class ExecContext:
     device: str = "cpu"        # where dequant runs: "cpu" or "cuda[:n]"
     backend: str = "auto"      # weight_dequant backend: "auto" | "torch" | "triton"
     kernel_copy: bool = False  # local → local and no hashing: copies go through copy_file_range
+    nonfinite: dict[str, int] = field(default_factory=dict)  # tensor → inf/NaN from finite codes (finite_guard)
 
     def releaser(self, buf: np.ndarray) -> Release:
         return lambda: self.buffers.give(buf)
@@ -173,7 +177,11 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     weight, scale = t.sources
     fp8 = FP8_TORCH_DTYPES[weight.dtype]
     raw_dtype = torch.uint8 if scale.dtype == "F8_E8M0" else ST_TO_TORCH[scale.dtype]
-    raw_scale = torch.frombuffer(read_small(ctx, scale), dtype=raw_dtype) if scale.end > scale.start \
+    scale_bytes = read_small(ctx, scale)
+    check_scales(t, scale, scale_bytes)  # every block's scale, before a byte of this tensor is written
+    # only scales that could overflow BF16 make the output worth scanning for inf/NaN
+    scan = may_overflow(max_abs(scale.dtype, scale_bytes) * FP8_MAX[weight.dtype])
+    raw_scale = torch.frombuffer(scale_bytes, dtype=raw_dtype) if scale.end > scale.start \
         else torch.empty(0, dtype=raw_dtype)
     # F32, BF16 and E8M0 block scales all widen to float32 exactly (kernels/scales.py)
     scale_t = block_scale_float32(raw_scale.reshape(scale.shape),
@@ -194,6 +202,8 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         if on_cpu_tables:
             buf = ctx.buffers.take((r1 - r0) * out_cols * 2)
             dequant_rows(codes, block_scales, (bm, bn), fp8, buf.view(np.int16).reshape(r1 - r0, out_cols))
+            if scan:
+                _scan(ctx, t, region, r0, r1, buf, codes)
             done(release)
             yield from _trimmed(ctx, region, r0, r1, buf, 2)
             continue
@@ -204,7 +214,22 @@ def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         s = block_scales.contiguous().to(ctx.device) if scale_t.numel() > 1 else scale_t
         got = weight_dequant(w, s, (bm, bn), backend=ctx.backend)
         host = np.frombuffer(memoryview(got.cpu().view(torch.int16).numpy()).cast("B"), dtype=np.uint8)
+        if scan:
+            _scan(ctx, t, region, r0, r1, host, w.view(torch.uint8).cpu().numpy())
         yield from _trimmed(ctx, region, r0, r1, host, 2, pooled=False)
+
+
+FP8_MAX = {"F8_E4M3": 448.0, "F8_E5M2": 57344.0}  # largest finite code of each FP8 format
+
+
+def _scan(ctx: ExecContext, t: OutputTensor, region: BlockRegion, r0: int, r1: int, buf: np.ndarray,
+          codes: np.ndarray) -> None:
+    """Count inf/NaN in the part of a computed chunk that is kept (a cut's slice), from finite codes."""
+    out = buf[: codes.size * 2].view(np.int16).reshape(codes.shape)
+    keep = region.trim(r0, r1)
+    if keep is not None:
+        out, codes = out[keep], codes[keep]
+    record(ctx, t, out, codes)
 
 
 def _trimmed(ctx: ExecContext, region: BlockRegion, r0: int, r1: int, buf: np.ndarray, item: int,
@@ -313,4 +338,10 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                 pass
             writer.abort()
             raise
-        return writer.commit(before_publish)
+        counted = tuple(sorted(ctx.nonfinite.items()))
+        if not counted:
+            return writer.commit(before_publish)
+        # the journal's entry before the rename carries the counts too: a reused shard reports them
+        hook = None if before_publish is None else \
+            (lambda written, identity: before_publish(dataclasses.replace(written, nonfinite=counted), identity))
+        return dataclasses.replace(writer.commit(hook), nonfinite=counted)

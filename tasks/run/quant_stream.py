@@ -14,9 +14,13 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+from ckptflow.tasks.kernels.finite import BF16_MAX, F16_MAX, max_abs, may_overflow
 from ckptflow.tasks.plan.model import OutputTensor
 from ckptflow.tasks.run import execute
-from ckptflow.tasks.run.execute import ExecContext, Piece, done, read_ahead, read_small
+from ckptflow.tasks.run.execute import FP8_MAX, ExecContext, Piece, done, read_ahead, read_small
+from ckptflow.tasks.run.finite_guard import check_scales, record
+
+E2M1_MAX = 6.0
 
 
 def _bf16_bytes(x: torch.Tensor) -> memoryview:
@@ -39,6 +43,11 @@ def _output(ctx: ExecContext, shape: tuple[int, ...]) -> tuple[torch.Tensor | No
     return torch.from_numpy(buf).view(torch.bfloat16).reshape(shape), buf
 
 
+def _host(got: torch.Tensor, buf: np.ndarray | None) -> np.ndarray:
+    """The chunk's BF16 bits on the host (the pooled buffer on the CPU), for counting inf/NaN."""
+    return buf if buf is not None else np.frombuffer(_bf16_bytes(got), dtype=np.uint8)
+
+
 def _piece(ctx: ExecContext, got: torch.Tensor, buf: np.ndarray | None) -> Piece:
     return (memoryview(buf), ctx.releaser(buf)) if buf is not None else (_bf16_bytes(got), None)
 
@@ -55,18 +64,33 @@ def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     rows, cols = weight.shape
     sdt = ST_TO_TORCH[scale.dtype]
     per_channel = scale.shape not in ((), (1,))
-    whole = None if per_channel else torch.frombuffer(read_small(ctx, scale), dtype=sdt).reshape(scale.shape)
+    whole = None
+    if not per_channel:
+        raw_whole = read_small(ctx, scale)
+        check_scales(t, scale, raw_whole)
+        whole = torch.frombuffer(raw_whole, dtype=sdt).reshape(scale.shape)
+    # the product is taken in the scale's dtype: float16 scales overflow at 65504, not at BF16's max
+    limit = F16_MAX if scale.dtype == "F16" else BF16_MAX
+    scan_whole = whole is not None and may_overflow(max_abs(scale.dtype, raw_whole) * FP8_MAX[weight.dtype], limit)
     step = max(1, execute.CHUNK_BYTES // max(2 * cols, 1))
     spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
     ranges = [(weight.start + r0 * cols, weight.start + r1 * cols) for r0, r1 in spans]
     for (r0, r1), (raw, release) in zip(spans, read_ahead(ctx, weight.file, ranges)):
         w = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, cols).copy())
         done(release)
-        s = whole if whole is not None else torch.frombuffer(
-            read_small(ctx, scale, r0 * sdt.itemsize, r1 * sdt.itemsize), dtype=sdt).reshape(r1 - r0, 1)
+        scan = scan_whole
+        if whole is not None:
+            s = whole
+        else:
+            raw_s = read_small(ctx, scale, r0 * sdt.itemsize, r1 * sdt.itemsize)
+            check_scales(t, scale, raw_s)
+            scan = may_overflow(max_abs(scale.dtype, raw_s) * FP8_MAX[weight.dtype], limit)
+            s = torch.frombuffer(raw_s, dtype=sdt).reshape(r1 - r0, 1)
         out, buf = _output(ctx, (r1 - r0, cols))
         got = fp8_scaled_dequant(w.view(torch.float8_e4m3fn).to(ctx.device), s.to(ctx.device),
                                  backend=ctx.backend, out_dtype=torch.bfloat16, out=out)
+        if scan:
+            record(ctx, t, _host(got, buf), w.numpy())
         yield _piece(ctx, got, buf)
 
 
@@ -79,18 +103,26 @@ def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     packed, scale, global_scale = t.sources
     rows, half = packed.shape
     groups = scale.shape[1]
-    g = torch.frombuffer(read_small(ctx, global_scale), dtype=torch.float32).reshape(global_scale.shape)
+    raw_g = read_small(ctx, global_scale)
+    check_scales(t, global_scale, raw_g)
+    g = torch.frombuffer(raw_g, dtype=torch.float32).reshape(global_scale.shape)
+    # compressed-tensors divides by its global scale, ModelOpt multiplies by weight_scale_2
+    g_abs = max_abs(global_scale.dtype, raw_g)
+    factor = g_abs if t.param("convention") == "modelopt" else (1 / g_abs if g_abs else float("inf"))
     step = max(1, execute.CHUNK_BYTES // max(4 * half, 1))  # output rows of 2·cols bf16 bytes each
     spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
     ranges = [(packed.start + r0 * half, packed.start + r1 * half) for r0, r1 in spans]
     for (r0, r1), (raw, release) in zip(spans, read_ahead(ctx, packed.file, ranges)):
         codes = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, half).copy())
         done(release)
-        s = torch.frombuffer(read_small(ctx, scale, r0 * groups, r1 * groups),
-                             dtype=torch.float8_e4m3fn).reshape(r1 - r0, groups)
+        raw_s = read_small(ctx, scale, r0 * groups, r1 * groups)
+        check_scales(t, scale, raw_s)
+        s = torch.frombuffer(raw_s, dtype=torch.float8_e4m3fn).reshape(r1 - r0, groups)
         out, buf = _output(ctx, (r1 - r0, 2 * half))
         got = nvfp4_dequant(codes.to(ctx.device), s.to(ctx.device), g.to(ctx.device),
                             convention=t.param("convention"), backend=ctx.backend, out_dtype=torch.bfloat16, out=out)
+        if may_overflow(E2M1_MAX * max_abs(scale.dtype, raw_s) * factor):
+            record(ctx, t, _host(got, buf))  # E2M1 codes are all finite
         yield _piece(ctx, got, buf)
 
 
@@ -112,13 +144,17 @@ def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     for e, (raw, release) in zip(range(experts), read_ahead(ctx, blocks.file, ranges)):
         b = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(1, out, groups, width).copy())
         done(release)
-        s = torch.frombuffer(read_small(ctx, scales, e * out * groups, (e + 1) * out * groups),
-                             dtype=torch.uint8).reshape(1, out, groups)
+        raw_s = read_small(ctx, scales, e * out * groups, (e + 1) * out * groups)
+        check_scales(t, scales, raw_s)
+        scan = may_overflow(E2M1_MAX * max_abs(scales.dtype, raw_s))
+        s = torch.frombuffer(raw_s, dtype=torch.uint8).reshape(1, out, groups)
         for g0 in range(0, groups, step):
             g1 = min(g0 + step, groups)
             out_t, buf = _output(ctx, (1, (g1 - g0) * 32, out))
             got = mxfp4_gpt_oss(b[:, :, g0:g1].contiguous().to(ctx.device),
                                 s[:, :, g0:g1].contiguous().to(ctx.device), backend=ctx.backend, out=out_t)
+            if scan:
+                record(ctx, t, _host(got, buf))  # E2M1 codes are all finite
             yield _piece(ctx, got, buf)
 
 
