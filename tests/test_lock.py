@@ -1,0 +1,193 @@
+"""DEST's lock: never written through a link, and on object stores owned by compare-and-swap only.
+
+Local cases open the real lock path; object-store cases run s3fs against moto's S3 server with
+the lease shortened by CKPTFLOW_LOCK_STALE_S / CKPTFLOW_LOCK_HEARTBEAT_S."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ckptflow.storage import lock, object_lock
+from ckptflow.storage.urls import StorageError, open_location
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- local: the lock file is DEST's own plain file, or the run is refused -----------------------
+
+def _plant(kind: str, at: Path, outside: Path) -> None:
+    if kind == "symlink":
+        at.symlink_to(outside / "victim.bin")
+    elif kind == "dangling":
+        at.symlink_to(outside / "not-there")
+    elif kind == "hardlink":
+        os.link(outside / "victim.bin", at)
+    elif kind == "fifo":
+        os.mkfifo(at)
+    elif kind == "dir":
+        at.mkdir()
+
+
+@pytest.mark.parametrize("kind,what", [("symlink", "a symbolic link to"), ("dangling", "a symbolic link to"),
+                                       ("hardlink", "a file with 2 hard links"), ("fifo", "a FIFO"),
+                                       ("dir", "a directory")])
+def test_local_lock_refuses_anything_but_its_own_plain_file(tmp_path, kind, what):
+    outside, dest = tmp_path / "outside", tmp_path / "dest"
+    outside.mkdir()
+    dest.mkdir()
+    (outside / "victim.bin").write_bytes(b"source shard bytes" * 100)
+    before = sha(outside / "victim.bin")
+    _plant(kind, dest / lock.LOCK_NAME, outside)
+    t0 = time.monotonic()
+    with pytest.raises(StorageError) as err:
+        with lock.dest_lock(open_location(str(dest))):
+            pytest.fail("the lock was taken")
+    assert time.monotonic() - t0 < 2  # a FIFO does not hang the open
+    msg = str(err.value)
+    assert f"{dest / lock.LOCK_NAME} is {what}" in msg and "Remove it" in msg, msg
+    assert sha(outside / "victim.bin") == before
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.bin"]  # the dangling target was not made
+    assert [p.name for p in dest.iterdir()] == [lock.LOCK_NAME]  # what was planted, nothing else
+
+
+def test_local_lock_still_takes_a_file_left_by_a_killed_run(tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / lock.LOCK_NAME).write_text('{"pid": 1}')  # SIGKILLed holder: the file stays, the flock went
+    with lock.dest_lock(open_location(str(dest))):
+        assert json.loads((dest / lock.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (dest / lock.LOCK_NAME).exists()
+
+
+# --- object stores -----------------------------------------------------------------------------
+
+@pytest.fixture
+def s3_dest(s3_options, monkeypatch):
+    monkeypatch.setenv("CKPTFLOW_LOCK_STALE_S", "1")
+    monkeypatch.setenv("CKPTFLOW_LOCK_HEARTBEAT_S", "0.2")
+    return open_location(f"s3://{s3_options['bucket']}/out", s3_options["options"])
+
+
+def put_lock(dst, body: bytes) -> None:
+    dst.fs.pipe_file(dst.path(lock.LOCK_NAME), body)
+
+
+def lock_json(dst) -> dict:
+    return json.loads(dst.fs.cat_file(dst.path(lock.LOCK_NAME)))
+
+
+def test_refusal_says_when_the_lock_goes_stale(s3_options, monkeypatch):
+    dst = open_location(f"s3://{s3_options['bucket']}/out", s3_options["options"])
+    put_lock(dst, json.dumps({"pid": 4242, "host": "h", "since": "x", "token": "t",
+                              "heartbeat": time.time() - 12.2}).encode())
+    with pytest.raises(lock.DestBusy) as err:
+        with lock.dest_lock(dst):
+            pass
+    assert "pid 4242 on h" in str(err.value)
+    # The age is the lock's heartbeat against our clock (the request takes a moment or two).
+    assert re.search(r"stale after 90 s without a heartbeat; last heartbeat 1[234] s ago", str(err.value))
+
+
+def test_two_runs_that_both_judge_a_lock_stale_have_one_winner(s3_dest, monkeypatch):
+    """Both read the dead run's version; the rival writes first; our If-Match write then fails and
+    we judge the rival's fresh version instead: refused. (Run in turn, not in threads: moto's
+    server does not serialize conditional writes the way S3 does.)"""
+    from ckptflow.storage import conditional
+
+    put_lock(s3_dest, json.dumps({"pid": 1, "token": "dead", "heartbeat": time.time() - 60}).encode())
+    real_read, rival = conditional.read, []
+
+    def read_then_rival(loc, name):
+        got = real_read(loc, name)
+        if not rival:
+            rival.append(None)
+            rival[0] = object_lock.acquire(s3_dest)  # between our read and our write
+        return got
+
+    monkeypatch.setattr(conditional, "read", read_then_rival)
+    with pytest.raises(lock.DestBusy, match="last heartbeat 0 s ago"):
+        object_lock.acquire(s3_dest)
+    assert lock_json(s3_dest)["token"] == rival[0].holder["token"]
+    rival[0].release()
+    assert not s3_dest.fs.exists(s3_dest.path(lock.LOCK_NAME))
+    mine = object_lock.acquire(s3_dest)  # free again: created, not taken over
+    assert mine.renew() and lock_json(s3_dest)["token"] == mine.holder["token"]
+    mine.release()
+
+
+def test_a_paused_holder_loses_its_lock_and_publishes_nothing(s3_dest, s3_options):
+    from ckptflow.storage.files import write_json
+
+    first = object_lock.acquire(s3_dest)  # no heartbeat thread: as if the process were stopped
+    time.sleep(1.3)  # past the stale limit
+    second = object_lock.acquire(s3_dest)  # takes over the stale lock
+    assert first.renew() is False  # its conditional heartbeat no longer matches
+    object_lock._LEASES[id(first)] = first
+    try:
+        with pytest.raises(lock.LockLost, match="lost its lock after 1 s without a heartbeat .* holds it now; "
+                                                 "it stopped before writing s3://.*/out/config.json"):
+            write_json(s3_dest, "config.json", {"a": 1})
+    finally:
+        object_lock._LEASES.pop(id(first))
+    s3_dest.fs.invalidate_cache()
+    assert not s3_dest.fs.exists(s3_dest.path("config.json"))
+    bucket = s3_options["bucket"]
+    assert s3_dest.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+    first.release()  # must not delete the new holder's lock
+    assert lock_json(s3_dest)["token"] == second.holder["token"]
+    assert second.renew() is True
+    second.release()
+
+
+def test_heartbeat_thread_notices_a_takeover(s3_dest):
+    from ckptflow.storage.files import write_json
+
+    with lock.dest_lock(s3_dest):
+        write_json(s3_dest, "a.json", 1)  # held: publishes go through
+        # Another run's version replaces ours (what a takeover after a pause leaves).
+        put_lock(s3_dest, json.dumps({"pid": 7, "host": "other", "token": "theirs",
+                                      "heartbeat": time.time()}).encode())
+        time.sleep(0.6)  # a few heartbeats
+        (lease,) = object_lock._LEASES.values()
+        assert lease.lost and "pid 7 on other holds it now" in lease.lost
+        with pytest.raises(lock.LockLost):
+            write_json(s3_dest, "b.json", 2)
+    assert lock_json(s3_dest)["token"] == "theirs"  # leaving did not delete the other run's lock
+    s3_dest.fs.invalidate_cache()
+    assert s3_dest.fs.exists(s3_dest.path("a.json")) and not s3_dest.fs.exists(s3_dest.path("b.json"))
+
+
+@pytest.mark.parametrize("body", [b"\x00not json", b'{"pid": 3, "heartbeat": "soon"}', "future"])
+def test_untrusted_lock_is_taken_over_after_the_stale_limit_of_watching(s3_dest, body):
+    if body == "future":
+        body = json.dumps({"pid": 3, "host": "h", "token": "t", "heartbeat": time.time() + 3600}).encode()
+    put_lock(s3_dest, body)
+    t0 = time.monotonic()
+    with lock.dest_lock(s3_dest):
+        waited = time.monotonic() - t0
+        assert lock_json(s3_dest)["pid"] == os.getpid()
+    assert 1.0 <= waited < 5, waited
+
+
+def test_untrusted_lock_that_changes_while_watched_belongs_to_a_live_run(s3_dest):
+    def future(n: int) -> bytes:
+        return json.dumps({"pid": 3, "host": "skewed", "token": "t", "n": n,
+                           "heartbeat": time.time() + 3600}).encode()
+
+    put_lock(s3_dest, future(0))
+    beat = threading.Timer(0.4, lambda: put_lock(s3_dest, future(1)))  # its holder's heartbeat
+    beat.start()
+    with pytest.raises(lock.DestBusy, match="pid 3 on skewed.*changed while this run watched it"):
+        with lock.dest_lock(s3_dest):
+            pass
+    beat.join()
+    assert lock_json(s3_dest)["n"] == 1
