@@ -81,6 +81,19 @@ def _locked_fd(dst: Location, path: str) -> int:
         os.close(fd)
 
 
+def check_lock_file(dst: Location) -> None:
+    """Refuse, before anything starts, a local DEST whose lock name holds something that is not
+    a lock file of ckptflow's (taking the lock checks again, on the file it opened)."""
+    path = dst.path(LOCK_NAME)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return  # absent (the usual case), or unreadable: taking the lock says why
+    what = _foreign(st, path)
+    if what is not None:
+        raise _not_a_lock(dst, path, what)
+
+
 def _open_lock_file(dst: Location, path: str) -> int:
     # O_NOFOLLOW: a symlink (dangling or not) at the lock's name fails with ELOOP instead of
     # creating or truncating the file it points to (a SOURCE shard, say). O_NONBLOCK: a FIFO
@@ -89,28 +102,27 @@ def _open_lock_file(dst: Location, path: str) -> int:
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _not_a_lock(dst, path, f"a symbolic link to {os.readlink(path)!r}") from None
-        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
-            raise _not_a_lock(dst, path, _kind(path)) from None
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EOPNOTSUPP):
+            raise _not_a_lock(dst, path, _foreign(os.lstat(path), path) or "not a regular file") from None
         raise StorageError(f"DEST {dst.url}: cannot open its lock file {path} ({exc.strerror}); "
                            "check DEST's permissions") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+    what = _foreign(os.fstat(fd), path)
+    if what is not None:
         os.close(fd)
-        what = _kind(path) if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
         raise _not_a_lock(dst, path, what)
     return fd
 
 
-def _kind(path: str) -> str:
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return "not a regular file"
+def _foreign(st: os.stat_result, path: str) -> str | None:
+    """What the thing at the lock's name is, if it is not a file ckptflow may truncate and write:
+    a link (whose target would be written), a second name of another file, or no file at all."""
+    if stat.S_ISLNK(st.st_mode):
+        return f"a symbolic link to {os.readlink(path)!r}"
+    if stat.S_ISREG(st.st_mode):
+        return f"a file with {st.st_nlink} hard links" if st.st_nlink > 1 else None
     for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
+        if test(st.st_mode):
             return name
     return "not a regular file"
 

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 
 from ckptflow.storage import lock, object_lock
 from ckptflow.storage.urls import StorageError, open_location
+
+from .helpers import PYTHON, ROOT, cli_env
 
 
 def sha(path: Path) -> str:
@@ -191,3 +194,41 @@ def test_untrusted_lock_that_changes_while_watched_belongs_to_a_live_run(s3_dest
             pass
     beat.join()
     assert lock_json(s3_dest)["n"] == 1
+
+
+# --- through the real CLI ------------------------------------------------------------------------
+
+def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(run: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    out = run.stdout + run.stderr
+    assert run.returncode == code, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def digest_tree(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): sha(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["source-shard", "dangling"])
+def test_cli_refuses_a_lock_path_that_is_a_link(demo_ckpt, tmp_path, target):
+    dest = tmp_path / "out"
+    dest.mkdir()
+    shard = demo_ckpt / "model-00001-of-00006.safetensors"
+    aim = shard if target == "source-shard" else tmp_path / "elsewhere" / "made.lock"
+    (dest / lock.LOCK_NAME).symlink_to(aim)
+    before = digest_tree(demo_ckpt)
+    run = ckptflow("convert", str(demo_ckpt), str(dest), "--dequant", "--work", str(tmp_path / "w"))
+    one_error_line(run, f"{dest / lock.LOCK_NAME} is a symbolic link to '{aim}'", "nothing was written")
+    assert digest_tree(demo_ckpt) == before  # the shard behind the link kept every byte
+    assert [p.name for p in dest.iterdir()] == [lock.LOCK_NAME]  # no file under a final name
+    assert not (tmp_path / "elsewhere").exists()  # nothing made outside DEST
