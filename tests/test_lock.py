@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -232,3 +233,107 @@ def test_cli_refuses_a_lock_path_that_is_a_link(demo_ckpt, tmp_path, target):
     assert digest_tree(demo_ckpt) == before  # the shard behind the link kept every byte
     assert [p.name for p in dest.iterdir()] == [lock.LOCK_NAME]  # no file under a final name
     assert not (tmp_path / "elsewhere").exists()  # nothing made outside DEST
+
+
+# The real CLI; its first shard goes through at once (then it touches $CKPTFLOW_TEST_WROTE), every
+# later one waits for the file $CKPTFLOW_TEST_GO, so a test can act while it holds DEST.
+GATED_CLI = """
+import os, sys, threading, time
+import ckptflow.tasks.run.shard_task as st
+real, done, mutex = st.write_shard, [], threading.Lock()
+def gated(*a, **k):
+    with mutex:
+        first = not done
+        done.append(1)
+    deadline = time.monotonic() + 120
+    while not first and not os.path.exists(os.environ["CKPTFLOW_TEST_GO"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = real(*a, **k)
+    if first:
+        open(os.environ["CKPTFLOW_TEST_WROTE"], "w").close()
+    return record
+st.write_shard = gated
+from ckptflow.flows.cli import main
+sys.exit(main())
+"""
+
+
+def _wait_for(ready, what: str, procs=(), timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for p in procs:
+            assert p.poll() is None, f"exited while waiting for {what}: {p.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _dest_versions(fs, prefix: str) -> dict[str, tuple[str, str]]:
+    fs.invalidate_cache()
+    """key → (ETag, LastModified) of every object under `prefix` but the lock (its holder beats)."""
+    return {o["Key"]: (o["ETag"], str(o["LastModified"]))
+            for o in fs.call_s3("list_objects_v2", Bucket=prefix.split("/")[0],
+                                Prefix=prefix.split("/", 1)[1] + "/").get("Contents", [])
+            if not o["Key"].endswith(lock.LOCK_NAME)}
+
+
+@pytest.mark.slow
+def test_a_stopped_run_whose_lock_was_taken_over_writes_nothing_more(demo_ckpt, s3_options, tmp_path):
+    import s3fs
+
+    from ckptflow.flows.params import Recipe
+
+    from .helpers import run_passes, s3_tree, tree
+
+    opts, bucket = s3_options["options"], s3_options["bucket"]
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    dest, lock_key = f"s3://{bucket}/out", f"{bucket}/out/{lock.LOCK_NAME}"
+    stale = 3.0
+
+    def start(n: int) -> subprocess.Popen:
+        env = cli_env(CKPTFLOW_TEST_GO=str(tmp_path / f"go{n}"), CKPTFLOW_TEST_WROTE=str(tmp_path / f"wrote{n}"),
+                      CKPTFLOW_LOCK_STALE_S=str(stale), CKPTFLOW_LOCK_HEARTBEAT_S="0.5",
+                      # What the CLI sets before Prefect is imported (here the gate imports it first).
+                      PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL="CRITICAL",
+                      PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL="CRITICAL")
+        return subprocess.Popen([PYTHON, "-c", GATED_CLI, "convert", str(demo_ckpt), dest, "--dequant",
+                                 "--storage-options", json.dumps(opts), "--work", str(tmp_path / f"w{n}")],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    def holder() -> dict:
+        fs.invalidate_cache()
+        try:
+            return json.loads(fs.cat_file(lock_key))
+        except FileNotFoundError:
+            return {}
+
+    first = start(1)
+    second = None
+    try:
+        _wait_for(lambda: (tmp_path / "wrote1").exists(), "the first run's first shard", [first])
+        os.kill(first.pid, signal.SIGSTOP)  # the CLI process alone: a suspended VM, a long GC pause
+        _wait_for(lambda: time.time() - holder()["heartbeat"] > stale + 0.5, "the lock to go stale")
+        second = start(2)
+        _wait_for(lambda: (tmp_path / "wrote2").exists(), "the second run's first shard", [second])
+        assert holder()["pid"] == second.pid  # taken over
+        before = _dest_versions(fs, f"{bucket}/out")
+        (tmp_path / "go1").touch()
+        os.kill(first.pid, signal.SIGCONT)
+        _, err = first.communicate(timeout=120)
+        one_error_line(subprocess.CompletedProcess(first.args, first.returncode, "", err),
+                       f"DEST {dest}: this run lost its lock", f"pid {second.pid}", "it stopped before writing")
+        assert _dest_versions(fs, f"{bucket}/out") == before  # not one object written after it woke
+        assert fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+        assert holder()["pid"] == second.pid  # and its exit left the other run's lock alone
+        (tmp_path / "go2").touch()
+        out, err = second.communicate(timeout=180)
+        assert second.returncode == 0, err[-3000:]
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    clean = tmp_path / "clean"
+    run_passes(demo_ckpt, clean, tmp_path / "wc", Recipe(dequant=True), fuse=True)
+    assert s3_tree(fs, f"{bucket}/out") == tree(clean)  # byte for byte a clean conversion
+    assert not fs.exists(lock_key)
