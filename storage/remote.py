@@ -86,3 +86,7 @@ def _check_local(loc: Location) -> None:
             raise StorageError(f"{loc.url}: {path} is on a read-only filesystem; choose a writable DEST")
         raise StorageError(f"{loc.url}: {path} is not writable by this user; choose a location you can "
                            "write, or fix its permissions")
+    if path == os.path.abspath(loc.root):
+        from ckptflow.storage.lock import check_lock_file
+
+        check_lock_file(loc)  # a link at the lock's name: refused here, in a second, not after Prefect starts

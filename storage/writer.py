@@ -21,6 +21,7 @@ from typing import Any
 
 from ckptflow.storage import direct_io
 from ckptflow.storage.listing import file_identity, local_identity_before_rename
+from ckptflow.storage.object_lock import ensure_held
 from ckptflow.storage.safetensors_format import SHARD_METADATA, TensorSpec, build_header
 from ckptflow.storage.urls import Location, StorageError
 from ckptflow.storage.writeback import WINDOW, RollingWriteback, drop_cached
@@ -175,6 +176,11 @@ class AtomicFile:
                 os.fsync(self._f.fileno())
             except OSError as exc:
                 raise self._disk_error(exc, 0) from None
+        try:  # under an object-store DEST whose lock this run has lost, nothing more is published
+            ensure_held(self.loc, self.name)
+        except BaseException:
+            self.abort()
+            raise
         if before_publish is not None:
             before_publish(local_identity_before_rename(os.fstat(self._f.fileno())) if self.loc.is_local else None)
         self._f.close()  # completes the multipart upload on object stores
