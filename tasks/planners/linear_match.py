@@ -65,6 +65,7 @@ class Matcher:
                     raise PlanError(f"{where}: pattern {p[:80]!r} {exc}; write it with literals, classes, "
                                     "groups, | and * + ? {m,n} only (nothing was written)") from None
         self._longest = max(map(len, self._names), default=0)
+        self.steps = 0  # characters scanned + NFA states visited: what the linear bound is about
         self._nodes: dict[tuple[frozenset[int], bool, bool], _Node] = {}
         self._start = self._node(frozenset(self._nfa.starts), False, True)
 
@@ -92,6 +93,7 @@ class Matcher:
         node, best = self._start, _NONE
         if not node.core:
             return best
+        self.steps += len(name)
         last = len(name) - 1
         for i, ch in enumerate(name):
             key = "\n$" if ch == "\n" and i == last and self._nfa.uses_dollar else ch
@@ -158,6 +160,7 @@ class Matcher:
                 if t not in seen:
                     seen.add(t)
                     stack.append(t)
+        self.steps += len(seen)
         return hit, chars
 
 
