@@ -26,7 +26,7 @@ from ckptflow.tasks.planners.linear_regex import ACCEPT, ASSERT, CHAR, Nfa, Unsu
 
 # Real configs list a few hundred patterns of under 200 characters (a name per ignored layer).
 MAX_PATTERNS, MAX_PATTERN_CHARS, MAX_NFA_STATES = 10_000, 1000, 50_000
-MAX_DFA_NODES = 10_000
+MAX_DFA_NODES, MAX_PREFIXES = 10_000, 200_000
 _NONE = 1 << 62  # "no pattern": larger than any index
 _is_word = class_pred(r"\w")
 
@@ -67,46 +67,70 @@ class Matcher:
         self._longest = max(map(len, self._names), default=0)
         self.steps = 0  # characters scanned + NFA states visited: what the linear bound is about
         self._nodes: dict[tuple[frozenset[int], bool, bool], _Node] = {}
+        self._prefixes: dict[str, tuple[_Node, int]] = {}  # dotted prefix → (node after it, first hit)
         self._start = self._node(frozenset(self._nfa.starts), False, True)
 
     def matches(self, name: str) -> bool:
-        return self._always != _NONE or self._name_hit(name) != _NONE or self._scan(name, True) != _NONE
+        return self._always != _NONE or self._name_hit(name, True) != _NONE or self._scan(name, True) != _NONE
 
     def first(self, name: str) -> str | None:
         """The first pattern (in the config's order) that `name` matches, or None."""
-        index = min(self._always, self._name_hit(name), self._scan(name, False))
+        index = min(self._always, self._name_hit(name, False), self._scan(name, False))
         return None if index == _NONE else self.patterns[index]
 
-    def _name_hit(self, name: str) -> int:
-        if not self._names:
+    def _name_hit(self, name: str, any_hit: bool) -> int:
+        """First plain pattern equal to `name` or to a tail of it after a dot."""
+        names = self._names
+        if not names:
             return _NONE
-        best = self._names.get(name, _NONE)
+        best = names.get(name, _NONE)
         lo = max(0, len(name) - self._longest - 1)  # tails longer than every pattern cannot match
         dot = name.rfind(".", lo)
-        while dot >= 0:
-            best = min(best, self._names.get(name[dot + 1:], _NONE))
+        while dot >= 0 and not (any_hit and best != _NONE):
+            index = names.get(name[dot + 1:])
+            if index is not None and index < best:
+                best = index
             dot = name.rfind(".", lo, dot)
         return best
 
     def _scan(self, name: str, any_hit: bool) -> int:
         """First pattern index the NFA part matches (with `any_hit`, any index, as soon as seen)."""
-        node, best = self._start, _NONE
+        node, best, pos = self._start, _NONE, 0
         if not node.core:
             return best
-        self.steps += len(name)
-        last = len(name) - 1
-        for i, ch in enumerate(name):
-            key = "\n$" if ch == "\n" and i == last and self._nfa.uses_dollar else ch
-            step = node.trans.get(key)
-            if step is None:
-                step = self._step(node, key)
-            hit, node = step
-            if hit < best:
-                best = hit
-                if any_hit:
+        dot = name.rfind(".")
+        while dot > 0:  # resume after the longest dotted prefix seen before: names share them by thousands
+            seen = self._prefixes.get(name[:dot])
+            if seen is not None:
+                node, best = seen
+                pos = dot
+                break
+            dot = name.rfind(".", 0, dot)
+        final = "\n$" if self._nfa.uses_dollar and name.endswith("\n") else ""  # re's `$` matches before it
+        end = len(name) - bool(final)
+        self.steps += len(name) - pos
+        while (best == _NONE or not any_hit) and node.core:
+            dot = name.find(".", pos + 1, end)
+            stop = end if dot < 0 else dot
+            for ch in name[pos:stop]:
+                hit, node = node.trans.get(ch) or self._step(node, ch)
+                if hit < best:
+                    best = hit
+                    if any_hit:
+                        return best
+                if not node.core:
                     return best
-            if not node.core:
-                return best
+            if stop == end:
+                break
+            if len(self._prefixes) >= MAX_PREFIXES:
+                self._prefixes.clear()
+            self._prefixes[name[:stop]] = (node, best)
+            pos = stop
+        else:
+            return best
+        if final:
+            hit, node = node.trans.get(final) or self._step(node, final)
+            best = min(best, hit)
         if node.end is None:
             node.end = self._closure(node, None)[0]
         return min(best, node.end)
@@ -119,6 +143,7 @@ class Matcher:
                 for old in self._nodes.values():
                     old.trans.clear()
                 self._nodes.clear()
+                self._prefixes.clear()
             node = self._nodes[key] = _Node(core, prev_word, at_start)
         return node
 
