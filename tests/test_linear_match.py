@@ -9,7 +9,7 @@ import pytest
 
 from ckptflow.tasks.plan.model import PlanError
 from ckptflow.tasks.planners import linear_match
-from ckptflow.tasks.planners.linear_match import MAX_PATTERN_CHARS, MAX_PATTERNS, compile_patterns
+from ckptflow.tasks.planners.linear_match import MAX_PATTERN_CHARS, MAX_PATTERNS, MAX_PREFIX_CHARS, compile_patterns
 
 
 def reference(pattern: str, module: str, classes_match: bool = False) -> bool:
@@ -151,6 +151,7 @@ def test_hostile_patterns_take_steps_linear_in_the_name(pattern):
     for n in (2_000, 20_000):
         m = compile_patterns([pattern], "t")
         assert not m.matches((name * n)[:n])
+        assert max(map(len, m._prefixes), default=0) <= MAX_PREFIX_CHARS  # not one prefix per dot: quadratic
         assert m.steps <= n * (len(m._nfa.op) + 1)
         steps.append(m.steps)
     assert steps[1] <= 10 * steps[0] + 1000, steps

@@ -27,6 +27,7 @@ from ckptflow.tasks.planners.linear_regex import ACCEPT, ASSERT, CHAR, Nfa, Unsu
 # Real configs list a few hundred patterns of under 200 characters (a name per ignored layer).
 MAX_PATTERNS, MAX_PATTERN_CHARS, MAX_NFA_STATES = 10_000, 1000, 50_000
 MAX_DFA_NODES, MAX_PREFIXES = 10_000, 200_000
+MAX_PREFIX_CHARS = 256  # dotted prefixes remembered up to this length: a hostile name's are not all kept
 _NONE = 1 << 62  # "no pattern": larger than any index
 _is_word = class_pred(r"\w")
 
@@ -62,9 +63,11 @@ class Matcher:
                 try:
                     self._nfa.add_pattern(parse_regex(p[3:]) if kind == "re" else glob_tree(p), index, kind == "glob")
                 except Unsupported as exc:
-                    raise PlanError(f"{where}: pattern {p[:80]!r} {exc}; write it with literals, classes, "
-                                    "groups, | and * + ? {m,n} only (nothing was written)") from None
-        self._longest = max(map(len, self._names), default=0)
+                    hint = ("fix it" if str(exc).startswith("is not a valid regex") else
+                            "write it with literals, classes, groups, | and * + ? {m,n} only")
+                    raise PlanError(f"{where}: pattern {p[:80]!r} {exc}; {hint} (nothing was written)") from None
+        self._lengths = set(map(len, self._names))
+        self._longest = max(self._lengths, default=0)
         self.steps = 0  # characters scanned + NFA states visited: what the linear bound is about
         self._nodes: dict[tuple[frozenset[int], bool, bool], _Node] = {}
         self._prefixes: dict[str, tuple[_Node, int]] = {}  # dotted prefix → (node after it, first hit)
@@ -87,9 +90,10 @@ class Matcher:
         lo = max(0, len(name) - self._longest - 1)  # tails longer than every pattern cannot match
         dot = name.rfind(".", lo)
         while dot >= 0 and not (any_hit and best != _NONE):
-            index = names.get(name[dot + 1:])
-            if index is not None and index < best:
-                best = index
+            if len(name) - dot - 1 in self._lengths:  # slice only tails some pattern is as long as
+                index = names.get(name[dot + 1:])
+                if index is not None and index < best:
+                    best = index
             dot = name.rfind(".", lo, dot)
         return best
 
@@ -98,7 +102,7 @@ class Matcher:
         node, best, pos = self._start, _NONE, 0
         if not node.core:
             return best
-        dot = name.rfind(".")
+        dot = name.rfind(".", 0, MAX_PREFIX_CHARS + 1)
         while dot > 0:  # resume after the longest dotted prefix seen before: names share them by thousands
             seen = self._prefixes.get(name[:dot])
             if seen is not None:
@@ -122,9 +126,10 @@ class Matcher:
                     return best
             if stop == end:
                 break
-            if len(self._prefixes) >= MAX_PREFIXES:
-                self._prefixes.clear()
-            self._prefixes[name[:stop]] = (node, best)
+            if stop <= MAX_PREFIX_CHARS:
+                if len(self._prefixes) >= MAX_PREFIXES:
+                    self._prefixes.clear()
+                self._prefixes[name[:stop]] = (node, best)
             pos = stop
         else:
             return best
