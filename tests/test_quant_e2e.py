@@ -4,6 +4,7 @@ or misfit checkpoints end in one `error:` line with nothing in DEST; `inspect` f
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from ckptflow.flows.cli import main
 from ckptflow.flows.convert import convert_flow
 
+from .helpers import PYTHON, ROOT, cli_env
 from .quant_fixtures import make_gpt_oss_mxfp4, make_llama, write
 
 IDS = torch.tensor([[5, 17, 99, 3, 64, 120, 7, 42, 0, 88, 31, 12]])
@@ -110,6 +112,32 @@ def test_inspect_reports_groups_bytes_drops_and_refusals(tmp_path, capsys):
     assert main(["inspect", str(gptq)]) == 1
     text = capsys.readouterr().out
     assert "refused:" in text and "'gptq' is not one ckptflow can dequantize" in text
+
+
+def test_hostile_config_patterns_answer_at_once_through_the_cli(tmp_path):
+    """`re:(.|\\w)+@` in `ignore` made `inspect` run for minutes (re backtracks on every module name);
+    now it is matched in linear time, and a backreference is refused by name, with no traceback."""
+    src = make_llama(tmp_path / "src", "ct-fp8-channel")
+    config = json.loads((src / "config.json").read_text())
+
+    def cli(pattern: str, *args: str) -> subprocess.CompletedProcess:
+        config["quantization_config"]["ignore"] = ["lm_head", pattern]
+        (src / "config.json").write_text(json.dumps(config))
+        run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
+                             capture_output=True, text=True, timeout=60)  # before: minutes
+        assert "Traceback" not in run.stdout + run.stderr
+        return run
+
+    run = cli(r"re:(.|\w)+@", "inspect", str(src), "--json")
+    assert run.returncode == 0, run.stderr
+    (group,) = json.loads(run.stdout)["groups"]
+    assert (group["scheme"], group["tensors"]) == ("ct-fp8", 14)  # the pattern matches no module
+    why = (r"config.json quantization_config.ignore: pattern 're:(\\w+)\\.\\1+@' uses a backreference "
+           "(at position 7 of the regex), which the linear-time matcher does not support")
+    dest = tmp_path / "out"
+    run = cli(r"re:(\w+)\.\1+@", "convert", str(src), str(dest), "--dequant", "--dry-run")
+    assert run.returncode == 2 and run.stderr.startswith(f"error: {why}") and len(run.stderr.splitlines()) == 1
+    assert not dest.exists()
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -136,14 +137,32 @@ def test_finalize_check_refuses_a_config_claiming_unquantized_over_codes():
     refuse_packed_leftovers(plan, {"quantization_config": {"quant_method": "mxfp4"}}, "mem://dest")  # honest
 
 
-def test_hostile_module_patterns_are_refused_before_matching():
+def test_module_patterns_outside_the_linear_subset_are_refused_before_matching():
     cfg = {"quantization_config": ct_fp8_config("channel")}
-    cfg["quantization_config"]["ignore"] = ["re:(a+)+$"]
-    with pytest.raises(PlanError, match="nests quantifiers"):
+    cfg["quantization_config"]["ignore"] = ["lm_head", r"re:(\w+)\.\1"]
+    with pytest.raises(PlanError, match="^" + re.escape(r"config.json quantization_config.ignore: pattern 're:(\\w+)"
+                                                        r"\\.\\1' uses a backreference")):
         plan_dequant(ckpt_of(LINEAR, cfg))
     cfg["quantization_config"]["ignore"] = ["re:.*mlp.gate$", "re:(["]
-    with pytest.raises(PlanError, match="is not a valid regex"):
+    with pytest.raises(PlanError, match=re.escape("pattern 're:([' is not a valid regex")):
         plan_dequant(ckpt_of(LINEAR, cfg))
+    cfg["quantization_config"]["ignore"] = []
+    cfg["quantization_config"]["config_groups"]["group_0"]["targets"] = ["re:(?<=m)\\.q_proj"]
+    with pytest.raises(PlanError, match=r"group_0.targets: pattern .* uses a lookbehind"):
+        plan_dequant(ckpt_of(LINEAR, cfg))
+
+
+def test_nested_quantifiers_are_matched_not_refused():
+    """`(x+)+` shapes backtrack in re; the linear matcher answers them (the old guard refused)."""
+    cfg = {"quantization_config": ct_fp8_config("channel")}
+    cfg["quantization_config"]["ignore"] = ["re:((.+))+k_proj$", "re:(.|\\w)+@"]
+    entries = [(f"model.layers.0.self_attn.{p}.{s}", d, shape) for p in ("q_proj", "k_proj")
+               for s, d, shape in (("weight", "F8_E4M3", (8, 16)), ("weight_scale", "BF16", (8, 1)))]
+    layout = detect(ckpt_of(entries, cfg))
+    assert list(layout.quantized) == ["model.layers.0.self_attn.q_proj.weight"]
+    assert layout.problems == ["model.safetensors: tensor 'model.layers.0.self_attn.k_proj.weight' is F8_E4M3, "
+                               "quantized or packed, but compressed-tensors float-quantized "
+                               "(config.json quantization_config) does not describe it"]
 
 
 def test_verify_knows_quantization_parameters_by_scheme():

@@ -14,7 +14,7 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FLOAT_DTYPES, TensorInfo
 from ckptflow.tasks.kernels.scale_grid import normalise_scale
 from ckptflow.tasks.planners.quant_scheme import (ACTIVATION_SUFFIXES, FP8, SCHEMES, SchemeConfig, Variant,
-                                                  module_matches, read_scheme)
+                                                  read_scheme)
 
 Located = tuple[str, TensorInfo]  # (file, header entry)
 PACKED_SUFFIXES = ("_blocks", "_scales", ".weight_packed", ".qweight", ".qzeros", ".scales", ".g_idx",
@@ -117,9 +117,9 @@ def detect(ckpt: Checkpoint, allow_missing_scale: bool = False) -> QuantLayout:
             continue
         base = name[: len(name) - len(candidates[0].scheme.main)]
         module = base.rstrip("_")
-        if any(module_matches(p, module) for p in scheme.ignore):
+        if scheme.ignore is not None and scheme.ignore.matches(module):
             continue  # left unquantized by the config: flagged below if it is packed anyway
-        chosen = [v for v in candidates if not v.targets or any(module_matches(t, module, True) for t in v.targets)]
+        chosen = [v for v in candidates if v.targets is None or v.targets.matches(module)]
         if not chosen:
             layout.problems.append(f"{file}: tensor {name!r} ({info.dtype}) is in no config group of "
                                    f"{scheme.method} ({scheme.where})")

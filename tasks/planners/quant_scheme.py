@@ -8,11 +8,11 @@ Anything not in the table (GPTQ, AWQ, int4 packs, …) is refused by name, never
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from ckptflow.tasks.plan.model import PlanError
+from ckptflow.tasks.planners.linear_match import Matcher, compile_patterns
 
 FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 
@@ -60,7 +60,7 @@ class Variant:
 
     scheme: Scheme
     geometry: tuple[tuple[str, Any], ...]      # ("block", (bm, bn)) | ("per", "tensor"|"channel") | ("group", g)
-    targets: tuple[str, ...] = ()              # compressed-tensors targets; () = every module
+    targets: Matcher | None = None             # compressed-tensors targets; None = every module
     label: str = ""                            # how the config names it, for messages
 
     def __post_init__(self) -> None:
@@ -75,7 +75,7 @@ class SchemeConfig:
     method: str                                # quant_method as the config spells it
     where: str                                 # which file / key it was read from
     variants: tuple[Variant, ...]
-    ignore: tuple[str, ...] = ()
+    ignore: Matcher | None = None              # modules left unquantized
 
 
 def _positive_pair(value: Any, where: str) -> tuple[int, int]:
@@ -145,7 +145,7 @@ def read_scheme(config: dict[str, Any] | None, quant_config: dict[str, Any] | No
     raise unsupported(method or "(no quant_method)", where)
 
 
-def _modelopt(q: dict[str, Any], where: str, ignore: tuple[str, ...]) -> SchemeConfig:
+def _modelopt(q: dict[str, Any], where: str, ignore: Matcher) -> SchemeConfig:
     algo = str(q.get("quant_algo") or "")
     if algo == "FP8":
         return SchemeConfig("modelopt FP8", where, (Variant(SCHEMES["modelopt-fp8"], (("per", "tensor"),)),), ignore)
@@ -157,7 +157,7 @@ def _modelopt(q: dict[str, Any], where: str, ignore: tuple[str, ...]) -> SchemeC
     raise unsupported(f"modelopt {algo or '(no quant_algo)'}", where)
 
 
-def _compressed_tensors(q: dict[str, Any], where: str, ignore: tuple[str, ...]) -> SchemeConfig:
+def _compressed_tensors(q: dict[str, Any], where: str, ignore: Matcher) -> SchemeConfig:
     groups = q.get("config_groups")
     if not isinstance(groups, dict) or not groups:
         raise PlanError(f"{where}: compressed-tensors config has no config_groups; cannot tell the scheme")
@@ -173,7 +173,8 @@ def _compressed_tensors(q: dict[str, Any], where: str, ignore: tuple[str, ...]) 
         desc = f"compressed-tensors {gfmt} ({kind} {bits}-bit, {strategy})"
         if w.get("symmetric") is False:
             raise unsupported(desc, f"{where}.config_groups.{gname}", "asymmetric: zero points")
-        targets = _patterns(group.get("targets") or [], f"{where}.config_groups.{gname}.targets")
+        targets = (_patterns(group["targets"], f"{where}.config_groups.{gname}.targets", classes_match=True)
+                   if group.get("targets") else None)
         if gfmt in ("float-quantized", "naive-quantized") and kind == "float" and bits == 8:
             geometry = _ct_fp8_geometry(w, strategy, f"{where}.config_groups.{gname}", desc)
             variants.append(Variant(SCHEMES["ct-fp8"], geometry, targets, label))
@@ -197,37 +198,9 @@ def _ct_fp8_geometry(w: dict[str, Any], strategy: Any, where: str, desc: str) ->
     raise unsupported(desc, where, f"strategy {strategy!r}")
 
 
-# Real configs list a few dozen module patterns of under 200 characters. A regex with a quantifier
-# on a quantified group can backtrack for hours on one name, and Python's re has no timeout.
-MAX_PATTERNS, MAX_PATTERN_CHARS = 10_000, 1000
-_NESTED_QUANTIFIER = re.compile(r"\([^()]*[+*}][^()]*\)[+*{]")
-
-
-def _patterns(value: Any, where: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+def _patterns(value: Any, where: str, classes_match: bool = False) -> Matcher:
+    """A config's module pattern list, compiled for linear-time matching (refused here, before
+    any tensor is planned, when a pattern is outside what that matcher reads)."""
+    if not isinstance(value, list):
         raise PlanError(f"{where} must be a list of module names or patterns, got {type(value).__name__}")
-    if len(value) > MAX_PATTERNS:
-        raise PlanError(f"{where}: {len(value)} patterns; no real config has more than {MAX_PATTERNS}")
-    for p in value:
-        if len(p) > MAX_PATTERN_CHARS or (p.startswith("re:") and _NESTED_QUANTIFIER.search(p)):
-            raise PlanError(f"{where}: pattern {p[:80]!r} is too long or nests quantifiers (it could "
-                            "backtrack without end); write it without a repeated group")
-        if p.startswith("re:"):
-            try:
-                re.compile(p[3:])
-            except re.error as exc:
-                raise PlanError(f"{where}: pattern {p[:80]!r} is not a valid regex: {exc}") from None
-    return tuple(value)
-
-
-def module_matches(pattern: str, module: str, classes_match: bool = False) -> bool:
-    """compressed-tensors / transformers module patterns: `re:REGEX`, globs with `*`, or a name
-    (or a name's tail). A class name such as `Linear` cannot be checked from headers: with
-    `classes_match` (targets, not ignore lists) it matches any module."""
-    if pattern.startswith("re:"):
-        return re.match(pattern[3:], module) is not None
-    if "*" in pattern:
-        return re.fullmatch(re.escape(pattern).replace(r"\*", ".*"), module) is not None
-    if classes_match and pattern[:1].isupper() and "." not in pattern:
-        return True  # a module class (Linear, …): any module may be one
-    return module == pattern or module.endswith("." + pattern)
+    return compile_patterns(value, where, classes_match)
