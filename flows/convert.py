@@ -31,6 +31,7 @@ from ckptflow.flows.recipe import plan_mp_stage
 from ckptflow.flows.report import RunProgress, publish_summary
 from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
+from ckptflow.flows.dead_runs import mark_crashed, owner_record
 from ckptflow.flows.workdir import check_work_reachable, default_work
 
 
@@ -85,7 +86,7 @@ def _convert(source: str, dest: str, work: str | None, storage_options: dict[str
     records: list[dict[str, Any]] = []
     per_pass: list[dict[str, Any]] = []
     check_writable_dest(dst)  # before the lock's first write: a missing bucket is never created
-    with dest_lock(dst):
+    with dest_lock(dst, owner_record(), mark_crashed):
         prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, opts.prune,
                      protected=(origin, src))
         for p in passes:

@@ -36,6 +36,7 @@ from ckptflow.tasks.planners.by_size import plan_size_shards
 from ckptflow.flows import interrupt
 from ckptflow.flows.params import ShardSize
 from ckptflow.flows.report import RunProgress, publish_summary
+from ckptflow.flows.dead_runs import mark_crashed, owner_record
 from ckptflow.flows.passes import finalize, prepare_dest, run_shards, verify_output
 from ckptflow.flows.workdir import default_work, result_storage
 
@@ -128,7 +129,7 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
     fps = source_fingerprints(src)
     _preflight(source, override, mapping, storage_options)  # a hostile SOURCE is refused before DEST is touched
     check_writable_dest(dst)
-    with dest_lock(dst), dest_lock(stage_loc):
+    with dest_lock(dst, owner_record(), mark_crashed), dest_lock(stage_loc):
         imported, import_cached = _import(source, stage_loc, fps, override, table_content, work, storage_options)
         ckpt = scan_checkpoint(stage_loc)
         plan = plan_size_shards(ckpt, size, stage="megatron-shard")

@@ -15,20 +15,26 @@ import stat
 from collections.abc import Iterator
 
 from ckptflow.storage.lock_common import (HEARTBEAT_S, LOCK_NAME, STALE_S, DestBusy, LockLost,  # noqa: F401
-                                          holder_of, new_holder)
+                                          TakeoverHook, holder_of, new_holder, report_takeover)
 from ckptflow.storage.object_lock import ensure_held, object_lock, release_held  # noqa: F401
 from ckptflow.storage.urls import Location, StorageError
 
 
 @contextlib.contextmanager
-def dest_lock(dst: Location) -> Iterator[None]:
-    """Hold DEST's lock for the block; raises `DestBusy` at once if a live run holds it."""
-    with (_local_lock(dst) if dst.is_local else object_lock(dst)):
+def dest_lock(dst: Location, owner: dict[str, object] | None = None,
+              on_takeover: TakeoverHook | None = None) -> Iterator[None]:
+    """Hold DEST's lock for the block; raises `DestBusy` at once if a live run holds it.
+
+    `owner` goes into the lock record (the flow run id); `on_takeover(record)` is told the record
+    of a dead run whose lock this run took (a local lock file whose flock its killed holder left,
+    a stale object-store lock), so that run can be marked as crashed."""
+    with (_local_lock(dst, owner, on_takeover) if dst.is_local else object_lock(dst, owner, on_takeover)):
         yield
 
 
 @contextlib.contextmanager
-def _local_lock(dst: Location) -> Iterator[None]:
+def _local_lock(dst: Location, owner: dict[str, object] | None = None,
+                on_takeover: TakeoverHook | None = None) -> Iterator[None]:
     if os.path.exists(dst.root) and not os.path.isdir(dst.root):
         raise StorageError(f"DEST {dst.url} is a file, not a directory; choose a directory")
     created = not os.path.exists(dst.root)
@@ -41,9 +47,12 @@ def _local_lock(dst: Location) -> Iterator[None]:
             with contextlib.suppress(OSError):
                 os.rmdir(dst.root)
         raise
+    # A record left in the file is a dead run's (a live one would hold the flock): a SIGKILLed run
+    # cannot unlink its lock file as it goes.
+    report_takeover(on_takeover, holder_of(os.pread(fd, 4096, 0)))
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(new_holder()).encode(), 0)
+        os.pwrite(fd, json.dumps(new_holder(owner)).encode(), 0)
         yield
     finally:
         # Leave DEST as it was found: no lock file, and no empty folder a failed run made.

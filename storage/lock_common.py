@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import uuid
+from typing import Callable
 
 from ckptflow.storage.urls import Location, StorageError
 
@@ -55,9 +56,23 @@ def _seconds(var: str, default: float) -> float:
     return value
 
 
-def new_holder() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "token": uuid.uuid4().hex, "heartbeat": time.time()}
+def new_holder(owner: dict[str, object] | None = None) -> dict[str, object]:
+    """This run's lock record; `owner` adds who it is to the orchestrator (the Prefect flow run id),
+    so a run that takes over a dead run's lock can say so there."""
+    return {**(owner or {}), "host": socket.gethostname(), "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex, "heartbeat": time.time()}
+
+
+# Called with a dead run's holder record when this run takes its lock over; it must not raise.
+TakeoverHook = Callable[[dict[str, object]], None]
+
+
+def report_takeover(hook: TakeoverHook | None, holder: dict[str, object] | None) -> None:
+    if hook is not None and holder:
+        try:
+            hook(holder)
+        except Exception:  # noqa: BLE001 - bookkeeping about the dead run never stops this one
+            pass
 
 
 def holder_of(data: bytes) -> dict[str, object] | None:

@@ -24,8 +24,8 @@ import time
 from collections.abc import Iterator
 
 from ckptflow.storage import conditional
-from ckptflow.storage.lock_common import (LOCK_NAME, DestBusy, LockLost, holder_of, limits, new_holder,
-                                          stale_note)
+from ckptflow.storage.lock_common import (LOCK_NAME, DestBusy, LockLost, TakeoverHook, holder_of, limits,
+                                          new_holder, report_takeover, stale_note)
 from ckptflow.storage.urls import Location
 
 log = logging.getLogger("ckptflow.lock")
@@ -109,10 +109,11 @@ def release_held() -> None:
             lease.release()
 
 
-def acquire(dst: Location) -> Lease:
-    """Take DEST's lock, or raise `DestBusy` naming the holder and when its lock goes stale."""
+def acquire(dst: Location, owner: dict[str, object] | None = None, on_takeover: TakeoverHook | None = None) -> Lease:
+    """Take DEST's lock, or raise `DestBusy` naming the holder and when its lock goes stale.
+    `on_takeover(holder)` hears of a stale lock this run took over (the dead run's record)."""
     stale_s, beat_s = limits()
-    me = new_holder()
+    me = new_holder(owner)
     body = json.dumps(me).encode()
     first_seen: tuple[str, float] | None = None  # (ETag, monotonic) of an untrusted version watched
     while True:
@@ -144,15 +145,17 @@ def acquire(dst: Location) -> Lease:
                 continue
         taken = conditional.replace(dst, LOCK_NAME, body, seen)
         if taken is not None:
+            report_takeover(on_takeover, holder)
             return Lease(dst, me, taken, stale_s, beat_s)
         # Another run changed it first (took it over, or its holder beat): judge the new version.
         first_seen = None
 
 
 @contextlib.contextmanager
-def object_lock(dst: Location) -> Iterator[None]:
+def object_lock(dst: Location, owner: dict[str, object] | None = None,
+                on_takeover: TakeoverHook | None = None) -> Iterator[None]:
     """Hold DEST's lock object for the block, refreshing it every `beat_s` in a thread."""
-    lease = acquire(dst)
+    lease = acquire(dst, owner, on_takeover)
     stop = threading.Event()
 
     def beat() -> None:

@@ -41,3 +41,29 @@ def test_a_resubmitted_shard_task_reuses_what_its_first_attempt_committed(demo_c
             f.write(b"\x01")
         with pytest.raises(AssertionError, match="computed again"):
             shard_task.write_shard_task.fn(*args)
+
+
+def test_a_run_that_takes_over_a_dead_runs_lock_marks_its_flow_run_crashed(prefect_harness, demo_ckpt, tmp_path):
+    """A SIGKILLed run leaves its lock record (and its flow run "Running"); the next run on that DEST
+    takes the lock and marks the dead run Crashed."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    from ckptflow.flows.convert import convert_flow
+    from ckptflow.storage.lock import LOCK_NAME
+
+    with get_client(sync_client=True) as client:
+        dead = client.create_flow_run(convert_flow, parameters={}, state=Running())
+        alive = client.create_flow_run(convert_flow, parameters={}, state=Running())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"flow_run_id": str(dead.id), "host": "gone", "pid": 4_000_000,
+                                             "since": "2026-12-06 10:00:00", "token": "x", "heartbeat": 0}))
+    convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "work"), dequant=True)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(dead.id).state.type.value == "CRASHED"
+        assert "took over DEST's lock" in client.read_flow_run(dead.id).state.message
+        assert client.read_flow_run(alive.id).state.type.value == "RUNNING"  # only the lock's holder
+    assert not (out / LOCK_NAME).exists()

@@ -360,3 +360,20 @@ def test_a_stopped_run_whose_lock_was_taken_over_writes_nothing_more(demo_ckpt, 
     run_passes(demo_ckpt, clean, tmp_path / "wc", Recipe(dequant=True), fuse=True)
     assert s3_tree(fs, f"{bucket}/out") == tree(clean)  # byte for byte a clean conversion
     assert not fs.exists(lock_key)
+
+
+def test_taking_over_a_stale_object_lock_reports_the_dead_holder(s3_dest):
+    """The hook `convert_flow` uses to mark the dead run's flow run Crashed hears of a takeover, with
+    the dead holder's record; a lock that is free, or live, reports nothing."""
+    heard = []
+    dead = {"flow_run_id": "6f1c0000-0000-0000-0000-000000000001", "pid": 9, "host": "gone", "token": "t",
+            "heartbeat": time.time() - 60}
+    put_lock(s3_dest, json.dumps(dead).encode())
+    lease = object_lock.acquire(s3_dest, {"flow_run_id": "mine"}, heard.append)
+    assert [h["flow_run_id"] for h in heard] == [dead["flow_run_id"]]
+    assert lock_json(s3_dest)["flow_run_id"] == "mine"  # the new record names this run
+    with pytest.raises(lock.DestBusy):
+        object_lock.acquire(s3_dest, None, heard.append)  # live: refused, nothing reported
+    lease.release()
+    object_lock.acquire(s3_dest, None, heard.append).release()  # free: created, nothing reported
+    assert len(heard) == 1
