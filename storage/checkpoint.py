@@ -107,6 +107,56 @@ def scan_checkpoint(loc: Location, max_workers: int = 16) -> Checkpoint:
     return Checkpoint(loc.url, files, headers, errors, index, config, versions, quant)
 
 
+def refuse_changed(loc: Location, fingerprints: list[tuple[str, int, str | None]]) -> None:
+    """Raise a `StorageError` naming the first file of `fingerprints` (`Checkpoint.fingerprint`s
+    recorded when the run was planned) whose size or version is no longer what it was.
+
+    A shard task calls this after its last read and before it publishes: bytes read from a file
+    rewritten or replaced mid-run would mix two checkpoints, and such a shard must never get its
+    final name. Locally a stat each (the version holds mtime, ctime and inode: an in-place edit
+    changes ctime, a replacement the inode, whatever size and mtime are put back); remotely a HEAD
+    each, in parallel (the ETag), past any cached listing."""
+    def now(fp: Any) -> tuple[str, tuple[int, str | None], tuple[int, str | None] | None]:
+        name, size, version = fp
+        if not loc.is_local:
+            loc.fs.invalidate_cache(loc.path(name))
+        try:
+            info = file_info(loc, name)
+        except StorageError:
+            return name, (size, version), None
+        return name, (size, version), (info["size"], info["version"])
+
+    fps = [tuple(fp) for fp in fingerprints]  # a Prefect round trip may turn tuples into lists
+    if loc.is_local:
+        found = [now(fp) for fp in fps]
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, min(16, len(fps)))) as pool:
+            found = list(pool.map(now, fps))
+    for name, planned, current in found:
+        if current != planned:
+            raise StorageError(f"SOURCE file {loc.url_of(name)} changed during the run "
+                               f"({_what_changed(planned, current, loc.is_local)}); rerun when it is no "
+                               "longer being written (no shard holding bytes read after the change was published)")
+
+
+def _what_changed(planned: tuple[int, str | None], current: tuple[int, str | None] | None, local: bool) -> str:
+    if current is None:
+        return "it is gone: deleted or renamed"
+    (size0, v0), (size1, v1) = planned, current
+    said = [f"size {size0:,} → {size1:,} bytes"] if size0 != size1 else []
+    parts0, parts1 = str(v0).split(":"), str(v1).split(":")
+    if local and len(parts0) == len(parts1) == 3:  # listing.version_of: mtime, ctime, inode
+        if parts0[2] != parts1[2]:
+            said.append(f"replaced by another file: inode {parts0[2]} → {parts1[2]}")
+        elif parts0[1] != parts1[1]:
+            said.append("rewritten in place: its ctime moved" + (", mtime put back" if parts0[0] == parts1[0] else ""))
+        elif parts0[0] != parts1[0]:
+            said.append("modified: its mtime moved")
+    elif v0 != v1:
+        said.append(f"version {v0} → {v1}" if not local else "its stat changed")
+    return "; ".join(said) or "its identity changed"
+
+
 class _TensorCount:
     """Tensors parsed so far over every thread; past MAX_TENSORS_TOTAL the scan stops reading."""
 

@@ -167,7 +167,8 @@ class AtomicFile:
         no file or the whole file under the final name, never a renamed file of zeros.
         `before_publish(identity)` runs once every byte is durable and before the name appears,
         with the local file's `local_identity_before_rename` (None on other stores): a record
-        written there leaves no instant in which the file is published but unrecorded."""
+        written there leaves no instant in which the file is published but unrecorded. If it
+        raises, the file is aborted (temp file removed, multipart upload discarded)."""
         if self.loc.is_local:
             try:
                 if self._sink is not None:
@@ -182,7 +183,11 @@ class AtomicFile:
             self.abort()
             raise
         if before_publish is not None:
-            before_publish(local_identity_before_rename(os.fstat(self._f.fileno())) if self.loc.is_local else None)
+            try:
+                before_publish(local_identity_before_rename(os.fstat(self._f.fileno())) if self.loc.is_local else None)
+            except BaseException:
+                self.abort()  # a refusal there (a source changed, the journal unwritable) publishes nothing
+                raise
         self._f.close()  # completes the multipart upload on object stores
         if not self._direct:
             if self.loc.is_local:

@@ -8,6 +8,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from ckptflow.storage.checkpoint import refuse_changed
 from ckptflow.storage.files import write_json
 from ckptflow.storage.listing import file_identity
 from ckptflow.storage.transient import TRANSIENT_RETRIES
@@ -28,8 +29,10 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
                      device: str = "cpu", backend: str = "auto", journal: str | None = None) -> dict[str, Any]:
     """Write one output shard; returns {url, name, size, sha256, tensors, seconds}.
 
-    `fingerprints` is not read here: it is part of the cache key, so a changed source file
-    (new size or etag/mtime) makes this shard recompute instead of hitting an old record.
+    `fingerprints` (the source files as planned) is part of the cache key, so a changed source
+    file makes a later run recompute this shard; and it is checked again once every byte is read
+    and before the shard is published, so a file changed during this run fails the task instead of
+    publishing a shard that mixes its old and new bytes.
     `device`/`backend` are not in the key: every backend writes the same bytes.
 
     `journal` (a URL in the work location) gets `<key>.json` twice: once the file is durable and
@@ -55,6 +58,7 @@ def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
             return {**done, "reused": True}
 
     def before_publish(written: Any, identity: str | None) -> None:
+        refuse_changed(src, fingerprints)  # raising here removes the temp file: nothing published
         if journal_loc is not None and identity is not None:
             write_json(journal_loc, entry, {**written.as_dict(), **extra, "seconds": 0.0,
                                             "identity": None, "identity_before_rename": identity})
