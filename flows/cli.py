@@ -22,13 +22,18 @@ _WATCHDOG: Any = None  # the orphan watcher of this CLI process (ckptflow.flows.
 
 def _quiet_prefect(verbose: bool) -> None:
     # Must run before prefect is imported: settings are read at import time.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    level = os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # Flow and task runs send INFO to the API (the UI's Logs tab) whatever the terminal shows.
+    # Prefect re-reads its logging config more than once (and in each worker process), so this
+    # goes through its environment overrides.
+    for logger in ("FLOW_RUNS", "TASK_RUNS"):
+        os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL",
+                              "DEBUG" if level.upper() == "DEBUG" else "INFO")
     if not verbose:
         # Prefect logs a failing run's traceback; for user errors our one-line message is the
-        # report, and warnings reach the user through the summary. Prefect re-reads its logging
-        # config more than once, so this goes through its environment overrides.
-        for logger in ("FLOW_RUNS", "TASK_RUNS"):
-            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
+        # report, and warnings reach the user through the summary: the console drops run records.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS",
+                              "ckptflow.flows.console_log.QuietRunsConsoleHandler")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # Prefect's telemetry notice would print between the progress bars; a user's own choice stands.
     os.environ.setdefault("DO_NOT_TRACK", "1")
