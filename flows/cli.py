@@ -22,13 +22,18 @@ _WATCHDOG: Any = None  # the orphan watcher of this CLI process (ckptflow.flows.
 
 def _quiet_prefect(verbose: bool) -> None:
     # Must run before prefect is imported: settings are read at import time.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    level = os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
+    # Flow and task runs send INFO to the API (the UI's Logs tab) whatever the terminal shows.
+    # Prefect re-reads its logging config more than once (and in each worker process), so this
+    # goes through its environment overrides.
+    for logger in ("FLOW_RUNS", "TASK_RUNS"):
+        os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL",
+                              "DEBUG" if level.upper() == "DEBUG" else "INFO")
     if not verbose:
         # Prefect logs a failing run's traceback; for user errors our one-line message is the
-        # report, and warnings reach the user through the summary. Prefect re-reads its logging
-        # config more than once, so this goes through its environment overrides.
-        for logger in ("FLOW_RUNS", "TASK_RUNS"):
-            os.environ.setdefault(f"PREFECT_LOGGING_LOGGERS_PREFECT_{logger}_LEVEL", "CRITICAL")
+        # report, and warnings reach the user through the summary: the console drops run records.
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS",
+                              "ckptflow.flows.console_log.QuietRunsConsoleHandler")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     # Prefect's telemetry notice would print between the progress bars; a user's own choice stands.
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -74,6 +79,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     from ckptflow.tasks.run import progress
 
     from ckptflow.flows.convert import convert_flow
+    from ckptflow.flows.run_link import linked
     from ckptflow.flows.runners import make_task_runner
 
     progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
@@ -84,7 +90,7 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
         called = process_age()  # from here on the wait is Prefect's: its server, then the flow run
         server.ready()  # before the runner: local workers share this same temporary server
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
-        summary = convert_flow.with_options(task_runner=runner)(
+        summary = linked(convert_flow.with_options(task_runner=runner))(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
         summary["timing"] = timing(summary, called, process_age(), server.label())
         from ckptflow.flows.user_dirs import note
@@ -177,15 +183,16 @@ def cmd_watch(args: argparse.Namespace) -> int:
     from ckptflow.flows import server
 
     server.prestart()  # boots while the flow imports; deaf to the terminal's Ctrl-C (flows/server.py)
+    from ckptflow.flows.run_link import linked
     from ckptflow.flows.watch import WatchFailed, watch_flow
 
     server.ready()
 
     try:
-        summary = watch_flow(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
-                             options=options, work_prefix=args.work_prefix,
-                             max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
-                             storage_options=opts)
+        summary = linked(watch_flow)(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
+                                     options=options, work_prefix=args.work_prefix,
+                                     max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
+                                     storage_options=opts)
     except WatchFailed as exc:
         print_watch(exc.summary, args.json)  # what did convert is news too
         raise
@@ -270,14 +277,15 @@ def cmd_megatron(args: argparse.Namespace) -> int:
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
     from ckptflow.flows import server
     from ckptflow.flows.megatron import megatron_flow, megatron_preflight
+    from ckptflow.flows.run_link import linked
 
     megatron_preflight(args.source, args.config, opts, args.table)  # bombs and bad shapes: before Prefect starts
 
     server.prestart()  # deaf to the terminal's Ctrl-C (flows/server.py)
     server.ready()
-    summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
-                            table=args.table, max_shard_size=args.max_shard_size, work=args.work,
-                            storage_options=parse_storage_options(args.storage_options) or None)
+    summary = linked(megatron_flow)(source=args.source, dest=args.dest, tokenizer=args.tokenizer,
+                                    config=args.config, table=args.table, max_shard_size=args.max_shard_size,
+                                    work=args.work, storage_options=parse_storage_options(args.storage_options) or None)
     print(f"output:   {summary['dest']}  (GPT2LMHeadModel, from TP={summary['tp']}, "
           f"checkpoint_version {summary['checkpoint_version']})")
     print(f"shards:   {summary['shards']}, tensors: {summary['tensors']}, bytes: {_human(summary['bytes_written'])}")

@@ -105,11 +105,16 @@ def forget_stale() -> str | None:
     return f"removed the stale {printable(home() / 'server.json')}: {why}; signalled nothing"
 
 
-def _env() -> dict[str, str]:
+def _env(url: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
     env.update(PREFECT_HOME=str(home() / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK=os.environ.get("DO_NOT_TRACK", "1"))
     env.pop("PREFECT_PROFILES_PATH", None)
+    # The UI asks the server which API to call (/ui-settings). Unset, Prefect builds that URL from
+    # PREFECT_SERVER_API_PORT (4200), not the --port it serves on: the UI could not reach its API.
+    # A URL the user set (a proxy in front of the server) stands.
+    if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):
+        env["PREFECT_SERVER_UI_API_URL"] = url
     return env
 
 
@@ -163,7 +168,7 @@ def start(port: int | None = None) -> str:
     url = f"http://127.0.0.1:{port}/api"
     with open(home() / "server.log", "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=_env(), stdin=subprocess.DEVNULL,
+                                 "--port", str(port)], env=_env(url), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=log, start_new_session=True)
     started = process_start(proc.pid)  # now, while the PID is certainly this child's
     if wait_until_answers(url, proc, START_TIMEOUT_S, interval=0.2) is not None:

@@ -28,6 +28,7 @@ from ckptflow.tasks.plan.model import PlanError, StagePlan
 from ckptflow.tasks.run.shard_task import write_shard_task
 from ckptflow.tasks.validate import find_problems
 
+from ckptflow.flows.printable import printable
 from ckptflow.flows.report import publish_dtype_report
 from ckptflow.flows.workdir import result_storage
 
@@ -104,8 +105,10 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
             continue
         # Anything else is written again: no file, a file changed since its commit (same size or
         # not), or a commit whose record was lost. Prefect's own record cannot prove the file.
-        task = write_shard_task.with_options(name=f"{plan.stage}-shard", result_storage=storage,
-                                             refresh_cache=True)
+        # The task run is named after the file it writes, as the UI lists it (a template: braces doubled).
+        run_name = f"{plan.stage} {printable(shard.file)}".replace("{", "{{").replace("}", "}}")
+        task = write_shard_task.with_options(name=f"{plan.stage}-shard", task_run_name=run_name,
+                                             result_storage=storage, refresh_cache=True)
         futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
                                    device, backend, journal.url))
     on_commit = on_commit or (lambda record: None)

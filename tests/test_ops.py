@@ -333,7 +333,7 @@ def _task_run_counts(flow_run_id) -> list[int]:
     async def read():
         async with get_client() as client:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return [r.run_count for r in runs if r.name.startswith("dequant-shard")]
+            return [r.run_count for r in runs if r.name.startswith("dequant ")]  # "dequant FILE"
 
     return asyncio.run(read())
 
@@ -473,7 +473,7 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
 # ------------------------------------------------------------------ concurrency limits by tag
 
 
-def _shard_task_runs(env: dict[str, str], flow_name_prefix: str = "dequant-shard") -> list[dict]:
+def _shard_task_runs(env: dict[str, str], flow_name_prefix: str = "dequant ") -> list[dict]:
     """Tags and running interval of every shard task run the server knows of, oldest first."""
     code = ("import asyncio, json\n"
             "from prefect.client.orchestration import get_client\n"

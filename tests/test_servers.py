@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.request
@@ -56,6 +57,9 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
     state = json.loads((tmp_path / "srv" / "server.json").read_text())
     url, pid = state["url"], state["pid"]
     assert url in started.stdout and url.startswith("http://127.0.0.1:")
+    ui = url.removesuffix("/api")
+    with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as response:  # what its UI calls
+        assert json.loads(response.read())["api_url"] == url  # not Prefect's default port 4200
     again = _cli("server", "start", env=env)  # a second start finds it, starts nothing
     assert again.returncode == 0 and url in again.stdout
     assert json.loads((tmp_path / "srv" / "server.json").read_text())["pid"] == pid
@@ -66,6 +70,7 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
         summary = _convert_json(demo_ckpt, tmp_path, env)
         assert summary["timing"]["server"] == "local"
         assert "local server" in summary["stdout"]
+        assert re.search(rf"^run: +{re.escape(ui)}/runs/flow-run/[0-9a-f-]{{36}}$", summary["stdout"], re.M)
         assert len(_flow_run_names(url)) >= 1  # the run is recorded there, browsable in its UI
         assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     finally:
@@ -82,6 +87,7 @@ def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_pat
     summary = _convert_json(demo_ckpt, tmp_path, env)
     assert summary["timing"]["server"] == "temporary"
     assert "temporary server" in summary["stdout"]
+    assert "/runs/flow-run/" not in summary["stdout"]  # its UI dies with the run: no link to print
     assert _wait_closed(_port(summary["timing"]["server_url"]), 15)
     assert tree(tmp_path / "out")  # the run itself is whole
 

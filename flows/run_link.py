@@ -1,0 +1,46 @@
+"""The Prefect UI page of a CLI run, printed as the run starts.
+
+Only where a server outlives the run: the user's (`PREFECT_API_URL`, a profile) or the local one
+`ckptflow server start` keeps running (flows/local_server.py). ckptflow's temporary server dies
+with the run and serves no UI, so a link to it would lead nowhere. Printed at the start, not in
+the summary, so a run that fails or is interrupted has its link too.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, TypeVar
+
+from ckptflow.flows import server
+
+F = TypeVar("F")
+
+
+def outlives_run() -> bool:
+    """Does this run's Prefect server keep its records (and UI) after this process leaves?"""
+    if server.kind() == "temporary":
+        return False
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)  # None: Prefect's in-process ephemeral server
+
+
+def flow_run_url(flow_run_id: Any) -> str | None:
+    """The UI page of a flow run on the configured server (Prefect's own mapping: Cloud, /api)."""
+    from prefect.utilities.urls import url_for
+
+    return url_for("flow-run", obj_id=flow_run_id)
+
+
+def announce(flow: Any, flow_run: Any, state: Any) -> None:
+    """A flow's `on_running` hook: one `run:` line on stdout, above the progress bars."""
+    url = flow_run_url(flow_run.id)
+    if url:
+        from tqdm import tqdm
+
+        tqdm.write(f"run:      {url}", file=sys.stdout)  # clears and redraws bars on the terminal
+        sys.stdout.flush()
+
+
+def linked(flow: F) -> F:
+    """`flow` announcing its run's UI page when it starts, if the server outlives the run."""
+    return flow.with_options(on_running=[announce]) if outlives_run() else flow  # type: ignore[attr-defined]
