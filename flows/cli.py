@@ -5,6 +5,14 @@ the file or tensor and a non-zero exit, never a traceback; `--verbose` shows Pre
 """
 from __future__ import annotations
 
+# ruff: noqa: E402
+# (imports below the clock: it must start before them)
+import time
+
+# The CLI's own start, what `time:` counts from: /proc's process start would add whatever ran in
+# the process before it exec'd us (`bash -c "sleep 3 && exec ckptflow …"` counted the sleep).
+_STARTED = time.monotonic()
+
 import argparse
 import json
 import os
@@ -69,24 +77,22 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     from ckptflow.flows import server
 
     server.prestart()  # boots while torch and Prefect import below
-    from tqdm import tqdm
-
     from ckptflow.tasks.run import progress
 
+    from ckptflow.flows.bars import open_bars
     from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.runners import make_task_runner
 
-    progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
-                    tqdm(unit="shard", desc="shards", disable=None, leave=False))
-    from ckptflow.flows.summary_text import process_age, timing
+    progress.attach(*open_bars(planned.total_bytes, planned.total_shards))  # totals from the first frame
+    from ckptflow.flows.summary_text import timing
 
     try:
-        called = process_age()  # from here on the wait is Prefect's: its server, then the flow run
+        called = time.monotonic() - args.started  # from here on the wait is Prefect's: server, flow run
         server.ready()  # before the runner: local workers share this same temporary server
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
         summary = convert_flow.with_options(task_runner=runner)(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
-        summary["timing"] = timing(summary, called, process_age(), server.label())
+        summary["timing"] = timing(summary, called, time.monotonic() - args.started, server.label())
         from ckptflow.flows.user_dirs import note
 
         if note():  # no HOME: where Prefect's records went
@@ -379,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `time:` counts from here on a call from Python, from this module's import in a CLI process
+    args.started = _STARTED if argv is None else time.monotonic()
     if (problem := non_utf8_argument(parser, args)) is not None:  # before anything hashes or sends it
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
