@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from ckptflow.flows.cli_parser import build_parser, non_utf8_argument  # no Prefect, no torch
@@ -143,6 +144,16 @@ def _no_stage_chosen(args: argparse.Namespace) -> bool:
     return True
 
 
+def _text_out(args: argparse.Namespace) -> Any:
+    """Where the human text goes: with --json, stdout holds the one JSON document (`| jq` reads
+    it whole), so the text a person reads goes to stderr."""
+    return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+def _print_json(summary: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if _no_stage_chosen(args):
         return EXIT_USER_ERROR
@@ -150,13 +161,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if summary.get("dry_run"):
         from ckptflow.flows.dry_run import print_dry_run
 
-        print_dry_run(summary)
-        if args.json:
-            print(json.dumps(summary))
-        return 0
-    print_summary(summary)
+        print_dry_run(summary, _text_out(args))
+    else:
+        print_summary(summary, _text_out(args))
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+        _print_json(summary)
     return 0
 
 
@@ -200,13 +209,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def print_watch(summary: dict[str, Any], as_json: bool) -> None:
+    out = sys.stderr if as_json else sys.stdout
     for c in summary["checkpoints"]:
         r = c.get("result") or {}
         done = (" → failed" if "error" in r else
                 f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else "")
-        print(f"{printable(c['name']):<24} {c['action']:<11} {printable(c['reason'])}{done}")
+        print(f"{printable(c['name']):<24} {c['action']:<11} {printable(c['reason'])}{done}", file=out)
     if not summary["checkpoints"]:
-        print(f"{printable(summary['source_prefix'])}: no checkpoints found (folders holding *.safetensors)")
+        print(f"{printable(summary['source_prefix'])}: no checkpoints found (folders holding *.safetensors)",
+              file=out)
     if as_json:
         print(json.dumps(summary))
 
@@ -220,15 +231,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = find_problems(ckpt, require_index=None)  # None: MP rank files need no index
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
-        print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else sys.stdout)
+        print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else _text_out(args))
     n = sum(len(h.tensors) for h in ckpt.headers.values())
-    if errors:
-        print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
-        return 1
     world = mp_world(ckpt)
     layout = (f"{world} model-parallel rank files (no index, as ckptflow writes them)" if world
               else "index consistent" if ckpt.index is not None or len(ckpt.weight_files) > 1 else "one file")
-    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, {layout}")
+    if args.json:
+        print(json.dumps({"source": args.source, "ok": not errors, "files": len(ckpt.weight_files), "tensors": n,
+                          "layout": None if errors else layout, "problems": [asdict(p) for p in problems]}))
+    if errors:
+        print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
+        return 1
+    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, {layout}", file=_text_out(args))
     return 0
 
 
@@ -241,7 +255,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.fix_dtypes_dest:
         args.dequant, args.fix_dtypes, args.fetch = False, True, False
         summary = _run_convert(args, args.path, args.fix_dtypes_dest, args.work)
-        print_summary(summary)
+        print_summary(summary, _text_out(args))
+        if args.json:
+            _print_json(summary)
         return 0
     ckpt = scan_checkpoint(open_location(args.path, parse_storage_options(args.storage_options)))
     errors = [p for p in find_problems(ckpt, require_index=None) if p.severity == "error"]
@@ -252,7 +268,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if errors:  # never "all … match" above a failure
         text = text.replace("all floating tensors match the config",
                             "floating dtypes match the config, but the checkpoint has problems")
-    print(text)
+    print(text, file=_text_out(args))
+    if args.json:
+        print(json.dumps({"path": args.path, "ok": report.ok and not errors, "torch_dtype": report.expected,
+                          "dtypes": report.rows(), "mismatches": [asdict(m) for m in report.mismatches],
+                          "problems": [asdict(p) for p in errors]}))
     if errors or not report.ok:
         if not report.ok:
             print(f"\nfix: ckptflow verify {args.path} --fix-dtypes DEST", file=sys.stderr)
@@ -284,12 +304,14 @@ def cmd_megatron(args: argparse.Namespace) -> int:
     summary = megatron_flow(source=args.source, dest=args.dest, tokenizer=args.tokenizer, config=args.config,
                             table=args.table, max_shard_size=args.max_shard_size, work=args.work,
                             storage_options=parse_storage_options(args.storage_options) or None)
+    out = _text_out(args)
     print(f"output:   {summary['dest']}  (GPT2LMHeadModel, from TP={summary['tp']}, "
-          f"checkpoint_version {summary['checkpoint_version']})")
-    print(f"shards:   {summary['shards']}, tensors: {summary['tensors']}, bytes: {_human(summary['bytes_written'])}")
-    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()))
+          f"checkpoint_version {summary['checkpoint_version']})", file=out)
+    print(f"shards:   {summary['shards']}, tensors: {summary['tensors']}, bytes: {_human(summary['bytes_written'])}",
+          file=out)
+    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+        _print_json(summary)
     return 0
 
 
