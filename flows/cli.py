@@ -5,10 +5,19 @@ the file or tensor and a non-zero exit, never a traceback; `--verbose` shows Pre
 """
 from __future__ import annotations
 
+# ruff: noqa: E402
+# (imports below the clock: it must start before them)
+import time
+
+# The CLI's own start, what `time:` counts from: /proc's process start would add whatever ran in
+# the process before it exec'd us (`bash -c "sleep 3 && exec ckptflow …"` counted the sleep).
+_STARTED = time.monotonic()
+
 import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from ckptflow.flows.cli_parser import build_parser, non_utf8_argument  # no Prefect, no torch
@@ -74,25 +83,23 @@ def _run_convert(args: argparse.Namespace, source: str, dest: str, work: str | N
     from ckptflow.flows import server
 
     server.prestart()  # boots while torch and Prefect import below
-    from tqdm import tqdm
-
     from ckptflow.tasks.run import progress
 
+    from ckptflow.flows.bars import open_bars
     from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.run_link import linked
     from ckptflow.flows.runners import make_task_runner
 
-    progress.attach(tqdm(unit="B", unit_scale=True, desc="bytes ", disable=None, leave=False),
-                    tqdm(unit="shard", desc="shards", disable=None, leave=False))
-    from ckptflow.flows.summary_text import process_age, timing
+    progress.attach(*open_bars(planned.total_bytes, planned.total_shards))  # totals from the first frame
+    from ckptflow.flows.summary_text import timing
 
     try:
-        called = process_age()  # from here on the wait is Prefect's: its server, then the flow run
+        called = time.monotonic() - args.started  # from here on the wait is Prefect's: server, flow run
         server.ready()  # before the runner: local workers share this same temporary server
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
         summary = linked(convert_flow.with_options(task_runner=runner))(
             source=source, dest=dest, work=work, storage_options=opts or None, **options)
-        summary["timing"] = timing(summary, called, process_age(), server.label())
+        summary["timing"] = timing(summary, called, time.monotonic() - args.started, server.label())
         from ckptflow.flows.user_dirs import note
 
         if note():  # no HOME: where Prefect's records went
@@ -143,6 +150,16 @@ def _no_stage_chosen(args: argparse.Namespace) -> bool:
     return True
 
 
+def _text_out(args: argparse.Namespace) -> Any:
+    """Where the human text goes: with --json, stdout holds the one JSON document (`| jq` reads
+    it whole), so the text a person reads goes to stderr."""
+    return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+def _print_json(summary: dict[str, Any]) -> None:
+    print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if _no_stage_chosen(args):
         return EXIT_USER_ERROR
@@ -150,13 +167,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if summary.get("dry_run"):
         from ckptflow.flows.dry_run import print_dry_run
 
-        print_dry_run(summary)
-        if args.json:
-            print(json.dumps(summary))
-        return 0
-    print_summary(summary)
+        print_dry_run(summary, _text_out(args))
+    else:
+        print_summary(summary, _text_out(args))
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+        _print_json(summary)
     return 0
 
 
@@ -201,13 +216,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def print_watch(summary: dict[str, Any], as_json: bool) -> None:
+    out = sys.stderr if as_json else sys.stdout
     for c in summary["checkpoints"]:
         r = c.get("result") or {}
         done = (" → failed" if "error" in r else
                 f" → {r['shards']} shards ({r['cached_shards']} reused)" if r else "")
-        print(f"{printable(c['name']):<24} {c['action']:<11} {printable(c['reason'])}{done}")
+        print(f"{printable(c['name']):<24} {c['action']:<11} {printable(c['reason'])}{done}", file=out)
     if not summary["checkpoints"]:
-        print(f"{printable(summary['source_prefix'])}: no checkpoints found (folders holding *.safetensors)")
+        print(f"{printable(summary['source_prefix'])}: no checkpoints found (folders holding *.safetensors)",
+              file=out)
     if as_json:
         print(json.dumps(summary))
 
@@ -221,15 +238,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     problems = find_problems(ckpt, require_index=None)  # None: MP rank files need no index
     errors = [p for p in problems if p.severity == "error"]
     for p in problems:
-        print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else sys.stdout)
+        print(f"{p.severity}: {p}", file=sys.stderr if p.severity == "error" else _text_out(args))
     n = sum(len(h.tensors) for h in ckpt.headers.values())
-    if errors:
-        print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
-        return 1
     world = mp_world(ckpt)
     layout = (f"{world} model-parallel rank files (no index, as ckptflow writes them)" if world
               else "index consistent" if ckpt.index is not None or len(ckpt.weight_files) > 1 else "one file")
-    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, {layout}")
+    if args.json:
+        print(json.dumps({"source": args.source, "ok": not errors, "files": len(ckpt.weight_files), "tensors": n,
+                          "layout": None if errors else layout, "problems": [asdict(p) for p in problems]}))
+    if errors:
+        print(f"{args.source}: {len(errors)} problem(s) in {len(ckpt.weight_files)} file(s)", file=sys.stderr)
+        return 1
+    print(f"{args.source}: ok — {len(ckpt.weight_files)} file(s), {n} tensors, {layout}", file=_text_out(args))
     return 0
 
 
@@ -242,7 +262,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.fix_dtypes_dest:
         args.dequant, args.fix_dtypes, args.fetch = False, True, False
         summary = _run_convert(args, args.path, args.fix_dtypes_dest, args.work)
-        print_summary(summary)
+        print_summary(summary, _text_out(args))
+        if args.json:
+            _print_json(summary)
         return 0
     ckpt = scan_checkpoint(open_location(args.path, parse_storage_options(args.storage_options)))
     errors = [p for p in find_problems(ckpt, require_index=None) if p.severity == "error"]
@@ -253,7 +275,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if errors:  # never "all … match" above a failure
         text = text.replace("all floating tensors match the config",
                             "floating dtypes match the config, but the checkpoint has problems")
-    print(text)
+    print(text, file=_text_out(args))
+    if args.json:
+        print(json.dumps({"path": args.path, "ok": report.ok and not errors, "torch_dtype": report.expected,
+                          "dtypes": report.rows(), "mismatches": [asdict(m) for m in report.mismatches],
+                          "problems": [asdict(p) for p in errors]}))
     if errors or not report.ok:
         if not report.ok:
             print(f"\nfix: ckptflow verify {args.path} --fix-dtypes DEST", file=sys.stderr)
@@ -286,12 +312,14 @@ def cmd_megatron(args: argparse.Namespace) -> int:
     summary = linked(megatron_flow)(source=args.source, dest=args.dest, tokenizer=args.tokenizer,
                                     config=args.config, table=args.table, max_shard_size=args.max_shard_size,
                                     work=args.work, storage_options=parse_storage_options(args.storage_options) or None)
+    out = _text_out(args)
     print(f"output:   {summary['dest']}  (GPT2LMHeadModel, from TP={summary['tp']}, "
-          f"checkpoint_version {summary['checkpoint_version']})")
-    print(f"shards:   {summary['shards']}, tensors: {summary['tensors']}, bytes: {_human(summary['bytes_written'])}")
-    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()))
+          f"checkpoint_version {summary['checkpoint_version']})", file=out)
+    print(f"shards:   {summary['shards']}, tensors: {summary['tensors']}, bytes: {_human(summary['bytes_written'])}",
+          file=out)
+    print("dtypes:   " + ", ".join(f"{k}×{v}" for k, v in summary["dtypes"].items()), file=out)
     if args.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "records"}))
+        _print_json(summary)
     return 0
 
 
@@ -387,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `time:` counts from here on a call from Python, from this module's import in a CLI process
+    args.started = _STARTED if argv is None else time.monotonic()
     if (problem := non_utf8_argument(parser, args)) is not None:  # before anything hashes or sends it
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR

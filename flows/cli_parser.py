@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+JSON_HELP = "print the summary as one JSON document on stdout (the text goes to stderr)"
+
 
 def _at_least_one(text: str) -> int:
     try:
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--work", help="work location: shard records and fetched files "
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     _add_convert_options(c)
-    c.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
     _add_convert_extras(c)
 
     w = _command(sub, "watch", help="convert every checkpoint under SOURCE_PREFIX whose output under "
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(still uploading; default 600)")
     w.add_argument("--dry-run", action="store_true", help="list what would be converted, and why; convert nothing")
     _add_convert_options(w)
-    w.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    w.add_argument("--json", action="store_true", help=JSON_HELP)
 
     f = _command(sub, "verify", help="check dtypes against config.json, index and total_size")
     f.add_argument("path", help="checkpoint folder or URL (index + shards, one file, or MP rank files)")
@@ -127,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--work", help="--fix-dtypes: work location for shard records "
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     f.add_argument("--max-workers", type=int, default=1, help="--fix-dtypes: shard tasks at once (default 1)")
+    f.add_argument("--json", action="store_true", help=JSON_HELP)
     f.set_defaults(fix_dtypes=False)
 
     m = _command(sub, "megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
@@ -141,11 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--work", help="work location: the imported state and shard records "
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     m.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE and DEST")
-    m.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    m.add_argument("--json", action="store_true", help=JSON_HELP)
 
     v = _command(sub, "validate", help="check the index against every shard header")
     v.add_argument("source", help="checkpoint folder or URL (index + shards, one file, or MP rank files)")
     v.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE")
+    v.add_argument("--json", action="store_true", help=JSON_HELP)
 
     i = _command(sub, "inspect", help="detected quantization schemes and what --dequant would write (headers only)")
     i.add_argument("source", help="checkpoint folder or URL")

@@ -7,6 +7,7 @@ each tensor (dequantized, cast, sliced, moved to another file, copied where it w
 """
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any
 
@@ -65,21 +66,22 @@ def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dic
     }
 
 
-def print_dry_run(report: dict[str, Any]) -> None:
+def print_dry_run(report: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
     print(f"dry run: {report['stage']} of {printable(report['source'])} ({report['source_tensors']} tensors); "
-          "nothing written")
+          "nothing written", file=out)
     for i, p in enumerate(report["passes"], 1):
         acts = ", ".join(f"{v} {k}" for k, v in p["actions"].items() if v)
-        print(f"pass {i}:   {p['stage']} → {p['into']} ({printable(p['location'])})")
+        print(f"pass {i}:   {p['stage']} → {p['into']} ({printable(p['location'])})", file=out)
         print(f"          {p['shards']} files, {p['tensors']} tensors, "
-              f"{human(p['bytes_in'])} read → {human(p['bytes_out'])} written; {acts}")
+              f"{human(p['bytes_in'])} read → {human(p['bytes_out'])} written; {acts}", file=out)
         files = [printable(f) for f in p["files"]]
         shown = ", ".join(files[:MAX_FILES_LISTED]) + (f", … ({len(files)} in all)"
                                                        if len(files) > MAX_FILES_LISTED else "")
-        print(f"          files: {shown}")
+        print(f"          files: {shown}", file=out)
     print(f"bytes:    {human(report['source_bytes'])} read from SOURCE, {human(report['output_bytes'])} "
           f"into DEST, {human(report['work_bytes'])} in the work location"
-          + (" (deleted after success)" if report["work_bytes"] else ""))
-    print_dropped_unmatched(report["dropped_unmatched"])
+          + (" (deleted after success)" if report["work_bytes"] else ""), file=out)
+    print_dropped_unmatched(report["dropped_unmatched"], out)
     for w in report["warnings"]:
-        print(f"warning:  {w}")
+        print(f"warning:  {w}", file=out)

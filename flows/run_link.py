@@ -32,13 +32,14 @@ def flow_run_url(flow_run_id: Any) -> str | None:
 
 
 def announce(flow: Any, flow_run: Any, state: Any) -> None:
-    """A flow's `on_running` hook: one `run:` line on stdout, above the progress bars."""
+    """A flow's `on_running` hook: one `run:` line on stderr (stdout may be `--json`'s one
+    document), above the progress bars."""
     url = flow_run_url(flow_run.id)
     if url:
         from tqdm import tqdm
 
-        tqdm.write(f"run:      {url}", file=sys.stdout)  # clears and redraws bars on the terminal
-        sys.stdout.flush()
+        tqdm.write(f"run:      {url}", file=sys.stderr)  # clears and redraws bars on the terminal
+        sys.stderr.flush()
 
 
 def linked(flow: F) -> F:

@@ -2,15 +2,13 @@
 
 Every number describes this run: a cached rerun reads and writes nothing and says so; shards and
 tensors reused from an earlier run are counted apart; each pass of a multi-pass run has its own
-line. `time` is the wall clock since the process started (what the user waited), with the
+line. `time` is the wall clock since the CLI started (what the user waited), with the
 part Prefect took (imports, temporary server, flow-run bookkeeping) named beside the part spent
 converting. Lines stay short: a long DEST goes on its own line, so no label wraps.
 """
 from __future__ import annotations
 
-import os
 import sys
-import time
 from typing import Any
 
 from ckptflow.flows.printable import printable
@@ -24,25 +22,9 @@ def human(n: float) -> str:
     return str(n)
 
 
-def process_age() -> float:
-    """Seconds since this process started (interpreter start-up included), from /proc; falls back
-    to the time since this module was imported."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.perf_counter() - _IMPORTED
-
-
-_IMPORTED = time.perf_counter()
-
-
 def timing(summary: dict[str, Any], flow_called_at: float, flow_returned_at: float,
            server: tuple[str, str | None] = ("yours", None)) -> dict[str, Any]:
-    """Where the user's wait went, all in seconds of process age: `before_flow` (Python, imports,
+    """Where the user's wait went, all in seconds since the CLI started: `before_flow` (Python, imports,
     reading headers and planning), `prefect` (from calling the flow to its body starting, and
     from its body ending to the call returning: Prefect's imports, temporary server, flow-run
     records), `flow` (the flow body: shard tasks, finalize, read-back verify). `server` is which

@@ -63,10 +63,11 @@ def test_watch_converts_each_checkpoint_under_a_prefix(tmp_path):
     (tmp_path / "in" / "README.md").write_text("not a checkpoint")
     run = ckptflow("watch", str(tmp_path / "in"), str(tmp_path / "out"), "--dequant", "--settle-seconds", "0", "--json")
     assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
+    # --json: stdout is the JSON document alone; the rows a person reads are on stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith(("m1 ", "m2 "))]
     assert lines[0].split() == ["m1", "convert", "new", "→", "6", "shards", "(0", "reused)"]
     assert lines[1].split()[:3] == ["m2", "convert", "new"]
-    summary = json.loads(lines[-1])
+    summary = json.loads(run.stdout)
     assert [c["result"]["shards"] for c in summary["checkpoints"]] == [6, 6]
     for name in ("m1", "m2"):
         config = json.loads((tmp_path / "out" / name / "config.json").read_text())

@@ -96,9 +96,8 @@ def test_watch_dry_run_decides_without_prefect_or_torch(ckpt, tmp_path):
     run, loaded, _ = _probe("watch", str(incoming), str(out), "--dequant", "--dry-run", "--settle-seconds", "0",
                             "--json")
     assert loaded == {"code": 0, "prefect": False, "torch": False}, run.stderr
-    lines = run.stdout.splitlines()
-    assert lines[0].split() == ["org/m1", "convert", "new"]
-    summary = json.loads(lines[1])
+    assert run.stderr.splitlines()[0].split() == ["org/m1", "convert", "new"]  # --json: the text on stderr
+    summary = json.loads(run.stdout.splitlines()[0])  # the probe's own line follows
     assert summary["dry_run"] is True and [c["name"] for c in summary["checkpoints"]] == ["org/m1"]
     assert not out.exists()  # nothing written, not even the work prefix inside DEST_PREFIX
     settling, loaded, _ = _probe("watch", str(incoming), str(out), "--dequant", "--dry-run")

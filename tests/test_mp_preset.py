@@ -187,6 +187,6 @@ def test_cli_llama_mp_picks_llama_and_refuses_the_deepseek_table(tmp_path):
     name = add_vision_tensor(src)
     run = ckptflow("convert", str(src), str(tmp_path / "dry"), "--mp", "2", "--drop-unmatched", "--dry-run", "--json")
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.splitlines()[-1])["dropped_unmatched"] == [name]
+    assert json.loads(run.stdout)["dropped_unmatched"] == [name]
     assert "dropped:  1 tensor(s) no preset row matches (--drop-unmatched), not written:\n" \
-           f"          {name}" in run.stdout
+           f"          {name}" in run.stderr  # --json: the text is on stderr

@@ -40,8 +40,8 @@ def test_a_quiet_cli_run_logs_to_the_api_names_task_runs_after_files_and_prints_
                           "--work", str(tmp_path / "w")], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    page = re.search(re.escape(api.removesuffix("/api")) + r"/runs/flow-run/([0-9a-f-]{36})", run.stdout)
-    assert page, run.stdout
+    page = re.search(re.escape(api.removesuffix("/api")) + r"/runs/flow-run/([0-9a-f-]{36})", run.stderr)
+    assert page, run.stderr
     flow_run_id = UUID(page.group(1))
     # The terminal stays as quiet as before: Prefect's run records went to the API only.
     assert "shard committed" not in run.stdout + run.stderr and "Finished in state" not in run.stdout + run.stderr

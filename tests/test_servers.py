@@ -31,7 +31,7 @@ def _convert_json(src, tmp_path, env: dict[str, str]) -> dict:
     run = _cli("convert", str(src), str(tmp_path / "out"), "--dequant", "--work", str(tmp_path / "w"), "--json",
                env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    return {**json.loads(run.stdout.strip().splitlines()[-1]), "stdout": run.stdout}
+    return {**json.loads(run.stdout), "text": run.stderr}  # --json: the summary's text is on stderr
 
 
 def _port(url: str) -> int:
@@ -69,8 +69,8 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
     try:
         summary = _convert_json(demo_ckpt, tmp_path, env)
         assert summary["timing"]["server"] == "local"
-        assert "local server" in summary["stdout"]
-        assert re.search(rf"^run: +{re.escape(ui)}/runs/flow-run/[0-9a-f-]{{36}}$", summary["stdout"], re.M)
+        assert "local server" in summary["text"]
+        assert re.search(rf"^run: +{re.escape(ui)}/runs/flow-run/[0-9a-f-]{{36}}$", summary["text"], re.M)
         assert len(_flow_run_names(url)) >= 1  # the run is recorded there, browsable in its UI
         assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     finally:
@@ -86,8 +86,8 @@ def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_pat
     env.pop("PREFECT_API_URL", None)
     summary = _convert_json(demo_ckpt, tmp_path, env)
     assert summary["timing"]["server"] == "temporary"
-    assert "temporary server" in summary["stdout"]
-    assert "/runs/flow-run/" not in summary["stdout"]  # its UI dies with the run: no link to print
+    assert "temporary server" in summary["text"]
+    assert "/runs/flow-run/" not in summary["text"]  # its UI dies with the run: no link to print
     assert _wait_closed(_port(summary["timing"]["server_url"]), 15)
     assert tree(tmp_path / "out")  # the run itself is whole
 

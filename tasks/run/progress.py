@@ -28,6 +28,10 @@ def attach(bytes_bar: Any = None, shards_bar: Any = None) -> None:
 def detach() -> None:
     with _lock:
         for bar in _bars.values():
+            # Cleared first: tqdm closes a leave=False bar below the first by blanking its line and
+            # moving up, which leaves the cursor at the blank's end, so the summary printed next
+            # started at the terminal's last column and wrapped. A cleared bar closes at column 0.
+            bar.clear()
             bar.close()
         _bars.clear()
 
