@@ -1,11 +1,12 @@
 """The convert flow: validate → (fetch) → dequant / fix dtypes / reindex / MP → finalize → verify.
 
-Shard tasks are cached with `ShardCachePolicy` and their small JSON records persisted in the
-work location, so a rerun of the same command after a crash skips every committed shard.
+A thin wrapper over the engine (`ckptflow.tasks.run.engine.run_conversion`): it plans (or takes
+the CLI's plan), hands the engine a Prefect submitter (one task per output shard on the flow
+run's task runner), and publishes the summary. The commit journal in the work location decides
+what a rerun reuses, so a rerun of the same command after a crash skips every committed shard.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -13,12 +14,10 @@ from prefect import flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckptflow.storage.lock import dest_lock
 from ckptflow.storage.overlap import refuse_overlap
-from ckptflow.storage.remote import check_writable_dest
-from ckptflow.storage.files import list_files
-from ckptflow.storage.urls import Location, open_location
+from ckptflow.storage.urls import open_location
 from ckptflow.tasks.run import progress
+from ckptflow.tasks.run.engine import EngineHooks, run_conversion
 from ckptflow.tasks.kernels.device import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
@@ -27,10 +26,9 @@ from ckptflow.flows import interrupt
 from ckptflow.flows.dry_run import tensor_actions
 from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
 from ckptflow.flows.preflight import plan_conversion
-from ckptflow.flows.recipe import plan_mp_stage
-from ckptflow.flows.report import RunProgress, publish_summary
+from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
 from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
-from ckptflow.flows.passes import fetch_source, finalize, prepare_dest, run_shards, verify_output
+from ckptflow.flows.passes import PrefectSubmitter, fetch_source
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
 from ckptflow.flows.workdir import check_work_reachable, default_work
 
@@ -76,51 +74,29 @@ def _convert(source: str, dest: str, work: str | None, storage_options: dict[str
         src = fetch_source(src, work, storage_options)
     # The same checks and plan the CLI made before Prefect started (reused when it did).
     planned = plan_conversion(src, recipe, reuse=True)
-    ckpt, passes, warnings = planned.ckpt, planned.passes, list(planned.warnings)
+    ckpt, warnings = planned.ckpt, list(planned.warnings)
     for w in warnings:
         logger.warning("%s", w)
     device = resolve_device(opts.device)  # imports torch only where a GPU could be visible
-    total_bytes, total_shards = planned.total_bytes, planned.total_shards
-    progress.set_totals(total_bytes, total_shards)
-    run_progress = RunProgress(total_shards, total_bytes)
-    records: list[dict[str, Any]] = []
-    per_pass: list[dict[str, Any]] = []
-    check_writable_dest(dst)  # before the lock's first write: a missing bucket is never created
-    with dest_lock(dst, owner_record(), mark_crashed):
-        prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, opts.prune,
-                     protected=(origin, src))
-        for p in passes:
-            plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
-            out = open_location(f"{work.rstrip('/')}/stages/{plan.stage}", storage_options) if p.into_work else dst
-            # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
-            with tags(SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else [])), \
-                    (dest_lock(out) if p.into_work else contextlib.nullcontext()):
-                done = run_shards(plan, ckpt, src, out, work, storage_options, opts.checksum, device,
-                                  opts.dequant_backend, on_commit=run_progress.shard_committed)
-                records += done
-                per_pass.append(pass_summary(plan, done, "work" if p.into_work else "DEST"))
-                finalize(plan, ckpt, src, out)
-                written, report = verify_output(out, plan, recipe.allow_dtypes or ())
-            src, ckpt = out, written
-    notes = [drop_intermediate(open_location(f"{work.rstrip('/')}/stages/{p.plan.stage}", storage_options))
-             for p in passes if p.into_work]
-    summary = summarize(recipe, [p.plan for p in passes], records, report, time.perf_counter() - t0)
+    progress.set_totals(planned.total_bytes, planned.total_shards)
+    run_progress = RunProgress(planned.total_shards, planned.total_bytes)
+    # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
+    shard_tags = (SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else []))
+    hooks = EngineHooks(on_commit=run_progress.shard_committed, on_dtype_report=publish_dtype_report,
+                        lock_owner=owner_record(), on_takeover=mark_crashed, around_pass=lambda: tags(*shard_tags))
+    result = run_conversion(ckpt, planned.engine_passes(), src, dst, work, storage_options,
+                            submitter=PrefectSubmitter(work, storage_options), protected=(origin,), prune=opts.prune,
+                            checksum=opts.checksum, device=device, backend=opts.dequant_backend,
+                            allow_dtypes=recipe.allow_dtypes or (), hooks=hooks)
+    records, report, notes = result.records, result.report, result.notes
+    per_pass = [pass_summary(r.plan, r.records, r.into) for r in result.passes]
+    summary = summarize(recipe, [r.plan for r in result.passes], records, report, time.perf_counter() - t0)
     summary.update(passes=per_pass, notes=notes)
     summary.update(source=source, dest=dest, work=work, warnings=warnings)
     publish_summary(summary)
     logger.info("converted %d shard(s) (%d cached) into %s in %.1fs", summary["shards"],
                 summary["cached_shards"], dest, summary["seconds"])
     return summary
-
-
-def drop_intermediate(loc: Location) -> str:
-    """Delete a finished run's intermediate pass output (for DeepSeek-V3 `--dequant --mp 8`, a
-    1.3 TB BF16 copy under the work location) and say so. Only once DEST has been written and
-    verified; a rerun of the same command then computes that pass again."""
-    size = sum(list_files(loc).values()) if loc.fs.exists(loc.root) else 0
-    if size:
-        loc.fs.rm(loc.root, recursive=True)
-    return f"deleted the intermediate copy ({size / 1e9:.2f} GB) at {loc.url}"
 
 
 def pass_summary(plan: StagePlan, records: list[dict[str, Any]], into: str) -> dict[str, Any]:

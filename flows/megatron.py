@@ -32,12 +32,13 @@ from ckptflow.tasks.megatron.task import IMPORTED, import_megatron
 from ckptflow.tasks.plan.sizes import parse_size
 from ckptflow.tasks.presets.megatron import MegatronTable, load_megatron_table
 from ckptflow.tasks.planners.by_size import plan_size_shards
+from ckptflow.tasks.run.passes import finalize, prepare_dest, run_shards, verify_output
 
 from ckptflow.flows import interrupt
 from ckptflow.flows.params import ShardSize
-from ckptflow.flows.report import RunProgress, publish_summary
+from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
-from ckptflow.flows.passes import finalize, prepare_dest, run_shards, verify_output
+from ckptflow.flows.passes import PrefectSubmitter
 from ckptflow.flows.workdir import default_work, result_storage
 
 
@@ -135,12 +136,12 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
         plan = plan_size_shards(ckpt, size, stage="megatron-shard")
         prepare_dest(dst, {shard.file for shard in plan.shards}, protected=(src,))
         run_progress = RunProgress(len(plan.shards), plan.total_size)
-        records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options,
+        records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options, PrefectSubmitter(work, storage_options),
                              on_commit=run_progress.shard_committed)
         finalize(plan, ckpt, stage_loc, dst)
         if tokenizer:
             logger.info("copied tokenizer files: %s", ", ".join(_copy_tokenizer(tokenizer, dst, storage_options)))
-        written, report = verify_output(dst, plan)
+        written, report = verify_output(dst, plan, (), publish_dtype_report)
     cached = sum(r.get("cached", False) for r in records)
     summary = {
         "stage": "megatron", "source": source, "dest": dest, "work": work,

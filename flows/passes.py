@@ -1,35 +1,24 @@
-"""Running one planned pass: fetch, shard tasks, finalize, read-back verification.
+"""What a flow adds to a pass: fetching a remote source first, and shard tasks on Prefect.
 
-These run inside a flow (they submit Prefect tasks and log to the run) but hold no recipe
-logic: which stages run, and in what order, is `ckptflow.flows.recipe`'s business.
+The pass itself (prepare, shards with journal reuse, finalize, verify) is the engine's
+(`ckptflow.tasks.run.passes`, `ckptflow.tasks.run.engine`); here is how a flow submits its shard
+work: one Prefect task per output shard, named after the file it writes, on the flow run's task
+runner (threads, processes, Dask).
 """
 from __future__ import annotations
 
-import fnmatch
-from typing import Any, Callable
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.futures import as_completed, wait
 
-from ckptflow.storage.errors import problem_list
-from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
-from ckptflow.storage.files import (CONFIG_NAME, INDEX_NAME, WEIGHT_SUFFIXES, copy_file, index_document, list_files,
-                                    write_json)
-from ckptflow.storage.listing import file_identities
-from ckptflow.storage.overlap import refuse_under
-from ckptflow.storage.urls import Location, StorageError, open_location
-from ckptflow.tasks.run import progress
-from ckptflow.tasks.run.journal import reusable
-from ckptflow.tasks.run.resume import shard_key
-from ckptflow.tasks.planners.dequant import refuse_packed_leftovers
-from ckptflow.tasks.planners.torch_dtype import DtypeReport, check_dtypes
+from ckptflow.storage.files import list_files
+from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.fetch import fetch_file, plan_fetch, read_markers, source_listing
-from ckptflow.tasks.plan.model import PlanError, StagePlan
 from ckptflow.tasks.run.shard_task import write_shard_task
-from ckptflow.tasks.validate import find_problems
+from ckptflow.tasks.run.submit import ShardCall
 
 from ckptflow.flows.printable import printable
-from ckptflow.flows.report import publish_dtype_report
 from ckptflow.flows.workdir import result_storage
 
 
@@ -48,117 +37,19 @@ def fetch_source(src: Location, work: str, storage_options: dict[str, Any] | Non
     return dst
 
 
-def prepare_dest(dst: Location, planned: set[str], prune: bool = False,
-                 protected: tuple[Location, ...] = ()) -> None:
-    """Make DEST ready for a run that writes the weight files `planned`; call it holding
-    `dest_lock(dst)`, after `refuse_overlap` has checked DEST against SOURCE and the work location.
+class PrefectSubmitter:
+    """Shard calls as Prefect tasks on the current flow run's task runner; their small JSON
+    records persist under `<work>/results` (a location every worker of the run reaches)."""
 
-    Weight files already in DEST that this run will not write (an earlier conversion with
-    another layout) would make the result fail validation: with `prune` they are deleted (the
-    watch flow owns its output folders), otherwise the run stops here, before writing anything.
-    Nothing under a `protected` location (SOURCE) is ever deleted, whatever the paths say.
-    """
-    present = list_files(dst) if dst.fs.exists(dst.root) else {}
-    foreign = sorted(n for n in present if n.endswith(WEIGHT_SUFFIXES) and n not in planned)
-    if foreign and not prune:
-        raise StorageError(
-            f"DEST {dst.url} holds {len(foreign)} weight file(s) this conversion does not write "
-            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}), left by an earlier conversion "
-            "with another layout? Delete them, or choose an empty DEST")
-    for name in foreign:
-        for loc in protected:
-            refuse_under(dst.path(name), dst, loc)
-    for name in foreign:
-        dst.fs.rm(dst.path(name))
-    # An index left by an earlier run would vouch for shards this run has not written yet.
-    if dst.fs.exists(dst.path(INDEX_NAME)):
-        dst.fs.rm(dst.path(INDEX_NAME))
-    # Temp files of a killed run (object stores: incomplete multipart uploads, which a bucket
-    # lifecycle rule expires) are never mistaken for output, but need not pile up either. The
-    # caller holds DEST's lock, so no live run is writing them.
-    if dst.is_local and dst.fs.exists(dst.root):
-        for path in dst.fs.glob(dst.path(".*.partial-*")):
-            dst.fs.rm(path)
+    def __init__(self, work: str, storage_options: dict[str, Any] | None) -> None:
+        self._storage = result_storage(work, storage_options)
 
-
-def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, work: str,
-               storage_options: dict[str, Any] | None, digest: bool = False, device: str = "cpu",
-               backend: str = "auto",
-               on_commit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Reuse each output shard its journal proves, submit a task for every other one, and wait;
-    returns records with a `cached` flag (True for the reused).
-
-    `on_commit(record)` is called for every shard as it commits (or is found committed), in
-    completion order, in this thread.
-    """
-    storage = result_storage(work, storage_options)
-    journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
-    futures: list[Any] = []
-    identities = file_identities(dst, [shard.file for shard in plan.shards])
-    journaled = set(list_files(journal)) if journal.fs.exists(journal.root) else set()
-    for shard in plan.shards:
-        fps = [ckpt.fingerprint(f) for f in shard.source_files]
-        entry = f"{shard_key(plan.stage, shard, fps, dst.url)}.json"
-        record = reusable(journal, entry, identities[shard.file], journaled)
-        if record is not None:
-            futures.append(record)  # the very file this plan committed, untouched since
-            continue
-        # Anything else is written again: no file, a file changed since its commit (same size or
-        # not), or a commit whose record was lost. Prefect's own record cannot prove the file.
+    def submit(self, call: ShardCall) -> Any:
         # The task run is named after the file it writes, as the UI lists it (a template: braces doubled).
-        run_name = f"{plan.stage} {printable(shard.file)}".replace("{", "{{").replace("}", "}}")
-        task = write_shard_task.with_options(name=f"{plan.stage}-shard", task_run_name=run_name,
-                                             result_storage=storage, refresh_cache=True)
-        futures.append(task.submit(plan.stage, shard, src.url, dst.url, fps, storage_options, digest,
-                                   device, backend, journal.url))
-    on_commit = on_commit or (lambda record: None)
-    for fut in futures:
-        if isinstance(fut, dict):  # reused shards count at once: a resumed run's bar starts where it is
-            progress.add_bytes(fut.get("size", 0))
-            progress.shard_done()
-            on_commit(fut)
-    for fut in as_completed([f for f in futures if not isinstance(f, dict)]):
-        try:
-            record = fut.result()  # not fut.state: the API may not have recorded it yet
-        except Exception:  # noqa: BLE001 - raised again below, in plan order, after every task ends
-            continue
-        progress.shard_done()
-        on_commit(record)
-    records = []
-    for fut in futures:
-        record = fut if isinstance(fut, dict) else dict(fut.result())
-        # Reused: proven before submission, or by the task itself (a resubmitted task whose shard
-        # an earlier attempt, e.g. on a lost Dask worker, had committed). Never Prefect-cached.
-        record["cached"] = isinstance(fut, dict) or bool(record.pop("reused", False))
-        records.append(record)
-    return records
+        run_name = f"{call.stage} {printable(call.shard.file)}".replace("{", "{{").replace("}", "}}")
+        task = write_shard_task.with_options(name=f"{call.stage}-shard", task_run_name=run_name,
+                                             result_storage=self._storage)
+        return task.submit(*call.args())
 
-
-def finalize(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location) -> None:
-    """Non-weight files, config.json, then the index — last, once every shard has committed."""
-    for name in ckpt.other_files():
-        if name == CONFIG_NAME and plan.config is not None:
-            continue
-        if plan.copy_files is not None and not any(fnmatch.fnmatch(name, g) for g in plan.copy_files):
-            continue
-        copy_file(src, dst, name)
-    if plan.config is not None:
-        refuse_packed_leftovers(plan, plan.config, dst.url)  # last line of defence: planners check too
-        write_json(dst, CONFIG_NAME, plan.config)
-    if plan.write_index and (ckpt.index is not None or len(plan.shards) > 1):
-        extra = {k: v for k, v in ((ckpt.index or {}).get("metadata") or {}).items() if k != "total_size"}
-        write_json(dst, INDEX_NAME, index_document(plan.weight_map(), plan.total_size, extra))
-
-
-def verify_output(dst: Location, plan: StagePlan, allow_dtypes: tuple[str, ...] = ()) -> tuple[Checkpoint, DtypeReport]:
-    """Read back what was written: index ↔ headers, total_size, dtypes against config.json."""
-    written = scan_checkpoint(dst)
-    problems = [p for p in find_problems(written, require_index=plan.write_index) if p.severity == "error"]
-    if problems:
-        raise StorageError(f"{dst.url}: the written checkpoint fails validation:\n"
-                           + problem_list(problems))
-    report = check_dtypes(written, allow_dtypes)
-    publish_dtype_report(report, dst.url)
-    if not report.ok:
-        raise PlanError(f"{dst.url}: dtypes do not match config.json:\n{report.text()}")
-    return written, report
+    def as_completed(self, futures: list[Any]) -> Any:
+        return as_completed(futures)

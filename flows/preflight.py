@@ -16,8 +16,10 @@ from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.validate import raise_on_errors
 
+from ckptflow.tasks.run.engine import EnginePass
+
 from ckptflow.flows.params import Recipe
-from ckptflow.flows.recipe import Pass, plan_passes
+from ckptflow.flows.recipe import Pass, plan_mp_stage, plan_passes
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,12 @@ class Preflight:
     @property
     def total_shards(self) -> int:
         return sum(len(p.plan.shards) for p in self.passes)
+
+    def engine_passes(self) -> list[EnginePass]:
+        """The passes as the engine runs them (`ckptflow.tasks.run.engine`)."""
+        recipe = self.recipe
+        return [EnginePass(p.plan, p.into_work, (lambda c: plan_mp_stage(c, recipe)) if p.replan == "mp" else None)
+                for p in self.passes]
 
 
 # Plans made in this process, by (source url, recipe): at most the CLI's one conversion. A

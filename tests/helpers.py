@@ -97,22 +97,19 @@ def sigkill_when(child: subprocess.Popen, ready: Callable[[], bool], timeout: fl
 
 
 def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
-    """The convert flow's pass loop without Prefect: shards, finalize; returns the pass count."""
-    from ckptflow.flows.passes import finalize
-    from ckptflow.flows.recipe import plan_mp_stage, plan_passes
+    """A whole conversion on the engine, no Prefect (`fuse=False`: the two-pass route through the
+    work location, the reference a fused pass must equal; its intermediate is kept for tests to
+    read); returns the pass count."""
+    from ckptflow.flows.preflight import Preflight
+    from ckptflow.flows.recipe import plan_passes
     from ckptflow.storage.urls import open_location
-    from ckptflow.tasks.run.execute import write_shard
+    from ckptflow.tasks.run.engine import run_conversion
 
     src_loc = open_location(str(src))
     ckpt = scan_checkpoint(src_loc)
     passes, _ = plan_passes(ckpt, recipe, fuse=fuse)
-    for p in passes:
-        plan = plan_mp_stage(ckpt, recipe) if p.replan == "mp" else p.plan
-        out = open_location(str(work / "stages" / plan.stage) if p.into_work else str(dst))
-        for shard in plan.shards:
-            write_shard(shard, src_loc, out)
-        finalize(plan, ckpt, src_loc, out)
-        src_loc, ckpt = out, scan_checkpoint(out)
+    run_conversion(ckpt, Preflight(ckpt, recipe, passes).engine_passes(), src_loc, open_location(str(dst)),
+                   str(work), keep_intermediates=True)
     return len(passes)
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 from prefect.logging import disable_run_logger
 
+import ckptflow.tasks.run.shard as shard_module
 import ckptflow.tasks.run.shard_task as shard_task
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
@@ -29,7 +30,7 @@ def test_a_resubmitted_shard_task_reuses_what_its_first_attempt_committed(demo_c
         def recompute(*a, **k):
             raise AssertionError("a committed shard was computed again")
 
-        monkeypatch.setattr(shard_task, "write_shard", recompute)
+        monkeypatch.setattr(shard_module, "write_shard", recompute)
         again = shard_task.write_shard_task.fn(*args)  # the resubmission: proven by the journal
         assert again["reused"] is True and again["sha256"] == first["sha256"] and again["size"] == first["size"]
         after = os.stat(dst / shard.file)

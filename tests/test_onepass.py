@@ -53,7 +53,7 @@ def test_fused_dequant_mp_equals_two_passes(fp8, tmp_path, world, fix, monkeypat
     assert run_passes(src, tmp_path / "two", tmp_path / "w2", recipe, fuse=False) == 2
     monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 3000)  # many chunks, rows cut mid-block
     assert run_passes(src, tmp_path / "one", tmp_path / "w1", recipe, fuse=True) == 1
-    assert not (tmp_path / "w1").exists()  # no intermediate checkpoint
+    assert not (tmp_path / "w1" / "stages").exists()  # no intermediate checkpoint: the journal alone
     one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
     assert sorted(one) == sorted(two) == sorted([f"model{r}-mp{world}.safetensors" for r in range(world)]
                                                 + ["config.json", "tokenizer.json", "tokenizer_config.json"])

@@ -73,7 +73,7 @@ def test_overlapping_paths_are_refused_before_anything_is_touched(demo_ckpt, tmp
 
 
 def test_prune_never_deletes_under_source(demo_ckpt, tmp_path):
-    from ckptflow.flows.passes import prepare_dest
+    from ckptflow.tasks.run.passes import prepare_dest
     from ckptflow.storage.urls import StorageError, open_location
 
     before = digest_tree(demo_ckpt)

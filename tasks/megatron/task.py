@@ -7,10 +7,12 @@ sizes); everything after it streams like the other stages. It is cached like a s
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from prefect import task
+from prefect.cache_policies import CachePolicy
 
 from ckptflow.storage.files import CONFIG_NAME, write_json
 from ckptflow.storage.safetensors_format import TensorSpec
@@ -18,7 +20,7 @@ from ckptflow.storage.transient import TRANSIENT_RETRIES
 from ckptflow.storage.urls import open_location
 from ckptflow.storage.writer import SafetensorsWriter
 
-from ckptflow.tasks.run.resume import SHARD_CACHE
+from ckptflow.tasks.run.resume import shard_key
 from ckptflow.tasks.megatron.load import load_megatron
 from ckptflow.tasks.megatron.mapping import convert_megatron
 from ckptflow.tasks.presets.megatron import parse_megatron_table
@@ -27,7 +29,17 @@ from ckptflow.tasks.kernels.dtype_map import TORCH_TO_ST
 IMPORTED = "model.safetensors"
 
 
-@task(name="megatron-import", cache_policy=SHARD_CACHE, persist_result=True, result_serializer="json",
+@dataclass
+class ImportCachePolicy(CachePolicy):
+    """The import is one task over a whole (small, GPT-2) checkpoint: Prefect's cache, keyed on
+    what determines its output (`shard_key` with its params), reuses it across flow runs."""
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any],
+                    **kwargs: Any) -> str | None:
+        return shard_key(inputs["stage"], None, inputs["fingerprints"], inputs["dest"], inputs.get("params"))
+
+
+@task(name="megatron-import", cache_policy=ImportCachePolicy(), persist_result=True, result_serializer="json",
       cache_result_in_memory=False, **TRANSIENT_RETRIES)
 def import_megatron(stage: str, source: str, dest: str, fingerprints: list[tuple[str, int, str | None]],
                     params: dict[str, Any], storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
