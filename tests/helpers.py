@@ -44,6 +44,18 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def one_error_line(run: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """Exit `code`, no traceback, exactly one `error:` line, which holds every needle."""
+    out = run.stdout + run.stderr
+    assert run.returncode == code, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, run.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
 def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     if proc.poll() is not None:
         return

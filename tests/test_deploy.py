@@ -38,20 +38,25 @@ def users_prefect_project(dest: Path) -> Path:
     return dest
 
 
-def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
+def client_query(env: dict[str, str], body: str, arg: str) -> object:
+    """Run `body` (lines inside `async with get_client() as c:`, `sys.argv[1]` = `arg`, ending in
+    a `print(json.dumps(...))`) against the server in `env`; its JSON."""
     code = ("import asyncio, json, sys\n"
             "from prefect.client.orchestration import get_client\n"
             "from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName\n"
             "async def main():\n"
-            "    async with get_client() as c:\n"
-            "        runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(\n"
-            "            name=DeploymentFilterName(any_=[sys.argv[1]])))\n"
-            "        print(json.dumps([{'name': r.name, 'state': r.state_type.value, 'parameters': r.parameters,\n"
-            "                           'auto_scheduled': r.auto_scheduled} for r in runs]))\n"
-            "asyncio.run(main())\n")
-    proc = subprocess.run([PYTHON, "-c", code, deployment], env=env, capture_output=True, text=True, timeout=60)
+            "    async with get_client() as c:\n" + body + "asyncio.run(main())\n")
+    proc = subprocess.run([PYTHON, "-c", code, arg], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
+    return client_query(env, (
+        "        runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(\n"
+        "            name=DeploymentFilterName(any_=[sys.argv[1]])))\n"
+        "        print(json.dumps([{'name': r.name, 'state': r.state_type.value, 'parameters': r.parameters,\n"
+        "                           'auto_scheduled': r.auto_scheduled} for r in runs]))\n"), deployment)
 
 
 @pytest.fixture(scope="module")
@@ -193,17 +198,10 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
 
 
 def deployment(env: dict[str, str], name: str) -> dict:
-    code = ("import asyncio, json, sys\n"
-            "from prefect.client.orchestration import get_client\n"
-            "async def main():\n"
-            "    async with get_client() as c:\n"
-            "        d = await c.read_deployment_by_name(sys.argv[1])\n"
-            "        print(json.dumps({'parameters': d.parameters, 'schedules': [\n"
-            "            {'cron': getattr(s.schedule, 'cron', None), 'active': s.active} for s in d.schedules]}))\n"
-            "asyncio.run(main())\n")
-    proc = subprocess.run([PYTHON, "-c", code, name], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return client_query(env, (
+        "        d = await c.read_deployment_by_name(sys.argv[1])\n"
+        "        print(json.dumps({'parameters': d.parameters, 'schedules': [\n"
+        "            {'cron': getattr(s.schedule, 'cron', None), 'active': s.active} for s in d.schedules]}))\n"), name)
 
 
 def test_an_operator_points_the_watch_deployment_at_their_buckets_without_editing_the_yaml(deployed):

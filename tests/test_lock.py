@@ -19,7 +19,7 @@ import pytest
 from ckptflow.storage import lock, object_lock
 from ckptflow.storage.urls import StorageError, open_location
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env, one_error_line
 
 
 def sha(path: Path) -> str:
@@ -223,15 +223,6 @@ def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
 
 
-def one_error_line(run: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
-    out = run.stdout + run.stderr
-    assert run.returncode == code, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, run.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def digest_tree(path: Path) -> dict[str, str]:

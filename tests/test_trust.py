@@ -14,7 +14,7 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env, one_error_line
 from .helpers import tree
 
 
@@ -29,16 +29,6 @@ def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
 
 
-def one_error_line(run: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, no traceback, exactly one `error:` line, which holds every needle."""
-    out = run.stdout + run.stderr
-    assert run.returncode == 2, out[-3000:]
-    assert "Traceback" not in out, out[-3000:]
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, run.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 # --- SOURCE is read-only, however DEST is spelled --------------------------------------------
