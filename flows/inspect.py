@@ -24,7 +24,9 @@ def _geometry(params: tuple[tuple[str, Any], ...]) -> str:
     if "block" in p:
         bm, bn = p["block"]
         return f"block {bm}x{bn}"
-    return f"groups of {p['group']}" + (f", {p['convention']} convention" if "convention" in p else "")
+    if "group" in p:
+        return f"groups of {p['group']}" + (f", {p['convention']} convention" if "convention" in p else "")
+    return ", ".join(f"{k} {v}" for k, v in p.items()) or "-"  # a format whose params say otherwise
 
 
 def inspect_report(ckpt: Checkpoint) -> dict[str, Any]:
