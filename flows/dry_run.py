@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from ckptflow.tasks.plan.model import StagePlan
+from ckptflow.tasks.plan.transforms import Action, action_of
 
 from ckptflow.flows.preflight import Preflight
 from ckptflow.flows.printable import printable
@@ -21,24 +22,13 @@ MAX_FILES_LISTED = 8  # per pass in the text form; --json lists every file
 
 
 def tensor_actions(plan: StagePlan) -> dict[str, int]:
-    """How many output tensors each kind of work makes, plus the source tensors dropped."""
-    counts: Counter[str] = Counter()
-    for shard in plan.shards:
-        for t in shard.tensors:
-            if t.transform.startswith("dequant"):
-                counts["dequantized"] += 1
-            elif t.transform == "cast":
-                counts["cast"] += 1
-            elif t.transform == "slice":
-                counts["sliced"] += 1
-            elif t.transform == "copy":
-                same_file = len(t.sources) == 1 and t.sources[0].file == shard.file
-                counts["copied" if same_file else "moved"] += 1
-            else:  # a transform this report does not know yet still counts
-                counts[t.transform] += 1
+    """How many output tensors each kind of work makes (as the transform registry names it: every
+    quantized format counts as dequantized), plus the source tensors dropped. The run's summary
+    counts with this too."""
+    counts = Counter(action_of(t, shard.file) for shard in plan.shards for t in shard.tensors)
     counts["dropped"] = len(plan.dropped)
-    return {k: counts.get(k, 0) for k in ("dequantized", "cast", "sliced", "moved", "copied", "dropped")} | \
-        {k: v for k, v in counts.items() if k not in ("dequantized", "cast", "sliced", "moved", "copied", "dropped")}
+    order = (*Action.ORDER, "dropped")
+    return {k: counts.get(k, 0) for k in order} | {k: v for k, v in counts.items() if k not in order}
 
 
 def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dict[str, Any]:

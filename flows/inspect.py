@@ -16,14 +16,17 @@ from ckptflow.tasks.plan.model import PlanError
 from ckptflow.flows.printable import printable
 
 
-def _geometry(params: tuple[tuple[str, Any], ...], transform: str) -> str:
+def _geometry(params: tuple[tuple[str, Any], ...]) -> str:
+    """How a scheme's scales cover its weight, from the plan's params (any transform's)."""
     p = dict(params)
     if "per" in p:
         return f"per-{p['per']}"
-    if transform == "dequant_fp8":
+    if "block" in p:
         bm, bn = p["block"]
         return f"block {bm}x{bn}"
-    return f"groups of {p['group']}" + (f", {p['convention']} convention" if "convention" in p else "")
+    if "group" in p:
+        return f"groups of {p['group']}" + (f", {p['convention']} convention" if "convention" in p else "")
+    return ", ".join(f"{k} {v}" for k, v in p.items()) or "-"  # a format whose params say otherwise
 
 
 def inspect_report(ckpt: Checkpoint) -> dict[str, Any]:
@@ -45,7 +48,7 @@ def inspect_report(ckpt: Checkpoint) -> dict[str, Any]:
         report["scheme"] = {"method": layout.scheme.method, "declared_in": layout.scheme.where}
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for q in layout.quantized.values():
-        key = (q.variant.scheme.name, _geometry(q.params, q.transform), q.main[1].dtype,
+        key = (q.variant.scheme.name, _geometry(q.params), q.main[1].dtype,
                "+".join(a[1].dtype for a in q.aux))
         g = groups.setdefault(key, {"scheme": key[0], "geometry": key[1], "codes_dtype": key[2],
                                     "scale_dtypes": key[3], "tensors": 0, "bytes_in": 0, "bytes_out": 0,

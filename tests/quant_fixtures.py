@@ -98,12 +98,13 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], scheme: str, g: torch.Gener
             continue
         base = name[: -len(".weight")]
         rows, cols = t.shape
-        if scheme in ("ct-fp8-channel", "ct-fp8-tensor", "ct-fp8-block"):
+        if scheme in ("ct-fp8-channel", "ct-fp8-tensor", "ct-fp8-block", "modelopt-fp8"):
             if scheme == "ct-fp8-channel":
                 s = (t.float().abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp(min=1e-8).to(scale_dtype)
                 full = s
-            elif scheme == "ct-fp8-tensor":
+            elif scheme in ("ct-fp8-tensor", "modelopt-fp8"):  # ModelOpt: one F32 scale, shape []
                 s = (t.float().abs().amax() / E4M3_MAX).reshape(1).to(scale_dtype)
+                s = s.reshape(()).float() if scheme == "modelopt-fp8" else s
                 full = s
             else:
                 bm, bn = block
@@ -142,7 +143,7 @@ def tiny_llama(seed: int = 0):
 
 
 def make_llama(path: Path, scheme: str, seed: int = 0, static_input: bool = False) -> Path:
-    """A tiny Llama quantized as `scheme`: ct-fp8-{tensor,channel,block}, ct-nvfp4, modelopt-nvfp4."""
+    """A tiny Llama quantized as `scheme`: ct-fp8-{tensor,channel,block}, ct-nvfp4, modelopt-{fp8,nvfp4}."""
     model = tiny_llama(seed)
     g = torch.Generator().manual_seed(seed)
     sd = quantize_state_dict(model.state_dict(), scheme, g, static_input=static_input)
@@ -154,10 +155,11 @@ def make_llama(path: Path, scheme: str, seed: int = 0, static_input: bool = Fals
                                                       static_input)
     elif scheme == "ct-nvfp4":
         config["quantization_config"] = ct_nvfp4_config()
-    elif scheme == "modelopt-nvfp4":
+    elif scheme.startswith("modelopt"):
+        algo = {"quant_algo": "NVFP4", "group_size": 16} if scheme == "modelopt-nvfp4" else {"quant_algo": "FP8"}
         extra = {"hf_quant_config.json": {"producer": {"name": "modelopt", "version": "0.29.0"},
-                                          "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None,
-                                                           "group_size": 16, "exclude_modules": ["lm_head"]}}}
+                                          "quantization": {**algo, "kv_cache_quant_algo": None,
+                                                           "exclude_modules": ["lm_head"]}}}
     return write(path, sd, config, files=2, extra=extra)
 
 

@@ -7,6 +7,7 @@ shapes whose rank slices cut through 128×128 scale blocks.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ckptflow.flows.synthetic import TOKENIZER_FILES, DeepSeekDims, deepseek_con
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
+from ckptflow.tasks.plan.transforms import REGISTRY
 from ckptflow.tasks.run.execute import write_shard
 
 from .helpers import run_passes
@@ -109,7 +111,8 @@ def test_every_cut_of_a_dequantized_tensor_is_the_slice_of_the_whole(tmp_path, m
 
     monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 5000)
     if path == "stream":
-        monkeypatch.setattr("ckptflow.tasks.run.execute.CUT_AWARE", {"copy", "cast"})
+        entry = REGISTRY["dequant_fp8"]  # as if it could not cut itself: the executor cuts its whole stream
+        monkeypatch.setitem(REGISTRY, "dequant_fp8", dataclasses.replace(entry, cuts_itself=False))
     whole, src = _fp8_tensor(tmp_path, (3, 200, 300), (64, 128))
     tensors = [whole]
     cuts = [(0, 1, 3), (1, 0, 50), (1, 70, 200), (1, 64, 128), (2, 0, 150), (2, 130, 260), (2, 256, 300)]

@@ -16,6 +16,7 @@ from ckptflow.storage.files import INDEX_NAME
 from ckptflow.storage.safetensors_format import SHARD_METADATA, Header, TensorInfo, build_header
 
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, StagePlan
+from ckptflow.tasks.plan.transforms import COPY, SLICE, transform_of
 
 
 def planned_checkpoint(plan: StagePlan, url: str, source: Checkpoint) -> Checkpoint:
@@ -50,12 +51,13 @@ def keeps_quant_config(plan: StagePlan) -> bool:
 def _through(made: OutputTensor, t: OutputTensor) -> OutputTensor | None:
     """Downstream tensor `t` (a copy or slice of upstream output `made`) made straight from the
     upstream sources, or None when it cannot be (a slice of an already cut tensor)."""
-    if t.transform == "copy":
+    down, up = transform_of(t), transform_of(made)
+    if down is COPY:
         return replace(made, name=t.name)
-    if t.transform != "slice" or made.transform == "slice" or made.param("cut") is not None:
+    if down is not SLICE or up is SLICE or made.param("cut") is not None:
         return None
     cut = (t.param("dim"), t.param("start"), t.param("stop"))
-    if made.transform == "copy":  # a slice of a copy is the plain slice of the source
+    if up is COPY:  # a slice of a copy is the plain slice of the source
         return replace(t, sources=made.sources)
     return replace(made, name=t.name, shape=t.shape,
                    params=made.params + (("cut", cut), ("full_shape", made.shape)))
@@ -65,7 +67,8 @@ def compose(upstream: StagePlan, downstream: StagePlan) -> StagePlan | None:
     """One plan doing both, when every downstream tensor is a copy or slice of one upstream output.
 
     A slice of a transformed tensor keeps the transform and gains a `cut` param, which the
-    executor honours by computing only what the slice needs (`ckptflow.tasks.run.cuts`). Returns
+    executor honours by computing only what the slice needs where the transform's registry entry
+    `cuts_itself`, else by cutting its whole output (`ckptflow.tasks.run.cuts`). Returns
     None when that does not hold: the stages then run as two passes through the work location.
     """
     made: dict[str, OutputTensor] = {t.name: t for s in upstream.shards for t in s.tensors}

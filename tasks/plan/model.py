@@ -14,6 +14,7 @@ from typing import Any
 
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.safetensors_format import TensorInfo, TensorSpec
+from ckptflow.tasks.plan.transforms import read_bytes
 
 
 class PlanError(UserError, ValueError):
@@ -43,7 +44,7 @@ class OutputTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    transform: str                      # "copy" | "dequant_fp8" | "cast" | "slice" (dim, start, stop)
+    transform: str                      # a name in `tasks.plan.transforms.REGISTRY`
     sources: tuple[SourceRef, ...]
     params: tuple[tuple[str, Any], ...] = ()
 
@@ -71,10 +72,8 @@ class ShardPlan:
     @cached_property
     def source_bytes(self) -> int:
         """Source bytes this shard's transforms read: an MP rank's cut of a tensor costs its slice
-        (or the scale blocks around it), not the whole tensor (`cuts.read_bytes`). Computed once
-        per plan object (dry runs and shard tasks ask more than once)."""
-        from ckptflow.tasks.run.cuts import read_bytes  # imports this module
-
+        (or the scale blocks around it), not the whole tensor (`transforms.read_bytes`). Computed
+        once per plan object (dry runs and shard tasks ask more than once)."""
         return sum(read_bytes(t) for t in self.tensors)
 
     @property

@@ -1,9 +1,10 @@
 """Match a declared scheme against the headers: per quantized module, its scales and geometry.
 
-Pure (a `Checkpoint` in, a `QuantLayout` out). Geometry comes from the config and is checked
-against each scale grid's shape with ceil division; it is never inferred by dividing a shape by a
-grid (wrong on ragged edges). Every tensor that cannot be handled becomes one problem line, so
-the planner can refuse them all at once, before anything is written.
+Pure (a `Checkpoint` in, a `QuantLayout` out). Geometry comes from the config and is checked by
+the scheme row's `geometry` (`quant_geometry`) against each scale grid's shape with ceil division;
+it is never inferred by dividing a shape by a grid (wrong on ragged edges).Every tensor that cannot
+be handled becomes one problem line, so the planner can refuse them all at once, before anything is
+written.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FLOAT_DTYPES, TensorInfo
-from ckptflow.tasks.kernels.scale_grid import normalise_scale
+from ckptflow.tasks.planners.quant_geometry import Geometry
 from ckptflow.tasks.planners.quant_scheme import (ACTIVATION_SUFFIXES, FP8, SCHEMES, SchemeConfig, Variant,
                                                   read_scheme)
 
@@ -168,71 +169,8 @@ def _match(v: Variant, base: str, main: Located, tensors: dict[str, Located],
     key = (id(v), info.dtype, tuple(info.shape)) + tuple((a[1].dtype, tuple(a[1].shape)) for a in aux)
     if key not in seen:
         try:
-            seen[key] = GEOMETRY[v.scheme.transform](v, info, [a[1] for a in aux])
+            seen[key] = v.scheme.geometry(v, info, [a[1] for a in aux])
         except ValueError as exc:  # not memoized: the message names this tensor
             return f"{file}: {exc} ({v.scheme.name})"
     shape, params, transform = seen[key]
     return QuantTensor(v, main, tuple(aux), base + v.scheme.out, shape, params, transform)
-
-
-Geometry = tuple[tuple[int, ...], tuple[tuple[str, Any], ...], str]
-
-
-def _fp8_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
-    name, shape, scale = info.name, tuple(info.shape), tuple(aux[0].shape)
-    per = v.param("per")
-    if per is not None:  # multiplied in the scale's dtype (kernels/fp8_scaled.py): 2-D e4m3 only
-        if len(shape) != 2 or info.dtype != "F8_E4M3":
-            raise ValueError(f"{name}: per-{per} FP8 needs a 2-D F8_E4M3 weight, got {info.dtype} {list(shape)}")
-        fits = (_numel(scale) == 1 and len(scale) <= 1) if per == "tensor" else scale in ((shape[0], 1), (shape[0],))
-        if not fits:
-            want = "[] or [1]" if per == "tensor" else f"[{shape[0]}, 1]"
-            raise ValueError(f"{name}: per-{per} scale shape {list(scale)} does not fit weight {list(shape)} "
-                             f"(expected {want})")
-        return shape, (("per", per),), "fp8_scaled"
-    if len(shape) not in (2, 3):
-        raise ValueError(f"{name}: FP8 block dequant needs a 2-D or 3-D weight, got shape {list(shape)}")
-    if aux[0].dtype == "F16":  # compressed-tensors would multiply in float16: not the block formula
-        raise ValueError(f"{aux[0].name}: F16 block scales are not supported (only F32, BF16)")
-    block = normalise_scale(shape, scale, v.param("block"), name)
-    return shape, (("block", block),), "dequant_fp8"
-
-
-def _nvfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
-    name, shape = info.name, tuple(info.shape)
-    scale, global_scale = (tuple(a.shape) for a in aux)
-    if len(shape) != 2:
-        raise ValueError(f"{name}: NVFP4 packed weight must be 2-D [rows, cols/2], got {list(shape)}")
-    rows, cols = shape[0], shape[1] * 2
-    group = v.param("group")
-    want = (rows, -(-cols // group))
-    if tuple(scale) != want:
-        raise ValueError(f"{name}: scale shape {list(scale)} does not match weight [{rows}, {cols}] "
-                         f"in groups of {group} (expected {list(want)})")
-    if _numel(global_scale) != 1 or len(global_scale) > 1:
-        raise ValueError(f"{name}: global scale has shape {list(global_scale)}, expected one element")
-    convention = "modelopt" if v.scheme.name.startswith("modelopt") else "compressed-tensors"
-    return (rows, cols), (("group", group), ("convention", convention)), "nvfp4"
-
-
-def _mxfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
-    name, shape, scales = info.name, tuple(info.shape), tuple(aux[0].shape)
-    group = v.param("group")
-    if len(shape) != 4 or shape[-1] * 2 != group:
-        raise ValueError(f"{name}: MXFP4 blocks must be [experts, out, in/{group}, {group // 2}], "
-                         f"got {list(shape)}")
-    if tuple(scales) != tuple(shape[:-1]):
-        raise ValueError(f"{name}: scales shape {list(scales)} does not match blocks {list(shape)} "
-                         f"(expected {list(shape[:-1])})")
-    experts, out, groups = shape[:3]
-    return (experts, groups * group, out), (("group", group),), "mxfp4_gpt_oss"  # [E, IN, OUT], as transformers
-
-
-GEOMETRY = {"dequant_fp8": _fp8_geometry, "nvfp4": _nvfp4_geometry, "mxfp4_gpt_oss": _mxfp4_geometry}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

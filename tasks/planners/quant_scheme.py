@@ -8,11 +8,13 @@ Anything not in the table (GPTQ, AWQ, int4 packs, …) is refused by name, never
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ckptflow.tasks.plan.model import PlanError
 from ckptflow.tasks.planners.linear_match import Matcher, compile_patterns
+from ckptflow.tasks.planners.quant_geometry import Geometry, fp8_geometry, mxfp4_geometry, nvfp4_geometry
 
 FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 
@@ -26,27 +28,27 @@ class Scheme:
     main_dtypes: frozenset[str]
     aux: tuple[tuple[str, frozenset[str]], ...]       # (suffix, allowed dtypes) of each scale tensor
     out: str                                          # suffix of the BF16 tensor written
-    transform: str                                    # OutputTensor.transform
+    geometry: Callable[..., Geometry]                 # (variant, codes, scales) → shape, params, transform
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     # DeepSeek-V3/V3.1/V3.2, Qwen3 FP8, Kimi-K2, MiniMax-M2, GLM: block scales, stored as the reciprocal.
     # Any FP8 tensor `X` with `X_scale_inv` (DeepSeek names stacked experts too, not only `.weight`).
-    Scheme("fp8-block", "", FP8, (("_scale_inv", frozenset({"F32", "BF16", "F8_E8M0"})),), "", "dequant_fp8"),
+    Scheme("fp8-block", "", FP8, (("_scale_inv", frozenset({"F32", "BF16", "F8_E8M0"})),), "", fp8_geometry),
     # compressed-tensors float-quantized (llm-compressor): tensor / channel / block / group strategies.
     Scheme("ct-fp8", ".weight", FP8, ((".weight_scale", frozenset({"F32", "BF16", "F16"})),), ".weight",
-           "dequant_fp8"),
+           fp8_geometry),
     # compressed-tensors nvfp4-pack-quantized: E2M1 pairs, FP8 scale per 16, a global scale divides.
     Scheme("ct-nvfp4", ".weight_packed", frozenset({"U8"}),
            ((".weight_scale", frozenset({"F8_E4M3"})), (".weight_global_scale", frozenset({"F32"}))),
-           ".weight", "nvfp4"),
+           ".weight", nvfp4_geometry),
     # ModelOpt FP8 per-tensor and NVFP4 (weight_scale_2 multiplies).
-    Scheme("modelopt-fp8", ".weight", FP8, ((".weight_scale", frozenset({"F32"})),), ".weight", "dequant_fp8"),
+    Scheme("modelopt-fp8", ".weight", FP8, ((".weight_scale", frozenset({"F32"})),), ".weight", fp8_geometry),
     Scheme("modelopt-nvfp4", ".weight", frozenset({"U8"}),
            ((".weight_scale", frozenset({"F8_E4M3"})), (".weight_scale_2", frozenset({"F32"}))),
-           ".weight", "nvfp4"),
+           ".weight", nvfp4_geometry),
     # gpt-oss MXFP4 experts: `*_blocks` [E, OUT, G, 16], `*_scales` E8M0 [E, OUT, G].
-    Scheme("mxfp4", "_blocks", frozenset({"U8"}), (("_scales", frozenset({"U8"})),), "", "mxfp4_gpt_oss"),
+    Scheme("mxfp4", "_blocks", frozenset({"U8"}), (("_scales", frozenset({"U8"})),), "", mxfp4_geometry),
 )}
 
 # Activation / KV-cache quantization parameters: meaningless in a BF16 model, dropped and listed.

@@ -14,6 +14,7 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.safetensors_format import FLOAT_DTYPES, FP8_DTYPES
 
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, StagePlan
+from ckptflow.tasks.plan.transforms import CAST, COPY
 from ckptflow.tasks.presets.dtype_exceptions import builtin_dtype_exceptions
 from ckptflow.tasks.planners.quant_layout import is_packed, scale_siblings
 from ckptflow.tasks.planners.quant_scheme import claims_unquantized
@@ -201,9 +202,9 @@ def fix_dtypes(plan: StagePlan, config: dict[str, Any] | None, extra_allowed: tu
         tensors = []
         for t in shard.tensors:
             want = exp.for_tensor(t.name)
-            wrong = (t.transform == "copy" and want is not None and t.dtype in FLOAT_DTYPES - FP8_DTYPES
+            wrong = (t.transform == COPY.name and want is not None and t.dtype in FLOAT_DTYPES - FP8_DTYPES
                      and t.dtype != want and not _by_design(exp, t.name, t.dtype))
-            tensors.append(replace(t, dtype=want, transform="cast") if wrong else t)
+            tensors.append(replace(t, dtype=want, transform=CAST.name) if wrong else t)
         shards.append(ShardPlan(shard.file, tuple(tensors)))
     return replace(plan, shards=tuple(shards))
 

@@ -23,8 +23,10 @@ from ckptflow.storage.writer import SafetensorsWriter, WrittenFile
 from ckptflow.tasks.kernels.finite import max_abs, may_overflow
 from ckptflow.tasks.run.buffers import BufferPool
 from ckptflow.tasks.run.finite_guard import check_scales, record
-from ckptflow.tasks.run.cuts import BlockRegion, Cut, cut_of, cut_stream, source_cut, uncut
+from ckptflow.tasks.run.cuts import cut_stream, source_cut
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
+from ckptflow.tasks.plan.regions import BlockRegion, Cut, cut_of, uncut
+from ckptflow.tasks.plan.transforms import COPY, stream_of, transform_of
 
 CHUNK_BYTES = 8 << 20
 READ_AHEAD = 2
@@ -145,7 +147,7 @@ def _source_cut(t: OutputTensor, ctx: ExecContext, cut: Cut) -> Iterator[Piece]:
     return source_cut(_reader(ctx), src, cut, DTYPE_SIZES[src.dtype], CHUNK_BYTES)
 
 
-def _copy(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def copy_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     (src,) = t.sources
     cut = cut_of(t)
     if cut is not None:  # a copy of a slice is the slice of the source
@@ -165,7 +167,7 @@ def read_small(ctx: ExecContext, ref: SourceRef, a: int | None = None, b: int | 
     return bytearray(ctx.reader.read(ref.file, start, end)) if end > start else bytearray()
 
 
-def _dequant(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def dequant_fp8_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """Whole block rows a chunk at a time; with a `cut`, only the blocks the slice touches are
     read and dequantized, and the slice is cut out of them (see `cuts.BlockRegion`)."""
     import torch
@@ -250,7 +252,7 @@ def _trimmed(ctx: ExecContext, region: BlockRegion, r0: int, r1: int, buf: np.nd
         ctx.buffers.give(buf)
 
 
-def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def cast_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """Cast element-wise with torch's own `.to()` (round to nearest-even), chunk by chunk; with a
     `cut`, only the slice's bytes are read and cast (slicing commutes with an element-wise op)."""
     import torch
@@ -276,35 +278,25 @@ def _cast(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         yield memoryview(buf), ctx.releaser(buf)
 
 
-def _slice(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def slice_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """`source[..., start:stop, ...]` along `dim`, as raw bytes (any dtype, no decode)."""
     return _source_cut(t, ctx, (t.param("dim"), t.param("start"), t.param("stop")))
 
 
-TRANSFORMS = {"copy": _copy, "dequant_fp8": _dequant, "cast": _cast, "slice": _slice}
-# Transforms that make a `cut` of their output themselves (reading and computing only what it
-# needs); any other transform with a cut makes its whole output and `cut_stream` keeps the slice.
-CUT_AWARE = {"copy", "dequant_fp8", "cast"}
-
-
 def _pieces(file: str, t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
-    transform = transform_of(t.transform)
-    if transform is None:
-        raise ValueError(f"{file}: tensor {t.name!r} has unknown transform {t.transform!r}")
+    """`t`'s bytes from its transform's stream function (`tasks.plan.transforms`): a `cut` is made
+    by the transform itself where its entry says it can, else cut out of its whole output."""
+    try:
+        entry = transform_of(t)
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None
+    stream = stream_of(entry.name)
     cut = cut_of(t)
-    if cut is None or t.transform in CUT_AWARE:
-        return transform(t, ctx)
+    if cut is None or entry.cuts_itself:
+        return stream(t, ctx)
     whole = uncut(t)
     item = DTYPE_SIZES[t.dtype]
-    return cut_stream(transform(whole, ctx), whole.shape, item, cut, ctx.buffers.take, ctx.releaser)
-
-
-def transform_of(name: str) -> Callable[[OutputTensor, ExecContext], Iterator[Piece]] | None:
-    if name in TRANSFORMS:
-        return TRANSFORMS[name]
-    from ckptflow.tasks.run.quant_stream import QUANT_TRANSFORMS  # imports this module: loaded on first use
-
-    return QUANT_TRANSFORMS.get(name)
+    return cut_stream(stream(whole, ctx), whole.shape, item, cut, ctx.buffers.take, ctx.releaser)
 
 
 def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progress | None = None,
@@ -321,7 +313,7 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
                           kernel_copy=src.is_local and dst.is_local and not digest)
         # Computed bytes go out with O_DIRECT; a shard of whole-tensor copies (reindex) stays with
         # copy_file_range: reflinks where the filesystem shares extents, a kernel copy elsewhere.
-        only_copies = ctx.kernel_copy and all(t.transform == "copy" and cut_of(t) is None for t in shard.tensors)
+        only_copies = ctx.kernel_copy and all(t.transform == COPY.name and cut_of(t) is None for t in shard.tensors)
         writer = SafetensorsWriter(dst, shard.file, shard.specs, digest=digest, direct=not only_copies)
         bg = _BackgroundWriter(writer)
         try:

@@ -1,5 +1,8 @@
 """Streaming per-tensor/channel FP8, NVFP4 and gpt-oss MXFP4 dequant for `execute.write_shard`.
 
+Each function is the `stream` of one entry of `tasks.plan.transforms.REGISTRY`, which the
+executor imports through the registry: this module imports the executor, never the other way.
+
 The kernels (`tasks/kernels/dispatch.py`) work on whole arrays; here the source is cut into
 pieces of about `execute.CHUNK_BYTES` output so a shard task's memory stays a few chunks.
 Both formats are element-wise, so a piece dequantized alone has exactly the bits of the whole.
@@ -52,7 +55,7 @@ def _piece(ctx: ExecContext, got: torch.Tensor, buf: np.ndarray | None) -> Piece
     return (memoryview(buf), ctx.releaser(buf)) if buf is not None else (_bf16_bytes(got), None)
 
 
-def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def fp8_scaled_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """compressed-tensors / ModelOpt FP8 with a per-tensor or per-channel scale, in row chunks;
     the multiply happens in the scale's dtype, as compressed-tensors does (kernels/fp8_scaled.py)."""
     import torch
@@ -94,7 +97,7 @@ def _fp8_scaled(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         yield _piece(ctx, got, buf)
 
 
-def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def nvfp4_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """NVFP4 rows in chunks: packed [rows, cols/2] E2M1 pairs, FP8 scale per group, one global scale."""
     import torch
 
@@ -126,7 +129,7 @@ def _nvfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         yield _piece(ctx, got, buf)
 
 
-def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+def mxfp4_gpt_oss_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """gpt-oss experts: blocks [E, OUT, G, 16] + E8M0 scales [E, OUT, G] → [E, G·32, OUT] BF16.
 
     The output is transposed, so one expert's packed bytes are read at a time (OUT·G·16 bytes,
@@ -157,5 +160,3 @@ def _mxfp4(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
                 record(ctx, t, _host(got, buf))  # E2M1 codes are all finite
             yield _piece(ctx, got, buf)
 
-
-QUANT_TRANSFORMS = {"fp8_scaled": _fp8_scaled, "nvfp4": _nvfp4, "mxfp4_gpt_oss": _mxfp4}

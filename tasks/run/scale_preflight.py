@@ -17,12 +17,12 @@ from ckptflow.storage.reader import RangeReader
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.kernels.finite import bad_scales
 from ckptflow.tasks.plan.model import SourceRef, StagePlan
+from ckptflow.tasks.plan.transforms import transform_of
 from ckptflow.tasks.run.finite_guard import FIX, NonFiniteError, allowed, scale_message
 
 SMALL_BYTES = 64          # a scale up to this size is one "known at planning" (real ones: 4 bytes)
 MERGE_GAP = 64 << 10      # neighbouring scales closer than this are read in one range
 MAX_SPAN = 4 << 20        # … as long as that range stays small
-DEQUANT = frozenset({"dequant_fp8", "fp8_scaled", "nvfp4", "mxfp4_gpt_oss"})
 
 
 def small_scales(plans: Iterable[StagePlan]) -> dict[tuple[str, str], tuple[SourceRef, SourceRef]]:
@@ -32,7 +32,7 @@ def small_scales(plans: Iterable[StagePlan]) -> dict[tuple[str, str], tuple[Sour
     for plan in plans:
         for shard in plan.shards:
             for t in shard.tensors:
-                if t.transform not in DEQUANT or allowed(t):
+                if not transform_of(t).dequantizes or allowed(t):
                     continue
                 for ref in t.sources[1:]:
                     if ref.end - ref.start <= SMALL_BYTES:
