@@ -202,3 +202,68 @@ def test_an_object_lock_left_by_a_run_gone_from_this_machine_is_taken_over(s3_op
     finally:
         alive.kill()
         alive.wait()
+
+
+# ------------------------------------------------------------------- the deadline, in-process
+
+
+@pytest.fixture
+def unanswered():
+    """A port whose kernel accepts connections and takes request bytes, and nothing answers."""
+    sock = socket.create_server(("127.0.0.1", 0), backlog=64)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+
+
+def _silent_fs(endpoint: str, monkeypatch, seconds: str = "2"):
+    from ckptflow.storage.urls import open_location
+
+    monkeypatch.setenv("CKPTFLOW_S3_DEADLINE_S", seconds)
+    return open_location("s3://bkt/x", {"key": "k", "secret": "s", "skip_instance_cache": True,
+                                        "client_kwargs": {"endpoint_url": endpoint}}).fs
+
+
+def test_a_call_to_a_silent_endpoint_ends_at_its_deadline_then_later_calls_fail_at_once(unanswered, monkeypatch):
+    from ckptflow.storage.deadline import EndpointSilent
+    from ckptflow.storage.transient import is_transient
+
+    fs = _silent_fs(unanswered, monkeypatch)
+    t0 = time.monotonic()
+    with pytest.raises(EndpointSilent) as first:
+        fs.ls("bkt/x")
+    assert 1.9 < time.monotonic() - t0 < 4
+    assert str(first.value) == (f"S3 endpoint {unanswered} did not answer within 2 s (list_objects_v2 of s3://bkt); "
+                                "check it is up, then rerun: committed shards are kept")
+    assert not is_transient(first.value)  # Prefect must not run the shard again for it
+    for call in (lambda: fs.cat_file("bkt/x/a", start=0, end=10),  # range reads: s3fs's second retry loop
+                 lambda: fs.call_s3("abort_multipart_upload", Bucket="bkt", Key="x/a", UploadId="u")):
+        t0 = time.monotonic()
+        with pytest.raises(EndpointSilent, match="list_objects_v2"):
+            call()
+        assert time.monotonic() - t0 < 0.5
+
+
+def test_a_body_the_endpoint_never_reads_ends_at_its_deadline(unanswered, monkeypatch):
+    """aiohttp's read timeout starts only once the body is written: a part that fills the socket
+    buffers waited with no limit. Now: the deadline plus the body at 2 MiB/s."""
+    from ckptflow.storage.deadline import EndpointSilent
+
+    fs = _silent_fs(unanswered, monkeypatch, "1")
+    t0 = time.monotonic()
+    with pytest.raises(EndpointSilent, match=r"within 5 s \(put_object of s3://bkt/x/big\)"):
+        fs.pipe_file("bkt/x/big", bytes(8 * MiB))
+    assert 4.9 < time.monotonic() - t0 < 8
+
+
+def test_deadline_defaults_env_and_a_users_longer_timeouts(monkeypatch):
+    from ckptflow.storage.deadline import DEADLINE_S, base_deadline
+    from ckptflow.storage.urls import StorageError, open_location
+
+    monkeypatch.delenv("CKPTFLOW_S3_DEADLINE_S", raising=False)
+    fs = open_location("s3://b/k", {"key": "k", "secret": "s", "skip_instance_cache": True}).fs
+    assert base_deadline(fs) == DEADLINE_S == 30
+    slow = open_location("s3://b/k", {"skip_instance_cache": True, "config_kwargs": {"read_timeout": 120}}).fs
+    assert base_deadline(slow) == 125  # one whole attempt at the user's own timeouts
+    monkeypatch.setenv("CKPTFLOW_S3_DEADLINE_S", "soon")
+    with pytest.raises(StorageError, match="CKPTFLOW_S3_DEADLINE_S must be a number of seconds above 0; got 'soon'"):
+        open_location("s3://b/k", {"skip_instance_cache": True})
