@@ -8,8 +8,8 @@ botocore's timeouts do not bound a call to an endpoint that stops answering:
   as long as the outage lasted (380 s and counting, measured).
 - The layers multiply. botocore's attempts run inside each of s3fs's `_call_s3` attempts, and
   s3fs wraps range reads and `cat_file` in a second retry loop of its own around `_call_s3`:
-  2 × 2 × 2 attempts of 8 s plus backoff, 67–80 s for one read; Prefect's shard retries
-  (`ckptflow.storage.transient`) ran all of it four times, 4 min 48 s.
+  2 × 2 × 2 attempts of 8 s plus backoff: issue #28 measured 67–80 s for one read, and with
+  Prefect's shard retries (`ckptflow.storage.transient`) on top, 4 min 48 s.
 
 So every S3 API call of a filesystem `open_location` hands out runs under one deadline that
 covers its retries: `DEADLINE_S` (or `connect + read` timeouts where a user raised them) plus the
@@ -19,9 +19,10 @@ errors), Prefect does not (`is_transient` says no), and the CLI prints it as one
 
 After one, the filesystem fails every call at once, with the same message, for `SILENT_HOLD_S`.
 Measured before that rule, with only a shorter limit for later calls: each shard still queued
-ran and failed in turn, and Prefect's record of each failure (makedirs: HeadBucket, GetBucketLocation,
-CreateBucket on the same filesystem) waited too, 20 s a shard: a checkpoint of 163 shards would
-have taken an hour to fail. Cleanup that cannot reach the endpoint is lost either way: a pending
+ran and failed in turn, and Prefect's record of each failure waited too (its result storage's
+makedirs: HeadBucket, GetBucketLocation, CreateBucket; fsspec hands it this same cached
+filesystem, its options being ours), about 20 s a shard: a checkpoint of 163 shards would have
+taken an hour to fail. Cleanup that cannot reach the endpoint is lost either way: a pending
 multipart upload stays until the bucket's lifecycle rule, and DEST's lock until it is stale or a
 run on this machine sees that its holder is gone (`ckptflow.storage.lock`).
 
