@@ -17,7 +17,7 @@ starts the read timeout only once a request body is written, so an upload part t
 stopped reading waited without limit (still waiting after 380 s). `ckptflow.storage.deadline`
 therefore gives every call one deadline over all of these retries: 30 s, plus the body at 2 MiB/s.
 Measured with its defaults: a listing against a silent endpoint ends in 33 s; a run whose
-endpoint stops in a shard's upload part ends 38 s later, one whose endpoint stops in a
+endpoint stops in a shard's upload part ends 38–46 s later, one whose endpoint stops in a
 CompleteMultipartUpload ends 36 s later, each with one `error:` line.
 
 A user's own `config_kwargs` values win, key by key. So do `AWS_MAX_ATTEMPTS` / `AWS_RETRY_MODE`

@@ -166,8 +166,8 @@ def test_a_silent_endpoint_fails_the_run_in_one_line_and_the_rerun_resumes(
     os.kill(moto_process["pid"], signal.SIGCONT)
     again = convert(checkpoint["src"], dest, opts, env, timeout=150)
     assert again.returncode == 0, again.stdout + again.stderr
-    reused = re.search(r"^shards: +(\d+) written, (\d+) reused", again.stdout, re.M)
-    assert reused and int(reused[2]) == 3, again.stdout  # shards 1-3 committed before the stall
+    reused = re.search(r"^shards: +(\d+) written, (\d+) reused", again.stdout + again.stderr, re.M)
+    assert reused and int(reused[2]) == 3, again.stdout + again.stderr  # shards 1-3 committed before the stall
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **{**opts, "client_kwargs": {"endpoint_url": moto_process["url"]}})
     assert s3_tree(fs, f"{bucket}/out") == checkpoint["want"]
     proxy.close()
@@ -177,6 +177,7 @@ def test_an_object_lock_left_by_a_run_gone_from_this_machine_is_taken_over(s3_op
     """A run that failed because the store stopped answering could not delete its lock; its rerun on
     the same machine takes it over at once, not after `STALE_S`. A live holder still refuses."""
     from ckptflow.storage import lock
+    from ckptflow.storage.lock_common import new_holder
     from ckptflow.storage.urls import open_location
 
     dst = open_location(f"s3://{s3_options['bucket']}/out", s3_options["options"])
@@ -185,7 +186,7 @@ def test_an_object_lock_left_by_a_run_gone_from_this_machine_is_taken_over(s3_op
     alive = subprocess.Popen([PYTHON, "-c", "import time; time.sleep(60)"])
     try:
         def leave_lock(pid: int, **changes) -> None:
-            holder = {**lock._holder(), "pid": pid, **changes}  # heartbeat: now, so not stale
+            holder = {**new_holder(), "pid": pid, **changes}  # heartbeat: now, so not stale
             with dst.fs.open(dst.path(lock.LOCK_NAME), "wb") as f:
                 f.write(json.dumps(holder).encode())
 
