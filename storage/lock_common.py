@@ -60,7 +60,39 @@ def new_holder(owner: dict[str, object] | None = None) -> dict[str, object]:
     """This run's lock record; `owner` adds who it is to the orchestrator (the Prefect flow run id),
     so a run that takes over a dead run's lock can say so there."""
     return {**(owner or {}), "host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex, "heartbeat": time.time()}
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"), "token": uuid.uuid4().hex, "heartbeat": time.time(),
+            "machine": _machine()}
+
+
+def _machine() -> str | None:
+    """This kernel's boot and PID namespace: a PID names the same process only where both match
+    (containers share a boot, not a PID namespace, and may share a host name)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def gone_from_here(holder: dict[str, object] | None) -> bool:
+    """The holder ran on this machine (host name, boot, PID namespace) and its process has exited:
+    a run that failed because the store stopped answering could not delete its lock, and its rerun
+    here need not wait for the lock to go stale."""
+    if not holder:
+        return False
+    machine, pid = holder.get("machine"), holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not machine or machine != _machine():
+        return False
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: alive, another user's
+        return False
+    return False
 
 
 # Called with a dead run's holder record when this run takes its lock over; it must not raise.

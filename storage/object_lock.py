@@ -9,10 +9,12 @@ every write to it is conditional, so it has one owner at a time:
   marks its lease lost, and every later publish under DEST refuses (`ensure_held`);
 - release: delete it only while it is ours.
 
-Stale means: no heartbeat for `stale_s`. A heartbeat that lies in the past is read against this
-machine's clock; one in the future, or a lock that cannot be parsed, cannot be trusted, so its age
-is measured from when this run first saw that very version, watching it for up to `stale_s`
-(if it changes meanwhile, its holder is alive).
+Stale means: no heartbeat for `stale_s`, or a holder that ran on this machine and has exited
+(`lock_common.gone_from_here`: a run the store stopped answering could not delete its lock).
+A heartbeat that lies in the past is read against this machine's clock; one in the future, or a
+lock that cannot be parsed, cannot be trusted, so its age is measured from when this run first
+saw that very version, watching it for up to `stale_s` (if it changes meanwhile, its holder is
+alive).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ import time
 from collections.abc import Iterator
 
 from ckptflow.storage import conditional
-from ckptflow.storage.lock_common import (LOCK_NAME, DestBusy, LockLost, TakeoverHook, holder_of, limits,
-                                          new_holder, report_takeover, stale_note)
+from ckptflow.storage.lock_common import (LOCK_NAME, DestBusy, LockLost, TakeoverHook, gone_from_here, holder_of,
+                                          limits, new_holder, report_takeover, stale_note)
 from ckptflow.storage.urls import Location
 
 log = logging.getLogger("ckptflow.lock")
@@ -128,7 +130,7 @@ def acquire(dst: Location, owner: dict[str, object] | None = None, on_takeover: 
         beat = holder.get("heartbeat") if holder else None
         age = time.time() - beat if isinstance(beat, (int, float)) and not isinstance(beat, bool) else None
         if age is not None and age >= -_SKEW_S:
-            if age < stale_s:
+            if age < stale_s and not gone_from_here(holder):
                 raise DestBusy(dst, holder, stale_note(stale_s, max(age, 0.0)))
         else:  # a heartbeat in the future, or no readable one: trust only what this run watched
             if first_seen is not None and first_seen[0] != seen:

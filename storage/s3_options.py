@@ -2,17 +2,23 @@
 
 s3fs takes any keyword and only fails on the first request, deep in aiobotocore, with an
 `AttributeError` or a `TypeError` about `AioSession`; here a wrong name or type is one line
-naming the option. The defaults bound what a dead endpoint costs. Out of the box, an endpoint that
-accepts the connection and never answers is waited on 15 s per attempt, 5 botocore attempts per
-s3fs attempt and 5 s3fs attempts: about 7 minutes for the first listing. With these values the
-worst case is RETRIES × botocore attempts × read timeout + backoff: 2 × 2 × 8 s, about 34 s.
-Every layer keeps one retry, because each one catches something the other cannot: botocore
-retries throttling, 5xx answers and resets before a response; s3fs retries a body cut off
-mid-read, which botocore has already handed over. A command's first request (the source listing,
-the DEST write probe) runs outside any Prefect task, so a store dead from the start costs those
-34 s once. Inside a shard task Prefect retries the whole shard on top (`ckptflow.storage.transient` counts
-a timeout as transient; 3 retries after 1, 4 and 15 s): a store that dies mid-run costs each
-running shard up to 4 × 34 + 20 s, about 2.5 minutes, before the run fails.
+naming the option. The defaults bound what a dead endpoint costs each attempt. Out of the box, an
+endpoint that accepts the connection and never answers is waited on 15 s per attempt, 5 botocore
+attempts per s3fs attempt and 5 s3fs attempts: about 7 minutes for the first listing. With these
+values one attempt waits 8 s for an answer, and botocore and s3fs each keep one retry, because
+each catches something the other cannot: botocore retries throttling, 5xx answers and resets
+before a response; s3fs retries a body cut off mid-read, which botocore has already handed over.
+
+These timeouts alone do not bound a call (measured with moto SIGSTOPped): s3fs retries range
+reads in a second loop around its own, so one read took 67–80 s (issue #28), not the
+2 × 2 × 8 s = 34 s this docstring used to promise; Prefect's shard retries ran that four times
+(4 min 48 s); and aiohttp
+starts the read timeout only once a request body is written, so an upload part the endpoint
+stopped reading waited without limit (still waiting after 380 s). `ckptflow.storage.deadline`
+therefore gives every call one deadline over all of these retries: 30 s, plus the body at 2 MiB/s.
+Measured with its defaults: a listing against a silent endpoint ends in 33 s; a run whose
+endpoint stops in a shard's upload part ends 38–46 s later, one whose endpoint stops in a
+CompleteMultipartUpload ends 36 s later, each with one `error:` line.
 
 A user's own `config_kwargs` values win, key by key. So do `AWS_MAX_ATTEMPTS` / `AWS_RETRY_MODE`
 in the environment (botocore would otherwise let our explicit `retries` override them).

@@ -14,6 +14,9 @@ _TRANSIENT_NAMES = {
     "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
     "IncompleteReadError", "ResponseStreamingError", "ServerTimeoutError",
 }
+# A call that hit its deadline (`ckptflow.storage.deadline`) already spent its retries on a silent
+# endpoint: running the task again would only make the user wait that long once more.
+_NEVER_NAMES = {"EndpointSilent"}
 _TRANSIENT_WORDS = ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "ServiceUnavailable",
                     "503 Service", "Connection reset", "Connection was closed")
 
@@ -21,6 +24,8 @@ _TRANSIENT_WORDS = ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "S
 def is_transient(exc: BaseException | None) -> bool:
     seen = 0
     while exc is not None and seen < 8:
+        if type(exc).__name__ in _NEVER_NAMES:
+            return False
         if type(exc).__name__ in _TRANSIENT_NAMES:
             return True
         if isinstance(exc, OSError) and exc.errno in (errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE):

@@ -80,7 +80,8 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     """Open `url` (any fsspec URL or a local path) as a `Location`.
 
     On s3:// the options are checked first (a wrong name or type is one line here, not a
-    traceback at the first request) and get bounded timeouts and retries (`ckptflow.storage.s3_options`).
+    traceback at the first request) and get bounded timeouts and retries (`ckptflow.storage.s3_options`),
+    and every call a deadline over all of them (`ckptflow.storage.deadline`).
     """
     options = dict(storage_options or {})
     s3 = protocol_of(url) in ("s3", "s3a")
@@ -94,9 +95,11 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Lo
     except (ImportError, ValueError, TypeError, KeyError) as exc:  # a constructor's refusal of an option
         raise StorageError(f"cannot open {url!r}: {exc}") from None
     if s3:
+        from ckptflow.storage.deadline import bound_s3_calls
         from ckptflow.storage.s3_options import bound_s3fs_retries
 
         bound_s3fs_retries(fs)
+        bound_s3_calls(fs)
     if isinstance(fs, LocalFileSystem):
         root = fs._strip_protocol(root)  # absolute, so renames and temp files stay on one disk
     return Location(url, fs, root.rstrip("/") or root)

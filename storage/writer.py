@@ -205,8 +205,10 @@ class AtomicFile:
             self._sink = None
         try:
             if self._direct and hasattr(self._f, "discard"):
-                self._f.discard()  # abort the multipart upload: no final object appears
-                self._f.closed = True  # else fsspec's __del__ flushes the discarded buffer
+                try:
+                    self._f.discard()  # abort the multipart upload: no final object appears
+                finally:  # even when the endpoint is gone: else fsspec's __del__ uploads the buffer again
+                    self._f.closed = True
             else:
                 self._f.close()
                 self.loc.fs.rm(self._path)
@@ -279,7 +281,11 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.name}: tensor {missing!r} was not fully written; nothing committed")
         record = WrittenFile(self.loc.url_of(self.name), self.name, self._file.size, self._file.sha256,
                              len(self.specs))
-        self._file.commit(None if before_publish is None else lambda identity: before_publish(record, identity))
+        try:
+            self._file.commit(None if before_publish is None else lambda identity: before_publish(record, identity))
+        except BaseException:
+            self._file.abort()  # e.g. CompleteMultipartUpload timed out: do not leave the upload pending
+            raise
         return dataclasses.replace(record, identity=file_identity(self.loc, self.name))
 
     def abort(self) -> None:

@@ -248,9 +248,11 @@ def test_an_endpoint_that_never_answers_fails_within_a_minute(silent_endpoint):
     t0 = time.monotonic()
     run = ckptflow("validate", src, "--storage-options", options(silent_endpoint.url), timeout=120)
     elapsed = time.monotonic() - t0
-    assert_one_error(run, src, "did not answer in time (timed out)", silent_endpoint.url)
-    assert elapsed < 60, elapsed
-    assert silent_endpoint.accepted == 4, silent_endpoint.accepted  # 2 s3fs × 2 botocore attempts
+    # The listing's deadline (ckptflow.storage.deadline: 30 s over all its retries) ends it.
+    assert_one_error(run, f"S3 endpoint {silent_endpoint.url} did not answer within 30 s (list_objects_v2 of "
+                     "s3://bucket); check it is up, then rerun")
+    assert elapsed < 45, elapsed
+    assert 2 <= silent_endpoint.accepted <= 4, silent_endpoint.accepted  # at most 2 s3fs × 2 botocore attempts
 
 
 # ------------------------------------------------------------------------------ options
