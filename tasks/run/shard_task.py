@@ -16,10 +16,12 @@ from prefect.cache_policies import NO_CACHE
 from ckptflow.storage.transient import TRANSIENT_RETRIES
 from ckptflow.tasks.plan.model import ShardPlan
 from ckptflow.tasks.run.shard import run_shard
+from ckptflow.tasks.run.worker_errors import names_the_worker
 
 
 @task(name="write-shard", cache_policy=NO_CACHE, persist_result=True, result_serializer="json",
       cache_result_in_memory=False, **TRANSIENT_RETRIES)
+@names_the_worker  # an error on a Dask worker says which worker
 def write_shard_task(stage: str, shard: ShardPlan, source: str, dest: str,
                      fingerprints: list[tuple[str, int, str | None]],
                      storage_options: dict[str, Any] | None = None, digest: bool = False,
