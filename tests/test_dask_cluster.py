@@ -1,0 +1,260 @@
+"""A Dask cluster of separate machines sharing only a bucket and a Prefect server.
+
+`dask scheduler` and two `dask worker`s run as processes of their own, each worker with its own
+HOME and working directory and an environment of its own (what README's "Running on a Dask
+cluster" tells an operator to set on every worker); the CLI runs from yet another HOME. SOURCE,
+DEST and, by default, the work location (journal, shard records) are in a moto S3 bucket; the
+Prefect server is `prefect server start` on loopback. Faults: the client SIGKILLed mid-run and
+rerun from a third HOME; a worker SIGKILLed after its shard committed; a worker without storage
+credentials. Worker-side timing comes from `tests/dask_preload.py`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from .helpers import PYTHON, ROOT, free_port, kill_group, s3_tree, sigkill_when, tree
+
+pytestmark = pytest.mark.slow
+
+PRELOAD = ROOT / "tests" / "dask_preload.py"
+
+
+def machine_env(home: Path, api_url: str, s3_endpoint: str | None, **extra: str) -> dict[str, str]:
+    """The environment of one machine of the cluster: nothing from this one but PATH, so a setting
+    the guide forgets is missing here too. `s3_endpoint=None`: no storage credentials at all."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "LANG": "C.UTF-8",
+           "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "AWS_EC2_METADATA_DISABLED": "true"}  # no instance-role lookup on a machine without keys
+    if s3_endpoint is not None:
+        env.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                   AWS_ENDPOINT_URL=s3_endpoint)
+    if os.environ.get("TRITON_INTERPRET"):  # no GPU here: Triton's CPU interpreter (conftest.py)
+        env["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
+    env.update(extra)
+    return env
+
+
+class Cluster:
+    """`dask scheduler` and workers as separate processes; `stop()` kills what is left."""
+
+    def __init__(self, base: Path):
+        self.base, self.port = base, free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._start("scheduler", base / "scheduler", {"PATH": os.environ["PATH"], "HOME": str(base / "scheduler")},
+                    ["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--no-dashboard"])
+
+    def _start(self, name: str, cwd: Path, env: dict[str, str], args: list[str]) -> subprocess.Popen:
+        cwd.mkdir(parents=True, exist_ok=True)
+        log = open(self.base / f"{name}.log", "wb")
+        proc = subprocess.Popen([PYTHON, "-m", *args], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def add_worker(self, name: str, env: dict[str, str]) -> subprocess.Popen:
+        """One single-threaded worker, no nanny (its pid is the pid that runs shard tasks, and a
+        killed worker stays dead), working in its own HOME."""
+        home = Path(env["HOME"])
+        return self._start(name, home, env, [
+            "distributed.cli.dask_worker", self.address, "--name", name, "--nthreads", "1", "--no-nanny",
+            "--no-dashboard", "--local-directory", str(home / "dask"), "--preload", str(PRELOAD)])
+
+    def wait_for_workers(self, n: int, timeout: float = 120) -> None:
+        from distributed import Client
+
+        with Client(self.address, timeout=timeout) as client:
+            client.wait_for_workers(n, timeout=timeout)
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until no worker thread runs a task: a task a dead client left running still finishes
+        (Dask cannot stop a running thread) and may commit its shard."""
+        from distributed import Client
+
+        deadline = time.monotonic() + timeout
+        with Client(self.address, timeout=30) as client:
+            while sum(client.run(lambda dask_worker: len(dask_worker.active_threads)).values()):
+                assert time.monotonic() < deadline, "the workers never went idle"
+                time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        return (self.base / f"{name}.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            kill_group(proc, grace=5)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path / "cluster")
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def bucket_ckpt(s3_options, demo_ckpt, prefect_harness, tmp_path):
+    """The demo checkpoint (6 output shards) uploaded to s3://BUCKET/src, and its local conversion:
+    the bytes every cluster run must give."""
+    import s3fs
+
+    from ckptflow.flows.convert import convert_flow
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"])
+    b = s3_options["bucket"]
+    fs.put(str(demo_ckpt) + "/", f"{b}/src/", recursive=True)
+    reference = tmp_path / "reference"
+    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "ref-work"), dequant=True)
+    return {"fs": fs, "bucket": b, "source": f"s3://{b}/src", "reference": tree(reference)}
+
+
+def start_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as out:
+        return subprocess.Popen([PYTHON, "-m", "ckptflow.flows.cli", *args], env=env, cwd=env["HOME"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 300) -> str:
+    try:
+        proc.wait(timeout)
+    finally:
+        kill_group(proc, grace=5)
+    return log.read_text(errors="replace")
+
+
+def summary_of(output: str) -> dict[str, Any]:
+    return json.loads(next(line for line in reversed(output.splitlines()) if line.startswith("{")))
+
+
+def journal(fs, bucket: str) -> dict[str, dict[str, Any]]:
+    """The final commit journal entries under the default work location of s3://BUCKET/out, by file."""
+    fs.invalidate_cache()
+    prefix = f"{bucket}/.ckptflow-work/out/journal"
+    entries = {}
+    for path in fs.find(prefix):
+        try:
+            record = json.loads(fs.cat_file(path))
+        except (ValueError, FileNotFoundError):
+            continue
+        if record.get("identity"):
+            entries[record["name"]] = record
+    return entries
+
+
+def etags(fs, bucket: str, files) -> dict[str, tuple[str, Any]]:
+    fs.invalidate_cache()
+    return {f: (i["ETag"], i["LastModified"]) for f in files for i in [fs.info(f"{bucket}/out/{f}")]}
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_a_killed_client_resumes_from_another_machine(prefect_server, s3_endpoint, bucket_ckpt, cluster, tmp_path):
+    """README's multi-machine setup, step by step: two workers of their own (HOME, working dir,
+    credentials, PREFECT_API_URL), a client with no --work. The client is SIGKILLed once a shard
+    committed; the same command from a third machine resumes, reusing every committed shard."""
+    fs, b, api = bucket_ckpt["fs"], bucket_ckpt["bucket"], prefect_server["url"]
+    for name in ("w1", "w2"):  # every shard waits 1.5 s before it is published: time to kill mid-run
+        cluster.add_worker(name, machine_env(tmp_path / name, api, s3_endpoint, CKPTFLOW_TEST_SHARD_DELAY="1.5"))
+    cluster.wait_for_workers(2)
+    command = ["convert", bucket_ckpt["source"], f"s3://{b}/out", "--dequant", "--task-runner", "dask",
+               "--dask-address", cluster.address, "--json"]
+    log = tmp_path / "client1.log"
+    first = start_cli(command, machine_env(tmp_path / "client1", api, s3_endpoint), log)
+    sigkill_when(first, lambda: journal(fs, b))
+    assert first.returncode == -signal.SIGKILL, log.read_text(errors="replace")
+    cluster.wait_idle()  # tasks the dead client left running finish (and may commit) first
+    committed = journal(fs, b)
+    assert 1 <= len(committed) < 6, sorted(committed)
+    assert {r["worker"].rsplit(":", 1)[1] for r in committed.values()} <= {
+        str(p.pid) for n, p in cluster.procs.items() if n != "scheduler"}
+    before = etags(fs, b, committed)
+
+    # The dead client's lock on DEST is fresh: a rerun at once is told who holds it ...
+    log = tmp_path / "client2.log"
+    output = finish(start_cli(command, machine_env(tmp_path / "client2", api, s3_endpoint), log), log)
+    assert "is being written by another ckptflow run" in output and f"pid {first.pid}" in output, output
+    # ... until its heartbeat is STALE_S old (as if 90 s had passed): then a rerun takes it over.
+    from ckptflow.storage.lock import LOCK_NAME, STALE_S
+
+    held = json.loads(fs.cat_file(f"{b}/out/{LOCK_NAME}"))
+    fs.pipe_file(f"{b}/out/{LOCK_NAME}", json.dumps({**held, "heartbeat": time.time() - STALE_S - 1}).encode())
+
+    log = tmp_path / "client3.log"
+    third = start_cli(command, machine_env(tmp_path / "client3", api, s3_endpoint), log)
+    output = finish(third, log)
+    assert third.returncode == 0, output
+    summary = summary_of(output)
+    assert (summary["shards"], summary["cached_shards"]) == (6, len(committed)), summary
+    assert etags(fs, b, committed) == before  # reused, not rewritten
+    assert s3_tree(fs, f"{b}/out") == bucket_ckpt["reference"]
+    assert not (tmp_path / "client3" / ".cache" / "ckptflow").exists()  # no --work: nothing on the client
+
+
+def test_a_worker_killed_after_its_commit_costs_no_recompute(prefect_server, s3_endpoint, bucket_ckpt, cluster,
+                                                             tmp_path):
+    """Worker A commits a shard and is SIGKILLed before Dask hears of it; Dask resubmits that task to
+    worker B, whose run finds the journal entry A wrote and reuses the shard: same object, same ETag."""
+    fs, b, api = bucket_ckpt["fs"], bucket_ckpt["bucket"], prefect_server["url"]
+    a = cluster.add_worker("a", machine_env(tmp_path / "a", api, s3_endpoint, CKPTFLOW_TEST_HOLD_AFTER_COMMIT="1"))
+    cluster.add_worker("b", machine_env(tmp_path / "b", api, s3_endpoint))
+    cluster.wait_for_workers(2)
+    log = tmp_path / "client.log"
+    client = start_cli(["convert", bucket_ckpt["source"], f"s3://{b}/out", "--dequant", "--task-runner", "dask",
+                        "--dask-address", cluster.address, "--json"],
+                       machine_env(tmp_path / "client", api, s3_endpoint), log)
+    worker_a = f"{socket.gethostname()}:{a.pid}"
+    by_a = wait_for(lambda: [r for r in journal(fs, b).values() if r["worker"] == worker_a], 180,
+                    "worker a committed no shard:\n" + log.read_text(errors="replace"))
+    assert len(by_a) == 1
+    shard = by_a[0]["name"]
+    before = etags(fs, b, [shard])
+    os.kill(a.pid, signal.SIGKILL)  # A holds the task: its result never reached the scheduler
+
+    output = finish(client, log)
+    assert client.returncode == 0, output + cluster.log("b")
+    summary = summary_of(output)
+    assert (summary["shards"], summary["cached_shards"]) == (6, 1), summary
+    assert etags(fs, b, [shard]) == before  # not rewritten
+    assert journal(fs, b)[shard]["worker"] == worker_a
+    reused = [line for line in cluster.log("b").splitlines() if "shard reused" in line]
+    assert len(reused) == 1 and f"file={shard}" in reused[0] and worker_a in reused[0], cluster.log("b")
+    assert s3_tree(fs, f"{b}/out") == bucket_ckpt["reference"]
+
+
+def test_a_shard_error_on_a_worker_names_the_worker(prefect_server, s3_endpoint, bucket_ckpt, cluster, tmp_path):
+    """A worker machine set up without the storage credentials (the client has them, so planning
+    works): the one `error:` line says which worker to fix."""
+    b, api = bucket_ckpt["bucket"], prefect_server["url"]
+    worker = cluster.add_worker("bare", machine_env(tmp_path / "bare", api, None))
+    cluster.wait_for_workers(1)
+    log = tmp_path / "client.log"
+    client = start_cli(["convert", bucket_ckpt["source"], f"s3://{b}/out", "--dequant", "--task-runner", "dask",
+                        "--dask-address", cluster.address],
+                       machine_env(tmp_path / "client", api, s3_endpoint), log)
+    output = finish(client, log)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert client.returncode == 2 and len(errors) == 1, output
+    assert f"{socket.gethostname()}:{worker.pid}" in errors[0] and "AWS_ACCESS_KEY_ID" in errors[0], output
+    assert "Traceback" not in output, output
