@@ -7,8 +7,9 @@ than its flow's (a Dask worker, a process pool: Prefect hydrates the flow run co
 one line (`storage.faults.explain`) — goes back as a `UserError` whose first line starts with
 `on worker HOST:PID:`. Anything else is a bug and goes back unchanged, traceback and all.
 
-The new error is made from the message alone: a class whose constructor takes more than one
-message (`HeaderError(file, reason)`) could not be rebuilt on the flow's side of the pickle.
+The new error is made from the message alone: plain pickle rebuilds an exception as
+`cls(*args)`, which a class whose constructor takes more than a message (`HeaderError(file,
+reason)`) refuses on the flow's side.
 The original stays its `__cause__` in the worker, where Prefect's retry condition reads it
 (`storage.transient.is_transient`); causes are not pickled, so it never travels.
 """
