@@ -11,7 +11,7 @@ import pytest
 from prefect import flow, task
 
 from ckptflow.storage.errors import UserError
-from ckptflow.storage.lock import DestBusy
+from ckptflow.storage.lock import LockLost
 from ckptflow.storage.safetensors_format import HeaderError
 from ckptflow.storage.transient import is_transient
 from ckptflow.storage.urls import StorageError
@@ -20,9 +20,9 @@ from ckptflow.tasks.run.worker_errors import names_the_worker, on_worker
 
 
 def test_a_user_error_names_the_worker_on_its_first_line_and_keeps_its_class():
-    named = on_worker(DestBusy("DEST s3://b/out is busy\n  - detail"), "host-7:4242")
-    assert type(named) is DestBusy
-    assert str(named) == "on worker host-7:4242: DEST s3://b/out is busy\n  - detail"
+    named = on_worker(LockLost("DEST s3://b/out: lock lost\n  - detail"), "host-7:4242")
+    assert type(named) is LockLost
+    assert str(named) == "on worker host-7:4242: DEST s3://b/out: lock lost\n  - detail"
     assert str(pickle.loads(pickle.dumps(named))) == str(named)
 
 

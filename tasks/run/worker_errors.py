@@ -48,10 +48,12 @@ def on_worker(exc: BaseException, worker: str) -> UserError | None:
     first, *rest = text.splitlines() or [type(exc).__name__]
     message = "\n".join([f"on worker {worker}: {first}", *rest])
     if isinstance(exc, UserError):
-        try:
-            return type(exc)(message)  # keep the class: callers may tell DestBusy from others
-        except TypeError:
-            pass
+        try:  # keep the class where it is rebuilt from the message alone (StorageError, LockLost, …)
+            same = type(exc)(message)
+        except TypeError:  # HeaderError(file, reason), DestBusy(dst, holder, when), …
+            same = None
+        if same is not None and str(same) == message:
+            return same
     return UserError(message)
 
 
