@@ -41,8 +41,8 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dequant: bool = Field(False, description="quantized → BF16: FP8 block/tensor/channel, NVFP4, gpt-oss "
-                                             "MXFP4 (see `ckptflow inspect`)")
+    dequant: bool = Field(False, description="quantized → BF16: FP8 block/tensor/channel, NVFP4, MXFP4 "
+                                             "(gpt-oss, compressed-tensors) (see `ckptflow inspect`)")
     fix_dtypes: bool = Field(False, description="cast tensors to config.json's torch_dtype")
     allow_dtypes: Annotated[tuple[str, ...] | None, Flag("--allow-dtype", "REGEX", repeat=True)] = Field(
         None, description="tensor names allowed to differ from config.json's torch_dtype (repeatable)")

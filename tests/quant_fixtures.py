@@ -6,6 +6,8 @@
   ([1] tensor, [out, 1] channel, [ceil(r/bm), ceil(c/bn)] block), `input_scale` for static
   activations; nvfp4-pack-quantized: `weight_packed` U8 [out, in/2] (low nibble first),
   `weight_scale` F8_E4M3 [out, in/16], `weight_global_scale` F32 [1].
+- compressed-tensors mxfp4-pack-quantized: made by compressed-tensors itself (`ct_mxfp4_compress`,
+  `ct_mxfp4_config`): `weight_packed` U8 [out, in/2], `weight_scale` U8 E8M0 [out, in/32].
 - gpt-oss MXFP4: `*_blocks` U8 [E, OUT, IN/32, 16], `*_scales` U8 E8M0 [E, OUT, IN/32].
 - ModelOpt: `hf_quant_config.json` {producer, quantization: {quant_algo, group_size, …}}; NVFP4
   `weight` U8 + `weight_scale` F8_E4M3 + `weight_scale_2` F32 []; FP8 `weight` + F32 [] scale.
@@ -80,6 +82,41 @@ def ct_nvfp4_config() -> dict:
             "ignore": ["lm_head"], "kv_cache_scheme": None}
 
 
+def ct_mxfp4_scheme():
+    """compressed-tensors' own MXFP4A16 preset (group 32, uint8 E8M0 scales) targeting Linear."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    return preset_name_to_scheme("MXFP4A16", ["Linear"])
+
+
+def ct_mxfp4_compress(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`w` (BF16 [out, in], in a multiple of 32) compressed by compressed-tensors as llm-compressor
+    does: its observer's qparams (calculate_qparams on each group's min/max: power-of-two scales),
+    then MXFP4PackedCompressor.compress → weight_packed, weight_scale."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    scheme = ct_mxfp4_scheme()
+    groups = w.reshape(w.shape[0], -1, 32)
+    scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), scheme.weights)
+    out = MXFP4PackedCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero}, scheme)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def ct_mxfp4_config() -> dict:
+    """The quantization_config compressed-tensors writes for it (ModelCompressor.update_config)."""
+    import tempfile
+
+    from compressed_tensors.compressors.model_compressors.model_compressor import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qc = QuantizationConfig(config_groups={"group_0": ct_mxfp4_scheme()}, format="mxfp4-pack-quantized",
+                            quantization_status="compressed", ignore=["lm_head"])
+    with tempfile.TemporaryDirectory() as tmp:
+        ModelCompressor(quantization_config=qc).update_config(tmp)
+        return json.loads((Path(tmp) / "config.json").read_text())["quantization_config"]
+
+
 def is_linear(name: str) -> bool:
     return name.endswith("proj.weight") and ".layers." in name
 
@@ -126,6 +163,8 @@ def quantize_state_dict(sd: dict[str, torch.Tensor], scheme: str, g: torch.Gener
                 out[base + ".weight_scale_2"] = torch.tensor(0.025, dtype=torch.float32)
                 if static_input:
                     out[base + ".input_scale"] = torch.tensor(0.01, dtype=torch.float32)
+        elif scheme == "ct-mxfp4":
+            out.update({f"{base}.{k}": v for k, v in ct_mxfp4_compress(t).items()})
         else:
             raise ValueError(scheme)
     return out
@@ -143,7 +182,8 @@ def tiny_llama(seed: int = 0):
 
 
 def make_llama(path: Path, scheme: str, seed: int = 0, static_input: bool = False) -> Path:
-    """A tiny Llama quantized as `scheme`: ct-fp8-{tensor,channel,block}, ct-nvfp4, modelopt-{fp8,nvfp4}."""
+    """A tiny Llama quantized as `scheme`: ct-fp8-{tensor,channel,block}, ct-nvfp4, ct-mxfp4,
+    modelopt-{fp8,nvfp4}."""
     model = tiny_llama(seed)
     g = torch.Generator().manual_seed(seed)
     sd = quantize_state_dict(model.state_dict(), scheme, g, static_input=static_input)
@@ -155,6 +195,8 @@ def make_llama(path: Path, scheme: str, seed: int = 0, static_input: bool = Fals
                                                       static_input)
     elif scheme == "ct-nvfp4":
         config["quantization_config"] = ct_nvfp4_config()
+    elif scheme == "ct-mxfp4":
+        config["quantization_config"] = ct_mxfp4_config()
     elif scheme.startswith("modelopt"):
         algo = {"quant_algo": "NVFP4", "group_size": 16} if scheme == "modelopt-nvfp4" else {"quant_algo": "FP8"}
         extra = {"hf_quant_config.json": {"producer": {"name": "modelopt", "version": "0.29.0"},

@@ -56,7 +56,7 @@ def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(prefect_harness, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["ct-fp8-block", "ct-nvfp4"])
+@pytest.mark.parametrize("scheme", ["ct-fp8-block", "ct-nvfp4", "ct-mxfp4"])
 def test_compressed_tensors_llama_dequant_matches_transformers(prefect_harness, tmp_path, scheme):
     pytest.importorskip("compressed_tensors")
     src = make_llama(tmp_path / "src", scheme)

@@ -29,7 +29,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor, any_nan: bool = False) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def convert(tmp_path, tensors, config, monkeypatch, extra=None, nonfinite=None):
+def convert(tmp_path, tensors, config, monkeypatch, extra=None, nonfinite=None, backend="auto"):
     """Plan `--dequant` and write every shard with 4 KB chunks; returns (plan, output tensors).
     With a `nonfinite` dict, inf/NaN are allowed and their counts (per tensor) gathered into it."""
     monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 4096)
@@ -38,7 +38,7 @@ def convert(tmp_path, tensors, config, monkeypatch, extra=None, nonfinite=None):
     dst = open_location(str(tmp_path / "out"))
     out = {}
     for shard in plan.shards:
-        record = write_shard(shard, src, dst)
+        record = write_shard(shard, src, dst, backend=backend)
         if nonfinite is not None:
             nonfinite.update(record.nonfinite)
         with safe_open(str(tmp_path / "out" / shard.file), "pt") as f:

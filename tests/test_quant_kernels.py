@@ -97,6 +97,31 @@ def test_mxfp4_triton_equals_cpu_for_every_scale_and_byte():
     assert_same(mxfp4_gpt_oss(small_b, small_s, backend="triton"), mxfp4_gpt_oss(small_b, small_s, backend="torch"))
 
 
+def test_mxfp4_compressed_tensors_matches_its_decompressor_for_every_scale_and_byte():
+    """mxfp4-pack-quantized: `weight_packed` [R, C/2] is blocks [R, C/32, 16]. Its E8M0 255 is bf16
+    inf there (not transformers' 2^128): nonzero codes → ±inf, zeros → NaN; all else is ldexp's."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+
+    from .quant_fixtures import ct_mxfp4_scheme
+
+    # row r: all 256 bytes (512 columns, 16 groups), every group scaled by E8M0 code r
+    packed = torch.arange(256, dtype=torch.uint8).repeat(256).reshape(256, 256)
+    scale = torch.arange(256, dtype=torch.uint8).reshape(256, 1).expand(256, 16).contiguous()
+    want = MXFP4PackedCompressor.decompress({"weight_packed": packed, "weight_scale": scale},
+                                            ct_mxfp4_scheme())["weight"]
+    blocks = packed.reshape(256, 16, 16)
+    for backend in ("torch", "triton"):
+        got = mxfp4_dequant(blocks, scale, backend=backend, convention="compressed-tensors")
+        assert_same(got, want)
+        for dtype in (torch.float16, torch.float32):  # their bf16, then cast: exact, one rounding
+            assert_same(mxfp4_dequant(blocks, scale, backend=backend, out_dtype=dtype, convention="compressed-tensors"),
+                        want.to(dtype))
+    # 255: the 64 zero nibbles (codes 0 and 8, low and high) NaN, the other 448 ±inf
+    assert int(want[255].isnan().sum()) == 64 and int(want[255].isinf().sum()) == 448
+    with pytest.raises(ValueError, match="MXFP4 convention"):
+        mxfp4_dequant(blocks, scale, convention="ocp")
+
+
 def test_mxfp4_rejects_mismatched_inputs():
     with pytest.raises(ValueError, match="scales shape"):
         mxfp4_dequant(torch.zeros(2, 3, 16, dtype=torch.uint8), torch.zeros(2, 4, dtype=torch.uint8))

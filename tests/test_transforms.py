@@ -23,7 +23,8 @@ from ckptflow.tasks.plan.transforms import REGISTRY, Action, stream_of
 from .helpers import PYTHON, ROOT, cli_env
 from .quant_fixtures import make_gpt_oss_mxfp4, make_llama
 
-LLAMA_SCHEMES = ("ct-fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-nvfp4", "modelopt-fp8", "modelopt-nvfp4")
+LLAMA_SCHEMES = ("ct-fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-nvfp4", "ct-mxfp4", "modelopt-fp8",
+                 "modelopt-nvfp4")
 LLAMA_LINEARS = 14  # 2 layers × q, k, v, o, gate, up, down
 GPT_OSS_EXPERTS = 4  # 2 layers × gate_up_proj, down_proj blocks
 

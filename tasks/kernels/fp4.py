@@ -13,6 +13,10 @@ References (read, not copied), and what each computes:
   E8M0 0 → 2^-127 (results are subnormals, kept), 254 → 2^127, and 255 (NaN in the OCP spec) is
   treated as 2^128: ±0.5 → ±2^127, larger codes overflow to ±inf, zeros stay ±0, no NaN at all.
   This module returns the same.
+- MXFP4 compressed-tensors (`compressors/mxfp4`, mxfp4-pack-quantized): `weight_packed` [R, C/2]
+  unpacked to bf16 (code 8 is -0.0), `weight_scale` uint8 E8M0 → `2.0 ** bf16(s - 127)` in
+  bf16, product in bf16. Codes 0..254 give the bits of the ldexp above; 255 differs: 2^128 is
+  inf in bf16, so nonzero codes become ±inf and zero codes NaN (`convention="compressed-tensors"`).
 - NVFP4 compressed-tensors (`compressors/nvfp4`): E2M1 → bf16 (code 8 is -0.0), the FP8
   scale → bf16, `scale / weight_global_scale` (float32 when the global scale has a dimension,
   as checkpoints store it, [1]), product in that dtype, cast to bf16. The global scale *divides*.
@@ -36,6 +40,7 @@ from ckptflow.tasks.kernels.lut import (
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BACKENDS = ("auto", "torch", "triton")
 CONVENTIONS = ("compressed-tensors", "modelopt")
+MX_CONVENTIONS = ("transformers", "compressed-tensors")  # who MXFP4's E8M0 255 follows
 _MAG = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 E2M1_SIGNED = _MAG + [-v for v in _MAG]  # transformers and compressed-tensors: code 8 is -0.0
 E2M1_MODELOPT = _MAG + [0.0] + [-v for v in _MAG[1:]]  # ModelOpt's table: code 8 is +0.0
@@ -76,20 +81,29 @@ def check_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dty
     return scales
 
 
+def _check_mx_convention(convention: str) -> None:
+    if convention not in MX_CONVENTIONS:
+        raise ValueError(f"MXFP4 convention must be one of {', '.join(MX_CONVENTIONS)}, got {convention!r}")
+
+
 @functools.lru_cache(maxsize=None)
-def mxfp4_values(out_dtype: torch.dtype) -> torch.Tensor:
-    """[256 E8M0 codes, 16 nibbles] results, as transformers computes them."""
+def mxfp4_values(out_dtype: torch.dtype, convention: str = "transformers") -> torch.Tensor:
+    """[256 E8M0 codes, 16 nibbles] results, with the convention's own op sequence."""
+    _check_mx_convention(convention)
+    codes = torch.arange(256, dtype=torch.int32).reshape(256, 1) - 127
+    if convention == "compressed-tensors":  # bf16 E2M1 × bf16 2**(s-127), then the output dtype
+        x = torch.tensor(E2M1_SIGNED, dtype=torch.bfloat16).reshape(1, 16)
+        return canonical_nan((x * 2.0 ** codes.to(torch.bfloat16)).to(out_dtype))
     lut = torch.tensor(E2M1_SIGNED, dtype=out_dtype)
     values = lut[torch.arange(16).repeat(256, 1)]
-    exp = torch.arange(256, dtype=torch.int32).reshape(256, 1) - 127
-    torch.ldexp(values, exp, out=values)
+    torch.ldexp(values, codes, out=values)
     return canonical_nan(values)
 
 
 @functools.lru_cache(maxsize=None)
-def mxfp4_table(out_dtype: torch.dtype) -> np.ndarray:
+def mxfp4_table(out_dtype: torch.dtype, convention: str = "transformers") -> np.ndarray:
     """(E8M0 code << 8 | byte) → the byte's two outputs."""
-    return pair_table(mxfp4_values(out_dtype))
+    return pair_table(mxfp4_values(out_dtype, convention))
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,8 +150,9 @@ def _finish(res: torch.Tensor, out: torch.Tensor | None, device: torch.device) -
 
 
 def torch_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, convention: str = "transformers") -> torch.Tensor:
     scales = check_mxfp4(blocks, scales, out_dtype)
+    _check_mx_convention(convention)
     *lead, groups, _ = blocks.shape
     res = _on_cpu(out, (*lead, groups * 32), out_dtype, blocks.device)
     if res.numel():
@@ -145,28 +160,32 @@ def torch_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, out_dtype: t
         packed = blocks.detach().cpu().contiguous().numpy().reshape(-1, groups * 16)
         codes = scales.detach().cpu().contiguous().numpy().reshape(-1, groups)
         pairs = res.view(_PAIR_INT[res.element_size()]).numpy().reshape(-1, groups * 16)
-        gather_scaled_pairs(packed, codes, 16, mxfp4_table(out_dtype), pairs)
+        gather_scaled_pairs(packed, codes, 16, mxfp4_table(out_dtype, convention), pairs)
     return _finish(res, out, blocks.device)
 
 
 def mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, *, backend: str = "auto",
-                  out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+                  out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
+                  convention: str = "transformers") -> torch.Tensor:
     """MXFP4 `blocks` uint8 [..., G, 16] with E8M0 `scales` uint8 [..., G] → out_dtype [..., G*32].
 
     out[..., 32g + 2k] = e2m1(blocks[..., g, k] & 15) * 2**(scales[..., g] - 127), and 2k+1 the
     high nibble, rounded once to out_dtype: the same bits as transformers before its transpose.
-    Scale 255 acts as 2^128 (±0.5 → ±2^127, larger → ±inf, zeros stay zero), as transformers
-    does. Any leading range (rows, experts) works on its own. `out`: a contiguous tensor to
-    write into. Raises ValueError on a shape or dtype mismatch.
+    Scale 255 (NaN in the OCP spec): convention "transformers" takes it as 2^128 (±0.5 → ±2^127,
+    larger → ±inf, zeros stay zero); "compressed-tensors" as its bf16 inf (nonzero codes → ±inf,
+    zeros → NaN). A compressed-tensors `weight_packed` [R, C/2] is `blocks` [R, C/32, 16].
+    Any leading range (rows, experts) works on its own. `out`: a contiguous tensor to write
+    into. Raises ValueError on a shape or dtype mismatch.
     """
     scales = check_mxfp4(blocks, scales, out_dtype)
+    _check_mx_convention(convention)
     if out is not None:
         out_tensor(out, (*blocks.shape[:-2], blocks.shape[-2] * 32), out_dtype, blocks.device)
     if _want_backend(backend, blocks.device) == "triton":
         from ckptflow.tasks.kernels.fp4_triton import triton_mxfp4_dequant
 
-        return triton_mxfp4_dequant(blocks, scales, out_dtype=out_dtype, out=out)
-    return torch_mxfp4_dequant(blocks, scales, out_dtype, out)
+        return triton_mxfp4_dequant(blocks, scales, out_dtype=out_dtype, out=out, convention=convention)
+    return torch_mxfp4_dequant(blocks, scales, out_dtype, out, convention)
 
 
 def mxfp4_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor, *, backend: str = "auto",

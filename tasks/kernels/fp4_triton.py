@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ckptflow.tasks.kernels.fp4 import check_mxfp4, check_nvfp4
+from ckptflow.tasks.kernels.fp4 import MX_CONVENTIONS, check_mxfp4, check_nvfp4
 from ckptflow.tasks.kernels.lut import out_tensor
 from ckptflow.tasks.kernels.triton_bits import (
     OUT_KIND, bits_to_out, check_triton_device, e4m3_to_f32_bits, f32_bits_to_bf16_bits, out_pointer, store_out,
@@ -43,9 +43,10 @@ def _e2m1_f32(nib, SIGNED_ZERO: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_bits(nib, s):
+def _mxfp4_bits(nib, s, CT: tl.constexpr):
     """float32 bits of ldexp(e2m1(nib), s - 127), as torch.ldexp gives them: an exact exponent
-    shift, so s = 255 is 2^128 (0.5 → 2^127, larger codes overflow to ±inf, zeros stay ±0)."""
+    shift, so s = 255 is 2^128 (0.5 → 2^127, larger codes overflow to ±inf, zeros stay ±0).
+    CT (compressed-tensors): s = 255 is bf16 inf instead, so ±inf, and NaN for zero codes."""
     sign, exp, mbit, zero = _e2m1_parts(nib)
     ex = exp.to(tl.int32) + s.to(tl.int32) - 127
     normal = sign | (ex.to(tl.uint32) << 23) | (mbit << 22)
@@ -54,7 +55,10 @@ def _mxfp4_bits(nib, s):
     sub = sign | ((0x800000 | (mbit << 22)) >> shift)
     bits = tl.where(ex >= 1, normal, sub)
     bits = tl.where(ex >= 255, sign | 0x7F800000, bits)  # overflow: ±inf
-    return tl.where(zero, sign, bits)
+    bits = tl.where(zero, sign, bits)
+    if CT:
+        bits = tl.where(s == 255, tl.where(zero, 0x7FC00000, sign | 0x7F800000), bits)
+    return bits
 
 
 @triton.jit
@@ -65,6 +69,7 @@ def _mxfp4_kernel(
     NG,  # groups
     OUT_KIND: tl.constexpr,  # 0 float32, 1 bfloat16, 2 float16
     TILE_G: tl.constexpr,  # groups per program
+    CT: tl.constexpr,  # 1: compressed-tensors' scale 255 (inf), 0: transformers' (2^128)
 ):
     g = tl.program_id(0).to(tl.int64) * TILE_G + tl.arange(0, TILE_G)
     k = tl.arange(0, 16)
@@ -73,14 +78,17 @@ def _mxfp4_kernel(
     byte = tl.load(b_ptr + g[:, None] * 16 + k[None, :], mask=mask, other=0).to(tl.uint32)
     s = tl.load(s_ptr + g, mask=gmask, other=127).to(tl.uint32)[:, None]
     out = g[:, None] * 32 + 2 * k[None, :]
-    store_out(out_ptr, out, bits_to_out(_mxfp4_bits(byte & 15, s), OUT_KIND), mask, OUT_KIND)
-    store_out(out_ptr, out + 1, bits_to_out(_mxfp4_bits(byte >> 4, s), OUT_KIND), mask, OUT_KIND)
+    store_out(out_ptr, out, bits_to_out(_mxfp4_bits(byte & 15, s, CT), OUT_KIND), mask, OUT_KIND)
+    store_out(out_ptr, out + 1, bits_to_out(_mxfp4_bits(byte >> 4, s, CT), OUT_KIND), mask, OUT_KIND)
 
 
 def triton_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, *,
-                         out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+                         out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None,
+                         convention: str = "transformers") -> torch.Tensor:
     """The Triton path of `mxfp4_dequant` (checks included); CPU tensors need TRITON_INTERPRET=1."""
     scales = check_mxfp4(blocks, scales, out_dtype)
+    if convention not in MX_CONVENTIONS:
+        raise ValueError(f"MXFP4 convention must be one of {', '.join(MX_CONVENTIONS)}, got {convention!r}")
     check_triton_device(blocks, _mxfp4_kernel)
     *lead, groups, _ = blocks.shape
     out = out_tensor(out, (*lead, groups * 32), out_dtype, blocks.device)
@@ -88,7 +96,8 @@ def triton_mxfp4_dequant(blocks: torch.Tensor, scales: torch.Tensor, *,
     if ng:
         tile = 64 if blocks.device.type == "cuda" else 1024  # the interpreter pays per program
         _mxfp4_kernel[(triton.cdiv(ng, tile),)](blocks.contiguous(), scales.contiguous(), out_pointer(out), ng,
-                                                 OUT_KIND=OUT_KIND[out_dtype], TILE_G=tile, num_warps=4)
+                                                 OUT_KIND=OUT_KIND[out_dtype], TILE_G=tile,
+                                                 CT=convention == "compressed-tensors", num_warps=4)
     return out
 
 

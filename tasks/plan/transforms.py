@@ -118,6 +118,7 @@ DEQUANT_FP8 = register(Transform("dequant_fp8", Action.DEQUANTIZED, f"{_RUN}:deq
 FP8_SCALED = register(Transform("fp8_scaled", Action.DEQUANTIZED, f"{_QUANT}:fp8_scaled_stream"))
 NVFP4 = register(Transform("nvfp4", Action.DEQUANTIZED, f"{_QUANT}:nvfp4_stream"))
 MXFP4_GPT_OSS = register(Transform("mxfp4_gpt_oss", Action.DEQUANTIZED, f"{_QUANT}:mxfp4_gpt_oss_stream"))
+CT_MXFP4 = register(Transform("ct_mxfp4", Action.DEQUANTIZED, f"{_QUANT}:ct_mxfp4_stream"))
 
 
 def transform_of(t: OutputTensor) -> Transform:

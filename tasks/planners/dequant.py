@@ -1,6 +1,6 @@
 """Plan quantized → BF16: every quantized weight the declared scheme describes becomes BF16.
 
-The scheme (FP8 block, compressed-tensors FP8 / NVFP4, gpt-oss MXFP4, ModelOpt FP8 / NVFP4) and
+The scheme (FP8 block, compressed-tensors FP8 / NVFP4 / MXFP4, gpt-oss MXFP4, ModelOpt FP8 / NVFP4) and
 each weight's scales and geometry come from `quant_layout.detect`. Output shards keep their source
 names and tensor order; scales are folded in, activation / KV scales dropped (both listed);
 config.json loses `quantization_config` wherever it sits and keeps its dtype key's spelling.

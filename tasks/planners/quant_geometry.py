@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ckptflow.storage.safetensors_format import TensorInfo
 from ckptflow.tasks.kernels.scale_grid import normalise_scale
-from ckptflow.tasks.plan.transforms import DEQUANT_FP8, FP8_SCALED, MXFP4_GPT_OSS, NVFP4
+from ckptflow.tasks.plan.transforms import CT_MXFP4, DEQUANT_FP8, FP8_SCALED, MXFP4_GPT_OSS, NVFP4
 
 if TYPE_CHECKING:  # only for hints: quant_scheme's table names these functions
     from ckptflow.tasks.planners.quant_scheme import Variant
@@ -68,6 +68,24 @@ def mxfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geome
                          f"(expected {list(shape[:-1])})")
     experts, out, groups = shape[:3]
     return (experts, groups * group, out), (("group", group),), MXFP4_GPT_OSS.name  # [E, IN, OUT], as transformers
+
+
+def ct_mxfp4_geometry(v: Variant, info: TensorInfo, aux: list[TensorInfo]) -> Geometry:
+    """compressed-tensors mxfp4-pack-quantized: `weight_packed` [rows, cols/2], E8M0 `weight_scale`
+    [rows, cols/32]. Whole groups only: compressed-tensors itself refuses a ragged last group."""
+    name, shape, scale = info.name, tuple(info.shape), tuple(aux[0].shape)
+    group = v.param("group")
+    if len(shape) != 2:
+        raise ValueError(f"{name}: MXFP4 packed weight must be 2-D [rows, cols/2], got {list(shape)}")
+    rows, cols = shape[0], shape[1] * 2
+    if cols % group:
+        raise ValueError(f"{name}: {cols} columns are not a multiple of the MXFP4 group of {group} "
+                         "(compressed-tensors cannot decompress it either)")
+    want = (rows, cols // group)
+    if scale != want:
+        raise ValueError(f"{name}: scale shape {list(scale)} does not match weight [{rows}, {cols}] "
+                         f"in groups of {group} (expected {list(want)})")
+    return (rows, cols), (("group", group),), CT_MXFP4.name
 
 
 def _numel(shape: tuple[int, ...]) -> int:

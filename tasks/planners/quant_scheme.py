@@ -14,7 +14,8 @@ from typing import Any
 
 from ckptflow.tasks.plan.model import PlanError
 from ckptflow.tasks.planners.linear_match import Matcher, compile_patterns
-from ckptflow.tasks.planners.quant_geometry import Geometry, fp8_geometry, mxfp4_geometry, nvfp4_geometry
+from ckptflow.tasks.planners.quant_geometry import (Geometry, ct_mxfp4_geometry, fp8_geometry, mxfp4_geometry,
+                                                    nvfp4_geometry)
 
 FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 
@@ -42,6 +43,9 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in (
     Scheme("ct-nvfp4", ".weight_packed", frozenset({"U8"}),
            ((".weight_scale", frozenset({"F8_E4M3"})), (".weight_global_scale", frozenset({"F32"}))),
            ".weight", nvfp4_geometry),
+    # compressed-tensors mxfp4-pack-quantized: E2M1 pairs, a uint8 E8M0 exponent per 32, no global scale.
+    Scheme("ct-mxfp4", ".weight_packed", frozenset({"U8"}), ((".weight_scale", frozenset({"U8"})),), ".weight",
+           ct_mxfp4_geometry),
     # ModelOpt FP8 per-tensor and NVFP4 (weight_scale_2 multiplies).
     Scheme("modelopt-fp8", ".weight", FP8, ((".weight_scale", frozenset({"F32"})),), ".weight", fp8_geometry),
     Scheme("modelopt-nvfp4", ".weight", frozenset({"U8"}),
@@ -96,8 +100,9 @@ def _positive(value: Any, where: str) -> int:
 def unsupported(method: str, where: str, why: str = "") -> PlanError:
     return PlanError(f"{where}: quantization scheme {method!r} is not one ckptflow can dequantize"
                      + (f" ({why})" if why else "")
-                     + "; supported: FP8 block (quant_method fp8), compressed-tensors float-quantized FP8 "
-                       "and nvfp4-pack-quantized, gpt-oss mxfp4, ModelOpt FP8 and NVFP4. Nothing was written")
+                     + "; supported: FP8 block (quant_method fp8), compressed-tensors float-quantized FP8, "
+                       "nvfp4-pack-quantized and mxfp4-pack-quantized, gpt-oss mxfp4, ModelOpt FP8 and NVFP4. "
+                       "Nothing was written")
 
 
 def quantization_sources(config: dict[str, Any] | None,
@@ -185,6 +190,9 @@ def _compressed_tensors(q: dict[str, Any], where: str, ignore: Matcher) -> Schem
             if group_size != 16 or strategy not in ("tensor_group", "group"):
                 raise unsupported(desc, f"{where}.config_groups.{gname}", "NVFP4 is tensor_group of 16")
             variants.append(Variant(SCHEMES["ct-nvfp4"], (("group", 16),), targets, label))
+        elif gfmt == "mxfp4-pack-quantized" and kind == "float" and bits == 4:
+            variants.append(Variant(SCHEMES["ct-mxfp4"], (("group", _ct_mxfp4_group(w, f"{where}.config_groups.{gname}",
+                                                                                  desc)),), targets, label))
         else:
             raise unsupported(desc, f"{where}.config_groups.{gname}")
     return SchemeConfig(f"compressed-tensors {fmt}", where, tuple(variants), ignore)
@@ -198,6 +206,23 @@ def _ct_fp8_geometry(w: dict[str, Any], strategy: Any, where: str, desc: str) ->
     if strategy == "group":
         return (("block", (1, _positive(w.get("group_size"), f"{where}.weights.group_size"))),)
     raise unsupported(desc, where, f"strategy {strategy!r}")
+
+
+# how compressed-tensors writes the E8M0 scale dtype into the config (QuantizationArgs.scale_dtype)
+UINT8_NAMES = (None, "torch.uint8", "uint8")
+
+
+def _ct_mxfp4_group(w: dict[str, Any], where: str, desc: str) -> int:
+    """MXFP4 is groups of 32 with uint8 E8M0 scales: compressed-tensors decodes a scale as an
+    exponent only then (`should_generate_mx_scales`); any other scale dtype it would misread."""
+    group = _positive(w.get("group_size"), f"{where}.weights.group_size")
+    if group != 32 or w.get("strategy") not in ("group", None):
+        raise unsupported(desc, where, f"MXFP4 is group strategy with group_size 32, got {w.get('strategy')!r} "
+                                       f"{group}")
+    if w.get("scale_dtype") not in UINT8_NAMES:
+        raise unsupported(desc, where, f"MXFP4 scales are uint8 E8M0 exponents, the config says scale_dtype "
+                                       f"{w.get('scale_dtype')!r}")
+    return group
 
 
 def _patterns(value: Any, where: str, classes_match: bool = False) -> Matcher:

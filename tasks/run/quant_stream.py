@@ -1,4 +1,5 @@
-"""Streaming per-tensor/channel FP8, NVFP4 and gpt-oss MXFP4 dequant for `execute.write_shard`.
+"""Streaming per-tensor/channel FP8, NVFP4 and MXFP4 (gpt-oss, compressed-tensors) dequant for
+`execute.write_shard`.
 
 Each function is the `stream` of one entry of `tasks.plan.transforms.REGISTRY`, which the
 executor imports through the registry: this module imports the executor, never the other way.
@@ -125,6 +126,33 @@ def nvfp4_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         got = nvfp4_dequant(codes.to(ctx.device), s.to(ctx.device), g.to(ctx.device),
                             convention=t.param("convention"), backend=ctx.backend, out_dtype=torch.bfloat16, out=out)
         if may_overflow(E2M1_MAX * max_abs(scale.dtype, raw_s) * factor):
+            record(ctx, t, _host(got, buf))  # E2M1 codes are all finite
+        yield _piece(ctx, got, buf)
+
+
+def ct_mxfp4_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """compressed-tensors MXFP4 rows in chunks: packed [rows, cols/2] E2M1 pairs, a uint8 E8M0
+    scale per 32 columns [rows, cols/32], no global scale. A row's bytes are its groups' blocks."""
+    import torch
+
+    from ckptflow.tasks.kernels.dispatch import mxfp4_dequant
+
+    packed, scale = t.sources
+    rows, half = packed.shape
+    groups = scale.shape[1]
+    step = max(1, execute.CHUNK_BYTES // max(4 * half, 1))  # output rows of 2·cols bf16 bytes each
+    spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    ranges = [(packed.start + r0 * half, packed.start + r1 * half) for r0, r1 in spans]
+    for (r0, r1), (raw, release) in zip(spans, read_ahead(ctx, packed.file, ranges)):
+        codes = torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).reshape(r1 - r0, groups, 16).copy())
+        done(release)
+        raw_s = read_small(ctx, scale, r0 * groups, r1 * groups)
+        check_scales(t, scale, raw_s)  # E8M0 255 is NaN: refused unless non-finite output is allowed
+        s = torch.frombuffer(raw_s, dtype=torch.uint8).reshape(r1 - r0, groups)
+        out, buf = _output(ctx, (r1 - r0, 2 * half))
+        got = mxfp4_dequant(codes.to(ctx.device), s.to(ctx.device), backend=ctx.backend, out=out,
+                            convention="compressed-tensors")
+        if may_overflow(E2M1_MAX * max_abs(scale.dtype, raw_s)):
             record(ctx, t, _host(got, buf))  # E2M1 codes are all finite
         yield _piece(ctx, got, buf)
 
