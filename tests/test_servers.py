@@ -85,6 +85,18 @@ def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_pat
     assert tree(tmp_path / "out")  # the run itself is whole
 
 
+def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt, tmp_path):
+    """The first rule of flows/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
+    URL in the environment is used as is; no temporary server is started, nothing waits for one."""
+    env = cli_env()
+    url = env["PREFECT_API_URL"]
+    before = set(_flow_run_names(url))
+    summary = _convert_json(demo_ckpt, tmp_path, env)
+    assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
+    assert "your server" in summary["stdout"] and "temporary server" not in summary["stdout"]
+    assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded on that server
+
+
 def _wait_closed(port: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while _listening(port) and time.monotonic() < deadline:
