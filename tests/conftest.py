@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group, server_env  # noqa: F401 (fixtures use them)
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -21,6 +22,10 @@ os.environ["CKPTFLOW_SERVER_HOME"] = __import__("tempfile").mkdtemp(prefix="ckpt
 # Without a GPU, Triton kernels run on the CPU interpreter; it must be on before triton.jit runs.
 if not __import__("torch").cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The session's migrated Prefect database lives here: named now, in the first process that loads this
+# file (pytest's controller under xdist), so that every worker inherits the one folder.
+_MADE_TEMPLATE_DIR = not os.environ.get(prefect_servers.TEMPLATE_ENV)
+prefect_servers.template_dir()
 
 
 def pytest_configure(config):
@@ -40,15 +45,51 @@ def pytest_configure(config):
             raise pytest.UsageError(f"could not create Prefect's database in {home}:\n{made.stderr[-2000:]}")
 
 
+def pytest_sessionstart(session):
+    """An xdist worker starts its Prefect server now, in the background (the first one to get there
+    migrates the session's database meanwhile): its first CLI or flow test then waits less, or not
+    at all. A run without xdist starts it when a test first needs it."""
+    if hasattr(session.config, "workerinput"):
+        prefect_servers.start()
+
+
+def pytest_unconfigure(config):
+    prefect_servers.stop()
+    if _MADE_TEMPLATE_DIR:
+        __import__("shutil").rmtree(prefect_servers.template_dir(), ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One Prefect server for the whole session (each start costs seconds)."""
-    from prefect.testing.utilities import prefect_test_harness
+    """In-process flows run against this test process's Prefect server, the one its CLI runs use
+    (tests/prefect_servers.py), as Prefect's `prefect_test_harness` would run them against a
+    server of their own: one server start fewer per worker."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+    with temporary_settings({PREFECT_API_URL: prefect_servers.api_url()}):
+        # as the harness does: code in a context copied earlier sees the server too
+        with _temporary_global_settings_context(get_settings_context()):
+            yield
+            # flush logs and events while the server still answers, as the harness does on leaving
+            run_coro_as_sync(_drain(APILogWorker, EventsWorker))
 
 
+async def _drain(log_worker, events_worker) -> None:
+    import inspect
+
+    try:
+        drained = log_worker.instance().drain()
+        if inspect.isawaitable(drained):
+            await drained
+    except RuntimeError:  # never started
+        pass
+    drained = events_worker.drain_all()
+    if inspect.isawaitable(drained):
+        await drained
 
 
 @pytest.fixture(scope="session")

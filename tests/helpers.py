@@ -17,6 +17,8 @@ from typing import Callable
 from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
 from ckptflow.storage.safetensors_format import DTYPE_SIZES, Header, TensorInfo
 
+from . import prefect_servers
+
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
@@ -27,18 +29,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_env(**extra: str) -> dict[str, str]:
+def cli_env(*, temporary_server: bool = False, **extra: str) -> dict[str, str]:
     """The environment of a CLI subprocess: it runs the installed `ckptflow` package (no PYTHONPATH
-    to this checkout, which would make its folders importable as top-level `flows`, `tasks`, …)."""
+    to this checkout, which would make its folders importable as top-level `flows`, `tasks`, …).
+
+    Its Prefect server is this test process's own (PREFECT_API_URL, tests/prefect_servers.py), so
+    the run starts none (flows/server.py: a URL in the environment comes first): a server start
+    costs seconds a test. `temporary_server=True` leaves the URL out, for the tests about the
+    server a CLI run chooses or starts itself; a PREFECT_API_URL in `extra` wins."""
     env = dict(os.environ)
+    env.pop("PREFECT_API_URL", None)
+    if not temporary_server:
+        env["PREFECT_API_URL"] = prefect_servers.api_url()
     env.update(extra)
     return env
 
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:
-    env = cli_env(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-                  PREFECT_LOGGING_LEVEL="WARNING", **extra)
-    for var in ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_PROFILES_PATH"):
+    """A Prefect server's or a CLI run's environment on PREFECT_HOME `home`, with no server URL
+    unless `extra` names one. `home` is seeded with the session's migrated database, so a server
+    started on it does not migrate a new one (10-15 s)."""
+    env = cli_env(temporary_server=True, PREFECT_HOME=str(prefect_servers.seed_home(Path(home))),
+                  PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    for var in ("PREFECT_API_KEY", "PREFECT_PROFILES_PATH"):
         env.pop(var, None)
     env.update(extra)
     return env
@@ -54,6 +67,12 @@ def one_error_line(run: subprocess.CompletedProcess, *needles: str, code: int = 
     for needle in needles:
         assert needle in errors[0], errors[0]
     return errors[0]
+
+
+def seed_prefect_home(home: Path) -> Path:
+    """`home` as a PREFECT_HOME holding a copy of the session's migrated Prefect database, for a
+    server a test starts there itself (`ckptflow server start`): it then does not migrate one."""
+    return prefect_servers.seed_home(Path(home))
 
 
 def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:

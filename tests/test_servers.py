@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from .helpers import PYTHON, ROOT, cli_env, tree
+from .helpers import PYTHON, ROOT, cli_env, seed_prefect_home, tree
 
 
 def _cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -48,8 +48,8 @@ def _listening(port: int) -> bool:
 
 @pytest.mark.slow
 def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
-    env = cli_env(CKPTFLOW_SERVER_HOME=str(tmp_path / "srv"))
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(temporary_server=True, CKPTFLOW_SERVER_HOME=str(tmp_path / "srv"))
+    seed_prefect_home(tmp_path / "srv" / "prefect")  # where the server keeps its database: no migration
     assert _cli("server", "status", env=env).returncode == 1  # none yet
 
     started = _cli("server", "start", env=env, timeout=180)
@@ -82,14 +82,25 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
 
 
 def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_path):
-    env = cli_env(CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(temporary_server=True, CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
     summary = _convert_json(demo_ckpt, tmp_path, env)
     assert summary["timing"]["server"] == "temporary"
     assert "temporary server" in summary["text"]
     assert "/runs/flow-run/" not in summary["text"]  # its UI dies with the run: no link to print
     assert _wait_closed(_port(summary["timing"]["server_url"]), 15)
     assert tree(tmp_path / "out")  # the run itself is whole
+
+
+def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt, tmp_path):
+    """The first rule of flows/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
+    URL in the environment is used as is; no temporary server is started, nothing waits for one."""
+    env = cli_env()
+    url = env["PREFECT_API_URL"]
+    before = set(_flow_run_names(url))
+    summary = _convert_json(demo_ckpt, tmp_path, env)
+    assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
+    assert "your server" in summary["stdout"] and "temporary server" not in summary["stdout"]
+    assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded on that server
 
 
 def _wait_closed(port: int, seconds: float) -> bool:
@@ -104,8 +115,7 @@ def test_a_stale_local_server_record_is_ignored(demo_ckpt, tmp_path):
     home = tmp_path / "srv"
     home.mkdir()
     (home / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:9/api", "pid": os.getpid()}))
-    env = cli_env(CKPTFLOW_SERVER_HOME=str(home))
-    env.pop("PREFECT_API_URL", None)
+    env = cli_env(temporary_server=True, CKPTFLOW_SERVER_HOME=str(home))
     assert _cli("server", "status", env=env).returncode == 1
     assert _convert_json(demo_ckpt, tmp_path, env)["timing"]["server"] == "temporary"
     # stop must not signal a PID that is not the server it started (here: this test process)
