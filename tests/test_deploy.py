@@ -168,8 +168,10 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
     import time
 
     env = deployed["env"]
-    # One run due ~10 s from now: an hourly interval anchored just under an hour ago.
-    anchor = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=3600 - 10)
+    # A run every minute from now on: the first falls due within a minute of the deployment,
+    # however long `prefect deploy` takes on a loaded machine (a run due before the scheduler
+    # first sees the deployment is never created).
+    anchor = datetime.datetime.now(datetime.timezone.utc)
     project = deployed["project"]
     (project / "scheduled.yaml").write_text(json.dumps({
         "name": "ckptflow-scheduled", "prefect-version": "3.8.0", "pull": [],
@@ -178,15 +180,17 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
             "parameters": {"source": str(demo_ckpt), "dest": str(tmp_path / "out"), "work": str(tmp_path / "work"),
                            "dequant": True},
             "work_pool": {"name": "ckptflow-process", "job_variables": {}},
-            "schedules": [{"interval": 3600, "anchor_date": anchor.isoformat(), "active": True}],
+            "schedules": [{"interval": 60, "anchor_date": anchor.isoformat(), "active": True}],
         }]}))  # JSON is YAML
     dep = prefect(["--no-prompt", "deploy", "--prefect-file", "scheduled.yaml", "--all"], env, project)
     assert dep.returncode == 0, dep.stdout + dep.stderr
     try:
-        deadline, runs = time.monotonic() + 240, []
+        # A later run may start while the first still holds DEST's lock and fail (DestBusy): only a
+        # completed run counts.
+        deadline, runs = time.monotonic() + 300, []
         while time.monotonic() < deadline:
             runs = flow_runs(env, "scheduled-convert")
-            if any(r["state"] == "COMPLETED" for r in runs) or any(r["state"] in ("FAILED", "CRASHED") for r in runs):
+            if any(r["state"] == "COMPLETED" for r in runs):
                 break
             time.sleep(3)
         done = [r for r in runs if r["state"] == "COMPLETED"]
