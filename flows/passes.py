@@ -48,7 +48,7 @@ class PrefectSubmitter:
         # The task run is named after the file it writes, as the UI lists it (a template: braces doubled).
         run_name = f"{call.stage} {printable(call.shard.file)}".replace("{", "{{").replace("}", "}}")
         task = write_shard_task.with_options(name=f"{call.stage}-shard", task_run_name=run_name,
-                                             result_storage=self._storage)
+                                             result_storage=self._storage, refresh_cache=True)
         return task.submit(*call.args())
 
     def as_completed(self, futures: list[Any]) -> Any:

@@ -6,7 +6,10 @@ delays the message the user needs.
 from __future__ import annotations
 
 import errno
-from typing import Any
+import time
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 _TRANSIENT_NAMES = {
     "ConnectionError", "ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError",
@@ -50,3 +53,16 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
 # Every Prefect task that touches storage retries a hiccup alike: three more tries, backing off.
 TRANSIENT_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [1, 4, 15],
                                      "retry_condition_fn": retry_transient}
+
+
+def with_transient_retries(call: Callable[[], T], delays: tuple[float, ...] = (1, 4, 15)) -> T:
+    """`call()`, tried again after each of `delays` while it fails with a storage hiccup: what a
+    Prefect task gets from `TRANSIENT_RETRIES`, for reads made outside any task (planning)."""
+    for delay in delays:
+        try:
+            return call()
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a hiccup
+            if not is_transient(exc):
+                raise
+        time.sleep(delay)
+    return call()

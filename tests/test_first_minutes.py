@@ -22,7 +22,7 @@ SLOW_CLI = """
 import sys, time
 from ckptflow.flows.cli import _quiet_prefect, main
 _quiet_prefect(False)
-import ckptflow.tasks.run.shard_task as st
+import ckptflow.tasks.run.shard as st
 real = st.write_shard
 def slow(*a, **k):
     time.sleep(0.8)

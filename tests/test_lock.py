@@ -251,7 +251,7 @@ GATED_CLI = """
 import os, sys, threading, time
 from ckptflow.flows import cli
 cli._quiet_prefect(False)  # what main() does before Prefect is imported; the gate imports it first
-import ckptflow.tasks.run.shard_task as st
+import ckptflow.tasks.run.shard as st
 real, done, mutex = st.write_shard, [], threading.Lock()
 def gated(*a, **k):
     with mutex:

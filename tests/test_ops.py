@@ -285,10 +285,14 @@ class FaultyProxy:
 
 
 def data_range_read(method: str, headers) -> bool:
-    """A ranged GET past the start of an object: shard tasks reading tensor bytes (the flow
-    itself reads headers from offset 0 and small JSON files whole)."""
+    """A ranged GET past the start of an object, of at least 512 bytes: shard tasks reading tensor
+    bytes (the flow itself reads headers from offset 0, small JSON files whole, and at planning
+    the few bytes of per-tensor scales, `tasks/run/scale_preflight.py`)."""
     rng = headers.get("Range") or ""
-    return method == "GET" and rng.startswith("bytes=") and not rng.startswith("bytes=0-")
+    if method != "GET" or not rng.startswith("bytes=") or rng.startswith("bytes=0-"):
+        return False
+    first, _, last = rng[len("bytes="):].partition("-")
+    return not last or int(last) - int(first) + 1 >= 512
 
 
 class SameRequest:
@@ -338,8 +342,11 @@ def _task_run_counts(flow_run_id) -> list[int]:
     return asyncio.run(read())
 
 
-def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, faulty_s3, demo_ckpt, tmp_path):
+def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, faulty_s3, demo_ckpt, tmp_path,
+                                                             monkeypatch):
     from ckptflow.flows.convert import convert_flow
+
+    monkeypatch.setattr("ckptflow.tasks.run.scale_preflight.MERGE_GAP", 0)  # planning's scale reads stay tiny
 
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
@@ -360,9 +367,11 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
     assert len(counts) == 6 and sum(c - 1 for c in counts) >= 1, counts  # Prefect retried the shard
 
 
-def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_path):
+def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_path, monkeypatch):
     """AccessDenied is the user's to fix: each shard task fails once, with no retry delay."""
     from ckptflow.flows.convert import convert_flow
+
+    monkeypatch.setattr("ckptflow.tasks.run.scale_preflight.MERGE_GAP", 0)  # planning's scale reads stay tiny
 
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)

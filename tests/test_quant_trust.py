@@ -122,14 +122,14 @@ def test_bad_scale_is_one_error_then_allowed_and_counted(tmp_path, request, case
     run = ckptflow("convert", str(src), str(allowed), "--dequant", "--allow-nonfinite", "--json",
                    "--work", str(tmp_path / "w2"))
     assert run.returncode == 0, run.stderr
-    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    summary = json.loads(run.stdout)  # --json: stdout is one JSON document, the text is on stderr
     with safe_open(str(allowed / weight_file), "pt") as f, safe_open(str(src / weight_file), "pt") as s:
         codes = s.get_tensor(weight) if weight in s.keys() else None  # FP8 codes; packed E2M1 is all finite
         finite = codes.float().isfinite() if codes is not None and codes.is_floating_point() else True
         made = int((~f.get_tensor(weight).isfinite() & finite).sum())
     assert made > 0 and summary["nonfinite"] == {
         "values": made, "tensors": [{"file": weight_file, "tensor": weight, "count": made}]}
-    assert f"nonfinite: {made} inf/NaN value(s)" in run.stdout and weight in run.stdout
+    assert f"nonfinite: {made} inf/NaN value(s)" in run.stderr and weight in run.stderr
     assert sha256s(src) == before
 
 

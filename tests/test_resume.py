@@ -14,7 +14,7 @@ from .helpers import PYTHON, ROOT, cli_env, run_passes, sigkill_when, tree
 # The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
 SLOW_CHILD = """
 import sys, time
-import ckptflow.tasks.run.shard_task as st
+import ckptflow.tasks.run.shard as st
 real = st.write_shard
 def slow(*a, **k):
     time.sleep(0.8)

@@ -531,3 +531,36 @@ def test_shards_read_with_o_direct_are_byte_identical(tmp_path, monkeypatch):
             want = torch_weight_dequant(s.get_tensor("w"), s.get_tensor("w_scale_inv"), (128, 128))
             assert torch.equal(f.get_tensor("w").view(torch.int16), want.view(torch.int16))
             assert torch.equal(f.get_tensor("rows"), s.get_tensor("f")[33:133])
+
+
+def test_reads_outside_a_task_retry_hiccups_and_raise_user_errors_at_once():
+    """Planning reads (small scales) get the retries a shard task gets from Prefect, and no more."""
+    from ckptflow.storage.transient import with_transient_retries
+
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionResetError("Connection reset by peer")
+        return b"ok"
+
+    assert with_transient_retries(flaky, delays=(0, 0, 0)) == b"ok" and len(calls) == 3
+    calls.clear()
+
+    def denied():
+        calls.append(1)
+        raise PermissionError("Access Denied")
+
+    with pytest.raises(PermissionError):
+        with_transient_retries(denied, delays=(0, 0, 0))
+    assert len(calls) == 1
+    calls.clear()
+
+    def down():
+        calls.append(1)
+        raise ConnectionResetError("Connection reset by peer")
+
+    with pytest.raises(ConnectionResetError):
+        with_transient_retries(down, delays=(0, 0))
+    assert len(calls) == 3  # the first try and one per delay

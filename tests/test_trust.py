@@ -152,7 +152,7 @@ def test_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 # file named by CKPTFLOW_TEST_GO exists (or 120 s pass), so a test can act while it runs.
 SLOW_CLI = """
 import os, sys, time
-import ckptflow.tasks.run.shard_task as st
+import ckptflow.tasks.run.shard as st
 real, done = st.write_shard, []
 def slow(*a, **k):
     go = os.environ["CKPTFLOW_TEST_GO"]

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from ckptflow.storage.errors import problem_list
 from ckptflow.storage.reader import RangeReader
+from ckptflow.storage.transient import with_transient_retries
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.kernels.finite import bad_scales
 from ckptflow.tasks.plan.model import SourceRef, StagePlan
@@ -63,7 +64,9 @@ def check_small_scales(src: Location, plans: Iterable[StagePlan]) -> None:
     jobs = [(file, span) for file, refs in sorted(by_file.items()) for span in _spans(refs)]
     problems: list[str] = []
     with RangeReader(src) as reader, ThreadPoolExecutor(min(8, len(jobs))) as pool:
-        reads = pool.map(lambda job: bytes(reader.read(job[0], job[1][0], job[1][1])), jobs)
+        # Outside any task, so no Prefect retry: a dropped connection is retried here as a shard's would be.
+        reads = pool.map(lambda job: with_transient_retries(lambda: bytes(reader.read(job[0], job[1][0], job[1][1]))),
+                         jobs)
         for (file, (a, _, group)), raw in zip(jobs, reads):
             for ref in group:
                 what = bad_scales(ref.dtype, raw[ref.start - a: ref.end - a])
