@@ -99,7 +99,7 @@ def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt
     before = set(_flow_run_names(url))
     summary = _convert_json(demo_ckpt, tmp_path, env)
     assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
-    assert "your server" in summary["stdout"] and "temporary server" not in summary["stdout"]
+    assert "your server" in summary["text"] and "temporary server" not in summary["text"]
     assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded on that server
 
 
