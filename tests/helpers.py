@@ -88,6 +88,26 @@ def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         pass
 
 
+def start_moto_process(log_path: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
+    """moto's S3 server as a process of its own (one a test can SIGSTOP), on a free loopback port;
+    returns once it accepts connections."""
+    port = free_port()
+    log = open(log_path, "wb")
+    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()  # the child holds its own descriptor
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                kill_group(proc)
+                raise RuntimeError(f"moto server did not start; see {log_path}") from None
+            time.sleep(0.2)
+
+
 def tree(path) -> dict[str, bytes]:
     """Every file under `path` (dot-files and dot-folders apart: locks, journals) and its bytes."""
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*"))

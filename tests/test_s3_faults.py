@@ -22,7 +22,7 @@ import pytest
 import s3fs
 from botocore import exceptions as botocore_errors
 
-from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group
+from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group, start_moto_process
 
 if sys.version_info < (3, 11):  # requires-python is 3.10; anyio brings the backport there
     from exceptiongroup import ExceptionGroup
@@ -75,22 +75,10 @@ def auth_s3(tmp_path_factory):
     import boto3
 
     setup_actions = 5  # create_bucket, put_object, create_user, create_access_key, put_user_policy
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("moto-auth") / "server.log", "wb")
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(setup_actions)}
-    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, port = start_moto_process(tmp_path_factory.mktemp("moto-auth") / "server.log", env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto server with auth did not start")
-                time.sleep(0.2)
         s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id="setup", aws_secret_access_key="setup",
                           region_name="us-east-1")
         iam = boto3.client("iam", endpoint_url=url, aws_access_key_id="setup", aws_secret_access_key="setup",
@@ -106,7 +94,6 @@ def auth_s3(tmp_path_factory):
         yield {"url": url, "bucket": bucket, "reader": {"key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}}
     finally:
         kill_group(proc)
-        log.close()
 
 
 # ---------------------------------------------------------------------------------- helpers

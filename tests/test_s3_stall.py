@@ -20,7 +20,7 @@ import uuid
 
 import pytest
 
-from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group, s3_tree, tree
+from .helpers import PYTHON, ROOT, cli_env, kill_group, s3_tree, start_moto_process, tree
 
 MiB = 1 << 20
 STALLED_SHARD = "model-00004-of-00005.safetensors"  # 9.6 MB of BF16 after dequant: 2 parts of 5 MiB
@@ -75,25 +75,12 @@ class StopOnRequest:
 
 @pytest.fixture
 def moto_process(tmp_path):
-    port = free_port()
-    log = open(tmp_path / "moto.log", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, port = start_moto_process(tmp_path / "moto.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.2)
         yield {"port": port, "pid": proc.pid, "url": f"http://127.0.0.1:{port}"}
     finally:
         os.kill(proc.pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
         kill_group(proc)
-        log.close()
 
 
 @pytest.fixture(scope="module")
