@@ -29,6 +29,7 @@ from pathlib import Path
 from ckptflow.flows.printable import printable
 from ckptflow.flows.server import ServerError, health, last_line, wait_until_answers
 from ckptflow.flows.user_dirs import missing_home, unwritable
+from ckptflow.flows.watchdog import proc_stat
 
 START_TIMEOUT_S = 120.0
 
@@ -62,13 +63,9 @@ def process_start(pid: int) -> str | None:
     """When `pid` started, as a token that differs for any later process with the same PID: its
     start time in clock ticks after boot (/proc/PID/stat field 22), or psutil's creation time where
     there is no /proc and psutil is installed. None when the process is gone or it cannot be told."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-        return "proc:" + raw[raw.rfind(")") + 2:].split()[19]  # the command name may hold ') '
-    except (OSError, IndexError):
-        if os.path.isdir("/proc/self"):
-            return None  # /proc is there: the process is gone
+    if os.path.isdir("/proc/self"):
+        st = proc_stat(pid)
+        return f"proc:{st[1]}" if st is not None else None  # /proc is there: None means gone
     try:
         import psutil  # optional: not a dependency of ckptflow
     except ImportError:

@@ -18,8 +18,9 @@ import time
 POLL_S = 0.5
 
 
-def _stat(pid: int) -> tuple[int, str] | None:
-    """(parent pid, start time) of `pid` from /proc, or None once it is gone."""
+def proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time in clock ticks after boot) of `pid` from /proc, or None once it is
+    gone. The start time tells a process from a later one that got the same PID."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             raw = f.read().decode(errors="replace")
@@ -34,7 +35,7 @@ def _descendants(root: int, known: dict[int, str]) -> None:
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in known or int(entry) == os.getpid():
             continue
-        st = _stat(int(entry))
+        st = proc_stat(int(entry))
         if st is not None and (st[0] == root or st[0] in known):
             known[int(entry)] = st[1]
 
@@ -50,7 +51,7 @@ def watch(root: int) -> None:
                 break
         time.sleep(POLL_S)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = [pid for pid, started in known.items() if (_stat(pid) or (0, None))[1] == started]
+        alive = [pid for pid, started in known.items() if (proc_stat(pid) or (0, None))[1] == started]
         for pid in alive:
             try:
                 os.kill(pid, sig)
