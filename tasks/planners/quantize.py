@@ -37,11 +37,11 @@ def _inner(t: OutputTensor) -> tuple[str, str, tuple[int, ...], tuple]:
 
 
 def quant_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any]:
-    """quantization_config as compressed-tensors' ModelCompressor.update_config writes it."""
-    return {"config_groups": {"group_0": copy.deepcopy(scheme.config_group)}, "format": scheme.format,
+    """quantization_config as llm-compressor 0.14's model_free_ptq writes it (compressed-tensors 0.19)."""
+    return {"config_groups": {scheme.preset: copy.deepcopy(scheme.config_group)}, "format": scheme.format,
             "global_compression_ratio": None, "ignore": ignore, "kv_cache_scheme": None,
             "quant_method": "compressed-tensors", "quantization_status": "compressed",
-            "sparsity_config": {}, "transform_config": {}, "version": CT_VERSION}
+            "transform_config": {}, "version": CT_VERSION}
 
 
 def _refuse_quantized(ckpt: Checkpoint) -> None:
@@ -65,8 +65,8 @@ def plan_quantize(ckpt: Checkpoint, scheme: QuantScheme, *, rounding: str = "fp3
     matcher = ignore_matcher(ignore)
     made = {t.name: t for s in upstream.shards for t in s.tensors} if upstream is not None else {}
     layout = plan_reindex(source, max_shard_size, groups)
-    single = len(layout.shards) == 1 and len(source.headers) == 1  # keep model.safetensors as it was named
-    if single:
+    # a lone model.safetensors keeps its name; an index is written always, as llm-compressor does
+    if len(layout.shards) == 1 and len(source.headers) == 1:
         layout = StagePlan(layout.stage, (ShardPlan(next(iter(source.headers)), layout.shards[0].tensors),),
                            warnings=layout.warnings)
     shards, amax_shards, misfits, skipped = [], [], [], []
@@ -116,7 +116,6 @@ def plan_quantize(ckpt: Checkpoint, scheme: QuantScheme, *, rounding: str = "fp3
     dropped = upstream.dropped if upstream is not None else ()
     write = StagePlan(stage, tuple(shards), config, dropped,
                       (upstream.warnings if upstream is not None else ()) + layout.warnings,
-                      write_index=not single or source.index is not None,
                       copy_files=upstream.copy_files if upstream is not None else None)
     amax_plan = StagePlan(AMAX_STAGE, tuple(amax_shards), {}, copy_files=()) if amax_shards else None
     return amax_plan, write

@@ -1,7 +1,8 @@
 """The quantize kernels the write pass calls, behind one seam.
 
 The kernels proper (bit-exact with compressed-tensors, both roundings) belong to
-`ckptflow.tasks.kernels.quantize` (branch quant-kernels). Until that module is importable the
+`ckptflow.tasks.kernels.quant_fp8` / `quant_fp4` / `quant_common` (branch quant-kernels).
+Until those modules are importable the
 functions below are plain-torch versions of the same formulas (compressed-tensors 0.19
 `quantize`/`calculate_qparams`, FP32 division), so the stage runs and its tests check layout,
 grouping and streaming; the bit-exact comparison with llm-compressor needs the real kernels.
@@ -11,8 +12,9 @@ from __future__ import annotations
 import torch
 
 try:  # the real kernels, once merged
-    from ckptflow.tasks.kernels.quantize import (fp8_block_quantize, fp8_channel_quantize, mxfp4_quantize,  # noqa: F401
-                                                 nvfp4_global_scale, nvfp4_quantize, tensor_amax)
+    from ckptflow.tasks.kernels.quant_common import tensor_amax  # noqa: F401
+    from ckptflow.tasks.kernels.quant_fp4 import mxfp4_quantize, nvfp4_global_scale, nvfp4_quantize  # noqa: F401
+    from ckptflow.tasks.kernels.quant_fp8 import fp8_block_quantize, fp8_channel_quantize  # noqa: F401
     REAL_KERNELS = True
 except ImportError:  # pragma: no cover - depends on the merge state
     REAL_KERNELS = False
