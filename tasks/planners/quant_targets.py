@@ -26,6 +26,8 @@ FLOATS = frozenset({"BF16", "F16", "F32"})
 # and precision-critical, vLLM reads it as a plain Linear)
 _NEVER = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|lm_head|output|router|gate|shared_expert_gate)$"
                     r"|norm[^.]*$|(^|\.)(mlp|block_sparse_moe)\.gate$")
+# of those, the ones that are not Linear modules (a loader targeting Linear skips them unlisted)
+_NOT_LINEAR = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|lm_head)$|norm[^.]*$")
 _EXPERTS = re.compile(r"(^|\.)experts(\.|$)")
 
 
@@ -79,6 +81,12 @@ def quant_scheme(name: str) -> QuantScheme:
 def never_quantized(module: str) -> bool:
     """Embeddings, lm_head, norms and router gates, by name."""
     return _NEVER.search(module) is not None
+
+
+def listed_in_ignore(module: str) -> bool:
+    """A 2-D weight left unquantized that the written `ignore` list must name: a router gate is a
+    Linear, and transformers / vLLM would otherwise build it as a quantized one."""
+    return _NOT_LINEAR.search(module) is None
 
 
 def is_target(name: str, dtype: str, shape: tuple[int, ...], ignore: Matcher | None) -> bool:

@@ -23,7 +23,7 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.tasks.plan.compose import planned_checkpoint
 from ckptflow.tasks.plan.model import OutputTensor, PlanError, ShardPlan, StagePlan
 from ckptflow.tasks.plan.transforms import QUANT_AMAX, QUANT_CONST, QUANT_SCALE, QUANT_WEIGHT
-from ckptflow.tasks.planners.quant_targets import QuantScheme, ignore_matcher, is_target, never_quantized
+from ckptflow.tasks.planners.quant_targets import QuantScheme, ignore_matcher, is_target, listed_in_ignore
 from ckptflow.tasks.planners.reindex import DEFAULT_MAX_SHARD_SIZE, group_of, load_fused_groups, plan_reindex
 from ckptflow.tasks.presets.fused_groups import FusedGroup
 
@@ -76,8 +76,8 @@ def plan_quantize(ckpt: Checkpoint, scheme: QuantScheme, *, rounding: str = "fp3
         for t in shard.tensors:
             base = made.get(t.name, t)  # no upstream: the reindex copy reads the source itself
             if not is_target(t.name, t.dtype, t.shape, matcher):
-                if t.name.endswith(".weight") and len(t.shape) == 2 and not never_quantized(t.name[:-7]):
-                    skipped.append(t.name[:-7])  # a Linear left out by --ignore: loaders must know
+                if t.name.endswith(".weight") and len(t.shape) == 2 and listed_in_ignore(t.name[:-7]):
+                    skipped.append(t.name[:-7])  # a Linear left unquantized: loaders must know
                 out.append(base if base.name == t.name else OutputTensor(t.name, base.dtype, base.shape,
                                                                          base.transform, base.sources, base.params))
                 continue
