@@ -144,9 +144,10 @@ def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[st
 def _no_stage_chosen(args: argparse.Namespace) -> bool:
     """Says so when a convert or watch command line names no stage. The recipe checks it again;
     this costs no Prefect start-up."""
-    if args.dequant or args.fix_dtypes or args.reindex or args.mp is not None:
+    if args.dequant or args.fix_dtypes or args.reindex or args.mp is not None or args.quantize:
         return False
-    print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
+    print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --quantize, --mp N",
+          file=sys.stderr)
     return True
 
 
