@@ -128,7 +128,10 @@ def with_global_scales(plan: StagePlan, amax: dict[str, float]) -> StagePlan:
 
     from ckptflow.tasks.run.quant_ops import nvfp4_global_scale
 
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
+
     group_amax: dict[str, float] = {}
+    group_dtype: dict[str, str] = {}  # compressed-tensors computes the global scale in the weight's dtype
     for s in plan.shards:
         for t in s.tensors:
             if t.transform == QUANT_WEIGHT.name and t.param("kernel") == "nvfp4":
@@ -138,7 +141,10 @@ def with_global_scales(plan: StagePlan, amax: dict[str, float]) -> StagePlan:
                                     "and run again")
                 gid = t.param("group")
                 group_amax[gid] = max(group_amax.get(gid, 0.0), amax[name])
-    scales = {g: float(nvfp4_global_scale(torch.tensor(a, dtype=torch.float32))) for g, a in group_amax.items()}
+                group_dtype.setdefault(gid, t.param("inner")[1])
+    # the amax of a BF16/F16 tensor is one of its values: F32 holds it exactly, and casts back exactly
+    scales = {g: float(nvfp4_global_scale(torch.tensor(a, dtype=torch.float32).to(ST_TO_TORCH[group_dtype[g]])))
+              for g, a in group_amax.items()}
 
     def fill(t: OutputTensor) -> OutputTensor:
         if t.param("global_scale", 0.0) is None:
