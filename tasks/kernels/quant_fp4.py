@@ -166,6 +166,11 @@ def mxfp4_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[torch.
     amax = signed_amax(groups, dim=2) if w.numel() else torch.zeros((rows, 0), dtype=w.dtype)
     check_finite(amax, "mxfp4_quantize")
     scale = mxfp4_scale(amax)
+    if bool(torch.isinf(scale).any()):
+        # amax so close to the dtype's max that round_to_power_2 overflows: compressed-tensors' scale is
+        # 2^128 (inf), every code 0 and its E8M0 code garbage (log2(inf) cast to int32); refuse instead
+        raise ValueError("mxfp4_quantize: a 32-group's amax rounds up past the dtype's largest power of two "
+                         f"({float(amax.max())}); its E8M0 scale would overflow")
     if rounding == "fp32":
         y = groups.to(torch.float32) / scale.to(torch.float32)[:, :, None]
     else:
