@@ -2,7 +2,7 @@
 `model_free_ptq` on CPU, bit for bit (FP8_BLOCK, FP8_DYNAMIC, NVFP4A16; tiny Llama and Qwen3 saved
 by transformers). llm-compressor 0.14 pins compressed-tensors 0.19, which the test extra's 0.20
 excludes, so it runs from its own virtualenv (CKPTFLOW_LLMC_PYTHON, default /work/venvs/llmc);
-without it, or before the real kernels are merged, these tests skip.
+without it these tests skip.
 
 Where llm-compressor itself fails (FP8_BLOCK on an intermediate size of 688, not a multiple of 128:
 "non contiguous tensor"), the ragged weights are compared with the formula written below."""
@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckptflow.tasks.run import quant_ops
-
 from .test_quantize_stage import quantize, tensors_of
 
 LLMC = Path(os.environ.get("CKPTFLOW_LLMC_PYTHON", "/work/venvs/llmc/bin/python"))
 pytestmark = [pytest.mark.slow,  # each runs llm-compressor in a subprocess (~30 s)
-              pytest.mark.skipif(not LLMC.exists(), reason=f"llm-compressor's virtualenv not at {LLMC}"),
-              pytest.mark.skipif(not quant_ops.REAL_KERNELS, reason="quant-kernels not merged yet")]
+              pytest.mark.skipif(not LLMC.exists(), reason=f"llm-compressor's virtualenv not at {LLMC}")]
 SCHEMES = {"FP8_BLOCK": "fp8-block", "FP8_DYNAMIC": "fp8-channel", "NVFP4A16": "nvfp4"}
 # what ckptflow never quantizes, told to llm-compressor (its default quantizes embed_tokens)
 LLMC_IGNORE = ["lm_head", "re:.*embed_tokens$"]
