@@ -259,3 +259,25 @@ def test_dequant_quantize_in_one_pass_equals_two_conversions_and_reads_each_byte
     quantize(mid, two, tmp_path / "w3", quantize="nvfp4")
     assert tree(one) == tree(two)
     assert tensors_of(one)["model.layers.0.mlp.down_proj.weight_packed"].shape == (160, 104)
+
+
+def test_nvfp4_over_s3_equals_local(tmp_path, s3_options):
+    """SOURCE, DEST and the work location (the amax pass, the journal) in a bucket, over moto."""
+    import s3fs
+
+    from .helpers import s3_tree
+
+    src = save_llama(tmp_path / "src", files=2)
+    local = tmp_path / "local"
+    quantize(src, local, tmp_path / "work", quantize="nvfp4")
+    opts, bucket = s3_options["options"], s3_options["bucket"]
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
+    fs.put(str(src), f"{bucket}/src", recursive=True)
+    recipe = Recipe(quantize="nvfp4")
+    src_loc = open_location(f"s3://{bucket}/src", opts)
+    ckpt = scan_checkpoint(src_loc)
+    passes, _ = plan_passes(ckpt, recipe)
+    result = run_conversion(ckpt, Preflight(ckpt, recipe, passes).engine_passes(), src_loc,
+                            open_location(f"s3://{bucket}/out", opts), f"s3://{bucket}/work", opts)
+    assert [p.plan.stage for p in result.passes] == ["quantize-amax", "quantize"]
+    assert s3_tree(fs, f"{bucket}/out") == tree(local)
