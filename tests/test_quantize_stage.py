@@ -201,6 +201,9 @@ def test_dry_run_shows_the_amax_pass_and_counts_quantized(tmp_path):
     amax, write_pass = report["passes"]
     assert amax["stage"] == "quantize-amax" and amax["into"] == "work"
     assert write_pass["actions"]["quantized"] == 14 and write_pass["actions"]["scales"] == 28
+    assert report["quantize"]["preset"] == "NVFP4A16" and report["quantize"]["ignore"] == ["lm_head"]
+    text = run_cli("convert", str(src), str(tmp_path / "out"), "--quantize", "mxfp4", "--dry-run")
+    assert "quantize: compressed-tensors MXFP4A16 (mxfp4-pack-quantized); unquantized: lm_head" in text.stdout
     assert not (tmp_path / "out").exists()
 
 
