@@ -284,3 +284,40 @@ def test_nvfp4_over_s3_equals_local(tmp_path, s3_options):
                             open_location(f"s3://{bucket}/out", opts), f"s3://{bucket}/work", opts)
     assert [p.plan.stage for p in result.passes] == ["quantize-amax", "quantize"]
     assert s3_tree(fs, f"{bucket}/out") == tree(local)
+
+
+@pytest.mark.parametrize("scheme", ["fp8-block", "nvfp4"])
+def test_stacked_3d_experts_quantize_expert_by_expert(tmp_path, monkeypatch, scheme):
+    """A stacked [E, rows, cols] expert weight: each expert is quantized alone (its own 128-row
+    blocks, its own row chunks), with the gate/up pair's one global scale for NVFP4."""
+    from ckptflow.tasks.run import quant_ops
+
+    monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 4096)  # many chunks per expert
+    g = torch.Generator().manual_seed(9)
+    t = {f"model.layers.0.mlp.experts.{p}.weight": (torch.randn(3, 200, 64, generator=g) * (0.1 if p == "gate_proj"
+                                                                                               else 1)).bfloat16()
+         for p in ("gate_proj", "up_proj")}
+    t["model.layers.0.mlp.gate.weight"] = torch.randn(3, 64, generator=g).bfloat16()
+    src = write(tmp_path / "src", t, {"torch_dtype": "bfloat16"})
+    out = tmp_path / "out"
+    quantize(src, out, tmp_path / "work", quantize=scheme)
+    got = tensors_of(out)
+    assert got["model.layers.0.mlp.gate.weight"].dtype == torch.bfloat16
+    for p in ("gate_proj", "up_proj"):
+        base = f"model.layers.0.mlp.experts.{p}"
+        w = t[base + ".weight"]
+        if scheme == "fp8-block":
+            assert got[base + ".weight_scale"].shape == (3, 2, 1)
+            for e in range(3):
+                q, s = quant_ops.fp8_block_quantize(w[e], "fp32")
+                assert torch.equal(got[base + ".weight"][e].view(torch.uint8), q.view(torch.uint8))
+                assert torch.equal(got[base + ".weight_scale"][e], s)
+        else:
+            amax = max(t[f"model.layers.0.mlp.experts.{m}.weight"].float().abs().max()
+                       for m in ("gate_proj", "up_proj"))
+            gs = quant_ops.nvfp4_global_scale(amax.bfloat16().reshape(1))
+            assert got[base + ".weight_global_scale"].item() == gs.item()
+            for e in range(3):
+                q, s = quant_ops.nvfp4_quantize(w[e], gs.reshape(1), "fp32")
+                assert torch.equal(got[base + ".weight_packed"][e], q)
+                assert torch.equal(got[base + ".weight_scale"][e].view(torch.uint8), s.view(torch.uint8))
