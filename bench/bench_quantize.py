@@ -23,7 +23,16 @@ PRESET = {"nvfp4": "NVFP4A16", "fp8-block": "FP8_BLOCK", "fp8-channel": "FP8_DYN
 LLMC = os.environ.get("CKPTFLOW_LLMC_PYTHON", "/work/venvs/llmc/bin/python")
 RUN_LLMC = ("import sys, json; from llmcompressor import model_free_ptq; model_free_ptq(model_stub=sys.argv[1], "
             "save_directory=sys.argv[2], scheme=sys.argv[3], ignore=json.loads(sys.argv[4]), max_workers=1, "
-            "device='cpu')")
+            "device='cpu'); print(HWM())")
+# each child prints its own peak (VmHWM): wait4's ru_maxrss would carry this parent's resident set
+# (the generated checkpoint) into the child across fork + exec (see measured_cli.py)
+HWM = ("(lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM:')).split()[1]) * 1024)")
+RUN_LLMC = RUN_LLMC.replace("HWM()", HWM + "()")
+
+
+def hwm() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) * 1024
 
 
 def make(path: Path, layers: int) -> int:
@@ -62,6 +71,7 @@ def run(src: str, dst: str, work: str, scheme: str) -> None:
     ckpt = scan_checkpoint(loc)
     passes, _ = plan_passes(ckpt, recipe)
     run_conversion(ckpt, Preflight(ckpt, recipe, passes).engine_passes(), loc, open_location(dst), work)
+    print(hwm())
 
 
 def main() -> None:
@@ -74,10 +84,11 @@ def main() -> None:
     size = make(root / f"src-{a.layers}", a.layers)
     for d in ("ours", "work", "llmc"):
         shutil.rmtree(root / d, ignore_errors=True)
-    ours_s, ours_rss, _ = run_measured([sys.executable, __file__, "run", str(root / f"src-{a.layers}"),
+    ours_s, _, ours_out = run_measured([sys.executable, __file__, "run", str(root / f"src-{a.layers}"),
                                         str(root / "ours"), str(root / "work"), a.scheme])
-    theirs_s, theirs_rss, _ = run_measured([LLMC, "-c", RUN_LLMC, str(root / f"src-{a.layers}"), str(root / "llmc"),
+    theirs_s, _, theirs_out = run_measured([LLMC, "-c", RUN_LLMC, str(root / f"src-{a.layers}"), str(root / "llmc"),
                                             PRESET[a.scheme], json.dumps(["lm_head"])])
+    ours_rss, theirs_rss = int(ours_out.split()[-1]), int(theirs_out.split()[-1])
     print(f"input {size / 1e9:.2f} GB, {a.scheme}")
     print(f"ckptflow       {ours_s:6.1f} s  {size / ours_s / 1e9:.3f} GB/s  peak RSS {mib(ours_rss)}")
     print(f"model_free_ptq {theirs_s:6.1f} s  {size / theirs_s / 1e9:.3f} GB/s  peak RSS {mib(theirs_rss)}")
