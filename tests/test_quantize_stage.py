@@ -321,3 +321,20 @@ def test_stacked_3d_experts_quantize_expert_by_expert(tmp_path, monkeypatch, sch
                 q, s = quant_ops.nvfp4_quantize(w[e], gs.reshape(1), "fp32")
                 assert torch.equal(got[base + ".weight_packed"][e], q)
                 assert torch.equal(got[base + ".weight_scale"][e].view(torch.uint8), s.view(torch.uint8))
+
+
+@pytest.mark.slow
+def test_cli_convert_quantize_runs_the_flow_and_counts_quantized(tmp_path):
+    """The real CLI and Prefect flow: the amax pass into the work location, the write pass into DEST."""
+    src = save_llama(tmp_path / "src", files=2)
+    out = tmp_path / "out"
+    run = run_cli("convert", str(src), str(out), "--quantize", "nvfp4", "--work", str(tmp_path / "w"), "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout)
+    amax, write_pass = summary["passes"]
+    assert amax["stage"] == "quantize-amax" and amax["into"] == "work"
+    assert write_pass["actions"]["quantized"] == 14 and write_pass["actions"]["scales"] == 28
+    assert "14 quantized" in run.stderr
+    local = tmp_path / "local"
+    quantize(src, local, tmp_path / "w2", quantize="nvfp4")
+    assert tree(out) == tree(local)
