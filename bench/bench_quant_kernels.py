@@ -24,14 +24,17 @@ from ckptflow.tasks.kernels.quant_fp4 import mxfp4_quantize, nvfp4_global_scale,
 from ckptflow.tasks.kernels.quant_fp8 import fp8_block_quantize, fp8_channel_quantize  # noqa: E402
 
 
-def median_s(fn, repeat: int) -> float:
+def median_s(fn, repeat: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (all threads: on a shared, loaded machine the
+    CPU time is the steadier figure)."""
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def llmc_cases(w: torch.Tensor) -> dict[str, object]:
@@ -67,8 +70,9 @@ def main() -> int:
     nbytes = w.numel() * w.element_size()
     print(f"{args.rows}x{args.cols} {args.dtype} ({nbytes / 2**20:.0f} MiB), torch threads {torch.get_num_threads()}")
     for label, fn in cases.items():
-        s = median_s(fn, args.repeat)
-        print(f"  {label:32s} {s * 1e3:8.1f} ms  {nbytes / s / 1e9:6.2f} GB/s")
+        wall, cpu = median_s(fn, args.repeat)
+        print(f"  {label:32s} {wall * 1e3:8.1f} ms wall {nbytes / wall / 1e9:6.2f} GB/s   "
+              f"{cpu * 1e3:8.1f} ms cpu {nbytes / cpu / 1e9:6.2f} GB/s per CPU-second")
     return 0
 
 
