@@ -18,7 +18,8 @@ Codes (`quantization/lifecycle/forward_helpers.py`):
     same RNE, so this CPU code gives the CUDA path's bytes.
 Ragged FP8_BLOCK weights: `compressors/naive_quantized/base.py:compress` pads with zeros to multiples
 of 128, quantizes, and cuts the codes back to the weight's shape; the scale grid keeps its partial
-tiles ([ceil(r/128), ceil(c/128)]). Done the same here (`quant_common.pad_to_blocks`).
+tiles ([ceil(r/128), ceil(c/128)]). Done the same here: each 128-row tile is padded to whole column blocks,
+quantized and cut; a short last tile needs no row padding (zeros change no amax, code 0 is cut).
 """
 from __future__ import annotations
 
