@@ -172,9 +172,14 @@ def test_global_scale_and_e2m1_are_compressed_tensors_functions(ref, dt):
 # ---------------------------------------------------------------- the default: one rounding, in float32
 
 def fp8_formula(x: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per tile, in plain loops: scale = amax/448 in x's dtype (0 → eps), codes = e4m3(f32(x) / f32(scale))."""
+    """Tile by tile: scale = amax/448 in x's dtype (0 → eps), codes = e4m3(f32(x) / f32(scale)).
+    A tile of (1, cols) is a row: those go all at once (rows are independent)."""
     rows, cols = x.shape
     br, bc = block
+    if (br, bc) == (1, cols):
+        s = (x.abs().amax(dim=1, keepdim=True) / 448.0).to(x.dtype)
+        s = torch.where(s == 0, torch.tensor(torch.finfo(x.dtype).eps, dtype=x.dtype), s)
+        return (x.float() / s.float()).clamp(-448, 448).to(torch.float8_e4m3fn), s
     scale = torch.empty((-(-rows // br), -(-cols // bc)), dtype=x.dtype)
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     for i in range(scale.shape[0]):
@@ -294,3 +299,19 @@ def test_bad_input_is_refused_with_a_value_error():
         fp8_block_quantize(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
         mxfp4_quantize(torch.zeros(2, 32, dtype=torch.float64))
+
+
+def test_small_chunks_on_the_thread_pool_give_the_same_bytes(monkeypatch):
+    """The kernels run row spans of CHUNK_ELEMENTS on threads: tiny spans (many, ragged) change nothing."""
+    from ckptflow.tasks.kernels import quant_common
+
+    x = (torch.randn(333, 320, generator=torch.Generator().manual_seed(9)) * 0.1).to(torch.bfloat16)
+    gs = nvfp4_global_scale(tensor_amax(x))
+    fns = [fp8_block_quantize, fp8_channel_quantize, lambda t: nvfp4_quantize(t, gs), mxfp4_quantize,
+           lambda t: fp8_block_quantize(t, "llmcompressor-cpu"), lambda t: mxfp4_quantize(t, "llmcompressor-cpu")]
+    whole = [fn(x) for fn in fns]
+    monkeypatch.setattr(quant_common, "CHUNK_ELEMENTS", 700)  # 2 rows a span: 167 spans
+    for fn, want in zip(fns, whole):
+        got = fn(x)
+        for g, w in zip(got, want):
+            same_bits(g, w, "chunked")

@@ -11,9 +11,11 @@ reductions, no |w| copy, and a NaN anywhere makes the amax NaN (callers refuse i
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
+
+from ckptflow.tasks.kernels.lut import parallel_rows
 
 Rounding = Literal["fp32", "llmcompressor-cpu"]
 ROUNDINGS: tuple[str, ...] = ("fp32", "llmcompressor-cpu")
@@ -41,10 +43,11 @@ def check_finite(amax: torch.Tensor, what: str) -> None:
 
 def signed_amax(w: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     """max(|min(w, 0)|, max(w, 0)) over `dim` (all when None), in w.dtype, as compressed-tensors."""
-    if dim is None:
-        lo, hi = torch.aminmax(w)
-    else:
-        lo, hi = torch.amin(w, dim=dim), torch.amax(w, dim=dim)
+    if dim is not None:
+        # per block/group: |w| then one reduction is ~2x faster than amin + amax over short inner dims,
+        # and equal (abs is exact; max(|min(w,0)|, max(w,0)) is max |w|; a NaN stays NaN)
+        return w.abs().amax(dim=dim)
+    lo, hi = torch.aminmax(w)
     lo = torch.clamp(lo, max=0)
     hi = torch.clamp(hi, min=0)
     return torch.maximum(lo.abs(), hi.abs())
@@ -86,3 +89,14 @@ def block_amax(w: torch.Tensor, block: int = 128) -> torch.Tensor:
     if w.numel() == 0:
         return torch.zeros((-(-rows // block), -(-cols // block)), dtype=w.dtype)
     return signed_amax(block_view(pad_to_blocks(w, block), block), dim=(1, 3))
+
+
+CHUNK_ELEMENTS = 1 << 17  # 512 KiB of float32 temporaries: in cache, reused by malloc
+
+
+def for_row_chunks(rows: int, cols: int, work: Callable[[int, int], None], rows_per_step: int = 0) -> None:
+    """Call work(a, b) over row spans of about CHUNK_ELEMENTS elements (or `rows_per_step` rows) on
+    the kernels' thread pool. Small spans keep every temporary in cache and in malloc's reused heap
+    (a whole-weight float32 temporary costs more in page faults than the arithmetic)."""
+    step = rows_per_step or max(1, CHUNK_ELEMENTS // max(cols, 1))
+    parallel_rows(rows, cols, work, max_step=step)

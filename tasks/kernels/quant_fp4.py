@@ -3,10 +3,10 @@
 
 E2M1 rounding (`quantization/utils/fp4_utils.py:cast_to_fp4`, CPU; `_round_to_fp4`, Triton): clamp
 to ±6, then round half to even onto 0, .5, 1, 1.5, 2, 3, 4, 6 (ties 0.25→0, 0.75→1, 1.25→1,
-1.75→2, 2.5→2, 3.5→4, 5→4). Codes (`compressors/nvfp4/helpers.py:pack_fp4_to_uint8`): magnitude
-index | 8 for the sign bit of the rounded value, which is set for a negative value that rounds to
-zero (-0.0: code 8) and clear for ±0.0 in (torch.sign(-0.0) is 0); two codes per byte, element 2k
-in the low nibble.
+1.75→2, 2.5→2, 3.5→4, 5→4); done here by table lookups on the bits (`e2m1_encode.py`).
+Codes (`compressors/nvfp4/helpers.py:pack_fp4_to_uint8`): magnitude index | 8 for the sign bit of
+the rounded value, which is set for a negative value that rounds to zero (code 8) and clear for
+an input ±0.0 (their torch.sign(-0.0) is 0); two codes per byte, element 2k in the low nibble.
 
 NVFP4 (scheme NVFP4A16, strategy TENSOR_GROUP, group 16):
   global scale: `nvfp4_global_scale` below (`quantization/utils/helpers.py:generate_gparam`).
@@ -29,11 +29,15 @@ MXFP4 (scheme MXFP4A16, strategy GROUP, group 32, `quantization/utils/mxfp_utils
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from ckptflow.tasks.kernels.e2m1_encode import e2m1_codes, encode_into, pack_into
 from ckptflow.tasks.kernels.quant_common import (
-    Rounding, check_finite, check_rounding, check_weight, signed_amax,
+    Rounding, check_finite, check_rounding, check_weight, for_row_chunks, signed_amax,
 )
+
+__all__ = ["e2m1_codes", "mxfp4_quantize", "mxfp4_scale", "nvfp4_global_scale", "nvfp4_group_scale", "nvfp4_quantize"]
 
 E2M1_MAX = 6.0
 FP8_MAX = 448.0
@@ -42,32 +46,6 @@ MXFP4_GROUP = 32
 NVFP4_SCALE_EPS = 0.125  # compressed-tensors' _get_dtype_eps(float8_e4m3fn)
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 _INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-def _e2m1_bounds() -> torch.Tensor:
-    """Magnitude index = number of these float32 bounds strictly below |y|. A tie that rounds up
-    (0.75, 1.75, 3.5: the upper neighbour is even) uses the float32 just below the tie."""
-    down = [0.25, 1.25, 2.5, 5.0]
-    up = [0.75, 1.75, 3.5]
-    bounds = [torch.tensor(v, dtype=torch.float32) for v in down]
-    bounds += [torch.nextafter(torch.tensor(v), torch.tensor(0.0)) for v in up]
-    return torch.sort(torch.stack(bounds)).values
-
-
-_BOUNDS = _e2m1_bounds()
-
-
-def e2m1_codes(y: torch.Tensor) -> torch.Tensor:
-    """uint8 E2M1 codes (0..15) of y (any float dtype), clamped to ±6, rounded half to even."""
-    y = y.to(torch.float32)
-    code = torch.bucketize(y.abs(), _BOUNDS).to(torch.uint8)  # |y| > 6 lands on 7, as the clamp would
-    code |= (y < 0).to(torch.uint8) << 3
-    return code
-
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """[r, c] codes → uint8 [r, c/2], element 2k in the low nibble."""
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 def _check_groups(w: torch.Tensor, group: int, what: str) -> None:
@@ -121,14 +99,28 @@ def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, rounding: Roundi
         raise ValueError("nvfp4_quantize needs a one-element float32 global scale (nvfp4_global_scale)")
     check_finite(global_scale, "nvfp4_quantize global scale")
     rows, cols = w.shape
-    groups = w.reshape(rows, cols // NVFP4_GROUP, NVFP4_GROUP)
-    amax = signed_amax(groups, dim=2) if w.numel() else torch.zeros((rows, 0), dtype=w.dtype)
-    check_finite(amax, "nvfp4_quantize")
-    scale = nvfp4_group_scale(amax, global_scale)
-    eff = scale / global_scale.to(torch.float32).reshape(())  # float32, one rounding
-    y = groups.to(torch.float32) / eff[:, :, None]  # float32, one rounding
-    codes = e2m1_codes(y).reshape(rows, cols)
-    return pack_nibbles(codes), scale.to(torch.float8_e4m3fn)
+    packed = np.empty((rows, cols // 2), dtype=np.uint8)
+    scale = torch.empty((rows, cols // NVFP4_GROUP), dtype=torch.float8_e4m3fn)
+    gs = global_scale.to(torch.float32).reshape(())
+    bad: list[bool] = []
+
+    def work(a: int, b: int) -> None:
+        x = w[a:b].reshape(b - a, -1, NVFP4_GROUP)
+        amax = signed_amax(x, dim=2)
+        bad.append(not bool(torch.isfinite(amax).all()))
+        s = nvfp4_group_scale(amax, gs)
+        scale[a:b] = s.to(torch.float8_e4m3fn)
+        eff = s / gs  # float32, one rounding
+        y = x.to(torch.float32, copy=True).div_(eff[:, :, None])  # x widened exactly, one rounding
+        codes = np.empty((b - a, cols), dtype=np.uint8)
+        encode_into(y.reshape(b - a, cols), codes)
+        pack_into(codes, packed[a:b])
+
+    if w.numel():
+        for_row_chunks(rows, cols, work)
+    if any(bad):
+        check_finite(torch.tensor(float("nan")), "nvfp4_quantize")
+    return torch.from_numpy(packed), scale
 
 
 # ---------------------------------------------------------------- MXFP4
@@ -162,19 +154,37 @@ def mxfp4_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[torch.
     check_rounding(rounding)
     _check_groups(w, MXFP4_GROUP, "mxfp4_quantize")
     rows, cols = w.shape
-    groups = w.reshape(rows, cols // MXFP4_GROUP, MXFP4_GROUP)
-    amax = signed_amax(groups, dim=2) if w.numel() else torch.zeros((rows, 0), dtype=w.dtype)
-    check_finite(amax, "mxfp4_quantize")
-    scale = mxfp4_scale(amax)
-    if bool(torch.isinf(scale).any()):
+    packed = np.empty((rows, cols // 2), dtype=np.uint8)
+    stored = torch.empty((rows, cols // MXFP4_GROUP), dtype=torch.uint8)
+    bad: list[str] = []
+
+    def work(a: int, b: int) -> None:
+        x = w[a:b].reshape(b - a, -1, MXFP4_GROUP)
+        amax = signed_amax(x, dim=2)
+        if not bool(torch.isfinite(amax).all()):
+            bad.append("NaN or inf")
+            return
+        scale = mxfp4_scale(amax)
+        if bool(torch.isinf(scale).any()):
+            bad.append(f"{float(amax.max())}")
+            return
+        if rounding == "fp32":
+            y = x.to(torch.float32, copy=True).div_(scale.to(torch.float32)[:, :, None])  # float32
+        else:
+            y = x / scale[:, :, None]  # weight dtype
+        codes = np.empty((b - a, cols), dtype=np.uint8)
+        encode_into(y.reshape(b - a, cols).contiguous(), codes)
+        pack_into(codes, packed[a:b])
+        # compressors/mx_utils.py:compress_mx_scale: 127 + floor(log2(scale)) (exact for powers of two)
+        stored[a:b] = (127 + torch.floor(torch.log2(scale.to(torch.float32))).to(torch.int32)).to(torch.uint8)
+
+    if w.numel():
+        for_row_chunks(rows, cols, work)
+    if "NaN or inf" in bad:
+        check_finite(torch.tensor(float("nan")), "mxfp4_quantize")
+    if bad:
         # amax so close to the dtype's max that round_to_power_2 overflows: compressed-tensors' scale is
         # 2^128 (inf), every code 0 and its E8M0 code garbage (log2(inf) cast to int32); refuse instead
-        raise ValueError("mxfp4_quantize: a 32-group's amax rounds up past the dtype's largest power of two "
-                         f"({float(amax.max())}); its E8M0 scale would overflow")
-    if rounding == "fp32":
-        y = groups.to(torch.float32) / scale.to(torch.float32)[:, :, None]
-    else:
-        y = groups / scale[:, :, None]  # weight dtype
-    codes = e2m1_codes(y).reshape(rows, cols)
-    stored = (127 + torch.floor(torch.log2(scale.to(torch.float32))).to(torch.int32)).to(torch.uint8)
-    return pack_nibbles(codes), stored
+        raise ValueError(f"mxfp4_quantize: a 32-group's amax ({bad[0]}) rounds up past the dtype's largest "
+                         "power of two; its E8M0 scale would overflow")
+    return torch.from_numpy(packed), stored
