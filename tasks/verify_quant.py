@@ -17,6 +17,7 @@ with bounded range reads, so it costs a few KB per thousand weights on s3:// too
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ MAX_LINES = 50     # problem lines printed
 GLOBAL_SCALES = {"ct-nvfp4": (".weight_global_scale", "error"), "modelopt-nvfp4": (".weight_scale_2", "error")}
 PER_TENSOR_FP8 = (".weight_scale", "warning")
 CODE_SUFFIXES = (".weight_packed", ".weight", "_blocks")
+PROBLEM_TENSOR = re.compile(r"tensor '([^']+)'")  # the tensor a `quant_layout` problem line names first
 
 Read = Callable[[list[SourceRef]], dict[SourceRef, bytes]]
 
@@ -208,14 +210,16 @@ def _described(ckpt: Checkpoint, scheme: Any, problems: list[str]) -> list[str]:
     replaced by one that says so: the config tells loaders that module is not quantized."""
     if scheme.ignore is None:
         return list(problems)
-    ignored: dict[str, str] = {}
+    ignored: dict[str, str] = {}  # module → its one problem line
     for name, (file, info) in ckpt.tensors().items():
         module = _module(name)
-        if module != name and is_packed(name, info.dtype) and scheme.ignore.matches(module):
-            ignored[name] = (f"{file}: tensor {name!r} is {info.dtype} (packed/quantized) but module {module!r} is "
-                             f"in the ignore list of {scheme.where}: a loader takes it as unquantized and would read "
-                             "its codes as weights; remove the module from the ignore list or store it unquantized")
-    kept = [p for p in problems if not any(f"tensor {n!r} " in p for n in ignored)]
+        if module != name and module not in ignored and is_packed(name, info.dtype) and scheme.ignore.matches(module):
+            ignored[module] = (f"{file}: tensor {name!r} is {info.dtype} (packed/quantized) but module {module!r} is "
+                               f"in the ignore list of {scheme.where}: a loader takes it as unquantized and would "
+                               "read its codes as weights; remove the module from the ignore list or store it "
+                               "unquantized")
+    kept = [p for p in problems if not ((m := PROBLEM_TENSOR.search(p)) and
+                                        (_module(m[1]) in ignored or m[1].rsplit(".", 1)[0] in ignored))]
     return kept + list(ignored.values())
 
 
