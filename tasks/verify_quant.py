@@ -58,8 +58,10 @@ class GroupMismatch:
     severity: str
 
     def __str__(self) -> str:
-        values = ", ".join(f"{m} {v}" for m, v in self.members)
-        return f"{self.group}: {self.scale.lstrip('.')} differs: {values}"
+        """e.g. "model.layers.0.mlp.experts.3. (gate_proj 41216, up_proj 38912)": members relative to the group."""
+        prefix = self.group.split(":", 1)[-1]
+        values = ", ".join(f"{m.removeprefix(prefix)} {v}" for m, v in self.members)
+        return f"{prefix or self.group} ({values})"
 
 
 @dataclass
@@ -112,7 +114,7 @@ class QuantReport:
             if warned:
                 lines.append(f"warning: {len(warned)} fused group(s) have different per-tensor FP8 scales "
                              "(vLLM requantizes each to the largest: correct, slightly coarser):")
-                lines += [f"  - {m}" for m in warned[:SHOWN]]
+                lines += [f"  - {m.scale.lstrip('.')} of {m}" for m in warned[:SHOWN]]
                 lines += [f"  … and {len(warned) - SHOWN} more"] if len(warned) > SHOWN else []
         lines.append("scale grids fit and the config describes every quantized tensor" if not self.problems
                      else f"{len(self.problems)} quantization problem(s) (error lines above)")

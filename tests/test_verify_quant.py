@@ -3,6 +3,7 @@ describes every packed tensor. Real files written by tests/quant_fixtures.py, th
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -14,12 +15,14 @@ from ckptflow.storage.urls import open_location
 from ckptflow.tasks.verify_quant import check_layout, read_small, verify_quantization
 
 from .helpers import PYTHON, ROOT, cli_env, one_error_line
+from .make_llmc_qwen3_moe import KEEP
 from .quant_fixtures import make_llama, make_moe
 
 P = "model.layers.0."
 # the fused groups of tests/quant_fixtures.moe_state_dict: q/k/v, MLA q_a+kv_a, 3 routed experts'
 # gate/up, Qwen3-MoE's shared_expert and DeepSeek's shared_experts
 GROUPS = 7
+LLMC_QWEN3_MOE = ROOT / "tests" / "data" / "llmc_qwen3_moe_nvfp4"  # tests/make_llmc_qwen3_moe.py made it
 
 
 def verify(path, *extra: str) -> subprocess.CompletedProcess:
@@ -54,8 +57,9 @@ def test_mismatched_global_scales_fail_naming_the_groups(tmp_path, scheme):
     assert dict(expert.members) == {P + "mlp.experts.1.gate_proj": default, P + "mlp.experts.1.up_proj": "41"}
 
     run = verify(path)
-    line = one_error_line(run, f"3 of {GROUPS} fused groups do not share one", "mlp.experts.1.up_proj 41",
-                          "self_attn.kv_a_proj_with_mqa 12", code=1)
+    line = one_error_line(run, f"3 of {GROUPS} fused groups do not share one",
+                          f"{P}mlp.experts.1. (gate_proj {default}, up_proj 41)",
+                          f"{P}self_attn. (kv_a_proj_with_mqa 12, q_a_proj {default})", code=1)
     assert "--quantize nvfp4" in line
     assert f"fused groups sharing one {report.scale.lstrip('.')}: {GROUPS - 3} of {GROUPS}" in run.stdout
     assert "FAILED — 1 problem(s)" in run.stderr
@@ -195,3 +199,33 @@ def test_on_s3(s3_options, tmp_path):
     report = verify_quantization(scan_checkpoint(loc), loc)
     assert [m.group for m in report.errors] == [f"gate_up:{P}mlp.experts.0."]
     assert report.groups == GROUPS
+
+
+def test_llm_compressor_model_free_ptq_output_fails_on_every_expert():
+    """llm-compressor 0.14's model_free_ptq (NVFP4A16) on a tiny Qwen3-MoE: it pairs self_attn.q/k/v but
+    gives each routed expert's gate_proj and up_proj a global scale of its own (issue #30)."""
+    report = report_of(LLMC_QWEN3_MOE)
+    assert report.scheme.startswith("compressed-tensors nvfp4-pack-quantized") and not report.problems
+    assert (report.quantized, report.groups) == (4 + 4 * 3, 5)
+    assert sorted(m.group for m in report.errors) == [f"gate_up:{P}mlp.experts.{e}." for e in range(4)]
+    stored = load_file(LLMC_QWEN3_MOE / "model.safetensors")
+    for m in report.errors:  # the values verify read by range are the ones in the file
+        for module, value in m.members:
+            assert value == f"{stored[module + '.weight_global_scale'].item():.9g}"
+    run = verify(LLMC_QWEN3_MOE)
+    one_error_line(run, "4 of 5 fused groups do not share one weight_global_scale", f"{P}mlp.experts.0. (gate_proj ",
+                   code=1)
+    assert "fused groups sharing one weight_global_scale: 1 of 5" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CKPTFLOW_LLMC_PYTHON"), reason="CKPTFLOW_LLMC_PYTHON (a Python with "
+                    "llm-compressor) not set")
+def test_llm_compressor_reference_regenerates(tmp_path):
+    """The kept reference is what the generator makes today (same weights seed, same llm-compressor)."""
+    subprocess.run([os.environ["CKPTFLOW_LLMC_PYTHON"], str(ROOT / "tests" / "make_llmc_qwen3_moe.py"),
+                    str(tmp_path / "out")], check=True, capture_output=True, timeout=300)
+    for name in KEEP:
+        if name.endswith(".safetensors"):
+            assert load_file(tmp_path / "out" / name).keys() == load_file(LLMC_QWEN3_MOE / name).keys()
+    assert report_of(tmp_path / "out").groups == 5 and len(report_of(tmp_path / "out").errors) == 4
