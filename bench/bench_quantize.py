@@ -20,7 +20,12 @@ throughput over llm-compressor's (the issue's target: ≥ 2x, peak RSS ≤ 700 M
 
     python bench/bench_quantize.py [--size 2GiB|13GB] [--schemes nvfp4,fp8-block] [--dir /tmp/ckptflow-quant]
 
-Measured: see the end of this docstring (added by whoever runs it; do not run 13GB on a shared machine).
+Measured 2026-12-06, 2 GiB (2.01 GB, one shard), this 2-core machine shared with other engineers' test runs
+(load average 17-19 throughout, so absolute times are several times an idle machine's); llm-compressor
+0.14.0.1, compressed-tensors 0.19.0, torch 2.13.0+cpu; ckptflow half unavailable (no --quantize yet):
+  nvfp4     model_free_ptq NVFP4A16:  604.1 s (565.3 s in the call)  0.003 GB/s  peak RSS 7909 MiB (4.1x the source)
+  fp8-block model_free_ptq FP8_BLOCK: 156.1 s (123.8 s in the call)  0.013 GB/s  peak RSS 4796 MiB (2.5x the source)
+The 13 GB variant was not run (shared machine: llm-compressor would need ~4x a 4.3 GB shard of RAM).
 """
 from __future__ import annotations
 
@@ -192,14 +197,14 @@ def main() -> None:
         ref = run_llmc(args.llmc_python, src, base / f"llmc-{scheme}", preset)
         gbps = nbytes / ref["wall_s"] / 1e9
         print(f"{scheme:10} llm-compressor model_free_ptq {preset}: {ref['wall_s']:6.1f} s ({ref['work_s']:.1f} s in "
-              f"the call)  {gbps:5.2f} GB/s  peak RSS {mib(ref['rss'])} "
+              f"the call)  {gbps:.3f} GB/s  peak RSS {mib(ref['rss'])} "
               f"({ref['rss'] / nbytes * 100:.0f}% of the source)")
         if not ours:
             continue
         mine = run_ckptflow(src, base / f"ckptflow-{scheme}", scheme, base / f"work-{scheme}")
         ours_gbps = nbytes / mine["wall_s"] / 1e9
         same = headers(base / f"ckptflow-{scheme}") == headers(base / f"llmc-{scheme}")
-        print(f"{'':10} ckptflow convert --quantize {scheme}: {mine['wall_s']:6.1f} s  {ours_gbps:5.2f} GB/s "
+        print(f"{'':10} ckptflow convert --quantize {scheme}: {mine['wall_s']:6.1f} s  {ours_gbps:.3f} GB/s "
               f"({ours_gbps / gbps:.2f}x llm-compressor's)  peak RSS {mib(mine['rss'])} "
               f"({mine['rss'] / ref['rss']:.2f}x)  same tensor names, dtypes, shapes: {same}")
     shutil.rmtree(base, ignore_errors=True)

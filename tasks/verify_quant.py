@@ -116,6 +116,8 @@ class QuantReport:
                              "(vLLM requantizes each to the largest: correct, slightly coarser):")
                 lines += [f"  - {m.scale.lstrip('.')} of {m}" for m in warned[:SHOWN]]
                 lines += [f"  … and {len(warned) - SHOWN} more"] if len(warned) > SHOWN else []
+        elif self.quantized:
+            lines.append("fused groups: no per-weight scale to share (block, channel or group scales only)")
         lines.append("scale grids fit and the config describes every quantized tensor" if not self.problems
                      else f"{len(self.problems)} quantization problem(s) (error lines above)")
         return "\n".join(lines)
