@@ -229,3 +229,25 @@ def test_llm_compressor_reference_regenerates(tmp_path):
         if name.endswith(".safetensors"):
             assert load_file(tmp_path / "out" / name).keys() == load_file(LLMC_QWEN3_MOE / name).keys()
     assert report_of(tmp_path / "out").groups == 5 and len(report_of(tmp_path / "out").errors) == 4
+
+
+def _has_quantize() -> bool:
+    from ckptflow.flows.params import ConvertOptions
+
+    return "quantize" in ConvertOptions.model_fields
+
+
+@pytest.mark.skipif(not _has_quantize(), reason="convert --quantize is not in this tree yet (branch quant-stage)")
+@pytest.mark.parametrize("scheme", ["nvfp4", "fp8-block"])
+def test_ckptflows_own_quantized_output_passes(prefect_harness, tmp_path, scheme):
+    """ckptflow's --quantize plans fused groups across shards: every group shares its global scale."""
+    from ckptflow.flows.convert import convert_flow
+
+    from .quant_fixtures import moe_state_dict, write
+
+    src = write(tmp_path / "bf16", moe_state_dict(), {"model_type": "qwen3_moe", "torch_dtype": "bfloat16",
+                                                      "num_hidden_layers": 1}, files=3)
+    convert_flow(str(src), str(tmp_path / "out"), quantize=scheme, work=str(tmp_path / "w"))
+    report = report_of(tmp_path / "out")
+    assert report.ok and not report.mismatched, report.error_lines()
+    assert report.quantized == 21 and report.groups == (GROUPS if scheme == "nvfp4" else 0)
