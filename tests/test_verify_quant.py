@@ -96,6 +96,19 @@ def test_block_scales_have_no_global_scale_to_share(tmp_path):
     assert report.ok and report.groups == 0 and report.scale is None and report.quantized == 21
 
 
+def test_f16_block_scales_are_noted_not_failed(tmp_path):
+    """An FP16 model's FP8_BLOCK scales are F16 (llm-compressor keeps the weight's dtype): --dequant
+    refuses them, but the checkpoint is not wrong, so verify notes it and passes."""
+    path = make_moe(tmp_path / "m", "ct-fp8-block", files=1)
+    sd = load_file(path / "model.safetensors")
+    sd = {n: t.half() if n.endswith("weight_scale") else t for n, t in sd.items()}
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    report = report_of(path)
+    assert report.ok and not report.problems and len(report.notes) == 21
+    run = verify(path)
+    assert run.returncode == 0 and "note: 21 scale grid(s) not checked" in run.stdout, run.stdout + run.stderr
+
+
 def test_reads_only_the_small_scales(tmp_path):
     """Headers plus 4 bytes per quantized weight, merged into a few range reads."""
     path = make_moe(tmp_path / "m", "ct-nvfp4", files=3)
