@@ -22,12 +22,12 @@ from ckptflow.tasks.kernels.device import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 
-from ckptflow.flows import interrupt
+from ckptflow.flows.runtime import interrupt
 from ckptflow.flows.dry_run import tensor_actions
 from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
 from ckptflow.flows.preflight import plan_conversion
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
-from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
+from ckptflow.flows.runtime.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import PrefectSubmitter, fetch_source
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
 from ckptflow.flows.workdir import check_work_reachable, default_work
@@ -39,7 +39,7 @@ def convert_flow(source: str, dest: str, work: str | None = None,
 
     The other parameters are the fields of `ConvertOptions` (`ckptflow.flows.params`), which also
     make the CLI's flags. `task_runner`/`dask_address`/`max_workers` pick where shard tasks run
-    (`ckptflow.flows.runners`). The CLI applies the runner with `with_options`; a run whose runner
+    (`ckptflow.flows.runtime.runners`). The CLI applies the runner with `with_options`; a run whose runner
     is not the one asked for (a deployment run with `task_runner: dask` or `max_workers: 4`)
     submits its shard tasks to that runner, within the same flow run. `prune` deletes weight files in `dest` this run
     does not write (else they stop the run before it writes anything).

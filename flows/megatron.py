@@ -34,7 +34,7 @@ from ckptflow.tasks.presets.megatron import MegatronTable, load_megatron_table
 from ckptflow.tasks.planners.by_size import plan_size_shards
 from ckptflow.tasks.run.passes import finalize, prepare_dest, run_shards, verify_output
 
-from ckptflow.flows import interrupt
+from ckptflow.flows.runtime import interrupt
 from ckptflow.flows.params import ShardSize
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
 from ckptflow.flows.dead_runs import mark_crashed, owner_record

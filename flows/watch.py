@@ -24,11 +24,11 @@ from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, marker
 
-from ckptflow.flows import interrupt
+from ckptflow.flows.runtime import interrupt
 from ckptflow.flows.convert import convert_flow
 from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
 from ckptflow.flows.printable import printable
-from ckptflow.flows.runners import check_runner, make_task_runner
+from ckptflow.flows.runtime.runners import check_runner, make_task_runner
 from ckptflow.flows.watch_scan import scan_watch, watch_summary
 
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from ckptflow.flows.bars import Bar, open_bars
+from ckptflow.flows.cli.bars import Bar, open_bars
 from ckptflow.tasks.run import progress
 
 from .helpers import PYTHON, ROOT, cli_env

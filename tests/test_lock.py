@@ -249,7 +249,7 @@ def test_cli_refuses_a_lock_path_that_is_a_link(demo_ckpt, tmp_path, target):
 # later one waits for the file $CKPTFLOW_TEST_GO, so a test can act while it holds DEST.
 GATED_CLI = """
 import os, sys, threading, time
-from ckptflow.flows import cli
+from ckptflow.flows.cli import entry as cli
 cli._quiet_prefect(False)  # what main() does before Prefect is imported; the gate imports it first
 import ckptflow.tasks.run.shard as st
 real, done, mutex = st.write_shard, [], threading.Lock()

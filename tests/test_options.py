@@ -6,7 +6,8 @@ import typing
 
 import pytest
 
-from ckptflow.flows.cli import build_parser, convert_options
+from ckptflow.flows.cli.convert import convert_options
+from ckptflow.flows.cli.parser import build_parser
 from ckptflow.flows.params import ConvertOptions, Recipe, flag_of
 
 FIELDS = ConvertOptions.model_fields

@@ -103,7 +103,7 @@ def test_editable_install_maps_ckptflow_to_the_folders_and_nothing_else(tmp_path
 
 
 def test_version_and_verbose_after_the_subcommand():
-    from ckptflow.flows.cli import build_parser
+    from ckptflow.flows.cli.parser import build_parser
 
     run = subprocess.run([str(Path(PYTHON).parent / "ckptflow"), "--version"], env=cli_env(),
                          capture_output=True, text=True, timeout=60)

@@ -1,5 +1,5 @@
-"""Which Prefect server a CLI run uses (flows/server.py): its own temporary one, gone when it
-leaves, or the local server `ckptflow server start` keeps running (flows/local_server.py)."""
+"""Which Prefect server a CLI run uses (flows/runtime/server.py): its own temporary one, gone when it
+leaves, or the local server `ckptflow server start` keeps running (flows/runtime/local_server.py)."""
 from __future__ import annotations
 
 import json
@@ -92,7 +92,7 @@ def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_pat
 
 
 def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt, tmp_path):
-    """The first rule of flows/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
+    """The first rule of flows/runtime/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
     URL in the environment is used as is; no temporary server is started, nothing waits for one."""
     env = cli_env()
     url = env["PREFECT_API_URL"]

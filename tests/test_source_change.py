@@ -75,7 +75,7 @@ def _clean(src, tmp_path, tag: str, recipe: Recipe, fuse: bool) -> dict[str, byt
 @pytest.mark.parametrize("how", ["inplace", "mv"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_source_changed_mid_run_fails_and_publishes_nothing_from_new_bytes(demo_ckpt, tmp_path, case, how):
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     flags, recipe, fuse = CASES[case]

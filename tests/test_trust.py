@@ -94,7 +94,7 @@ def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
 
 
 def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, demo_ckpt, tmp_path):
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     out, work = tmp_path / "out", tmp_path / "work"

@@ -10,7 +10,7 @@ process would start its own temporary SQLite-backed server, and the workers' tas
 records and concurrency limits would not be shared. With no `PREFECT_API_URL`, local workers
 (a process pool, a Dask LocalCluster) are given the temporary server this process starts anyway:
 `share_temporary_server` starts it before the workers and exports its URL, which they inherit.
-(A CLI run has already exported the URL of its own server, flows/server.py.) A remote Dask
+(A CLI run has already exported the URL of its own server, flows/runtime/server.py.) A remote Dask
 cluster cannot reach a server on this machine's loopback: it needs a real one.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check_runner(kind: str, dask_address: str | None = None) -> None:
         raise RunnerError(f"unknown task runner {kind!r}; choose one of: {', '.join(RUNNERS)}")
     if dask_address and kind != "dask":
         raise RunnerError(f"--dask-address is for --task-runner dask, not {kind!r}")
-    from ckptflow.flows import server
+    from ckptflow.flows.runtime import server
 
     if kind != "threads" and dask_address and (not api_url() or server.owned()):
         raise RunnerError(

@@ -8,7 +8,7 @@ design survives SIGKILL at any instant), a shard in flight only ever has a hidde
 (`.NAME.partial-*`, swept by the next run) and the local DEST lock is an flock the kernel drops.
 So the handler prints one line and leaves with `os._exit`: no atexit hooks, no Prefect
 teardown. What it does first: release object-store DEST locks (else a rerun would wait out the
-lock's 90 s lease) and stop the temporary server (the orphan watchdog, flows/watchdog.py, reaps
+lock's 90 s lease) and stop the temporary server (the orphan watchdog, flows/runtime/watchdog.py, reaps
 what else is left).
 
 Only the CLI arms this (`arm()`), never a deployment run or a test calling `main(argv)`.
@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Any
 
-from ckptflow.flows import server
+from ckptflow.flows.runtime import server
 from ckptflow.tasks.run import progress
 
 _armed = False

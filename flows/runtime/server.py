@@ -4,7 +4,7 @@ temporary one.
 In order:
 
 1. `PREFECT_API_URL` in the environment: the user's server.
-2. The local server `ckptflow server start` left running (flows/local_server.py), if it answers:
+2. The local server `ckptflow server start` left running (flows/runtime/local_server.py), if it answers:
    its URL is exported, and the run costs no server start-up at all.
 3. A Prefect profile that names a server (`prefect config set PREFECT_API_URL=…`): that one.
 4. Otherwise a temporary server of ckptflow's own, for this process only: the app Prefect's
@@ -15,8 +15,8 @@ In order:
    Dask LocalCluster) talk to it as to any server, and the client never imports Prefect's
    server code (seconds on a small machine). It listens on a socket this process bound (port
    chosen by the kernel, handed over as a file descriptor: no port race), runs in its own session
-   (the terminal's Ctrl-C is the CLI's, flows/interrupt.py), and is stopped without waiting when
-   the CLI leaves; the orphan watchdog (flows/watchdog.py) reaps it if the CLI is SIGKILLed.
+   (the terminal's Ctrl-C is the CLI's, flows/runtime/interrupt.py), and is stopped without waiting when
+   the CLI leaves; the orphan watchdog (flows/runtime/watchdog.py) reaps it if the CLI is SIGKILLed.
 
 `ready()` waits until it answers. A server named elsewhere in Prefect's settings (prefect.toml,
 .env) that the quick profile check missed is found there too: the temporary server stops and
@@ -104,7 +104,7 @@ def prestart() -> None:
     """Choose this CLI run's server (see the module's docstring) and start ours if it needs one.
     Does nothing outside a real CLI process (a test's `main(argv)`, a deployment run)."""
     global _kind, _proc, _log, _url
-    from ckptflow.flows import interrupt, local_server
+    from ckptflow.flows.runtime import interrupt, local_server
 
     if _kind is not None or not interrupt.armed() or os.environ.get("PREFECT_API_URL"):
         return
@@ -134,7 +134,7 @@ def check_prefect_home() -> None:
     from pathlib import Path
 
     from ckptflow.flows.printable import printable
-    from ckptflow.flows.user_dirs import unwritable
+    from ckptflow.flows.runtime.user_dirs import unwritable
 
     folder = os.environ.get("PREFECT_HOME") or os.path.expanduser("~/.prefect")
     why = unwritable(Path(folder))
