@@ -16,11 +16,11 @@ from ckptflow.flows.convert import convert_flow
 
 from .helpers import PYTHON, ROOT, cli_env, tree
 
-# The real CLI (`main()` with no argv: the handlers are armed, as for `ckptflow …`), with a pause
+# The real CLI (`console_main()`: the handlers are armed, as for `ckptflow …`), with a pause
 # before each shard so a signal lands mid-run. Prefect's settings are set before it is imported.
 SLOW_CLI = """
 import sys, time
-from ckptflow.flows.cli import main
+from ckptflow.flows.cli import console_main
 from ckptflow.flows.cli.entry import _quiet_prefect
 _quiet_prefect(False)
 import ckptflow.tasks.run.shard as st
@@ -30,7 +30,7 @@ def slow(*a, **k):
     return real(*a, **k)
 st.write_shard = slow
 sys.argv = ["ckptflow"] + sys.argv[1:]
-sys.exit(main())
+sys.exit(console_main())
 """
 
 # Runs one CLI command in-process and reports which heavy modules it loaded.
@@ -312,16 +312,15 @@ def test_summary_block_is_width_safe_and_names_prefects_share():
 
 
 def test_flow_reuses_the_clis_plan_unless_a_file_changed(ckpt):
-    from ckptflow.flows.preflight import plan_conversion, remember
+    from ckptflow.flows.preflight import plan_conversion
     from ckptflow.flows.recipe import Recipe
     from ckptflow.storage.urls import open_location
 
     src, recipe = open_location(str(ckpt)), Recipe(dequant=True)
     planned = plan_conversion(src, recipe)
-    remember(src, planned)
-    assert plan_conversion(open_location(str(ckpt)), recipe, reuse=True) is planned  # headers not read again
-    remember(src, planned)
+    assert plan_conversion(open_location(str(ckpt)), recipe, made=planned) is planned  # headers not read again
+    assert plan_conversion(src, Recipe(dequant=True, fix_dtypes=True), made=planned) is not planned  # another recipe
     shard = sorted(ckpt.glob("*.safetensors"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1000))
-    again = plan_conversion(src, recipe, reuse=True)
+    again = plan_conversion(src, recipe, made=planned)
     assert again is not planned and again.ckpt.versions[shard.name] != planned.ckpt.versions[shard.name]

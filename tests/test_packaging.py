@@ -160,7 +160,7 @@ def test_the_wheel_holds_one_top_level_package_ckptflow(wheel):
     # The same modules and data as the folders the editable install maps: nothing more, nothing less.
     assert {n for n in names if n.startswith("ckptflow/")} == package_files()
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
-    assert "ckptflow = ckptflow.flows.cli:main" in entry_points
+    assert "ckptflow = ckptflow.flows.cli:console_main" in entry_points
 
 
 DUMMY_PYPROJECT = """\

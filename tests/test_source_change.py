@@ -50,8 +50,8 @@ def hooked(real):
     return read
 RangeReader.read = hooked(RangeReader.read)
 RangeReader.read_columns = hooked(RangeReader.read_columns)
-from ckptflow.flows.cli import main
-sys.exit(main())
+from ckptflow.flows.cli import console_main
+sys.exit(console_main())
 """
 
 CASES = {"mp2": (["--dequant", "--mp", "2"], Recipe(dequant=True, mp=2), True),

@@ -3,8 +3,9 @@
 inspect, megatron, demo, server), and what only the terminal sees: `output.py` (stdout vs stderr,
 `--json`), progress bars, the quiet console log handler, the flow run's link.
 
-`main` is re-exported here: the `ckptflow` script and `python -m ckptflow.flows.cli` run it.
+`main(argv)` (a library call: returns the exit status, takes over nothing process-wide) and
+`console_main()` (the `ckptflow` script and `python -m ckptflow.flows.cli`) are re-exported here.
 """
-from ckptflow.flows.cli.entry import main
+from ckptflow.flows.cli.entry import console_main, main
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]

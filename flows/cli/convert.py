@@ -6,6 +6,7 @@ import sys
 import time
 from typing import Any
 
+from ckptflow.flows.runtime.process import Runtime
 from ckptflow.flows.cli.output import EXIT_USER_ERROR, print_json, text_out
 from ckptflow.flows.summary_text import print_summary
 
@@ -19,8 +20,8 @@ def convert_options(args: argparse.Namespace, **fixed: Any) -> dict[str, Any]:
             **fixed}
 
 
-def run_convert(args: argparse.Namespace, source: str, dest: str, work: str | None,
-                 **fixed: Any) -> dict[str, Any]:
+def run_convert(args: argparse.Namespace, runtime: Runtime, source: str, dest: str, work: str | None,
+                **fixed: Any) -> dict[str, Any]:
     from ckptflow.storage.urls import parse_storage_options
 
     from ckptflow.flows.params import ConvertOptions
@@ -31,54 +32,52 @@ def run_convert(args: argparse.Namespace, source: str, dest: str, work: str | No
     options = validated.model_dump()
     refuse_overlap_early(source, dest, work, opts, validated.dask_address)
     planned = plan_early(source, validated.recipe(), opts)
+    runtime.plan = planned  # the flow reuses it (in this process; `plan_conversion(made=)`)
     if getattr(args, "dry_run", False):
         from ckptflow.flows.dry_run import dry_run_report
 
         from ckptflow.flows.workdir import default_work
 
         return dry_run_report(planned, source, dest, work or default_work(dest))
-    from ckptflow.flows.runtime import server
-
-    server.prestart()  # boots while torch and Prefect import below
-    from ckptflow.tasks.run import progress
-
+    server = runtime.server
+    server.prestart(temporary=runtime.owns_process)  # boots while torch and Prefect import below
     from ckptflow.flows.cli.bars import open_bars
     from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.cli.run_link import linked
     from ckptflow.flows.runtime.runners import make_task_runner
 
-    progress.attach(*open_bars(planned.total_bytes, planned.total_shards))  # totals from the first frame
+    sink = runtime.progress = runtime.new_progress(*open_bars(planned.total_bytes, planned.total_shards))
+    # (totals from the first frame)
     from ckptflow.flows.summary_text import timing
 
     try:
-        called = time.monotonic() - args.started  # from here on the wait is Prefect's: server, flow run
+        called = time.monotonic() - runtime.started  # from here on the wait is Prefect's: server, flow run
         server.ready()  # before the runner: local workers share this same temporary server
-        runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
-        summary = linked(convert_flow.with_options(task_runner=runner))(
-            source=source, dest=dest, work=work, storage_options=opts or None, **options)
-        summary["timing"] = timing(summary, called, time.monotonic() - args.started, server.label())
+        runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"], server)
+        summary = runtime.call(linked(convert_flow.with_options(task_runner=runner), server),
+                               source=source, dest=dest, work=work, storage_options=opts or None, runtime=runtime,
+                               **options)
+        summary["timing"] = timing(summary, called, time.monotonic() - runtime.started, server.label())
         from ckptflow.flows.runtime.user_dirs import note
 
         if note():  # no HOME: where Prefect's records went
             summary["notes"] = [*summary.get("notes", []), note()]
         return summary
     finally:
-        progress.detach()
+        sink.close()
 
 
 def plan_early(source: str, recipe: Any, opts: dict[str, Any]) -> Any:
     """Headers read, validated and every pass planned before Prefect (or torch) is imported: an
     input error is one `error:` line in about a second. The flow reuses this plan (same process,
-    same files) and plans itself when run any other way. A `--fetch` of a remote SOURCE plans on
-    the remote headers here (range reads); the flow plans again on the fetched copy."""
+    same files: handed over on the runtime) and plans itself when run any other way. A `--fetch`
+    of a remote SOURCE plans on the remote headers here (range reads); the flow plans again on
+    the fetched copy."""
     from ckptflow.storage.urls import open_location
 
-    from ckptflow.flows.preflight import plan_conversion, remember
+    from ckptflow.flows.preflight import plan_conversion
 
-    src = open_location(source, opts)
-    planned = plan_conversion(src, recipe)
-    remember(src, planned)
-    return planned
+    return plan_conversion(open_location(source, opts), recipe)
 
 
 def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[str, Any],
@@ -107,10 +106,10 @@ def no_stage_chosen(args: argparse.Namespace) -> bool:
     return True
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
+def cmd_convert(args: argparse.Namespace, runtime: Runtime) -> int:
     if no_stage_chosen(args):
         return EXIT_USER_ERROR
-    summary = run_convert(args, args.source, args.dest, args.work)
+    summary = run_convert(args, runtime, args.source, args.dest, args.work)
     if summary.get("dry_run"):
         from ckptflow.flows.dry_run import print_dry_run
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import argparse
 
 from ckptflow.flows.cli.convert import run_convert
+from ckptflow.flows.runtime.process import Runtime
 from ckptflow.flows.summary_text import print_summary
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def cmd_demo(args: argparse.Namespace, runtime: Runtime) -> int:
     from ckptflow.storage.urls import open_location
 
     root = args.dest.rstrip("/")
@@ -20,7 +21,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         make_deepseek_v3_fp8(src)
         print(f"demo: generated a DeepSeek-V3-shaped FP8 checkpoint at {source}")
-    summary = run_convert(args, source, dest, f"{root}/.work", dequant=True)
+    summary = run_convert(args, runtime, source, dest, f"{root}/.work", dequant=True)
     print_summary(summary)
     print(f"\nnext: ckptflow validate {dest}")
     return 0

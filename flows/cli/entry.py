@@ -16,7 +16,6 @@ _STARTED = time.monotonic()
 
 import os
 import sys
-from typing import Any
 
 # Each command's module imports Prefect and torch only inside its handler: --help stays instant.
 from ckptflow.flows.cli.convert import cmd_convert
@@ -29,8 +28,8 @@ from ckptflow.flows.cli.server import cmd_server
 from ckptflow.flows.cli.validate import cmd_validate
 from ckptflow.flows.cli.verify import cmd_verify
 from ckptflow.flows.cli.watch import cmd_watch
+from ckptflow.flows.runtime.process import Runtime
 
-_WATCHDOG: Any = None  # the orphan watcher of this CLI process (ckptflow.flows.runtime.watchdog), kept alive
 
 
 def _quiet_prefect(verbose: bool) -> None:
@@ -96,21 +95,32 @@ _STARTS_PREFECT = {"convert", "watch", "megatron", "demo", "verify"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    code = _main(argv)
-    if argv is None:  # a real CLI process: skip Prefect's slow teardown of its temporary server
-        from ckptflow.flows.runtime import interrupt, user_dirs
-
-        user_dirs.remove_temporary_prefect_home()
-
-        return interrupt.leave(code)
-    return code
+    """Run one `ckptflow` command in this process, as a library call (tests, scripts, notebooks):
+    `argv` defaults to `sys.argv[1:]`, and `main()` and `main(argv)` behave the same. Prefect's
+    logging is configured, but nothing process-wide is taken over: no signal handlers, no orphan
+    watchdog, no temporary server of ckptflow's own (Prefect's settings choose the server), and
+    the exit status is returned. `time:` counts from this call."""
+    return _main(argv, Runtime(started=time.monotonic()))
 
 
-def _main(argv: list[str] | None = None) -> int:
+def console_main() -> int:
+    """The `ckptflow` script and `python -m ckptflow.flows.cli`: the process is ckptflow's own.
+    A command that starts Prefect arms Ctrl-C / SIGTERM (one line, exit 130 / 143, within a
+    second), starts the orphan watchdog and, with no server configured, a temporary server; the
+    process leaves without Prefect's slow teardown of that server. `time:` counts from this
+    module's import (a shell's earlier work, `bash -c "sleep 3 && exec ckptflow …"`, is not counted)."""
+    runtime = Runtime(started=_STARTED, owns_process=True)
+    code = _main(None, runtime)
+    from ckptflow.flows.runtime import user_dirs
+
+    user_dirs.remove_temporary_prefect_home()
+    return runtime.leave(code)
+
+
+def _main(argv: list[str] | None, runtime: Runtime) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # `time:` counts from here on a call from Python, from this module's import in a CLI process
-    args.started = _STARTED if argv is None else time.monotonic()
+    runtime.verbose = args.verbose
     if (problem := non_utf8_argument(parser, args)) is not None:  # before anything hashes or sends it
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -118,16 +128,14 @@ def _main(argv: list[str] | None = None) -> int:
     from ckptflow.storage.errors import UserError
     from ckptflow.storage.faults import explain
 
-    if args.command in _STARTS_PREFECT and argv is None:  # a real CLI process, not a test's call
-        from ckptflow.flows.runtime import interrupt, user_dirs, watchdog
+    if args.command in _STARTS_PREFECT and runtime.owns_process:
+        from ckptflow.flows.runtime import user_dirs, watchdog
 
         user_dirs.fall_back_prefect_home()  # no HOME: Prefect, imported later, gets a temporary one
-
-        global _WATCHDOG
-        _WATCHDOG = watchdog.start()
-        interrupt.arm()  # Ctrl-C / SIGTERM: one line, exit 130 / 143, within a second
+        runtime.watchdog = watchdog.start()
+        runtime.interrupt.arm()  # Ctrl-C / SIGTERM: one line, exit 130 / 143, within a second
     try:
-        return HANDLERS[args.command](args)
+        return HANDLERS[args.command](args, runtime)
     except UserError as exc:
         if args.verbose:
             raise
@@ -150,6 +158,6 @@ def _main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # only where the handlers are not armed (main(argv) from Python)
         from ckptflow.flows.runtime.interrupt import message
 
-        print(message(), file=sys.stderr)
+        print(message(runtime.counts()), file=sys.stderr)
         return 130
 

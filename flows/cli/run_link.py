@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from typing import Any, TypeVar
 
-from ckptflow.flows.runtime import server
+from ckptflow.flows.runtime.server import Server
 
 F = TypeVar("F")
 
 
-def outlives_run() -> bool:
+def outlives_run(server: Server) -> bool:
     """Does this run's Prefect server keep its records (and UI) after this process leaves?"""
-    if server.kind() == "temporary":
+    if server.kind == "temporary":
         return False
     from prefect.settings import get_current_settings
 
@@ -42,6 +42,6 @@ def announce(flow: Any, flow_run: Any, state: Any) -> None:
         sys.stderr.flush()
 
 
-def linked(flow: F) -> F:
-    """`flow` announcing its run's UI page when it starts, if the server outlives the run."""
-    return flow.with_options(on_running=[announce]) if outlives_run() else flow  # type: ignore[attr-defined]
+def linked(flow: F, server: Server) -> F:
+    """`flow` announcing its run's UI page when it starts, if the run's server outlives it."""
+    return flow.with_options(on_running=[announce]) if outlives_run(server) else flow  # type: ignore[attr-defined]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
-def cmd_server(args: argparse.Namespace) -> int:
+def cmd_server(args: argparse.Namespace, runtime: Any = None) -> int:
     from ckptflow.flows.runtime import local_server
 
     if args.action in ("start", "stop") and (stale := local_server.forget_stale()):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import json
 import sys
 from dataclasses import asdict
@@ -9,7 +10,7 @@ from dataclasses import asdict
 from ckptflow.flows.cli.output import text_out
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def cmd_validate(args: argparse.Namespace, runtime: Any = None) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.storage.urls import open_location, parse_storage_options
     from ckptflow.tasks.validate import find_problems, mp_world

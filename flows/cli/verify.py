@@ -7,11 +7,12 @@ import sys
 from dataclasses import asdict
 
 from ckptflow.flows.cli.convert import run_convert
+from ckptflow.flows.runtime.process import Runtime
 from ckptflow.flows.cli.output import print_json, text_out
 from ckptflow.flows.summary_text import print_summary
 
 
-def cmd_verify(args: argparse.Namespace) -> int:
+def cmd_verify(args: argparse.Namespace, runtime: Runtime) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.storage.urls import open_location, parse_storage_options
     from ckptflow.tasks.planners.torch_dtype import check_dtypes
@@ -19,7 +20,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.fix_dtypes_dest:
         args.dequant, args.fix_dtypes, args.fetch = False, True, False
-        summary = run_convert(args, args.path, args.fix_dtypes_dest, args.work)
+        summary = run_convert(args, runtime, args.path, args.fix_dtypes_dest, args.work)
         print_summary(summary, text_out(args))
         if args.json:
             print_json(summary)

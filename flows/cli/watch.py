@@ -9,9 +9,10 @@ from typing import Any
 from ckptflow.flows.cli.convert import convert_options, no_stage_chosen
 from ckptflow.flows.cli.output import EXIT_USER_ERROR
 from ckptflow.flows.printable import printable
+from ckptflow.flows.runtime.process import Runtime
 
 
-def cmd_watch(args: argparse.Namespace) -> int:
+def cmd_watch(args: argparse.Namespace, runtime: Runtime) -> int:
     if no_stage_chosen(args):
         return EXIT_USER_ERROR
     from ckptflow.storage.urls import parse_storage_options
@@ -31,19 +32,19 @@ def cmd_watch(args: argparse.Namespace) -> int:
         scan = scan_watch(src, dst, work, options.recipe_key(), args.settle_seconds, warn)
         print_watch(watch_summary(args.source_prefix, args.dest_prefix, scan.plan, True, {}), args.json)
         return 0
-    from ckptflow.flows.runtime import server
-
-    server.prestart()  # boots while the flow imports; deaf to the terminal's Ctrl-C (flows/runtime/server.py)
+    server = runtime.server
+    # boots while the flow imports; deaf to the terminal's Ctrl-C (flows/runtime/server.py)
+    server.prestart(temporary=runtime.owns_process)
     from ckptflow.flows.cli.run_link import linked
     from ckptflow.flows.watch import WatchFailed, watch_flow
 
     server.ready()
 
     try:
-        summary = linked(watch_flow)(source_prefix=args.source_prefix, dest_prefix=args.dest_prefix,
-                                     options=options, work_prefix=args.work_prefix,
-                                     max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
-                                     storage_options=opts)
+        summary = runtime.call(linked(watch_flow, server), source_prefix=args.source_prefix,
+                               dest_prefix=args.dest_prefix, options=options, work_prefix=args.work_prefix,
+                               max_concurrent=args.max_concurrent, settle_seconds=args.settle_seconds,
+                               storage_options=opts, runtime=runtime)
     except WatchFailed as exc:
         print_watch(exc.summary, args.json)  # what did convert is news too
         raise

@@ -11,9 +11,10 @@ teardown. What it does first: release object-store DEST locks (else a rerun woul
 lock's 90 s lease) and stop the temporary server (the orphan watchdog, flows/runtime/watchdog.py, reaps
 what else is left).
 
-Only the CLI arms this (`arm()`), never a deployment run or a test calling `main(argv)`.
-Prefect swaps in its own SIGTERM handler at each flow run's start; the flows call `rearm()`
-first thing so ours stays in place.
+Only the CLI's own process arms this (`Interrupt.arm`), never a deployment run or a test calling
+`main(argv)`. Prefect swaps in its own SIGTERM handler at each flow run's start, but only in the
+main thread: so an armed CLI runs its flow in a thread of its own (`Interrupt.call`) while the
+main thread waits and keeps ckptflow's handlers; no flow has to put them back.
 """
 from __future__ import annotations
 
@@ -21,36 +22,20 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
-from ckptflow.flows.runtime import server
-from ckptflow.tasks.run import progress
-
-_armed = False
+from ckptflow.flows.runtime.server import Server
 
 
-def message() -> str:
-    done, total = progress.counts()
+def message(counts: tuple[int, int]) -> str:
+    """What to say on an interrupt, given (shards committed so far, shards planned)."""
+    done, total = counts
     if total:
         return f"interrupted after {done} of {total} shards; run the same command again to resume"
     if done:
         return f"interrupted after {done} shards; run the same command again to resume"
     return "interrupted before any shard was written; run the same command again to start over"
-
-
-def _handler(signum: int, frame: Any) -> None:
-    # Ignore a second Ctrl-C while we leave (a user pressing it twice must not get a traceback).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    progress.clear_bars()
-    _release_locks()
-    server.stop()  # the temporary server, if this run started one
-    try:
-        sys.stdout.flush()
-    except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
-        pass
-    os.write(2, f"\n{message()}\n".encode())
-    os._exit(128 + signum)
 
 
 def _release_locks() -> None:
@@ -63,44 +48,77 @@ def _release_locks() -> None:
     worker.join(2.0)
 
 
-def armed() -> bool:
-    """Did this process's CLI arm the handlers (a real `ckptflow …` process)?"""
-    return _armed
+class Interrupt:
+    """A CLI process's Ctrl-C / SIGTERM policy: `server` is stopped on the way out; `counts()`
+    and `clear_bars()` come from the runtime (every conversion's progress sink)."""
 
+    def __init__(self, server: Server, counts: Callable[[], tuple[int, int]],
+                 clear_bars: Callable[[], None]) -> None:
+        self.server = server
+        self.counts = counts
+        self.clear_bars = clear_bars
+        self.armed = False
 
-def arm() -> None:
-    """Install the handlers for SIGINT and SIGTERM (main thread of the CLI only)."""
-    global _armed
-    if threading.current_thread() is not threading.main_thread():
-        return
-    _armed = True
-    rearm()
-
-
-def rearm() -> None:
-    """Put our handlers back where Prefect replaced them; does nothing unless the CLI armed them."""
-    if not _armed or threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _handler)
-
-
-def leave(code: int) -> int:
-    """End a CLI process that ran a flow on ckptflow's temporary server without Prefect's teardown.
-
-    After the summary (or an error line) nothing the user needs is left: shards, journal, index
-    and DEST are durable, and the temporary server's database only records the run. Prefect's
-    atexit teardown (flushing events to a server about to stop) costs seconds and can print an
-    EventsWorker warning after an error. So: stop the server process (without waiting), flush,
-    `os._exit`. With a server that outlives the run (the user's, or `ckptflow server start`'s)
-    the normal exit runs, so every event and log reaches it; `code` is then just returned.
-    """
-    if not _armed or server.kind() != "temporary":
-        return code
-    server.stop()
-    for stream in (sys.stdout, sys.stderr):
+    def _handler(self, signum: int, frame: Any) -> None:
+        # Ignore a second Ctrl-C while we leave (a user pressing it twice must not get a traceback).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        self.clear_bars()
+        _release_locks()
+        self.server.stop()  # the temporary server, if this run started one
         try:
-            stream.flush()
+            sys.stdout.flush()
         except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
             pass
-    os._exit(code)
+        os.write(2, f"\n{message(self.counts())}\n".encode())
+        os._exit(128 + signum)
+
+    def arm(self) -> None:
+        """Install the handlers for SIGINT and SIGTERM (main thread of the CLI only)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self.armed = True
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)`, in a thread of its own when armed: the main thread only waits,
+        so the signal handlers that run there stay ours (Prefect installs its SIGTERM handler
+        only from the main thread). Returns what `fn` returns, raises what it raises."""
+        if not self.armed:
+            return fn(*args, **kwargs)
+        outcome: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                outcome["value"] = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=body, name="ckptflow-flow", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)  # short waits: a signal's handler runs between them
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome.get("value")
+
+    def leave(self, code: int) -> int:
+        """End a CLI process that ran a flow on ckptflow's temporary server without Prefect's teardown.
+
+        After the summary (or an error line) nothing the user needs is left: shards, journal, index
+        and DEST are durable, and the temporary server's database only records the run. Prefect's
+        atexit teardown (flushing events to a server about to stop) costs seconds and can print an
+        EventsWorker warning after an error. So: stop the server process (without waiting), flush,
+        `os._exit`. With a server that outlives the run (the user's, or `ckptflow server start`'s)
+        the normal exit runs, so every event and log reaches it; `code` is then just returned.
+        """
+        if not self.armed or self.server.kind != "temporary":
+            return code
+        self.server.stop()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
+                pass
+        os._exit(code)

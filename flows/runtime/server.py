@@ -18,9 +18,14 @@ In order:
    (the terminal's Ctrl-C is the CLI's, flows/runtime/interrupt.py), and is stopped without waiting when
    the CLI leaves; the orphan watchdog (flows/runtime/watchdog.py) reaps it if the CLI is SIGKILLed.
 
-`ready()` waits until it answers. A server named elsewhere in Prefect's settings (prefect.toml,
-.env) that the quick profile check missed is found there too: the temporary server stops and
-the command starts again without one, so the user's configuration always wins.
+`Server.ready()` waits until it answers. A server named elsewhere in Prefect's settings
+(prefect.toml, .env) that the quick profile check missed is found there too: the temporary
+server stops and Prefect's settings are read again without it (no re-executed process), so the
+user's configuration always wins.
+
+The choice lives in a `Server` handle the CLI's runtime holds (`ckptflow.flows.runtime.process`),
+not in module globals; `_export` is the one place `PREFECT_API_URL` is written, for the
+temporary server, the local one and the one local worker processes share.
 """
 from __future__ import annotations
 
@@ -36,28 +41,18 @@ from typing import IO
 
 from ckptflow.storage.errors import UserError
 
-# Set on a re-executed CLI: a server was configured after all; start no temporary one.
-_NO_TEMPORARY = "CKPTFLOW_NO_TEMPORARY_SERVER"
-
-_kind: str | None = None  # "temporary" | "local" | None (the user's server, or not chosen yet)
-_proc: subprocess.Popen | None = None
-_log: IO[bytes] | None = None
-_url: str | None = None
-
 
 class ServerError(UserError):
     """A Prefect server that does not start or does not answer."""
 
 
-def kind() -> str | None:
-    """"temporary" (this process's own server), "local" (`ckptflow server start`'s) or None."""
-    return _kind
-
-
-def owned() -> bool:
-    """Is this run's server one ckptflow started on this machine's loopback (temporary or local)?
-    Workers on other machines cannot reach it."""
-    return _kind is not None
+def _export(url: str | None) -> None:
+    """The one place ckptflow sets (or, with None, unsets) `PREFECT_API_URL`: before Prefect reads
+    its settings, and inherited by every worker process started after."""
+    if url is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = url
 
 
 def health(url: str, timeout: float = 1.0) -> bool:
@@ -100,32 +95,116 @@ def _profile_names_server() -> bool:
     return isinstance(settings, dict) and bool(settings.get("PREFECT_API_URL"))
 
 
-def prestart() -> None:
-    """Choose this CLI run's server (see the module's docstring) and start ours if it needs one.
-    Does nothing outside a real CLI process (a test's `main(argv)`, a deployment run)."""
-    global _kind, _proc, _log, _url
-    from ckptflow.flows.runtime import interrupt, local_server
+class Server:
+    """The Prefect server of one run, chosen once (see the module's docstring); it owns ckptflow's
+    temporary server process when it started one. Built by the CLI's runtime; a flow run without
+    one (a deployment, a script) gets a `Server()` that chose nothing: Prefect's settings decide."""
 
-    if _kind is not None or not interrupt.armed() or os.environ.get("PREFECT_API_URL"):
-        return
-    url = local_server.running_url()
-    if url:
-        os.environ["PREFECT_API_URL"], _kind, _url = url, "local", url
-        return
-    if os.environ.get(_NO_TEMPORARY) or _profile_names_server() or not _ephemeral_allowed():
-        return
-    check_prefect_home()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    _log = tempfile.TemporaryFile()
-    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_UI_ENABLED": "0",
-           "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    _proc = subprocess.Popen(uvicorn_command(sock.fileno()), pass_fds=[sock.fileno()], env=env,
-                             stdin=subprocess.DEVNULL, stdout=_log, stderr=_log, start_new_session=True)
-    _url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
-    sock.close()  # the server holds its own copy
-    os.environ["PREFECT_API_URL"], _kind = _url, "temporary"
+    def __init__(self) -> None:
+        self.kind: str | None = None  # "temporary" | "local" | None (the user's, or not chosen)
+        self.url: str | None = None
+        self._proc: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    def owned(self) -> bool:
+        """Is this run's server one ckptflow started on this machine's loopback (temporary or
+        local)? Workers on other machines cannot reach it."""
+        return self.kind is not None
+
+    def label(self) -> tuple[str, str | None]:
+        """Which server this run used, for its summary: ("temporary" | "local" | "yours", URL or None)."""
+        return (self.kind or "yours"), self.url
+
+    def prestart(self, temporary: bool = True) -> None:
+        """Choose the server (see the module's docstring) and, if `temporary` allows it and none is
+        configured, start ckptflow's own: `temporary` is False outside a CLI process (a test's
+        `main(argv)`, a script), which leaves the choice to Prefect."""
+        from ckptflow.flows.runtime import local_server
+
+        if self.kind is not None or not temporary or os.environ.get("PREFECT_API_URL"):
+            return
+        url = local_server.running_url()
+        if url:
+            _export(url)
+            self.kind, self.url = "local", url
+            return
+        if _profile_names_server() or not _ephemeral_allowed():
+            return
+        check_prefect_home()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        self._log = tempfile.TemporaryFile()
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_UI_ENABLED": "0",
+               "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        self._proc = subprocess.Popen(uvicorn_command(sock.fileno()), pass_fds=[sock.fileno()], env=env,
+                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                      start_new_session=True)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+        sock.close()  # the server holds its own copy
+        _export(self.url)
+        self.kind = "temporary"
+
+    def ready(self, timeout: float | None = None) -> None:
+        """Wait until the temporary server answers; a `ServerError` with its last words if it died.
+
+        A server named in Prefect's other settings (prefect.toml, .env) wins: the temporary one
+        stops and Prefect's settings are read again without our URL (Prefect has been imported by
+        now, so its global settings were built with it)."""
+        if self.kind != "temporary" or self._proc is None:
+            return
+        if _configured_elsewhere():
+            self.stop()
+            _export(None)
+            self.kind, self.url = None, None
+            from prefect.context import refresh_global_settings_context
+
+            refresh_global_settings_context()
+            return
+        limit = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
+        why = wait_until_answers(self.url or "", self._proc, limit, interval=0.05)
+        said = last_line(self._log_text())
+        said = f" ({said})" if said else ""
+        if why == "exited":
+            raise ServerError(f"Prefect's temporary server exited with status {self._proc.returncode} before it "
+                              f"answered{said}; start one yourself (`prefect server start`) and "
+                              "export PREFECT_API_URL, or run `ckptflow server start`")
+        if why == "timeout":
+            self.stop()
+            raise ServerError(f"Prefect's temporary server did not answer within {limit:.0f} s{said}; "
+                              "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `ckptflow server start`")
+
+    def share_with_workers(self) -> str:
+        """A server every local worker process (a process pool, a Dask LocalCluster) reaches, its
+        URL exported before they start: they inherit it, and record their task runs there instead
+        of each starting a server of its own. With none configured or started, that is the
+        temporary server Prefect starts for this process on first use (its singleton: the flow
+        run is already recorded there)."""
+        from prefect.server.api.server import SubprocessASGIServer
+
+        if self.url is None:
+            server = SubprocessASGIServer()
+            server.start()
+            self.url = server.api_url
+        _export(self.url)
+        return self.url
+
+    def stop(self) -> None:
+        """Stop the temporary server without waiting (SIGTERM; the watchdog SIGKILLs a straggler)."""
+        if self._proc is not None and self._proc.poll() is None:
+            try:
+                self._proc.terminate()
+            except OSError:
+                pass
+
+    def _log_text(self) -> str:
+        if self._log is None or self._log.closed:
+            return ""
+        try:
+            self._log.seek(0)
+            return self._log.read().decode(errors="replace")
+        except (OSError, ValueError):
+            return ""
 
 
 def check_prefect_home() -> None:
@@ -148,38 +227,14 @@ def _configured_elsewhere() -> bool:
     """Do Prefect's settings, without the URL we exported, name a server? (prefect.toml, .env, …)"""
     from prefect.settings import Settings
 
-    ours = os.environ.pop("PREFECT_API_URL", None)
+    ours = os.environ.get("PREFECT_API_URL")
+    _export(None)
     try:
         return bool(Settings().api.url)
     except Exception:  # noqa: BLE001 - unreadable settings: Prefect reports them itself later
         return False
     finally:
-        if ours is not None:
-            os.environ["PREFECT_API_URL"] = ours
-
-
-def ready(timeout: float | None = None) -> None:
-    """Wait until the temporary server answers; a `ServerError` with its last words if it died."""
-    if _kind != "temporary" or _proc is None:
-        return
-    if _configured_elsewhere():
-        stop()
-        os.environ.pop("PREFECT_API_URL", None)
-        os.environ[_NO_TEMPORARY] = "1"
-        sys.stdout.flush()
-        os.execv(sys.executable, [sys.executable, "-m", "ckptflow.flows.cli", *sys.argv[1:]])
-    limit = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 120)
-    why = wait_until_answers(_url, _proc, limit, interval=0.05)
-    said = last_line(_log_text())
-    said = f" ({said})" if said else ""
-    if why == "exited":
-        raise ServerError(f"Prefect's temporary server exited with status {_proc.returncode} before it "
-                          f"answered{said}; start one yourself (`prefect server start`) and "
-                          "export PREFECT_API_URL, or run `ckptflow server start`")
-    if why == "timeout":
-        stop()
-        raise ServerError(f"Prefect's temporary server did not answer within {limit:.0f} s{said}; "
-                          "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run `ckptflow server start`")
+        _export(ours)
 
 
 def wait_until_answers(url: str, proc: subprocess.Popen, limit: float, interval: float) -> str | None:
@@ -199,27 +254,3 @@ def last_line(text: str) -> str:
     """The last non-blank line of a server's log, trimmed for an error message ("" if none)."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else ""
-
-
-def _log_text() -> str:
-    if _log is None or _log.closed:
-        return ""
-    try:
-        _log.seek(0)
-        return _log.read().decode(errors="replace")
-    except (OSError, ValueError):
-        return ""
-
-
-def stop() -> None:
-    """Stop the temporary server without waiting (SIGTERM; the watchdog SIGKILLs a straggler)."""
-    if _proc is not None and _proc.poll() is None:
-        try:
-            _proc.terminate()
-        except OSError:
-            pass
-
-
-def label() -> tuple[str, str | None]:
-    """Which server this run used, for its summary: ("temporary" | "local" | "yours", URL or None)."""
-    return (_kind or "yours"), _url

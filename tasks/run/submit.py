@@ -8,6 +8,7 @@ Futures answer `.result()`, which raises the call's exception.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextvars
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,7 +68,9 @@ class ThreadSubmitter:
     def submit(self, call: ShardCall) -> cf.Future:
         from ckptflow.tasks.run.shard import run_shard
 
-        return self._pool.submit(run_shard, *call.args())
+        # In a copy of this context: the shard counts its bytes on its own conversion's sink
+        # (`ckptflow.tasks.run.progress`), as in Prefect's thread task runner.
+        return self._pool.submit(contextvars.copy_context().run, run_shard, *call.args())
 
     def as_completed(self, futures: list[Any]) -> Iterator[Any]:
         return cf.as_completed(futures)
