@@ -74,6 +74,7 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
     """
     journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
     futures: list[Any] = []
+    reused_files: list[tuple[str, dict[str, Any]]] = []
     identities = file_identities(dst, [shard.file for shard in plan.shards])
     journaled = set(list_files(journal)) if journal.fs.exists(journal.root) else set()
     for shard in plan.shards:
@@ -82,6 +83,7 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
         record = reusable(journal, entry, identities[shard.file], journaled)
         if record is not None:
             futures.append(record)  # the very file this plan committed, untouched since
+            reused_files.append((shard.file, record))
             continue
         # Anything else is written again: no file, a file changed since its commit (same size or
         # not), or a commit whose record was lost.
@@ -94,6 +96,9 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
         sink.add_bytes(record.get("size", 0))
         sink.shard_done()
         on_commit(record)
+    note_reused = getattr(submitter, "note_reused", None)  # e.g. a Prefect submitter: a task run per file
+    if reused_files and note_reused is not None:
+        note_reused(plan.stage, reused_files)
     if reused:
         run_logger().info("reused %d committed shard(s) of %s: %s", len(reused), plan.stage,
                           ", ".join(r.get("name", "?") for r in reused[:20]) + (" …" if len(reused) > 20 else ""))

@@ -1,6 +1,8 @@
 """How the engine runs shard work: a `Submitter` turns one `ShardCall` into a future.
 
-The engine only needs `submit` and `as_completed`; what runs the call is the caller's choice:
+The engine only needs `submit` and `as_completed` (and calls `note_reused(stage, [(file, record)])`,
+where a submitter has it, with the shards the journal proved committed and that it will not
+submit); what runs the call is the caller's choice:
 `SerialSubmitter` (in this thread, as submitted), `ThreadSubmitter` (a thread pool), or the
 flows' Prefect submitter (a Prefect task on the flow run's task runner: threads, processes, Dask).
 Futures answer `.result()`, which raises the call's exception.
