@@ -10,9 +10,11 @@ Flows take it as their `runtime` parameter, in-process only. Prefect records a f
 with FastAPI's `jsonable_encoder` and stores `"<Runtime>"` for a value it cannot encode (its
 documented fallback for unserialisable parameters); `__slots__` without `__iter__` is what makes
 this object one of those, so neither the plan (for DeepSeek-V3, every tensor of 163 headers) nor
-a process handle ever goes to the server. A deployment run, or any run not started by the CLI,
-has no runtime: the flow makes a default one (Prefect's settings choose the server, no handlers,
-no bars) and plans for itself.
+a process handle ever goes to the server. Pickled (a process pool or Dask ships the flow run's
+context to its workers) it becomes a default `Runtime()`; copied, it stays itself.
+
+A deployment run, or any run not started by the CLI, has no runtime: the flow makes a default
+one (Prefect's settings choose the server, no handlers, no bars) and plans for itself.
 """
 from __future__ import annotations
 
@@ -47,6 +49,17 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime(owns_process={self.owns_process}, server={self.server.label()})"
+
+    # Process pools and Dask pickle the flow run's context, parameters included, for their workers;
+    # a runtime belongs to its process: a worker gets a default one (it never uses it).
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (Runtime, ())
+
+    def __copy__(self) -> Runtime:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Runtime:
+        return self
 
     def new_progress(self, bytes_bar: Any = None, shards_bar: Any = None) -> ProgressSink:
         """A sink for one more conversion, counted in what an interrupt reports."""
