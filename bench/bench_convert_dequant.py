@@ -23,7 +23,7 @@ from bench.common import mib, run_measured, same_tensors  # noqa: E402
 
 
 def dims_for(gib: float):
-    from ckptflow.flows.synthetic import DeepSeekDims
+    from ckptflow.flows.demo.synthetic import DeepSeekDims
 
     # DeepSeek-V3's real matrix shapes (hidden 7168, experts 2048 wide, MLA ranks 1536/512) with
     # fewer experts and heads: ~430 MB of FP8 per MoE layer, two layers per shard (~0.9 GB
@@ -82,7 +82,7 @@ def main() -> None:
     root = Path(args.dir)
     src = root / "fp8"
     if args.generate_only:
-        from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+        from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
         from ckptflow.storage.urls import open_location
 
         make_deepseek_v3_fp8(open_location(str(src)), dims_for(args.gib))

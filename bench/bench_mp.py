@@ -87,7 +87,7 @@ def generate(path: str) -> None:
     from dataclasses import replace
 
     from bench.bench_convert_dequant import dims_for
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     shutil.rmtree(path, ignore_errors=True)

@@ -88,7 +88,7 @@ REAL = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_in
 
 def make_sparse(path: Path, shards: int) -> dict[str, int]:
     """The first `shards` ~4.3 GB shards of a DeepSeek-V3-shaped checkpoint, as holes."""
-    from ckptflow.flows.synthetic import DeepSeekDims, deepseek_config, deepseek_entries
+    from ckptflow.flows.demo.synthetic import DeepSeekDims, deepseek_config, deepseek_entries
     from ckptflow.storage.files import index_document, write_json
     from ckptflow.storage.safetensors_format import TensorSpec, build_header
     from ckptflow.storage.urls import open_location

@@ -37,7 +37,7 @@ HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 
 
 def qwen_shards(gib: float) -> tuple[list, dict]:
-    """Entries per shard for ckptflow.flows.synthetic.write_checkpoint, grouped hostilely, and a config."""
+    """Entries per shard for ckptflow.flows.demo.synthetic.write_checkpoint, grouped hostilely, and a config."""
     import torch
 
     head = HIDDEN // HEADS
@@ -68,7 +68,7 @@ def qwen_shards(gib: float) -> tuple[list, dict]:
 
 
 def ensure_checkpoint(path: Path, gib: float) -> int:
-    from ckptflow.flows.synthetic import TOKENIZER_FILES, write_checkpoint
+    from ckptflow.flows.demo.synthetic import TOKENIZER_FILES, write_checkpoint
     from ckptflow.storage.urls import open_location
 
     stamp = path / "bench-params.json"

@@ -16,50 +16,55 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.urls import open_location
-from ckptflow.tasks.run import progress
+from ckptflow.tasks.run.progress import reporting_to
 from ckptflow.tasks.run.engine import EngineHooks, run_conversion
 from ckptflow.tasks.kernels.device import resolve_device
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 
-from ckptflow.flows import interrupt
 from ckptflow.flows.dry_run import tensor_actions
 from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
 from ckptflow.flows.preflight import plan_conversion
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
-from ckptflow.flows.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
+from ckptflow.flows.runtime.process import Runtime, runtime_of
+from ckptflow.flows.runtime.runners import GPU_TAG, SHARD_TAG, make_task_runner, runner_settings
 from ckptflow.flows.passes import PrefectSubmitter, fetch_source
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
 from ckptflow.flows.workdir import check_work_reachable, default_work
 
 
 def convert_flow(source: str, dest: str, work: str | None = None,
-                 storage_options: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
+                 storage_options: dict[str, Any] | None = None, runtime: Any = None,
+                 **options: Any) -> dict[str, Any]:
     """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
 
     The other parameters are the fields of `ConvertOptions` (`ckptflow.flows.params`), which also
     make the CLI's flags. `task_runner`/`dask_address`/`max_workers` pick where shard tasks run
-    (`ckptflow.flows.runners`). The CLI applies the runner with `with_options`; a run whose runner
+    (`ckptflow.flows.runtime.runners`). The CLI applies the runner with `with_options`; a run whose runner
     is not the one asked for (a deployment run with `task_runner: dask` or `max_workers: 4`)
     submits its shard tasks to that runner, within the same flow run. `prune` deletes weight files in `dest` this run
     does not write (else they stop the run before it writes anything).
+
+    `runtime` is the CLI's `Runtime` (`ckptflow.flows.runtime.process`), in-process only: its
+    server handle, its plan (reused if no file changed) and its progress sink. Prefect records it
+    as `"<Runtime>"`, never its contents; a deployment run leaves it unset and plans for itself.
     """
     opts = ConvertOptions(**options)
-    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
+    rt = runtime_of(runtime)
     current = FlowRunContext.get()
     if current is not None:
-        runner = make_task_runner(opts.task_runner, opts.max_workers, opts.dask_address)
+        runner = make_task_runner(opts.task_runner, opts.max_workers, opts.dask_address, rt.server)
         if runner_settings(current.task_runner) != runner_settings(runner):
             # A deployment run asks for another runner as a parameter: shard tasks go to it from
             # within this same flow run (no subflow), so the operator's run is the one that holds
             # the task runs, logs and artifacts.
             with runner, current.model_copy(update={"task_runner": runner}):
-                return _convert(source, dest, work, storage_options, opts)
-    return _convert(source, dest, work, storage_options, opts)
+                return _convert(source, dest, work, storage_options, opts, rt)
+    return _convert(source, dest, work, storage_options, opts, rt)
 
 
 def _convert(source: str, dest: str, work: str | None, storage_options: dict[str, Any] | None,
-             opts: ConvertOptions) -> dict[str, Any]:
+             opts: ConvertOptions, rt: Runtime) -> dict[str, Any]:
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
@@ -70,20 +75,23 @@ def _convert(source: str, dest: str, work: str | None, storage_options: dict[str
     refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", work_loc))
     check_work_reachable(work_loc, opts.dask_address)
     origin = src
+    sink = rt.progress_for_flow()  # this conversion's own counts: a watch run's others never mix in
     if opts.fetch and not src.is_local:
-        src = fetch_source(src, work, storage_options)
+        with reporting_to(sink):
+            src = fetch_source(src, work, storage_options)
     # The same checks and plan the CLI made before Prefect started (reused when it did).
-    planned = plan_conversion(src, recipe, reuse=True)
+    planned = plan_conversion(src, recipe, made=rt.plan)
     ckpt, warnings = planned.ckpt, list(planned.warnings)
     for w in warnings:
         logger.warning("%s", w)
     device = resolve_device(opts.device)  # imports torch only where a GPU could be visible
-    progress.set_totals(planned.total_bytes, planned.total_shards)
+    sink.set_totals(planned.total_bytes, planned.total_shards)
     run_progress = RunProgress(planned.total_shards, planned.total_bytes)
     # Tagged so a Prefect tag concurrency limit caps shard tasks (GPU ones apart) on every worker.
     shard_tags = (SHARD_TAG, *([GPU_TAG] if device.startswith("cuda") else []))
     hooks = EngineHooks(on_commit=run_progress.shard_committed, on_dtype_report=publish_dtype_report,
-                        lock_owner=owner_record(), on_takeover=mark_crashed, around_pass=lambda: tags(*shard_tags))
+                        lock_owner=owner_record(), on_takeover=mark_crashed, around_pass=lambda: tags(*shard_tags),
+                        progress=sink)
     result = run_conversion(ckpt, planned.engine_passes(), src, dst, work, storage_options,
                             submitter=PrefectSubmitter(work, storage_options), protected=(origin,), prune=opts.prune,
                             checksum=opts.checksum, device=device, backend=opts.dequant_backend,

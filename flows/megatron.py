@@ -32,9 +32,10 @@ from ckptflow.tasks.megatron.task import IMPORTED, import_megatron
 from ckptflow.tasks.plan.sizes import parse_size
 from ckptflow.tasks.presets.megatron import MegatronTable, load_megatron_table
 from ckptflow.tasks.planners.by_size import plan_size_shards
+from ckptflow.tasks.run.progress import reporting_to
 from ckptflow.tasks.run.passes import finalize, prepare_dest, run_shards, verify_output
 
-from ckptflow.flows import interrupt
+from ckptflow.flows.runtime.process import runtime_of
 from ckptflow.flows.params import ShardSize
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
@@ -108,9 +109,11 @@ def _preflight(source: str, override: Any, table: MegatronTable | None,
 @flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
                   max_shard_size: ShardSize = "5GB", work: str | None = None,
-                  storage_options: dict[str, Any] | None = None, table: str | None = None) -> dict[str, Any]:
-    """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one."""
-    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
+                  storage_options: dict[str, Any] | None = None, table: str | None = None,
+                  runtime: Any = None) -> dict[str, Any]:
+    """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one. `runtime`: the CLI's,
+    in-process only (see `convert_flow`)."""
+    sink = runtime_of(runtime).progress_for_flow()
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
@@ -136,8 +139,11 @@ def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: 
         plan = plan_size_shards(ckpt, size, stage="megatron-shard")
         prepare_dest(dst, {shard.file for shard in plan.shards}, protected=(src,))
         run_progress = RunProgress(len(plan.shards), plan.total_size)
-        records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options, PrefectSubmitter(work, storage_options),
-                             on_commit=run_progress.shard_committed)
+        sink.set_totals(plan.total_size, len(plan.shards))
+        with reporting_to(sink):
+            records = run_shards(plan, ckpt, stage_loc, dst, work, storage_options,
+                                 PrefectSubmitter(work, storage_options), on_commit=run_progress.shard_committed,
+                                 progress=sink)
         finalize(plan, ckpt, stage_loc, dst)
         if tokenizer:
             logger.info("copied tokenizer files: %s", ", ".join(_copy_tokenizer(tokenizer, dst, storage_options)))

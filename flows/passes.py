@@ -53,3 +53,30 @@ class PrefectSubmitter:
 
     def as_completed(self, futures: list[Any]) -> Any:
         return as_completed(futures)
+
+    def note_reused(self, stage: str, reused: list[tuple[str, dict[str, Any]]]) -> None:
+        """Each shard the journal proved committed (by an earlier run) shows in the flow run as a
+        task run of the shard task, named after its file like a written one, in a Completed state
+        named "Cached". It is created in that final state (one API call, no task engine): nothing
+        runs, and Prefect's cache is not consulted; the journal decided (`tasks/run/journal.py`).
+        Best effort: a run whose server refuses these still converts (its log lists the reuse)."""
+        from prefect.client.orchestration import get_client
+        from prefect.context import FlowRunContext, TagsContext
+        from prefect.states import Completed
+
+        ctx = FlowRunContext.get()
+        if ctx is None or ctx.flow_run is None:
+            return
+        task = write_shard_task.with_options(name=f"{stage}-shard")
+        try:
+            with get_client(sync_client=True) as client:
+                for file, record in reused:
+                    client.create_task_run(
+                        task, ctx.flow_run.id, dynamic_key=f"reused {stage} {file}", name=f"{stage} {printable(file)}",
+                        extra_tags=TagsContext.get().current_tags,
+                        state=Completed(name="Cached", message=(
+                            f"reused: the commit journal proves {printable(file)} is the file an earlier run "
+                            f"committed ({record.get('tensors', '?')} tensors, {record.get('size', '?')} bytes); "
+                            "not read, not rewritten")))
+        except Exception as exc:  # noqa: BLE001 - what Prefect shows must never fail a conversion
+            get_run_logger().warning("could not record the %d reused shard(s) as task runs: %s", len(reused), exc)

@@ -4,12 +4,12 @@ The CLI calls `plan_conversion` before Prefect starts, so any input error (missi
 invalid index, unknown preset, an indivisible `--mp`) reaches the user as one `error:` line in
 about a second instead of after a server start-up. `convert_flow` calls the same function, so a
 deployment run (which never comes through the CLI) checks exactly the same things. In the CLI
-process the flow reuses the plan the CLI just made (`remember` / the key below) instead of
-reading every header and planning again: for DeepSeek-V3 that is seconds, not free.
+process the flow reuses the plan the CLI just made, handed to it on the runtime
+(`ckptflow.flows.runtime.process`; `plan_conversion(…, made=)`), instead of reading every header
+and planning again: for DeepSeek-V3 that is seconds, not free.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 from ckptflow.storage.checkpoint import Checkpoint, scan_checkpoint
@@ -30,6 +30,7 @@ class Preflight:
     recipe: Recipe
     passes: list[Pass]
     warnings: list[str] = field(default_factory=list)
+    source_url: str = ""  # the location planned, as `open_location` spelled it
 
     @property
     def total_bytes(self) -> int:
@@ -54,25 +55,17 @@ def _global_scales(plan):  # noqa: ANN001, ANN202 - a closure over one plan
     return lambda loc, written: with_global_scales(plan, read_amax(loc, written))
 
 
-# Plans made in this process, by (source url, recipe): at most the CLI's one conversion. A
-# deployment's worker process never fills it, so it always plans afresh.
-_PLANNED: dict[str, Preflight] = {}
-
-
-def _key(src: Location, recipe: Recipe) -> str:
-    return json.dumps([src.url, repr(recipe)])
-
-
-def plan_conversion(src: Location, recipe: Recipe, reuse: bool = False) -> Preflight:
+def plan_conversion(src: Location, recipe: Recipe, made: Preflight | None = None) -> Preflight:
     """Scan `src`'s headers, validate them against the index and plan every pass of `recipe`.
 
     Raises the `UserError` the first problem calls for (`ValidationFailed`, `PlanError`, a
-    `StorageError` for a missing source). With `reuse`, a plan this process made for the same
-    source and recipe is returned as it is, provided no weight file changed identity since.
+    `StorageError` for a missing source). `made`, a plan made earlier in this process (the
+    CLI's), is returned as it is when it is for the same source and recipe and no file changed
+    size or identity since; otherwise everything is planned again.
     """
-    key = _key(src, recipe)
-    if reuse and key in _PLANNED and _unchanged(_PLANNED[key].ckpt, src):
-        return _PLANNED.pop(key)
+    if (made is not None and made.source_url == src.url and made.recipe == recipe
+            and _unchanged(made.ckpt, src)):
+        return made
     ckpt = scan_checkpoint(src)
     warnings = [str(w) for w in raise_on_errors(ckpt)]
     passes, recipe_warnings = plan_passes(ckpt, recipe)
@@ -81,13 +74,7 @@ def plan_conversion(src: Location, recipe: Recipe, reuse: bool = False) -> Prefl
 
         check_small_scales(src, [p.plan for p in passes if p.replan is None])
     warnings += recipe_warnings + [w for p in passes for w in p.plan.warnings]
-    return Preflight(ckpt, recipe, passes, warnings)
-
-
-def remember(src: Location, planned: Preflight) -> None:
-    """Keep `planned` for the flow this process is about to run on `src`."""
-    _PLANNED.clear()
-    _PLANNED[_key(src, planned.recipe)] = planned
+    return Preflight(ckpt, recipe, passes, warnings, src.url)
 
 
 def _unchanged(ckpt: Checkpoint, src: Location) -> bool:

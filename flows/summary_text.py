@@ -28,7 +28,7 @@ def timing(summary: dict[str, Any], flow_called_at: float, flow_returned_at: flo
     reading headers and planning), `prefect` (from calling the flow to its body starting, and
     from its body ending to the call returning: Prefect's imports, temporary server, flow-run
     records), `flow` (the flow body: shard tasks, finalize, read-back verify). `server` is which
-    Prefect server the run used (flows/server.py): "temporary", "local" or "yours", and its URL."""
+    Prefect server the run used (flows/runtime/server.py): "temporary", "local" or "yours", and its URL."""
     flow_s = float(summary.get("seconds", 0.0))
     return {"server": server[0], "server_url": server[1], "before_flow_s": round(flow_called_at, 3),
             "prefect_s": round(max(0.0, flow_returned_at - flow_called_at - flow_s), 3),

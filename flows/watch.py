@@ -24,11 +24,11 @@ from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, marker
 
-from ckptflow.flows import interrupt
 from ckptflow.flows.convert import convert_flow
 from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
 from ckptflow.flows.printable import printable
-from ckptflow.flows.runners import check_runner, make_task_runner
+from ckptflow.flows.runtime.process import Runtime, runtime_of
+from ckptflow.flows.runtime.runners import check_runner, make_task_runner
 from ckptflow.flows.watch_scan import scan_watch, watch_summary
 
 
@@ -43,15 +43,18 @@ class WatchFailed(UserError):
 
 @task(name="convert-checkpoint", cache_policy=NO_CACHE, persist_result=False)
 def convert_checkpoint(name: str, source: str, dest: str, work: str, options: dict[str, Any],
-                       fingerprint: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+                       fingerprint: str, storage_options: dict[str, Any] | None,
+                       runtime: Runtime | None = None) -> dict[str, Any]:
     """One checkpoint: a `convert_flow` subflow run, then the marker that says it is done.
 
     The watch flow owns `dest`: weight files an earlier conversion left there with another
-    layout are pruned."""
+    layout are pruned. Each conversion counts on a progress sink of its own (the runtime's
+    `progress_for_flow`), so conversions running at once never mix their counts."""
     options = {**options, "prune": True}
-    runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"])
+    rt = runtime_of(runtime)
+    runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"], rt.server)
     summary = convert_flow.with_options(flow_run_name=f"convert-{name}", task_runner=runner)(
-        source=source, dest=dest, work=work, storage_options=storage_options, **options)
+        source=source, dest=dest, work=work, storage_options=storage_options, runtime=rt, **options)
     output = list_tree(open_location(dest, storage_options))
     recipe = ConvertOptions(**options).recipe_key()
     write_json(open_location(work, storage_options), MARKER_NAME, marker(fingerprint, recipe, dest, output))
@@ -62,13 +65,14 @@ def convert_checkpoint(name: str, source: str, dest: str, work: str, options: di
 def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = ConvertOptions(),
                work_prefix: str | None = None, max_concurrent: Positive = 2,
                settle_seconds: NonNegative = 600, dry_run: bool = False,
-               storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None, runtime: Any = None) -> dict[str, Any]:
     """Convert each checkpoint `source_prefix/<name>` into `dest_prefix/<name>` unless its output
     is up to date; `work_prefix/<name>` (default `dest_prefix/.ckptflow-work/<name>`) holds its
-    shard records and the marker of its last finished conversion."""
-    interrupt.rearm()  # Prefect installed its SIGTERM handler as this run started; the CLI's goes back
+    shard records and the marker of its last finished conversion. `runtime`: the CLI's, in-process
+    only (see `convert_flow`)."""
+    rt = runtime_of(runtime)
     logger = get_run_logger()
-    check_runner(options.task_runner, options.dask_address)  # once, not once per checkpoint
+    check_runner(options.task_runner, options.dask_address, rt.server)  # once, not once per checkpoint
     src, dst, work = open_watch_prefixes(source_prefix, dest_prefix, work_prefix, storage_options)
     if not dry_run:
         check_writable_dest(dst)
@@ -80,7 +84,8 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
         logger.info("%s: %s (%s)", d.name, d.action, d.reason)
     results: dict[str, Any] = {}
     if scan.plan.to_convert() and not dry_run:
-        results = run_conversions(scan.plan, src, dst, work, options, scan.found, max_concurrent, storage_options)
+        results = run_conversions(scan.plan, src, dst, work, options, scan.found, max_concurrent, storage_options,
+                                  rt)
     summary = watch_summary(source_prefix, dest_prefix, scan.plan, dry_run, results)
     publish_watch_summary(summary)
     failed = {n: r["error"] for n, r in results.items() if "error" in r}
@@ -93,14 +98,14 @@ def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = C
 
 def run_conversions(plan: WatchPlan, src: Location, dst: Location, work: Location, options: ConvertOptions,
                     found: dict[str, Any], max_concurrent: int,
-                    storage_options: dict[str, Any] | None) -> dict[str, Any]:
+                    storage_options: dict[str, Any] | None, runtime: Runtime) -> dict[str, Any]:
     """One `convert-checkpoint` task (and so one subflow run) per checkpoint, `max_concurrent` at once."""
     results: dict[str, Any] = {}
     with ThreadPoolTaskRunner(max_workers=max_concurrent) as runner:
         futures = {d.name: runner.submit(convert_checkpoint, parameters={
             "name": d.name, "source": src.url_of(d.name), "dest": dst.url_of(d.name),
             "work": work.url_of(d.name), "options": options.model_dump(),
-            "fingerprint": found[d.name].fingerprint, "storage_options": storage_options})
+            "fingerprint": found[d.name].fingerprint, "storage_options": storage_options, "runtime": runtime})
             for d in plan.to_convert()}
         for name, fut in futures.items():
             try:

@@ -9,7 +9,7 @@ from typing import Any
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, StorageError, effective_options, open_location, protocol_of
 
-from ckptflow.flows.user_dirs import cache_dir
+from ckptflow.flows.runtime.user_dirs import cache_dir
 
 WORK_FOLDER = ".ckptflow-work"
 

@@ -17,7 +17,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-# A developer's own `ckptflow server start` must not serve the tests' CLI runs (flows/local_server.py).
+# A developer's own `ckptflow server start` must not serve the tests' CLI runs (flows/runtime/local_server.py).
 os.environ["CKPTFLOW_SERVER_HOME"] = __import__("tempfile").mkdtemp(prefix="ckptflow-test-server-")
 # Without a GPU, Triton kernels run on the CPU interpreter; it must be on before triton.jit runs.
 if not __import__("torch").cuda.is_available():
@@ -122,7 +122,7 @@ def s3_options(s3_endpoint):
 @pytest.fixture
 def demo_ckpt(tmp_path):
     """A small DeepSeek-V3-layout FP8 checkpoint on local disk."""
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     path = tmp_path / "fp8"

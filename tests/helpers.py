@@ -34,7 +34,7 @@ def cli_env(*, temporary_server: bool = False, **extra: str) -> dict[str, str]:
     to this checkout, which would make its folders importable as top-level `flows`, `tasks`, …).
 
     Its Prefect server is this test process's own (PREFECT_API_URL, tests/prefect_servers.py), so
-    the run starts none (flows/server.py: a URL in the environment comes first): a server start
+    the run starts none (flows/runtime/server.py: a URL in the environment comes first): a server start
     costs seconds a test. `temporary_server=True` leaves the URL out, for the tests about the
     server a CLI run chooses or starts itself; a PREFECT_API_URL in `extra` wins."""
     env = dict(os.environ)

@@ -118,13 +118,13 @@ class _Server:
 
     def _spawn(self) -> None:
         try:
-            from ckptflow.flows.server import uvicorn_command
+            from ckptflow.flows.runtime.server import uvicorn_command
 
             home = seed_home(self.folder / "home")
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.bind(("127.0.0.1", 0))
             sock.listen(128)
-            # The app the CLI's temporary server runs (flows/server.py), services of an ephemeral
+            # The app the CLI's temporary server runs (flows/runtime/server.py), services of an ephemeral
             # server only, no UI; the copied database is at head and its block types registered.
             env = {**_base_env(home), "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_UI_ENABLED": "0",
                    "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
@@ -140,7 +140,7 @@ class _Server:
             self.error = exc
 
     def ready(self) -> str:
-        from ckptflow.flows.server import wait_until_answers
+        from ckptflow.flows.runtime.server import wait_until_answers
 
         self._thread.join()
         if self.error is not None:

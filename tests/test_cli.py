@@ -55,7 +55,7 @@ def test_bad_option_values_are_one_line_errors_before_prefect_starts(tmp_path):
 
 @pytest.mark.slow
 def test_watch_converts_each_checkpoint_under_a_prefix(tmp_path):
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     for name in ("m1", "m2"):

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from ckptflow.flows.bars import Bar, open_bars
+from ckptflow.flows.cli.bars import Bar, open_bars
 from ckptflow.tasks.run import progress
 
 from .helpers import PYTHON, ROOT, cli_env
@@ -203,13 +203,13 @@ def test_bars_have_totals_sane_etas_and_the_summary_starts_at_column_0(demo_ckpt
 
 def test_closing_the_bars_leaves_the_cursor_at_column_0(capsys):
     bars = open_bars(5_000_000, 6, disable=False)
-    progress.attach(*bars)
+    sink = progress.ProgressSink(*bars)
     try:
-        progress.add_bytes(2_000_000)
-        progress.shard_done()
+        sink.add_bytes(2_000_000)
+        sink.shard_done()
         bars[0].refresh(), bars[1].refresh()
     finally:
-        progress.detach()
+        sink.close()
     print("output:   DEST", file=__import__("sys").stderr)
     rows = screen(capsys.readouterr().err)
     assert [r for r in rows if r] == ["output:   DEST"], rows

@@ -16,11 +16,12 @@ from ckptflow.flows.convert import convert_flow
 
 from .helpers import PYTHON, ROOT, cli_env, tree
 
-# The real CLI (`main()` with no argv: the handlers are armed, as for `ckptflow …`), with a pause
+# The real CLI (`console_main()`: the handlers are armed, as for `ckptflow …`), with a pause
 # before each shard so a signal lands mid-run. Prefect's settings are set before it is imported.
 SLOW_CLI = """
 import sys, time
-from ckptflow.flows.cli import _quiet_prefect, main
+from ckptflow.flows.cli import console_main
+from ckptflow.flows.cli.entry import _quiet_prefect
 _quiet_prefect(False)
 import ckptflow.tasks.run.shard as st
 real = st.write_shard
@@ -29,7 +30,7 @@ def slow(*a, **k):
     return real(*a, **k)
 st.write_shard = slow
 sys.argv = ["ckptflow"] + sys.argv[1:]
-sys.exit(main())
+sys.exit(console_main())
 """
 
 # Runs one CLI command in-process and reports which heavy modules it loaded.
@@ -43,7 +44,7 @@ print(json.dumps({"code": code, "prefect": "prefect" in sys.modules, "torch": "t
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     path = tmp_path_factory.mktemp("first") / "fp8"
@@ -126,7 +127,7 @@ def _interrupted(ckpt, tmp_path, sig: int, group: bool, temporary_server: bool):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, status, group, temporary_server", [
     # Ctrl-C as most users meet it: on the CLI's own temporary server, which the CLI stops itself
-    # (flows/interrupt.py leave()); SIGTERM on a server that outlives the run (Prefect's own exit).
+    # (flows/runtime/interrupt.py leave()); SIGTERM on a server that outlives the run (Prefect's own exit).
     (signal.SIGINT, 130, True, True), (signal.SIGTERM, 143, False, False)])
 def test_signal_stops_run_then_rerun_resumes_exactly(prefect_harness, ckpt, tmp_path, sig, status, group,
                                                      temporary_server):
@@ -218,7 +219,7 @@ def test_dry_run_numbers_match_a_real_run(prefect_harness, ckpt, tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_at_deepseek_v3_scale(tmp_path):
-    from ckptflow.flows.synthetic_sparse import make_sparse_deepseek_v3
+    from ckptflow.flows.demo.synthetic_sparse import make_sparse_deepseek_v3
 
     src = tmp_path / "ds3"
     made = make_sparse_deepseek_v3(str(src))
@@ -259,7 +260,7 @@ def test_truncated_shard_is_one_problem_with_its_count(tmp_path):
 
 def test_the_convert_flow_imports_no_torch_until_a_kernel_needs_it():
     """A reindex, MP or copy run never loads torch (~1-3 s here); dequant and casts load it in their tasks."""
-    probe = ("import sys, ckptflow.flows.convert, ckptflow.flows.cli, ckptflow.flows.cli_parser; "
+    probe = ("import sys, ckptflow.flows.convert, ckptflow.flows.cli, ckptflow.flows.cli.parser; "
              "from ckptflow.tasks.kernels.device import no_gpu_possible, resolve_device; "
              "print(no_gpu_possible() and resolve_device('auto'), "
              "sorted(m for m in ('torch', 'triton') if m in sys.modules))")
@@ -311,16 +312,15 @@ def test_summary_block_is_width_safe_and_names_prefects_share():
 
 
 def test_flow_reuses_the_clis_plan_unless_a_file_changed(ckpt):
-    from ckptflow.flows.preflight import plan_conversion, remember
+    from ckptflow.flows.preflight import plan_conversion
     from ckptflow.flows.recipe import Recipe
     from ckptflow.storage.urls import open_location
 
     src, recipe = open_location(str(ckpt)), Recipe(dequant=True)
     planned = plan_conversion(src, recipe)
-    remember(src, planned)
-    assert plan_conversion(open_location(str(ckpt)), recipe, reuse=True) is planned  # headers not read again
-    remember(src, planned)
+    assert plan_conversion(open_location(str(ckpt)), recipe, made=planned) is planned  # headers not read again
+    assert plan_conversion(src, Recipe(dequant=True, fix_dtypes=True), made=planned) is not planned  # another recipe
     shard = sorted(ckpt.glob("*.safetensors"))[0]
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 1000))
-    again = plan_conversion(src, recipe, reuse=True)
+    again = plan_conversion(src, recipe, made=planned)
     assert again is not planned and again.ckpt.versions[shard.name] != planned.ckpt.versions[shard.name]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptflow.flows.local_server import process_start
+from ckptflow.flows.runtime.local_server import process_start
 from ckptflow.flows.printable import printable
 
 from .helpers import PYTHON, ROOT, cli_env
@@ -28,7 +28,7 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _cli(args: list, env: dict[str, str], timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """The real CLI in a subprocess (as a user runs it: `main()` with no argv); its result and wall seconds."""
+    """The real CLI in a subprocess, as a user runs it (`console_main`); its result and wall seconds."""
     began = time.monotonic()
     run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=env, capture_output=True,
                          text=True, errors="backslashreplace", timeout=timeout)

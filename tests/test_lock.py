@@ -249,8 +249,8 @@ def test_cli_refuses_a_lock_path_that_is_a_link(demo_ckpt, tmp_path, target):
 # later one waits for the file $CKPTFLOW_TEST_GO, so a test can act while it holds DEST.
 GATED_CLI = """
 import os, sys, threading, time
-from ckptflow.flows import cli
-cli._quiet_prefect(False)  # what main() does before Prefect is imported; the gate imports it first
+from ckptflow.flows.cli import entry as cli
+cli._quiet_prefect(False)  # what console_main() does before Prefect is imported; the gate imports it first
 import ckptflow.tasks.run.shard as st
 real, done, mutex = st.write_shard, [], threading.Lock()
 def gated(*a, **k):
@@ -265,7 +265,7 @@ def gated(*a, **k):
         open(os.environ["CKPTFLOW_TEST_WROTE"], "w").close()
     return record
 st.write_shard = gated
-sys.exit(cli.main())
+sys.exit(cli.console_main())
 """
 
 

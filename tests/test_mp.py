@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from bench.seed001 import is_routed_expert, seed_rank_state_dicts, seed_rename  # the seed, re-expressed
-from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+from ckptflow.flows.demo.synthetic import DeepSeekDims, make_deepseek_v3_fp8
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.files import write_json
 from ckptflow.storage.urls import open_location

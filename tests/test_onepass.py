@@ -16,7 +16,8 @@ import torch
 
 from ckptflow.flows.params import Recipe
 from ckptflow.flows.recipe import plan_passes
-from ckptflow.flows.synthetic import TOKENIZER_FILES, DeepSeekDims, deepseek_config, deepseek_entries, write_checkpoint
+from ckptflow.flows.demo.synthetic import (TOKENIZER_FILES, DeepSeekDims, deepseek_config, deepseek_entries,
+                                           write_checkpoint)
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef

@@ -56,7 +56,7 @@ def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra:
 @pytest.fixture(scope="module")
 def threaded_output(prefect_server, tmp_path_factory):
     """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce."""
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     base = tmp_path_factory.mktemp("runners")
@@ -145,7 +145,7 @@ def test_make_task_runner_kinds(monkeypatch):
     from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from ckptflow.flows.runners import RunnerError, make_task_runner, runner_kind
+    from ckptflow.flows.runtime.runners import RunnerError, make_task_runner, runner_kind
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     threads = make_task_runner("threads", 3)

@@ -6,7 +6,8 @@ import typing
 
 import pytest
 
-from ckptflow.flows.cli import build_parser, convert_options
+from ckptflow.flows.cli.convert import convert_options
+from ckptflow.flows.cli.parser import build_parser
 from ckptflow.flows.params import ConvertOptions, Recipe, flag_of
 
 FIELDS = ConvertOptions.model_fields
@@ -39,7 +40,8 @@ def test_every_field_is_a_convert_flow_parameter_with_the_same_default_and_const
 
     props = convert_flow.parameters.properties
     model = ConvertOptions.model_json_schema()["properties"]
-    assert set(props) == {"source", "dest", "work", "storage_options", *FIELDS}
+    # `runtime`: the CLI's in-process Runtime (flows/runtime/process.py), recorded as "<Runtime>"
+    assert set(props) == {"source", "dest", "work", "storage_options", "runtime", *FIELDS}
     for name, info in FIELDS.items():
         assert props[name].get("default") == json.loads(json.dumps(info.default)), name
         for key in ("pattern", "enum", "minimum"):

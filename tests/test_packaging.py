@@ -103,7 +103,7 @@ def test_editable_install_maps_ckptflow_to_the_folders_and_nothing_else(tmp_path
 
 
 def test_version_and_verbose_after_the_subcommand():
-    from ckptflow.flows.cli import build_parser
+    from ckptflow.flows.cli.parser import build_parser
 
     run = subprocess.run([str(Path(PYTHON).parent / "ckptflow"), "--version"], env=cli_env(),
                          capture_output=True, text=True, timeout=60)
@@ -160,7 +160,7 @@ def test_the_wheel_holds_one_top_level_package_ckptflow(wheel):
     # The same modules and data as the folders the editable install maps: nothing more, nothing less.
     assert {n for n in names if n.startswith("ckptflow/")} == package_files()
     entry_points = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
-    assert "ckptflow = ckptflow.flows.cli:main" in entry_points
+    assert "ckptflow = ckptflow.flows.cli:console_main" in entry_points
 
 
 DUMMY_PYPROJECT = """\

@@ -66,10 +66,10 @@ def test_a_quiet_cli_run_logs_to_the_api_names_task_runs_after_files_and_prints_
 
 
 def test_quiet_console_drops_run_records_and_keeps_the_rest():
-    """The console handler of a CLI run without `-v` (flows/console_log.py): a run's INFO..ERROR
+    """The console handler of a CLI run without `-v` (flows/cli/console_log.py): a run's INFO..ERROR
     (Prefect's traceback of a failed run included) stay off the terminal; a library's warning and
     a run's CRITICAL are shown."""
-    from ckptflow.flows.console_log import QuietRunsConsoleHandler
+    from ckptflow.flows.cli.console_log import QuietRunsConsoleHandler
 
     stream = io.StringIO()
     handler = QuietRunsConsoleHandler(stream=stream)

@@ -371,7 +371,7 @@ def test_qwen_style_checkpoint_loads_in_transformers_with_same_logits(tmp_path):
 
 
 def test_deepseek_v3_fp8_with_scales_in_the_next_shard(tmp_path):
-    from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import DeepSeekDims, make_deepseek_v3_fp8
 
     make_deepseek_v3_fp8(open_location(str(tmp_path / "src")), DeepSeekDims(num_hidden_layers=4))
     for limit in ("5GB", "300KB"):

@@ -89,7 +89,7 @@ def assert_no_leftovers(fs: s3fs.S3FileSystem, bucket: str) -> None:
 def reference(tmp_path_factory, prefect_harness):
     """A local → local conversion of the demo checkpoint: the bytes every S3 variant must match."""
     from ckptflow.flows.convert import convert_flow
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     base = tmp_path_factory.mktemp("reference")

@@ -88,7 +88,7 @@ def checkpoint(tmp_path_factory):
     """An FP8 checkpoint whose 4th output shard needs a multipart upload at 5 MiB parts, and its
     local conversion (no Prefect, no S3): the bytes the resumed S3 run must end with."""
     from ckptflow.flows.params import Recipe
-    from ckptflow.flows.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import DeepSeekDims, make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     from .helpers import run_passes

@@ -1,5 +1,5 @@
-"""Which Prefect server a CLI run uses (flows/server.py): its own temporary one, gone when it
-leaves, or the local server `ckptflow server start` keeps running (flows/local_server.py)."""
+"""Which Prefect server a CLI run uses (flows/runtime/server.py): its own temporary one, gone when it
+leaves, or the local server `ckptflow server start` keeps running (flows/runtime/local_server.py)."""
 from __future__ import annotations
 
 import json
@@ -92,7 +92,7 @@ def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_pat
 
 
 def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt, tmp_path):
-    """The first rule of flows/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
+    """The first rule of flows/runtime/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
     URL in the environment is used as is; no temporary server is started, nothing waits for one."""
     env = cli_env()
     url = env["PREFECT_API_URL"]
@@ -101,6 +101,28 @@ def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt
     assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
     assert "your server" in summary["text"] and "temporary server" not in summary["text"]
     assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded on that server
+
+
+def test_a_server_named_in_prefect_toml_wins_in_the_same_process(demo_ckpt, tmp_path):
+    """No URL in the environment or the profile, but ./prefect.toml names a server: the temporary
+    server started early is stopped and Prefect's settings are read again in the same process
+    (no re-executed CLI), so the run is recorded on the server the user named."""
+    from . import prefect_servers
+
+    url = prefect_servers.api_url()
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "prefect.toml").write_text(f'[api]\nurl = "{url}"\n')
+    env = cli_env(temporary_server=True, CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
+    before = set(_flow_run_names(url))
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "convert", str(demo_ckpt), str(tmp_path / "out"),
+                          "--dequant", "--work", str(tmp_path / "w"), "--json"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads(run.stdout)
+    assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
+    assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded where prefect.toml said
+    assert tree(tmp_path / "out")
 
 
 def _wait_closed(port: int, seconds: float) -> bool:

@@ -50,8 +50,8 @@ def hooked(real):
     return read
 RangeReader.read = hooked(RangeReader.read)
 RangeReader.read_columns = hooked(RangeReader.read_columns)
-from ckptflow.flows.cli import main
-sys.exit(main())
+from ckptflow.flows.cli import console_main
+sys.exit(console_main())
 """
 
 CASES = {"mp2": (["--dequant", "--mp", "2"], Recipe(dequant=True, mp=2), True),
@@ -75,7 +75,7 @@ def _clean(src, tmp_path, tag: str, recipe: Recipe, fuse: bool) -> dict[str, byt
 @pytest.mark.parametrize("how", ["inplace", "mv"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_source_changed_mid_run_fails_and_publishes_nothing_from_new_bytes(demo_ckpt, tmp_path, case, how):
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     flags, recipe, fuse = CASES[case]

@@ -9,7 +9,8 @@ import fsspec
 import pytest
 import torch
 
-from ckptflow.flows.cli import build_parser, main
+from ckptflow.flows.cli import main
+from ckptflow.flows.cli.parser import build_parser
 from ckptflow.flows.megatron import megatron_flow, megatron_preflight
 from ckptflow.tasks.megatron.load import load_megatron
 from ckptflow.tasks.megatron.mapping import MegatronConvertError, convert_megatron

@@ -14,7 +14,8 @@ import torch
 
 from ckptflow.flows.params import Recipe
 from ckptflow.flows.recipe import plan_passes
-from ckptflow.flows.synthetic import TOKENIZER_FILES, DeepSeekDims, deepseek_config, deepseek_entries, write_checkpoint
+from ckptflow.flows.demo.synthetic import (TOKENIZER_FILES, DeepSeekDims, deepseek_config, deepseek_entries,
+                                           write_checkpoint)
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.plan.model import PlanError
@@ -170,7 +171,7 @@ def test_each_module_imports_alone_and_planning_needs_no_torch():
     script = f"""
 import importlib, json, sys
 for name in ("ckptflow.tasks.plan.transforms", "ckptflow.tasks.planners.dequant", "ckptflow.tasks.planners.mp",
-             "ckptflow.tasks.plan.compose", "ckptflow.flows.dry_run", "ckptflow.flows.inspect"):
+             "ckptflow.tasks.plan.compose", "ckptflow.flows.dry_run", "ckptflow.flows.cli.inspect"):
     importlib.import_module(name)
 torch = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
 for name in {modules!r}:

@@ -94,7 +94,7 @@ def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
 
 
 def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, demo_ckpt, tmp_path):
-    from ckptflow.flows.synthetic import make_deepseek_v3_fp8
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     out, work = tmp_path / "out", tmp_path / "work"
@@ -148,7 +148,7 @@ def test_shard_is_fsynced_before_it_is_published(tmp_path, monkeypatch):
 
 # --- one DEST, one run ------------------------------------------------------------------------
 
-# The real CLI (main() as the console script calls it), holding after its first shard until the
+# The real CLI (console_main(), what the console script calls), holding after its first shard until the
 # file named by CKPTFLOW_TEST_GO exists (or 120 s pass), so a test can act while it runs.
 SLOW_CLI = """
 import os, sys, time
@@ -162,8 +162,8 @@ def slow(*a, **k):
     done.append(1)
     return real(*a, **k)
 st.write_shard = slow
-from ckptflow.flows.cli import main
-sys.exit(main())
+from ckptflow.flows.cli import console_main
+sys.exit(console_main())
 """
 
 
@@ -206,8 +206,8 @@ def fsync_dir(path):
     if len(renames) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
 w.fsync_dir = fsync_dir
-from ckptflow.flows.cli import main
-sys.exit(main())
+from ckptflow.flows.cli import console_main
+sys.exit(console_main())
 """
 
 

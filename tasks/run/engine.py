@@ -19,6 +19,7 @@ from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.plan.model import PlanError, StagePlan
 from ckptflow.tasks.planners.torch_dtype import DtypeReport
+from ckptflow.tasks.run.progress import ProgressSink, reporting_to
 from ckptflow.tasks.run.passes import drop_intermediate, finalize, prepare_dest, run_shards, verify_output
 from ckptflow.tasks.run.submit import SerialSubmitter, Submitter
 
@@ -46,6 +47,7 @@ class EngineHooks:
     lock_owner: dict[str, object] | None = None                   # goes into DEST's lock record
     on_takeover: TakeoverHook | None = None                        # a dead run's lock was taken
     around_pass: Callable[[], ContextManager[Any]] | None = None   # e.g. Prefect tags on shard tasks
+    progress: ProgressSink | None = None                           # this conversion's counts (and bars)
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def run_conversion(ckpt: Checkpoint, passes: list[EnginePass], src: Location, ds
     check_writable_dest(dst)  # before the lock's first write: a missing bucket is never created
     results: list[PassResult] = []
     report: DtypeReport | None = None
-    with dest_lock(dst, hooks.lock_owner, hooks.on_takeover):
+    with dest_lock(dst, hooks.lock_owner, hooks.on_takeover), reporting_to(hooks.progress):
         prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune,
                      protected=(src, *protected))
         side: tuple[Location, Checkpoint] | None = None
@@ -97,7 +99,7 @@ def run_conversion(ckpt: Checkpoint, passes: list[EnginePass], src: Location, ds
             out = _stage_location(work, plan, storage_options) if p.into_work else dst
             with around(), _lock_if(p.into_work, out):
                 records = run_shards(plan, ckpt, src, out, work, storage_options, submitter, checksum, device,
-                                     backend, on_commit=hooks.on_commit)
+                                     backend, on_commit=hooks.on_commit, progress=hooks.progress)
                 finalize(plan, ckpt, src, out)
                 written, report = verify_output(out, plan, allow_dtypes, hooks.on_dtype_report)
             results.append(PassResult(plan, records, "work" if p.into_work else "DEST"))

@@ -19,7 +19,7 @@ from ckptflow.storage.urls import Location, StorageError, open_location
 from ckptflow.tasks.planners.dequant import refuse_packed_leftovers
 from ckptflow.tasks.planners.torch_dtype import DtypeReport, check_dtypes
 from ckptflow.tasks.plan.model import PlanError, StagePlan
-from ckptflow.tasks.run import progress
+from ckptflow.tasks.run.progress import ProgressSink
 from ckptflow.tasks.run.journal import reusable
 from ckptflow.tasks.run.resume import shard_key
 from ckptflow.tasks.run.shard import run_logger
@@ -63,16 +63,18 @@ def prepare_dest(dst: Location, planned: set[str], prune: bool = False,
 def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, work: str,
                storage_options: dict[str, Any] | None, submitter: Submitter, digest: bool = False,
                device: str = "cpu", backend: str = "auto",
-               on_commit: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+               on_commit: Callable[[dict[str, Any]], None] | None = None,
+               progress: ProgressSink | None = None) -> list[dict[str, Any]]:
     """Reuse each output shard its journal proves, submit the others to `submitter`, and wait;
     returns records in plan order with a `cached` flag (True for the reused).
 
     `on_commit(record)` is called for every shard as it commits (or is found committed), in
-    completion order, in this thread. A shard that failed is raised after every other one ended,
-    the first in plan order.
+    completion order, in this thread; `progress` (this conversion's sink) counts it too. A shard
+    that failed is raised after every other one ended, the first in plan order.
     """
     journal = open_location(f"{work.rstrip('/')}/journal", storage_options)
     futures: list[Any] = []
+    reused_files: list[tuple[str, dict[str, Any]]] = []
     identities = file_identities(dst, [shard.file for shard in plan.shards])
     journaled = set(list_files(journal)) if journal.fs.exists(journal.root) else set()
     for shard in plan.shards:
@@ -81,17 +83,22 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
         record = reusable(journal, entry, identities[shard.file], journaled)
         if record is not None:
             futures.append(record)  # the very file this plan committed, untouched since
+            reused_files.append((shard.file, record))
             continue
         # Anything else is written again: no file, a file changed since its commit (same size or
         # not), or a commit whose record was lost.
         futures.append(submitter.submit(ShardCall(plan.stage, shard, src.url, dst.url, fps, storage_options,
                                                   digest, device, backend, journal.url)))
     on_commit = on_commit or (lambda record: None)
+    sink = progress or ProgressSink()  # nobody listening: counted on a sink no one reads
     reused = [f for f in futures if isinstance(f, dict)]
     for record in reused:  # reused shards count at once: a resumed run's bar starts where it is
-        progress.add_bytes(record.get("size", 0))
-        progress.shard_done()
+        sink.add_bytes(record.get("size", 0))
+        sink.shard_done()
         on_commit(record)
+    note_reused = getattr(submitter, "note_reused", None)  # e.g. a Prefect submitter: a task run per file
+    if reused_files and note_reused is not None:
+        note_reused(plan.stage, reused_files)
     if reused:
         run_logger().info("reused %d committed shard(s) of %s: %s", len(reused), plan.stage,
                           ", ".join(r.get("name", "?") for r in reused[:20]) + (" …" if len(reused) > 20 else ""))
@@ -100,7 +107,7 @@ def run_shards(plan: StagePlan, ckpt: Checkpoint, src: Location, dst: Location, 
             record = fut.result()  # not a Prefect future's state: the API may not have recorded it yet
         except Exception:  # noqa: BLE001 - raised again below, in plan order, after every task ends
             continue
-        progress.shard_done()
+        sink.shard_done()
         on_commit(record)
     records = []
     for fut in futures:

@@ -1,6 +1,8 @@
 """How the engine runs shard work: a `Submitter` turns one `ShardCall` into a future.
 
-The engine only needs `submit` and `as_completed`; what runs the call is the caller's choice:
+The engine only needs `submit` and `as_completed` (and calls `note_reused(stage, [(file, record)])`,
+where a submitter has it, with the shards the journal proved committed and that it will not
+submit); what runs the call is the caller's choice:
 `SerialSubmitter` (in this thread, as submitted), `ThreadSubmitter` (a thread pool), or the
 flows' Prefect submitter (a Prefect task on the flow run's task runner: threads, processes, Dask).
 Futures answer `.result()`, which raises the call's exception.
@@ -8,6 +10,7 @@ Futures answer `.result()`, which raises the call's exception.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextvars
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -67,7 +70,9 @@ class ThreadSubmitter:
     def submit(self, call: ShardCall) -> cf.Future:
         from ckptflow.tasks.run.shard import run_shard
 
-        return self._pool.submit(run_shard, *call.args())
+        # In a copy of this context: the shard counts its bytes on its own conversion's sink
+        # (`ckptflow.tasks.run.progress`), as in Prefect's thread task runner.
+        return self._pool.submit(contextvars.copy_context().run, run_shard, *call.args())
 
     def as_completed(self, futures: list[Any]) -> Iterator[Any]:
         return cf.as_completed(futures)

@@ -9,8 +9,8 @@ Multi-process runners need a Prefect server every process talks to: without one,
 process would start its own temporary SQLite-backed server, and the workers' task runs, cache
 records and concurrency limits would not be shared. With no `PREFECT_API_URL`, local workers
 (a process pool, a Dask LocalCluster) are given the temporary server this process starts anyway:
-`share_temporary_server` starts it before the workers and exports its URL, which they inherit.
-(A CLI run has already exported the URL of its own server, flows/server.py.) A remote Dask
+the run's `Server.share_with_workers` starts it before the workers and exports its URL, which
+they inherit. (A CLI run has already exported the URL of its own server, flows/runtime/server.py.) A remote Dask
 cluster cannot reach a server on this machine's loopback: it needs a real one.
 """
 from __future__ import annotations
@@ -19,6 +19,8 @@ import os
 from typing import Any
 
 from ckptflow.storage.errors import UserError
+
+from ckptflow.flows.runtime.server import Server
 
 RUNNERS = ("threads", "processes", "dask")
 
@@ -38,15 +40,14 @@ def api_url() -> str | None:
     return PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL") or None
 
 
-def check_runner(kind: str, dask_address: str | None = None) -> None:
-    """Raise a `RunnerError` saying what to do when `kind` cannot run here."""
+def check_runner(kind: str, dask_address: str | None = None, server: Server | None = None) -> None:
+    """Raise a `RunnerError` saying what to do when `kind` cannot run here (`server`: the run's)."""
     if kind not in RUNNERS:
         raise RunnerError(f"unknown task runner {kind!r}; choose one of: {', '.join(RUNNERS)}")
     if dask_address and kind != "dask":
         raise RunnerError(f"--dask-address is for --task-runner dask, not {kind!r}")
-    from ckptflow.flows import server
-
-    if kind != "threads" and dask_address and (not api_url() or server.owned()):
+    owned = server is not None and server.owned()
+    if kind != "threads" and dask_address and (not api_url() or owned):
         raise RunnerError(
             "--dask-address runs shard tasks on another cluster, whose workers must all talk to one "
             "Prefect server they can reach; start one (`prefect server start --host 0.0.0.0`) and "
@@ -60,7 +61,7 @@ def check_runner(kind: str, dask_address: str | None = None) -> None:
 
 
 def make_task_runner(kind: str = "threads", max_workers: int | None = None,
-                     dask_address: str | None = None) -> Any:
+                     dask_address: str | None = None, server: Server | None = None) -> Any:
     """The Prefect task runner for `kind` ("threads" | "processes" | "dask").
 
     threads:   `ThreadPoolTaskRunner(max_workers)` (default 1: a CPU shard task already uses
@@ -69,9 +70,9 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
                `distributed.LocalCluster` of `max_workers` single-threaded worker processes.
     """
-    check_runner(kind, dask_address)
+    check_runner(kind, dask_address, server)
     if kind != "threads" and not api_url():
-        share_temporary_server()
+        (server or Server()).share_with_workers()
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -87,19 +88,6 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": max_workers or 2, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None})
-
-
-def share_temporary_server() -> str:
-    """Start the temporary Prefect server (the one Prefect would start for this process on first
-    use: same singleton) and export its URL, so worker processes started from here — they inherit
-    the environment — record their task runs there instead of each starting a server of their
-    own. Results already go to the work location (a path every local worker reaches)."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    return server.api_url
 
 
 def runner_kind(runner: Any) -> str | None:

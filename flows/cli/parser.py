@@ -1,5 +1,5 @@
 """The `ckptflow` command line's grammar: every subcommand, flag and help text, and nothing it runs
-(flows/cli.py maps each subcommand to its handler). Nothing here imports Prefect or torch: `--help`,
+(flows/cli/ maps each subcommand to its handler). Nothing here imports Prefect or torch: `--help`,
 `--version` and a bad flag answer at once."""
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The Prefect UI page of a CLI run, printed as the run starts.
 
 Only where a server outlives the run: the user's (`PREFECT_API_URL`, a profile) or the local one
-`ckptflow server start` keeps running (flows/local_server.py). ckptflow's temporary server dies
+`ckptflow server start` keeps running (flows/runtime/local_server.py). ckptflow's temporary server dies
 with the run and serves no UI, so a link to it would lead nowhere. Printed at the start, not in
 the summary, so a run that fails or is interrupted has its link too.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 import sys
 from typing import Any, TypeVar
 
-from ckptflow.flows import server
+from ckptflow.flows.runtime.server import Server
 
 F = TypeVar("F")
 
 
-def outlives_run() -> bool:
+def outlives_run(server: Server) -> bool:
     """Does this run's Prefect server keep its records (and UI) after this process leaves?"""
-    if server.kind() == "temporary":
+    if server.kind == "temporary":
         return False
     from prefect.settings import get_current_settings
 
@@ -42,6 +42,6 @@ def announce(flow: Any, flow_run: Any, state: Any) -> None:
         sys.stderr.flush()
 
 
-def linked(flow: F) -> F:
-    """`flow` announcing its run's UI page when it starts, if the server outlives the run."""
-    return flow.with_options(on_running=[announce]) if outlives_run() else flow  # type: ignore[attr-defined]
+def linked(flow: F, server: Server) -> F:
+    """`flow` announcing its run's UI page when it starts, if the run's server outlives it."""
+    return flow.with_options(on_running=[announce]) if outlives_run(server) else flow  # type: ignore[attr-defined]

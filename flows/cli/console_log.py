@@ -5,7 +5,7 @@ plain CLI run's terminal shows the progress bars and the summary, not Prefect's 
 failed run's error is one `error:` line, not the traceback Prefect logs. Levels cannot say both
 (the API handler hangs off the same run loggers whose records reach the console through the
 root logger), so the console handler itself drops run records: the CLI names this class as
-Prefect's console handler (`PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS`, flows/cli.py). Set in the
+Prefect's console handler (`PREFECT_LOGGING_HANDLERS_CONSOLE_CLASS`, flows/cli/). Set in the
 environment, it holds in every process Prefect configures logging in: re-reads of the logging
 config, process-pool and local Dask workers.
 """

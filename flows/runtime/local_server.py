@@ -27,9 +27,9 @@ import sys
 from pathlib import Path
 
 from ckptflow.flows.printable import printable
-from ckptflow.flows.server import ServerError, health, last_line, wait_until_answers
-from ckptflow.flows.user_dirs import missing_home, unwritable
-from ckptflow.flows.watchdog import proc_stat
+from ckptflow.flows.runtime.server import ServerError, health, last_line, wait_until_answers
+from ckptflow.flows.runtime.user_dirs import missing_home, unwritable
+from ckptflow.flows.runtime.watchdog import proc_stat
 
 START_TIMEOUT_S = 120.0
 

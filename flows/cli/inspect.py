@@ -96,8 +96,9 @@ def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
         print("--dequant: nothing quantized to convert", file=out)
 
 
-def cmd_inspect(args: Any, human: Any) -> int:
+def cmd_inspect(args: Any, runtime: Any = None) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.flows.summary_text import human
     from ckptflow.storage.urls import open_location, parse_storage_options
 
     ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))

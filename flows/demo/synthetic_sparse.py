@@ -5,7 +5,7 @@
 by a hole (`truncate`): ~700 GB apparent, a few MB on disk. Planning, `validate` and
 `--dry-run` read only headers, so they see the real thing; reading a tensor gives zeros.
 
-    python -m ckptflow.flows.synthetic_sparse DIR
+    python -m ckptflow.flows.demo.synthetic_sparse DIR
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 from ckptflow.storage.files import CONFIG_NAME, INDEX_NAME, index_document
 from ckptflow.storage.safetensors_format import TensorSpec, build_header
 
-from ckptflow.flows.synthetic import DeepSeekDims, deepseek_config, deepseek_entries
+from ckptflow.flows.demo.synthetic import DeepSeekDims, deepseek_config, deepseek_entries
 
 DEEPSEEK_V3 = DeepSeekDims(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
                            moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3,
