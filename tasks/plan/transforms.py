@@ -121,6 +121,17 @@ MXFP4_GPT_OSS = register(Transform("mxfp4_gpt_oss", Action.DEQUANTIZED, f"{_QUAN
 CT_MXFP4 = register(Transform("ct_mxfp4", Action.DEQUANTIZED, f"{_QUANT}:ct_mxfp4_stream"))
 
 
+def _mcore_reads(t: OutputTensor) -> int:
+    from ckptflow.tasks.mcore.regions import region_read_bytes  # pure; imported late (it imports the plan model)
+
+    return region_read_bytes(t)
+
+
+# A Megatron-Core HF tensor: a region of a global tensor assembled from chunk byte ranges (tasks.mcore).
+MCORE_REGION = register(Transform("mcore_region", Action.SLICED, "ckptflow.tasks.mcore.assemble:region_stream",
+                                  reads=_mcore_reads))
+
+
 def transform_of(t: OutputTensor) -> Transform:
     """`t`'s registry entry; a name not registered is a planner's bug, named with the tensor."""
     entry = REGISTRY.get(t.transform)
