@@ -33,11 +33,14 @@ class Member:
     limit: int    # where the central directory starts: the member's bytes end before it
 
 
-def find_payload_member(tail: bytes, archive_len: int) -> Member:
-    """The one `<name>/data/N` member of the archive whose last `len(tail)` bytes are `tail`."""
+def directory(tail: bytes, archive_len: int,
+              max_entries: int = MAX_ENTRIES) -> tuple[list[tuple[str, int, Member]], int]:
+    """([(name, method, Member)], directory offset) of the zip whose last `len(tail)` bytes are `tail`.
+
+    Raises `NeedMore(n)` when the directory starts before `tail`: read the last n bytes instead."""
     at = tail.rfind(_EOCD)
     if at < 0 or len(tail) - at < 22:
-        raise ArchiveError("no zip end-of-directory record at the end of the chunk")
+        raise ArchiveError("no zip end-of-directory record at its end")
     base = archive_len - len(tail)  # archive offset of tail[0]
     _, _, _, count, cd_size, cd_off, _ = struct.unpack_from("<HHHHIIH", tail, at + 4)
     if 0xFFFFFFFF in (cd_size, cd_off) or count == 0xFFFF:
@@ -46,13 +49,15 @@ def find_payload_member(tail: bytes, archive_len: int) -> Member:
             raise ArchiveError("zip64 sizes without a zip64 locator")
         rec = struct.unpack_from("<Q", tail, loc + 8)[0] - base
         if rec < 0 or rec + 56 > len(tail) or tail[rec:rec + 4] != _EOCD64:
-            raise ArchiveError("zip64 end-of-directory record missing or outside the chunk")
+            raise ArchiveError("zip64 end-of-directory record missing or outside the archive")
         count, _, cd_size, cd_off = struct.unpack_from("<QQQQ", tail, rec + 24)
-    if count > MAX_ENTRIES:
-        raise ArchiveError(f"{count} zip entries; a tensor archive has about 7")
+    if count > max_entries:
+        raise ArchiveError(f"{count} zip entries, more than the {max_entries} expected")
+    if cd_off + cd_size > archive_len:
+        raise ArchiveError("its central directory lies outside its byte range")
     start = cd_off - base
-    if start < 0 or cd_off + cd_size > archive_len:
-        raise ArchiveError("its central directory lies outside the chunk's byte range")
+    if start < 0:
+        raise NeedMore(archive_len - cd_off)
     found = []
     pos = start
     for _ in range(count):
@@ -65,18 +70,31 @@ def find_payload_member(tail: bytes, archive_len: int) -> Member:
         extra = tail[pos + 46 + nlen:pos + 46 + nlen + elen]
         usize, csize, header = _zip64(extra, usize, csize, header)
         pos += 46 + nlen + elen + clen
-        if _DATA.fullmatch(name):
-            if method != 0 or csize != usize:
+        if method != 0 or csize != usize:
+            if _DATA.fullmatch(name) or name.endswith("/data.pkl"):
                 raise ArchiveError(f"member {name} is compressed (method {method}); torch.save stores "
-                                   "tensor bytes uncompressed")
-            found.append(Member(name, header, usize, cd_off))
+                                   "everything uncompressed")
+        if header + 30 + csize > cd_off:
+            raise ArchiveError(f"member {name} claims {csize} bytes at {header}, past the central directory")
+        found.append((name, method, Member(name, header, usize, cd_off)))
+    return found, cd_off
+
+
+class NeedMore(Exception):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def find_payload_member(tail: bytes, archive_len: int) -> Member:
+    """The one `<name>/data/N` member of the chunk archive whose last `len(tail)` bytes are `tail`."""
+    try:
+        entries, _ = directory(tail, archive_len)
+    except NeedMore:
+        raise ArchiveError("its central directory is larger than a tensor archive's") from None
+    found = [m for name, _, m in entries if _DATA.fullmatch(name)]
     if len(found) != 1:
         raise ArchiveError(f"{len(found)} tensor storages in the chunk archive; a chunk holds exactly one")
-    member = found[0]
-    if member.header + 30 + member.size > cd_off:
-        raise ArchiveError(f"member {member.name} claims {member.size} bytes at {member.header}, past the "
-                           "central directory")
-    return member
+    return found[0]
 
 
 def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int, int]:
