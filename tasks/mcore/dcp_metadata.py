@@ -76,12 +76,16 @@ def _path(*parts: Any) -> str:  # pathlib.PosixPath(*parts) in StorageMeta.check
 
 
 _DCP = "torch.distributed.checkpoint.metadata"
+_PLANNER = "torch.distributed.checkpoint.planner"
 _CLASSES: dict[tuple[str, str], Any] = {
     **{(_DCP, n): _stub(n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
                                        "TensorProperties", "BytesStorageMetadata", "MetadataIndex",
                                        "StorageMeta")},
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _stub("_StorageInfo"),
     (_DCP, "_MEM_FORMAT_ENCODING"): _mem_format,
+    # Megatron caches each rank's save plan in the metadata (`all_local_plans`); read, never used.
+    **{(_PLANNER, n): _stub(n) for n in ("SavePlan", "WriteItem", "TensorWriteData")},
+    (_PLANNER, "WriteItemType"): _mem_format,  # an enum: kept as its value
     ("torch", "Size"): _size,
     ("torch.serialization", "_get_layout"): _layout,
     ("pathlib", "PosixPath"): _path,
