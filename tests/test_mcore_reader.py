@@ -140,3 +140,26 @@ def test_discovery_errors(tmp_path):
     (tmp_path / "iter_0000020" / ".metadata").unlink()
     with pytest.raises(MegatronLoadError, match=r"\.metadata: missing"):
         read_mcore_index(str(tmp_path))
+
+
+def test_rank_file_suffix_is_read_from_the_args():
+    from ckptflow.tasks.mcore.legacy_layout import rank_files, stage_layers
+
+    names = ["mp_rank_00_000/model_optim_rng.pt", "mp_rank_00_001/model_optim_rng.pt"]
+    as_pp = rank_files(names, {"pipeline_model_parallel_size": 2}, "ck")
+    as_ep = rank_files(names, {"expert_model_parallel_size": 2}, "ck")
+    assert [(r.tp, r.pp, r.ep) for r in as_pp] == [(0, 0, 0), (0, 1, 0)]
+    assert [(r.tp, r.pp, r.ep) for r in as_ep] == [(0, 0, 0), (0, 0, 1)]
+    with pytest.raises(MegatronLoadError, match="TP=1, PP=1, EP=1.*unexpected: mp_rank_00_000"):
+        rank_files(names, {}, "ck")
+    with pytest.raises(MegatronLoadError, match="TP=2, PP=2, EP=1.*missing: mp_rank_01_000"):
+        rank_files(names, {"pipeline_model_parallel_size": 2, "tensor_model_parallel_size": 2}, "ck")
+    both = [f"mp_rank_0{t}_00{p}_00{e}/model_optim_rng.pt" for t in range(2) for p in range(2) for e in range(2)]
+    assert len(rank_files(both, {"tensor_model_parallel_size": 2, "pipeline_model_parallel_size": 2,
+                                 "expert_model_parallel_size": 2}, "ck")) == 8
+    assert stage_layers({"num_layers": 4}, 2, "ck") == [0, 2, 4]
+    assert stage_layers({"num_layers": 3, "decoder_first_pipeline_num_layers": 1,
+                         "decoder_last_pipeline_num_layers": 2}, 2, "ck") == [0, 1, 3]
+    assert stage_layers({"num_layers": 7, "decoder_first_pipeline_num_layers": 1}, 4, "ck") == [0, 1, 3, 5, 7]
+    with pytest.raises(MegatronLoadError, match="do not split evenly"):
+        stage_layers({"num_layers": 5}, 2, "ck")

@@ -89,7 +89,8 @@ def rank_files(names: Iterable[str], args: dict[str, Any], where: str) -> list[R
         raise MegatronLoadError(
             f"{where}: the saved arguments say TP={tp}, PP={pp}, EP={ep}, so the rank files are "
             f"{', '.join(sorted(want)[:3])}{', ...' if len(want) > 3 else ''}; "
-            + (f"missing: {', '.join(missing[:4])}" if missing else f"unexpected: {', '.join(extra[:4])}")
+            + "; ".join(f"{what}: {', '.join(n.split('/')[0] for n in names[:4])}"
+                        for what, names in (("missing", missing), ("unexpected", extra)) if names)
             + " (incomplete copy, or files of another layout in the folder)")
     return sorted(want.values(), key=lambda r: r.name)
 
