@@ -1,41 +1,40 @@
-"""The executor's stream for `mcore_region`: an HF tensor assembled from chunk byte ranges.
+"""Read one block of a global tensor: the I/O beside `chunks_for`'s pure plan.
 
-Output rows go out in pieces of at most `CHUNK_BYTES`: each piece's buffer is filled from the
-one byte run per chunk it touches (`regions.reads`), placed at the chunk's trailing offsets
-(TP ranks split a row-parallel weight's columns), and handed to the writer. Bytes are copied,
-never decoded: bf16 stays bf16 bit for bit. Peak memory: a few pieces, whatever the model.
+For tests, inspection and small tensors; a conversion's shard task streams the same pieces into
+its output instead of building a tensor.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-import numpy as np
+import math
 
-from ckptflow.storage.safetensors_format import DTYPE_SIZES
-from ckptflow.tasks.mcore.regions import pieces, reads
-from ckptflow.tasks.plan.model import OutputTensor
-from ckptflow.tasks.run.execute import CHUNK_BYTES, ExecContext, Piece
+import torch
+
+from ckptflow.storage.reader import RangeReader
+from ckptflow.storage.urls import Location
+from ckptflow.tasks.mcore.dcp_metadata import ITEMSIZE
+from ckptflow.tasks.mcore.index import GlobalTensor
+from ckptflow.tasks.mcore.regions import Region, chunks_for, full_region, region_shape
+
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-def region_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
-    item = DTYPE_SIZES[t.dtype]
-    trailing = tuple(t.shape[1:])
-    n = len(t.param("lead"))
-    for g0, g1 in pieces(t, CHUNK_BYTES):
-        todo = reads(t, g0, g1)
-        nbytes = (g1 - g0) * int(np.prod(trailing, dtype=np.int64)) * item
-        buf = ctx.buffers.take(nbytes)
-        out = buf.view(np.uint8).reshape(g1 - g0, *trailing, item) if nbytes else buf
-        got = 0
-        futures = [ctx.pool.submit(ctx.reader.read, t.sources[r.source].file, r.start, r.end) for r in todo]
-        for r, fut in zip(todo, futures):
-            data = np.frombuffer(fut.result(), dtype=np.uint8)
-            src, offsets = t.sources[r.source], t.param("offsets")[r.source]
-            box = tuple(slice(o, o + s) for o, s in zip(offsets[n + 1:], src.shape[n + 1:]))
-            out[(slice(r.r0 - g0, r.r1 - g0), *box)] = data.reshape(r.r1 - r.r0, *src.shape[n + 1:], item)
-            got += (r.r1 - r.r0) * int(np.prod(src.shape[n + 1:], dtype=np.int64)) * item
-        if got != nbytes:  # the readers check the tiling; this is the last line of defence
-            ctx.buffers.give(buf)
-            raise ValueError(f"{t.name}: its chunks of {t.sources[0].name.split('@')[0]} cover {got} of the "
-                             f"{nbytes} bytes of rows [{g0}, {g1}); the checkpoint's chunks leave a gap")
-        yield memoryview(buf), ctx.releaser(buf)
-
+def read_region(loc: Location, tensor: GlobalTensor, region: Region | None = None,
+                reader: RangeReader | None = None) -> torch.Tensor:
+    """`region` of `tensor` (whole by default) from the checkpoint folder `loc`, as a CPU tensor."""
+    region = tuple(region) if region is not None else full_region(tensor)
+    shape = region_shape(region)
+    out = bytearray(math.prod(shape) * ITEMSIZE[tensor.dtype])
+    own = reader is None
+    reader = reader or RangeReader(loc)
+    try:
+        for piece in chunks_for(tensor, region):
+            for start, end, dst in piece.ranges:
+                out[dst:dst + end - start] = reader.read(piece.chunk.file, start, end)
+    finally:
+        if own:
+            reader.close()
+    if not out:
+        return torch.empty(shape, dtype=TORCH_DTYPES[tensor.dtype])
+    return torch.frombuffer(out, dtype=TORCH_DTYPES[tensor.dtype]).reshape(shape)

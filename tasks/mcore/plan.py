@@ -17,7 +17,7 @@ from ckptflow.storage.urls import Location
 from ckptflow.tasks.mcore.hf_config import hf_config
 from ckptflow.tasks.mcore.index import GlobalTensor, McoreIndex
 from ckptflow.tasks.mcore.mapping import HfTensor, map_index
-from ckptflow.tasks.mcore.regions import holds
+from ckptflow.tasks.mcore.hf_regions import holds
 from ckptflow.tasks.plan.model import OutputTensor, SourceRef, StagePlan
 from ckptflow.tasks.plan.transforms import MCORE_REGION
 from ckptflow.tasks.planners.by_size import size_shards

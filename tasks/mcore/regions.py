@@ -1,70 +1,84 @@
-"""Which bytes of which chunk a region of a global tensor needs. Pure: no numpy, no torch.
+"""Which byte ranges of which chunks build a block of a global tensor: pure planning, no I/O.
 
-A region fixes the stacked leading indices (`lead`) and takes global rows [g0, g1) of the next
-dim, whole in every trailing dim. A chunk is C-contiguous, so with its leading indices fixed its
-rows are one contiguous byte run: a region reads, per chunk it touches, exactly one range, and
-never a byte it does not keep (trailing dims split across TP ranks come from several chunks).
+A block (`region`: one (start, stop) per dim, e.g. layer i, rows a:b of a stacked weight) is
+laid out C-contiguous in its own buffer. Each chunk it meets gives byte ranges of the chunk's
+file and where they go in that buffer; a run is as long as both layouts allow (consecutive
+rows of a full-width block are one range).
 """
 from __future__ import annotations
 
+import itertools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from ckptflow.storage.safetensors_format import DTYPE_SIZES
+from ckptflow.tasks.mcore.dcp_metadata import ITEMSIZE
+from ckptflow.tasks.mcore.index import ChunkRef, GlobalTensor
 
-if TYPE_CHECKING:
-    from ckptflow.tasks.plan.model import OutputTensor
-
-
-class ChunkRead(NamedTuple):
-    source: int   # index into the output tensor's sources
-    start: int    # absolute byte range in the source's file
-    end: int
-    r0: int       # the global rows it holds: [r0, r1)
-    r1: int
+Region = Sequence[tuple[int, int]]
 
 
-def holds(lead: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
-    """Does a chunk at `offsets` of `sizes` hold the stacked indices `lead`?"""
-    return all(o <= i < o + s for i, o, s in zip(lead, offsets, sizes))
+@dataclass(frozen=True)
+class Piece:
+    chunk: ChunkRef
+    ranges: tuple[tuple[int, int, int], ...]  # (file byte start, file byte end, byte offset in the block)
 
 
-def read_of(lead: tuple[int, ...], g0: int, g1: int, offsets: tuple[int, ...], sizes: tuple[int, ...],
-            byte_offset: int, item: int) -> tuple[int, int, int, int] | None:
-    """(start, end, r0, r1): the bytes of a chunk holding rows [r0, r1) of [g0, g1) at `lead`, or None."""
-    n = len(lead)
-    if not holds(lead, offsets, sizes):
-        return None
-    r0, r1 = max(g0, offsets[n]), min(g1, offsets[n] + sizes[n])
-    if r1 <= r0:
-        return None
-    row_bytes = math.prod(sizes[n + 1:]) * item
-    lin = 0
-    for i in range(n):  # the chunk-local position of the fixed leading indices
-        lin = lin * sizes[i] + (lead[i] - offsets[i])
-    first = lin * sizes[n] + (r0 - offsets[n])
-    return byte_offset + first * row_bytes, byte_offset + (first + r1 - r0) * row_bytes, r0, r1
+def full_region(tensor: GlobalTensor) -> tuple[tuple[int, int], ...]:
+    return tuple((0, n) for n in tensor.shape)
 
 
-def pieces(t: OutputTensor, max_bytes: int) -> list[tuple[int, int]]:
-    """Global row spans [g0, g1) of `t`'s row ranges, in output order, each at most `max_bytes`
-    of output (one row at least): the assembly buffer is never bigger."""
-    row_bytes = max(1, math.prod(t.shape[1:]) * DTYPE_SIZES[t.dtype])
-    step = max(1, max_bytes // row_bytes)
-    return [(g, min(g + step, b)) for a, b in t.param("rows") for g in range(a, b, step)]
+def region_shape(region: Region) -> tuple[int, ...]:
+    return tuple(hi - lo for lo, hi in region)
 
 
-def reads(t: OutputTensor, g0: int, g1: int) -> list[ChunkRead]:
-    """The chunk reads making rows [g0, g1) of `t`, one per chunk touched."""
-    lead, item = tuple(t.param("lead")), DTYPE_SIZES[t.dtype]
+def chunks_for(tensor: GlobalTensor, region: Region | None = None) -> list[Piece]:
+    """The pieces that build `region` of `tensor` (the whole tensor by default), in chunk order."""
+    region = tuple(region) if region is not None else full_region(tensor)
+    if len(region) != len(tensor.shape) or any(not 0 <= lo <= hi <= n for (lo, hi), n in zip(region, tensor.shape)):
+        raise ValueError(f"{tensor.key}: region {list(region)} is not inside shape {list(tensor.shape)}")
+    item = ITEMSIZE[tensor.dtype]
+    rshape = region_shape(region)
     out = []
-    for i, (src, offsets) in enumerate(zip(t.sources, t.param("offsets"))):
-        got = read_of(lead, g0, g1, tuple(offsets), src.shape, src.start, item)
-        if got is not None:
-            out.append(ChunkRead(i, *got))
+    for chunk in tensor.chunks:
+        box = [(max(lo, o), min(hi, o + s)) for (lo, hi), o, s in zip(region, chunk.offsets, chunk.sizes)]
+        if any(a >= b for a, b in box) or not math.prod(rshape):
+            continue
+        out.append(Piece(chunk, tuple(_runs(chunk, region, rshape, box, item))))
     return out
 
 
-def region_read_bytes(t: OutputTensor) -> int:
-    """What assembling `t` reads: exactly its own bytes when the chunks tile the tensor."""
-    return sum(r.end - r.start for a, b in t.param("rows") for r in reads(t, a, b))
+def _strides(shape: Sequence[int], item: int) -> list[int]:
+    out, acc = [], item
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return out[::-1]
+
+
+def _runs(chunk: ChunkRef, region: Region, rshape: tuple[int, ...], box: list[tuple[int, int]], item: int):
+    nd = len(box)
+    if nd == 0:
+        yield (chunk.byte_offset, chunk.byte_offset + item, 0)
+        return
+    src_st, dst_st = _strides(chunk.sizes, item), _strides(rshape, item)
+    # Dims k+1.. are spanned whole by the box in both the chunk and the block, so dims k.. are one
+    # run of consecutive bytes in both layouts (dim k may be cut).
+    k = nd - 1
+    while k > 0 and box[k] == (chunk.offsets[k], chunk.offsets[k] + chunk.sizes[k]) == tuple(region[k]):
+        k -= 1
+    run = (box[k][1] - box[k][0]) * src_st[k]
+    inner = tuple(a for a, _ in box[k:])
+    last = None
+    for idx in itertools.product(*(range(a, b) for a, b in box[:k])):
+        coords = (*idx, *inner)
+        src = chunk.byte_offset + sum((c - o) * s for c, o, s in zip(coords, chunk.offsets, src_st))
+        dst = sum((c - lo) * s for c, (lo, _), s in zip(coords, region, dst_st))
+        if last is not None and last[1] == src and last[2] + (last[1] - last[0]) == dst:
+            last = (last[0], src + run, last[2])  # continues the previous run in both layouts
+            continue
+        if last is not None:
+            yield last
+        last = (src, src + run, dst)
+    if last is not None:
+        yield last

@@ -122,13 +122,13 @@ CT_MXFP4 = register(Transform("ct_mxfp4", Action.DEQUANTIZED, f"{_QUANT}:ct_mxfp
 
 
 def _mcore_reads(t: OutputTensor) -> int:
-    from ckptflow.tasks.mcore.regions import region_read_bytes  # pure; imported late (it imports the plan model)
+    from ckptflow.tasks.mcore.hf_regions import region_read_bytes  # pure; imported late (it imports the plan model)
 
     return region_read_bytes(t)
 
 
 # A Megatron-Core HF tensor: a region of a global tensor assembled from chunk byte ranges (tasks.mcore).
-MCORE_REGION = register(Transform("mcore_region", Action.SLICED, "ckptflow.tasks.mcore.assemble:region_stream",
+MCORE_REGION = register(Transform("mcore_region", Action.SLICED, "ckptflow.tasks.mcore.hf_stream:region_stream",
                                   reads=_mcore_reads))
 
 
