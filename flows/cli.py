@@ -292,7 +292,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ckptflow.flows.inspect import cmd_inspect as run
+    from ckptflow.flows.megatron_core import inspect_megatron_core, is_megatron_core
+    from ckptflow.storage.urls import parse_storage_options
 
+    if is_megatron_core(args.source, parse_storage_options(args.storage_options) or None):
+        return inspect_megatron_core(args, _human)
     return run(args, _human)
 
 
@@ -301,6 +305,10 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 
     opts = parse_storage_options(args.storage_options) or None
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
+    from ckptflow.flows.megatron_core import is_megatron_core, run_megatron_core
+
+    if is_megatron_core(args.source, opts):
+        return run_megatron_core(args, _human, _text_out, _print_json)
     from ckptflow.flows import server
     from ckptflow.flows.megatron import megatron_flow, megatron_preflight
     from ckptflow.flows.run_link import linked

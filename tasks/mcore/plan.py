@@ -77,9 +77,10 @@ def plan_summary(index: McoreIndex, mp: McorePlan) -> dict[str, Any]:
         "family": mp.table.name or mp.table.model_type, "table": mp.table.label,
         "architectures": list(mp.table.architectures), "source_tensors": len(index.tensors),
         "source_files": len({c.file for g in index.tensors.values() for c in g.chunks}),
-        "source_bytes": sum(c.byte_length for g in index.tensors.values() for c in g.chunks),
-        "tensors": mp.tensors, "bytes": plan.total_size, "read_bytes": plan.source_bytes,
-        "shards": [{"file": s.file, "tensors": len(s.tensors), "bytes": s.nbytes} for s in plan.shards],
+        "checkpoint_bytes": sum(c.byte_length for g in index.tensors.values() for c in g.chunks),
+        "tensors": mp.tensors, "output_bytes": plan.total_size, "read_bytes": plan.source_bytes,
+        "shards": len(plan.shards),
+        "shard_files": [{"file": s.file, "tensors": len(s.tensors), "bytes": s.nbytes} for s in plan.shards],
         "vocab_size": mp.config.get("vocab_size"), "tie_word_embeddings": mp.config.get("tie_word_embeddings"),
         "torch_dtype": mp.config.get("torch_dtype"),
     }
