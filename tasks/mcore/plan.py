@@ -8,6 +8,7 @@ chunk shape; the chunk's offsets in the global tensor go in the params) → outp
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,9 +16,8 @@ from ckptflow.storage.checkpoint import Checkpoint
 from ckptflow.storage.reader import file_info
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.mcore.hf_config import hf_config
-from ckptflow.tasks.mcore.index import GlobalTensor, McoreIndex
+from ckptflow.tasks.mcore.index import ChunkRef, GlobalTensor, McoreIndex
 from ckptflow.tasks.mcore.mapping import HfTensor, map_index
-from ckptflow.tasks.mcore.hf_regions import holds
 from ckptflow.tasks.plan.model import OutputTensor, SourceRef, StagePlan
 from ckptflow.tasks.plan.transforms import MCORE_REGION
 from ckptflow.tasks.planners.by_size import size_shards
@@ -30,10 +30,20 @@ def _touches(ranges: tuple[tuple[int, int], ...], lo: int, hi: int) -> bool:
     return any(a < hi and lo < b for a, b in ranges)
 
 
-def output_tensor(t: HfTensor, gt: GlobalTensor) -> OutputTensor:
+def by_lead(gt: GlobalTensor, n: int) -> dict[tuple[int, ...], list[ChunkRef]]:
+    """`gt`'s chunks under each index of its `n` stacked axes: one pass, so planning an HF tensor
+    per layer and expert looks at its own few chunks (671B: ~15k experts × their chunks)."""
+    out: dict[tuple[int, ...], list[ChunkRef]] = {}
+    for c in gt.chunks:
+        for lead in itertools.product(*(range(o, o + s) for o, s in zip(c.offsets[:n], c.sizes[:n]))):
+            out.setdefault(lead, []).append(c)
+    return out
+
+
+def output_tensor(t: HfTensor, gt: GlobalTensor, chunks: list[ChunkRef]) -> OutputTensor:
+    """`t` as an output tensor whose sources are the `chunks` (those at its stacked indices) its rows touch."""
     n = len(t.lead)
-    chunks = [c for c in gt.chunks
-              if holds(t.lead, c.offsets, c.sizes) and _touches(t.rows, c.offsets[n], c.offsets[n] + c.sizes[n])]
+    chunks = [c for c in chunks if _touches(t.rows, c.offsets[n], c.offsets[n] + c.sizes[n])]
     sources = tuple(SourceRef(c.file, f"{gt.key}@{','.join(map(str, c.offsets))}", gt.dtype, tuple(c.sizes),
                               c.byte_offset, c.byte_offset + c.byte_length) for c in chunks)
     params = (("key", gt.key), ("lead", tuple(t.lead)), ("rows", tuple(t.rows)),
@@ -54,7 +64,13 @@ def plan_mcore(index: McoreIndex, table: McoreTable, max_shard_size: int,
     """The whole conversion's plan; raises a PlanError (naming the key or args) for anything unexpected."""
     config = hf_config(index, table, override, tokenizer_vocab)
     hf = map_index(index, table, config)
-    outs = [output_tensor(t, index.tensors[t.key]) for t in hf]
+    leads: dict[tuple[str, int], dict[tuple[int, ...], list[ChunkRef]]] = {}
+    outs = []
+    for t in hf:
+        gt = index.tensors[t.key]
+        if (t.key, len(t.lead)) not in leads:
+            leads[t.key, len(t.lead)] = by_lead(gt, len(t.lead))
+        outs.append(output_tensor(t, gt, leads[t.key, len(t.lead)].get(tuple(t.lead), [])))
     plan = size_shards(outs, max_shard_size, STAGE, config=config, copy_files=())
     return McorePlan(plan, config, table, len(outs))
 
