@@ -30,7 +30,7 @@ def _id(p: Path) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
-def convert(save: Path, out: Path, work: Path, **kw) -> list[dict]:
+def convert(save: Path | str, out: Path | str, work: Path | str, **kw) -> list[dict]:
     from ckptflow.flows.megatron_core import plan_megatron_core
 
     index, mp = plan_megatron_core(str(save), **kw)
@@ -154,3 +154,20 @@ def test_cli_dry_run_then_run(tmp_path):
                           "--family", "qwen3"], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert "q_norm" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fsspec_urls_both_sides_give_the_same_bytes(converted):
+    import fsspec
+
+    save = next(s for s in SAVES if s.name == "torch_dist")
+    fs = fsspec.filesystem("memory")
+    root = f"/mcore-{save.parent.name}"
+    for f in save.rglob("*"):
+        if f.is_file():
+            fs.pipe(f"{root}/src/{f.relative_to(save)}", f.read_bytes())
+    convert(f"memory://{root}/src", f"memory://{root}/hf", f"memory://{root}/work", max_shard_size="5GB")
+    local = converted[save]
+    written = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{root}/hf", detail=False))
+    assert written == sorted(p.name for p in local.iterdir())
+    for p in local.iterdir():
+        assert fs.cat(f"{root}/hf/{p.name}") == p.read_bytes(), p.name
