@@ -125,7 +125,8 @@ def llama_args(cfg: Any, padded_vocab: int, vocab: int | None, **extra: Any) -> 
             "num_attention_heads": cfg.num_attention_heads, "group_query_attention": True,
             "num_query_groups": cfg.num_key_value_heads, "kv_channels": cfg.head_dim,
             "max_position_embeddings": cfg.max_position_embeddings, "norm_epsilon": cfg.rms_norm_eps,
-            "rotary_base": 10000, "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
+            "rotary_base": (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000),
+            "normalization": "RMSNorm", "swiglu": True, "add_bias_linear": False,
             "position_embedding_type": "rope", "untie_embeddings_and_output_weights": not cfg.tie_word_embeddings,
             "vocab_size": vocab, "padded_vocab_size": padded_vocab, "init_method_std": 0.02}
     args.update(extra)

@@ -57,6 +57,8 @@ def _hf_model(arch: str, **over):
     import transformers
 
     cfg_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                          "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
                           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[arch]
     kw = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
@@ -120,31 +122,74 @@ def test_tied_and_vocab_sources(tmp_path):
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
 
-def test_qwen3_moe_experts_round_trip(tmp_path):
-    ref = _hf_model("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-                    decoder_sparse_step=1, norm_topk_prob=True)
-    sd = ref.state_dict()
-    hub = {}  # transformers 5 fuses experts in memory; the Hub (and our output) name each expert
-    for name, t in sd.items():
-        if name.endswith("mlp.experts.gate_up_proj"):
-            for e in range(t.shape[0]):
-                gate, up = t[e].chunk(2)
-                hub[name.replace("gate_up_proj", f"{e}.gate_proj.weight")] = gate
-                hub[name.replace("gate_up_proj", f"{e}.up_proj.weight")] = up
-        elif name.endswith("mlp.experts.down_proj"):
-            for e in range(t.shape[0]):
-                hub[name.replace("down_proj", f"{e}.down_proj.weight")] = t[e]
-        else:
-            hub[name] = t
-    g = mcore_globals(hub, ref.config, padded_vocab=100, moe=True, qk_norm=True)
-    args = llama_args(ref.config, 100, 97, num_experts=4, qk_layernorm=True, moe_ffn_hidden_size=16,
-                      moe_router_topk=2, moe_router_pre_softmax=False)
+def _hub_state(model, tmp_path) -> dict[str, torch.Tensor]:
+    """The model's tensors under their Hub names (transformers 5 fuses experts in memory only)."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(tmp_path / "ref")
+    return load_file(tmp_path / "ref" / "model.safetensors")
+
+
+MIXTRAL_NAMES = {".block_sparse_moe.gate.": ".mlp.gate.", ".block_sparse_moe.experts.": ".mlp.experts.",
+                 ".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_experts_round_trip(tmp_path, arch):
+    moe = {"num_experts": 4, "moe_intermediate_size": 16, "decoder_sparse_step": 1, "norm_topk_prob": True} \
+        if arch == "qwen3_moe" else {"num_local_experts": 4, "intermediate_size": 16}
+    ref = _hf_model(arch, **moe, num_experts_per_tok=2)
+    hub = _hub_state(ref, tmp_path)
+    for old, new in MIXTRAL_NAMES.items():  # the layout helper speaks Qwen's names
+        hub = {k.replace(old, new): v for k, v in hub.items()}
+    cfg = ref.config
+    if arch == "mixtral":
+        cfg.num_experts = cfg.num_local_experts
+    g = mcore_globals(hub, cfg, padded_vocab=100, moe=True, qk_norm=arch == "qwen3_moe")
+    args = llama_args(ref.config, 100, 97, num_experts=4, qk_layernorm=arch == "qwen3_moe", moe_router_topk=2,
+                      moe_ffn_hidden_size=16, moe_router_pre_softmax=False)
     index = write_mcore(tmp_path / "src", g, args, tp=2)
     mp, out = _convert(tmp_path, index)
-    assert mp.config["model_type"] == "qwen3_moe" and mp.config["norm_topk_prob"] is True
+    assert mp.config["model_type"] == arch
     model, info = _load(out)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     ids = torch.tensor([[1, 5, 9, 96, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_qwen2_qkv_bias_round_trip(tmp_path):
+    ref = _hf_model("qwen2")
+    sd = ref.state_dict()
+    g = mcore_globals(sd, ref.config, padded_vocab=128, bias=True)
+    index = write_mcore(tmp_path / "src", g, llama_args(ref.config, 128, 97, add_qkv_bias=True), tp=2)
+    mp, out = _convert(tmp_path, index)
+    assert mp.config["model_type"] == "qwen2"
+    model, info = _load(out)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    got = model.state_dict()
+    assert all(torch.equal(got[n], t) for n, t in sd.items())
+    ids = torch.tensor([[1, 5, 9, 96]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_user_table_adds_a_family_without_code(tmp_path):
+    """A Mistral table: the Llama rows under another architecture, from a file (as --table FILE)."""
+    ref = _hf_model("llama")
+    g = mcore_globals(ref.state_dict(), ref.config, padded_vocab=128)
+    args = llama_args(ref.config, 128, 97)
+    index = write_mcore(tmp_path / "src", g, args, tp=2)
+    doc = load_mcore_table("llama").model_dump(mode="json", exclude_none=True)
+    doc.update(name="mistral", model_type="mistral", architectures=["MistralForCausalLM"])
+    doc["config_defaults"]["sliding_window"] = None
+    (tmp_path / "mistral.json").write_text(json.dumps(doc))
+    table = pick_table(args, table=str(tmp_path / "mistral.json"))
+    assert table.label == f"Megatron-Core table {tmp_path / 'mistral.json'}"
+    mp, out = _convert(tmp_path, index, table=table)
+    model, info = _load(out)
+    assert type(model).__name__ == "MistralForCausalLM" and not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.tensor([[1, 5, 9, 96]])
     with torch.no_grad():
         assert torch.equal(model(ids).logits, ref(ids).logits)
 
@@ -162,6 +207,9 @@ def test_unexpected_keys_and_shapes_are_one_error(tmp_path):
         plan_mcore(dataclasses.replace(index, tensors=extra), table, 10**9)
     with pytest.raises(PlanError, match="linear_qkv.weight: 64 fused QKV rows, but .* = 48"):
         plan_mcore(dataclasses.replace(index, args=dict(args, num_query_groups=1)), table, 10**9)
+    with pytest.raises(PlanError, match=r"linear_fc1.weight: makes model.layers.0.mlp.gate_proj.weight of shape "
+                                        r"\[48, 32\], but config intermediate_size=40"):
+        plan_mcore(dataclasses.replace(index, args=dict(args, ffn_hidden_size=40)), table, 10**9)
     with pytest.raises(PlanError, match="layer axis .* 2 entries, but config num_hidden_layers=3"):
         plan_mcore(dataclasses.replace(index, args=dict(args, num_layers=3)), table, 10**9)
     with pytest.raises(PlanError, match="config.json needs num_hidden_layers.*args.num_layers.*--config FILE"):

@@ -89,6 +89,7 @@ def map_index(index: McoreIndex, table: McoreTable, cfg: dict[str, Any]) -> list
                     raise PlanError(f"{key}: makes {name}, which {out[name].key} makes too; the checkpoint mixes "
                                     f"key layouts, or {table.label} maps two keys to one name")
                 nrows = sum(b - a for a, b in ranges)
+                _dims_check(key, name, (nrows, *trailing), rule, cfg)
                 order = (idx.get("layer", -1), idx.get("expert", -1), row_idx, part)
                 out[name] = HfTensor(name, key, lead, ranges, (nrows, *trailing), gt.dtype, order)
     if unknown:
@@ -98,6 +99,16 @@ def map_index(index: McoreIndex, table: McoreTable, cfg: dict[str, Any]) -> list
                         "table of its own (--table FILE|URL)")
     _check_complete(out, table, cfg)
     return sorted(out.values(), key=_hf_order)
+
+
+def _dims_check(key: str, name: str, shape: tuple[int, ...], rule: McoreRule, cfg: dict[str, Any]) -> None:
+    """The row's `dims`: each output dim the config key it names (fc1's halves: intermediate_size)."""
+    for d, cfg_key in enumerate(rule.dims or ()):
+        if cfg_key is None:
+            continue
+        if d >= len(shape) or cfg.get(cfg_key) != shape[d]:
+            raise PlanError(f"{key}: makes {name} of shape {list(shape)}, but config {cfg_key}={cfg.get(cfg_key)} "
+                            f"(dim {d}); the args (or --config) do not describe this checkpoint")
 
 
 def _hf_order(t: HfTensor) -> tuple[int, int, tuple[int, ...], str]:

@@ -35,6 +35,7 @@ MCORE_TABLES = TableKind("Megatron-Core table", FAMILIES, {
     "rules.source": "'source' must be a non-empty pattern over torch_dist keys",
     "rules.stacked": f"'stacked' must list leading axes, each one of {', '.join(AXES)}",
     "rules.split": f"'split' must be one of {', '.join(SPLITS)}",
+    "rules.dims": "'dims' must list, per output dim, the config.json key its size must equal, or null",
     **{f"rules.{flag}": _FLAGS for flag in ("vocab", "tied", "optional")},
     "detect": "'detect' must map Megatron args names to true (set and truthy) or false (absent or falsy)",
     "config_from_args": "'config_from_args' must map config.json keys to an args name, '!name' (negated) or a "
@@ -57,6 +58,7 @@ class McoreRule(BaseModel):
     vocab: StrictBool = False     # rows past the true vocab size are Megatron's padding: never written
     tied: StrictBool = False      # the output layer: not written when the model ties it to the embedding
     optional: StrictBool = False  # may be absent (a tied model has no output_layer)
+    dims: tuple[StrictStr | None, ...] | None = None  # config.json key each output dim must equal (None: any)
 
     @model_validator(mode="after")
     def _shape(self) -> "McoreRule":
