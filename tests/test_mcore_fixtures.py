@@ -59,3 +59,27 @@ def test_blocks_of_stacked_tensors(name):
             region[-2] = (1, t.shape[-2] - 1)
             want = ref[key][tuple(slice(a, b) for a, b in region)]
             assert torch.equal(read_region(loc, t, region), want), (fmt, key)
+
+
+@pytest.mark.parametrize("fmt", ["torch_dist", "legacy"])
+def test_remote_location_gives_the_same_index(fmt):
+    """Through fsspec (memory://, as s3:// would): same chunks, same bytes; paths relative to the root."""
+    import fsspec
+
+    name = next((n for n in FIXTURES if fmt in _formats(n) and "tp2" in n), None)
+    assert name is not None
+    fs = fsspec.filesystem("memory")
+    src = DATA / name / fmt
+    for path in src.rglob("*"):
+        if path.is_file():
+            fs.pipe(f"/mcore-test/{name}/{fmt}/{path.relative_to(src)}", path.read_bytes())
+    try:
+        remote = read_mcore_index(f"memory://mcore-test/{name}/{fmt}")
+        local = read_mcore_index(str(src))
+        assert remote.tensors == local.tensors and remote.args == local.args
+        ref = load_file(DATA / name / "reference_state.safetensors")
+        loc = open_location(remote.root)
+        for key, t in remote.tensors.items():
+            assert torch.equal(read_region(loc, t), ref[key]), key
+    finally:
+        fs.rm(f"/mcore-test/{name}", recursive=True)

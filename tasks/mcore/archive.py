@@ -18,6 +18,8 @@ HEAD = 4096   # data/0's local header follows data.pkl (~200 bytes) and three ti
 MAX_ENTRIES = 64
 _EOCD, _EOCD64, _LOC64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 _CEN, _LOC = b"PK\x01\x02", b"PK\x03\x04"
+# signature, (skip 6) method, (skip 8) compressed, uncompressed, name/extra/comment lengths, (skip 8) offset
+_CEN_ENTRY = struct.Struct("<4s6xH8xIIHHH8xI")
 _DATA = re.compile(r"[^/]+/data/\d+")
 
 
@@ -61,11 +63,11 @@ def directory(tail: bytes, archive_len: int,
     found = []
     pos = start
     for _ in range(count):
-        if pos + 46 > len(tail) or tail[pos:pos + 4] != _CEN:
+        if pos + 46 > len(tail):
             raise ArchiveError("a broken central directory entry")
-        (method, csize, usize, nlen, elen, clen, header) = (
-            struct.unpack_from("<H", tail, pos + 10)[0], *struct.unpack_from("<II", tail, pos + 20),
-            *struct.unpack_from("<HHH", tail, pos + 28), struct.unpack_from("<I", tail, pos + 42)[0])
+        (sig, method, csize, usize, nlen, elen, clen, header) = _CEN_ENTRY.unpack_from(tail, pos)
+        if sig != _CEN:
+            raise ArchiveError("a broken central directory entry")
         name = tail[pos + 46:pos + 46 + nlen].decode("utf-8", "replace")
         extra = tail[pos + 46 + nlen:pos + 46 + nlen + elen]
         usize, csize, header = _zip64(extra, usize, csize, header)

@@ -50,11 +50,21 @@ class _Dtype:
     name: str  # torch.<name>
 
 
+class _Shape(tuple):
+    """A torch.Size whose values were checked when the pickle built it."""
+
+    __slots__ = ()
+
+
 def _size(values: Any = ()) -> tuple[int, ...]:  # torch.Size(tuple of ints)
-    if type(values) not in (tuple, list) or len(values) > MAX_DIMS or \
-            not all(type(v) is int and 0 <= v < MAX_INT for v in values):
+    if type(values) is _Shape:
+        return values
+    if type(values) not in (tuple, list) or len(values) > MAX_DIMS:
         raise ValueError("torch.Size of something other than a few non-negative integers")
-    return tuple(values)
+    for v in values:
+        if type(v) is not int or not 0 <= v < MAX_INT:
+            raise ValueError("torch.Size of something other than a few non-negative integers")
+    return _Shape(values)
 
 
 def _layout(name: Any) -> str:  # torch.serialization._get_layout("torch.strided")
@@ -239,5 +249,5 @@ def _tensor(key: str, fields: dict, places: dict, label: str) -> DcpTensor:
         if place is None:
             raise MegatronLoadError(f"{label}: tensor {key!r}: chunk at {list(offsets)} has no storage "
                                     "entry (no file, offset, length); the checkpoint is incomplete")
-        chunks.append(DcpChunk(offsets, sizes, *place))
-    return DcpTensor(key, DTYPES[dtype.name], shape, tuple(chunks))
+        chunks.append(DcpChunk(tuple(offsets), tuple(sizes), *place))
+    return DcpTensor(key, DTYPES[dtype.name], tuple(shape), tuple(chunks))

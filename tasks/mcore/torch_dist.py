@@ -8,6 +8,8 @@ the result. Optimizer and RNG entries are never read.
 """
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -47,9 +49,17 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _fetch(loc: Location, name: str, ranges: list[tuple[int, int]]) -> Iterable[tuple[int, bytes]]:
     """(start, bytes) of each merged range covering `ranges`, BATCH reads at a time."""
     merged = _merge(ranges)
+    path = loc.path(name)
+    if loc.is_local:  # one open file and a pread per range (fsspec's local cat_ranges opens it per range)
+        with open(path, "rb") as f:
+            for a, b in merged:
+                blob = os.pread(f.fileno(), b - a, a)
+                if len(blob) != b - a:
+                    raise MegatronLoadError(f"{loc.url_of(name)}: could not read bytes {a}..{b} (short read)")
+                yield a, blob
+        return
     for i in range(0, len(merged), BATCH):
         part = merged[i:i + BATCH]
-        path = loc.path(name)
         blobs = loc.fs.cat_ranges([path] * len(part), [a for a, _ in part], [b for _, b in part])
         for (a, b), blob in zip(part, blobs):
             if isinstance(blob, Exception) or len(blob) != b - a:
@@ -75,13 +85,13 @@ def _locate_file(loc: Location, name: str, items: list[DcpChunk]) -> dict[tuple[
     out: dict[tuple[int, int], tuple[int, int]] = {}
     later: list[tuple[DcpChunk, Member]] = []
     by_item = {(it.item_offset, it.item_length): it for it in items}
-    pending = sorted(by_item)
+    pending = deque(sorted(by_item))
     blobs: list[tuple[int, bytes]] = []
     # Walk merged reads in file order, parsing each item as soon as its head and tail are in hand.
     for start, blob in _fetch(loc, name, wanted):
         blobs.append((start, blob))
         while pending and pending[0][0] + pending[0][1] <= start + len(blob):
-            off, length = pending.pop(0)
+            off, length = pending.popleft()
             it = by_item[(off, length)]
             tail = _slice(blobs, max(off, off + length - TAIL), off + length)
             head = _slice(blobs, off, off + min(HEAD, length))
