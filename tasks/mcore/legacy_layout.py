@@ -153,7 +153,7 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
     experts = _int(args, "num_experts", None)
     e_local = experts // ep if experts else None
     etp = _int(args, "expert_tensor_parallel_size", None) or tp
-    if experts and (experts % ep or etp not in (tp, 1)):
+    if experts and (experts % ep or etp != tp):  # ETP ≠ TP changes which files hold which expert shards
         raise MegatronLoadError(f"{where}: {experts} experts over EP={ep} with expert TP={etp} (TP={tp}): "
                                 "not a layout this reader knows; save it as torch_dist instead")
     swiglu = bool(args.get("swiglu") or args.get("gated_linear_unit"))
@@ -176,8 +176,6 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
                     raise MegatronLoadError(f"{where}/{rf.name}: tensor {key!r}: expert {expert} but the arguments "
                                             f"say {e_local} local experts per EP rank")
                 expert = rf.ep * e_local + expert
-                if etp == 1:
-                    split = REPLICATED
             elif rf.ep:
                 continue  # non-expert tensors are replicated over EP ranks: EP rank 0's copy is read
             tp_rank = rf.tp if split is not REPLICATED else 0
