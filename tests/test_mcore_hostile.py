@@ -115,6 +115,10 @@ def _cases(tmp: Path, marker: Path) -> dict[str, tuple[Path, str]]:
         struct.pack_into("<II", blob, at + 20, 64, 64)  # 192 → 64 bytes
     (legacy / "model_optim_rng.pt").write_bytes(bytes(blob))
     cases["legacy_short_storage"] = (legacy.parent, "holds 64")
+    evil = tmp / "legacy_global" / "iter_0000001" / "mp_rank_00"
+    evil.mkdir(parents=True)
+    torch.save({"args": args, "model": {"w": _Evil(os.system, f"touch {marker}")}}, evil / "model_optim_rng.pt")
+    cases["legacy_global"] = (evil.parent, "asks for posix.system")
     return cases
 
 

@@ -163,3 +163,15 @@ def test_rank_file_suffix_is_read_from_the_args():
     assert stage_layers({"num_layers": 7, "decoder_first_pipeline_num_layers": 1}, 4, "ck") == [0, 1, 3, 5, 7]
     with pytest.raises(MegatronLoadError, match="do not split evenly"):
         stage_layers({"num_layers": 5}, 2, "ck")
+
+
+def test_legacy_keys_become_torch_dist_keys():
+    from ckptflow.tasks.mcore.legacy_layout import _global_key
+
+    assert _global_key("decoder.layers.3.input_layernorm.weight")[:3] == (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight", 3, None)
+    assert _global_key("decoder.layers.0.mlp.experts.local_experts.5.linear_fc2.weight")[:3] == (
+        "decoder.layers.mlp.experts.experts.linear_fc2.weight", 0, 5)
+    assert _global_key("decoder.layers.1.mlp.experts.linear_fc1.weight7")[:3] == (  # grouped GEMM
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight", 1, 7)
+    assert _global_key("embedding.word_embeddings.weight")[:3] == ("embedding.word_embeddings.weight", None, None)
