@@ -63,6 +63,9 @@ def _cases(tmp: Path, marker: Path) -> dict[str, tuple[Path, str]]:
     root = case("eval", "asks for builtins.eval")
     (root / ".metadata").write_bytes(pickle.dumps(_Evil(eval, f"open({str(marker)!r}, 'w')")))
 
+    root = case("set_bomb", "Python sets")  # 6M empty sets from a 12 MB pickle: 1.3 GB if built
+    (root / ".metadata").write_bytes(b"\x80\x04]\x94(" + b"\x8f" * 6_000_000 + b"e.")
+
     def huge(meta):
         meta.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"].size = torch.Size([1 << 40, 1 << 40])
     case("huge_shape", "past any real tensor", tamper=huge)

@@ -21,6 +21,7 @@ from ckptflow.tasks.megatron.safe import MegatronLoadError, human
 # pickle; an unpickled chunk costs ~0.5 KB. Past these the file is not a real checkpoint's.
 METADATA_CAP = 256 << 20
 MAX_CHUNKS = 1 << 22
+SET_BUDGET = 1 << 30
 MAX_DIMS = 8
 MAX_INT = 1 << 62  # every size, offset and length; their products are checked against it too
 
@@ -168,6 +169,14 @@ def parse_metadata(data: bytes, label: str) -> DcpMetadata:
     if len(data) > METADATA_CAP:
         raise MegatronLoadError(f"{label}: {human(len(data))}, larger than any real checkpoint's .metadata "
                                 f"({human(METADATA_CAP)} accepted): refused")
+    # The C unpickler builds what the opcodes say; most cost at most ~50 bytes of memory per byte of
+    # file, but an empty set costs 216 for one byte (EMPTY_SET, FROZENSET; .metadata holds none).
+    # Counting those byte values over-counts (they also occur inside integers and strings), so
+    # this bound errs on the safe side, in microseconds.
+    sets = data.count(b"\x8f") + data.count(b"\x91")
+    if sets * 216 > SET_BUDGET:
+        raise MegatronLoadError(f"{label}: refused: it could build up to {sets} Python sets "
+                                f"({human(sets * 216)}); a torch_dist .metadata holds none")
     try:
         root = _Unpickler(data, label).load()
         return _convert(root, label)
