@@ -175,3 +175,24 @@ def test_legacy_keys_become_torch_dist_keys():
     assert _global_key("decoder.layers.1.mlp.experts.linear_fc1.weight7")[:3] == (  # grouped GEMM
         "decoder.layers.mlp.experts.experts.linear_fc1.weight", 1, 7)
     assert _global_key("embedding.word_embeddings.weight")[:3] == ("embedding.word_embeddings.weight", None, None)
+
+
+def test_unmerged_reads_and_far_local_headers(tmp_path, monkeypatch):
+    """Every chunk read on its own (no merging) and data/0's local header past the first read (a
+    second small read each): the same index, the same bytes."""
+    from ckptflow.tasks.mcore import torch_dist
+
+    torch.manual_seed(2)
+    w = torch.randn(4, 6, 8)
+    root = write_torch_dist(tmp_path / "ck", {"decoder.layers.mlp.linear_fc1.weight": (w, grid(w.shape, (4, 3, 1)))})
+    merged = read_mcore_index(str(root))
+    monkeypatch.setattr(torch_dist, "MERGE_GAP", -1)
+    monkeypatch.setattr(torch_dist, "HEAD", 40)
+    calls = []
+    real = torch_dist._fetch
+    monkeypatch.setattr(torch_dist, "_fetch", lambda *a: calls.append(len(a[2])) or real(*a))
+    apart = read_mcore_index(str(root))
+    assert apart.tensors == merged.tensors
+    assert len(calls) == 4 and sum(calls) == 12 * 2 + 12  # per file: heads + tails, then far headers
+    t = apart.tensors["decoder.layers.mlp.linear_fc1.weight"]
+    assert torch.equal(read_region(open_location(apart.root), t), w)
