@@ -132,7 +132,12 @@ def read_legacy(loc: Location, files: dict[str, int]) -> tuple[dict[str, GlobalT
     locals_: dict[RankFile, dict[str, LocalTensor]] = {}
     for rf in layout:
         locals_[rf] = first if rf.name == names[0] else scan_rank_file(loc, rf.name, files[rf.name])[0]
-    tensors = build_global(locals_, args, loc.url)
+    try:
+        tensors = build_global(locals_, args, loc.url)
+    except MegatronLoadError as exc:
+        if str(exc).startswith("tensor "):  # raised where the folder is not known
+            raise MegatronLoadError(f"{loc.url}: {exc}") from None
+        raise
     for t in tensors.values():
         check_tensor(loc.url, t.key, t.shape, ITEMSIZE[t.dtype], t.chunks, files)
     return tensors, args, iteration if type(iteration) is int else None

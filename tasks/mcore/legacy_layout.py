@@ -28,6 +28,7 @@ _RANK = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?/model_optim_rng\.
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
 _GROUPED = re.compile(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)")
+_LEGACY_GROUPED = re.compile(r"mlp\.experts\.weight[12]")
 # The local spec names these norms on their own; torch_dist saves them under the fused names.
 _RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
             ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
@@ -134,6 +135,10 @@ def _global_key(key: str) -> tuple[str, int | None, int | None, str]:
     if not m:
         return key, None, None, key
     layer, rest = int(m.group(1)), m.group(2)
+    if _LEGACY_GROUPED.fullmatch(rest):
+        raise MegatronLoadError(f"tensor {key!r}: a GroupedMLP weight (moe_grouped_gemm with the local spec) "
+                                "holds its experts transposed ([hidden, experts × ffn]); the byte-range index "
+                                "cannot express that: save this checkpoint as torch_dist to convert it")
     for old, new in _RENAMES:
         if rest.startswith(old):
             rest = new + rest[len(old):]
