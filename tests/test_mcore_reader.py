@@ -32,13 +32,14 @@ def test_torch_dcp_writer_round_trip(tmp_path):
     torch.manual_seed(0)
     sd = {"decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 6, 4).to(torch.bfloat16),
           "embedding.word_embeddings.weight": torch.randn(10, 4), "scalar": torch.tensor(3.5),
-          "ids": torch.arange(7), "optimizer.state.exp_avg": torch.zeros(3), "rng_state": torch.zeros(2)}
+          "ids": torch.arange(7), "optimizer.state.exp_avg": torch.zeros(3), "rng_state": torch.zeros(2),
+          "decoder.layers.self_attention.linear_proj._extra_state": torch.zeros(9, dtype=torch.uint8)}
     _dcp_save(sd, tmp_path / "iter_0000042")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("42\n")
     index = read_mcore_index(str(tmp_path))
     assert (index.format, index.iteration, index.tp, index.pp, index.ep) == ("torch_dist", 42, 1, 1, 1)
     assert set(index.tensors) == {"decoder.layers.mlp.linear_fc1.weight", "embedding.word_embeddings.weight",
-                                  "scalar", "ids"}  # optimizer and RNG state left out
+                                  "scalar", "ids"}  # optimizer, RNG and TE's extra state left out
     loc = open_location(index.root)
     for key, t in index.tensors.items():
         assert (t.dtype, t.shape) == ({torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}

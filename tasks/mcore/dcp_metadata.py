@@ -159,9 +159,10 @@ def _fields(obj: Any, cls: str, label: str) -> dict[str, Any]:
 
 
 def skipped_key(key: str) -> bool:
-    """Optimizer and RNG state: never part of a model conversion, never read."""
-    return key.startswith(("optimizer.", "optimizer/")) or key in ("rng_state", "rerun_state_machine_state") \
-        or key.startswith(("rng_state", "rerun_state_machine"))
+    """Optimizer and RNG state, modules' `_extra_state` (TransformerEngine's FP8 metadata, saved as
+    bytes or a uint8 tensor): never part of a model conversion, never read."""
+    return key.startswith(("optimizer.", "optimizer/", "rng_state", "rerun_state_machine")) \
+        or "._extra_state" in key
 
 
 def parse_metadata(data: bytes, label: str) -> DcpMetadata:

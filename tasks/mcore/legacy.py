@@ -16,7 +16,7 @@ import torch
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.mcore.archive import ArchiveError, Member, NeedMore, directory, payload_offset
 from ckptflow.tasks.mcore.common import plain
-from ckptflow.tasks.mcore.dcp_metadata import DTYPES, ITEMSIZE
+from ckptflow.tasks.mcore.dcp_metadata import DTYPES, ITEMSIZE, skipped_key
 from ckptflow.tasks.mcore.index import GlobalTensor
 from ckptflow.tasks.mcore.legacy_layout import LocalTensor, RankFile, build_global, rank_files
 from ckptflow.tasks.mcore.tiling import check_tensor
@@ -67,8 +67,8 @@ def scan_rank_file(loc: Location, name: str, size: int) -> tuple[dict[str, Local
     prefix = pkl[0].name[: -len("data.pkl")]
     wanted: dict[str, tuple[torch.Tensor, str, int]] = {}
     for key, value in tree["model"].items():
-        if not isinstance(value, torch.Tensor):
-            continue  # _extra_state (None / bytes) and other non-tensor entries
+        if not isinstance(value, torch.Tensor) or skipped_key(key):
+            continue  # _extra_state (None, or TransformerEngine's uint8 tensor) and other non-weights
         storage, offset = scan.sources[id(value)]
         if not value.is_contiguous():
             raise MegatronLoadError(f"{label}: tensor {key!r} is not contiguous (strides {list(value.stride())});"
