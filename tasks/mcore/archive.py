@@ -69,8 +69,8 @@ def directory(tail: bytes, archive_len: int,
         if sig != _CEN:
             raise ArchiveError("a broken central directory entry")
         name = tail[pos + 46:pos + 46 + nlen].decode("utf-8", "replace")
-        extra = tail[pos + 46 + nlen:pos + 46 + nlen + elen]
-        usize, csize, header = _zip64(extra, usize, csize, header)
+        if 0xFFFFFFFF in (usize, csize, header):
+            usize, csize, header = _zip64(tail[pos + 46 + nlen:pos + 46 + nlen + elen], usize, csize, header)
         pos += 46 + nlen + elen + clen
         if method != 0 or csize != usize:
             if _DATA.fullmatch(name) or name.endswith("/data.pkl"):
