@@ -50,8 +50,11 @@ def test_every_tensor_equals_the_reference(name):
         for key, t in index.tensors.items():
             assert (t.dtype, t.shape) == (SAFETENSORS[ref[key].dtype], tuple(ref[key].shape)), (fmt, key)
             assert torch.equal(read_region(loc, t), ref[key]), (fmt, key)
-        layouts[fmt] = ({(k, t.dtype, t.shape) for k, t in index.tensors.items()}, (index.tp, index.pp, index.ep))
-    assert layouts and len({repr(v) for v in layouts.values()}) == 1  # torch_dist and legacy agree
+        layouts[fmt] = (sorted((k, t.dtype, t.shape) for k, t in index.tensors.items()),
+                        (index.tp, index.pp, index.ep), index.args)
+        assert index.args["num_layers"] >= 2 and index.args["tensor_model_parallel_size"] == index.tp
+    first = next(iter(layouts.values()))
+    assert all(v == first for v in layouts.values())  # torch_dist and legacy agree
 
 
 @pytest.mark.parametrize("name", FIXTURES)
