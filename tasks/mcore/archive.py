@@ -36,8 +36,9 @@ class Member:
 
 
 def directory(tail: bytes, archive_len: int,
-              max_entries: int = MAX_ENTRIES) -> tuple[list[tuple[str, int, Member]], int]:
-    """([(name, method, Member)], directory offset) of the zip whose last `len(tail)` bytes are `tail`.
+              max_entries: int = MAX_ENTRIES) -> tuple[list[tuple[str, int, int]], int]:
+    """([(name, local header offset, size)], directory offset) of the zip whose last `len(tail)`
+    bytes are `tail`; every member a torch.save reader uses is checked to be stored uncompressed.
 
     Raises `NeedMore(n)` when the directory starts before `tail`: read the last n bytes instead."""
     at = tail.rfind(_EOCD)
@@ -78,7 +79,7 @@ def directory(tail: bytes, archive_len: int,
                                    "everything uncompressed")
         if header + 30 + csize > cd_off:
             raise ArchiveError(f"member {name} claims {csize} bytes at {header}, past the central directory")
-        found.append((name, method, Member(name, header, usize, cd_off)))
+        found.append((name, header, usize))  # plain tuples: ~10^5 archives are parsed per checkpoint
     return found, cd_off
 
 
@@ -90,13 +91,13 @@ class NeedMore(Exception):
 def find_payload_member(tail: bytes, archive_len: int) -> Member:
     """The one `<name>/data/N` member of the chunk archive whose last `len(tail)` bytes are `tail`."""
     try:
-        entries, _ = directory(tail, archive_len)
+        entries, limit = directory(tail, archive_len)
     except NeedMore:
         raise ArchiveError("its central directory is larger than a tensor archive's") from None
-    found = [m for name, _, m in entries if _DATA.fullmatch(name)]
+    found = [e for e in entries if _DATA.fullmatch(e[0])]
     if len(found) != 1:
         raise ArchiveError(f"{len(found)} tensor storages in the chunk archive; a chunk holds exactly one")
-    return found[0]
+    return Member(*found[0], limit)
 
 
 def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int, int]:

@@ -42,12 +42,12 @@ def scan_rank_file(loc: Location, name: str, size: int) -> tuple[dict[str, Local
     try:
         tail = _read(loc, name, max(0, size - TAIL), size)
         try:
-            entries, _ = directory(tail, size, MAX_STORAGES)
+            entries, limit = directory(tail, size, MAX_STORAGES)
         except NeedMore as more:
             if more.n > DIRECTORY_CAP:
                 raise ArchiveError(f"a {more.n}-byte zip directory") from None
-            entries, _ = directory(_read(loc, name, size - more.n, size), size, MAX_STORAGES)
-        members = {n: m for n, _, m in entries}
+            entries, limit = directory(_read(loc, name, size - more.n, size), size, MAX_STORAGES)
+        members = {n: Member(n, header, length, limit) for n, header, length in entries}
         pkl = [m for n, m in members.items() if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pkl) != 1:
             raise ArchiveError("not a torch.save zip (no single <name>/data.pkl)")
