@@ -23,6 +23,7 @@ from ckptflow.tasks.megatron.safe import MegatronLoadError
 MERGE_GAP = 64 << 10     # ranges closer than this are read as one
 MERGE_MAX = 8 << 20      # ... up to this size; bounds one read's memory
 BATCH = 512              # merged reads in flight per cat_ranges call
+LOCAL_HEADER = 30 + 1024  # a local header: fixed part, name, torch's alignment padding
 
 
 def read_metadata(loc: Location) -> DcpMetadata:
@@ -99,7 +100,7 @@ def _locate_file(loc: Location, name: str, items: list[DcpChunk]) -> dict[tuple[
                 raise MegatronLoadError(f"{label}: internal: chunk bytes {off}..{off + length} not read")
             try:
                 member = find_payload_member(tail, length)
-                if member.header + 30 + 1024 <= len(head):
+                if min(length, member.header + LOCAL_HEADER) <= len(head):
                     out[(off, length)] = (off + payload_offset(head[member.header:], member), member.size)
                 else:
                     later.append((it, member))
@@ -108,7 +109,7 @@ def _locate_file(loc: Location, name: str, items: list[DcpChunk]) -> dict[tuple[
         # Keep only what items still to parse may need (their heads start at or after their offset).
         blobs = [(s, b) for s, b in blobs if pending and s + len(b) > pending[0][0]]
     if later:  # a big pickle pushed data/0's header past HEAD: one more small read each
-        spans = [(it.item_offset + m.header, it.item_offset + min(it.item_length, m.header + 30 + 1024))
+        spans = [(it.item_offset + m.header, it.item_offset + min(it.item_length, m.header + LOCAL_HEADER))
                  for it, m in later]
         got = list(_fetch(loc, name, spans))
         for (it, member), (a, b) in zip(later, spans):
