@@ -118,6 +118,13 @@ def _cases(tmp: Path, marker: Path) -> dict[str, tuple[Path, str]]:
         struct.pack_into("<II", blob, at + 20, 64, 64)  # 192 → 64 bytes
     (legacy / "model_optim_rng.pt").write_bytes(bytes(blob))
     cases["legacy_short_storage"] = (legacy.parent, "holds 64")
+    packed = tmp / "legacy_compressed_pickle" / "iter_0000001" / "mp_rank_00"
+    packed.mkdir(parents=True)
+    torch.save({"args": args, "model": {"embedding.word_embeddings.weight": W}}, packed / "model_optim_rng.pt")
+    blob = bytearray((packed / "model_optim_rng.pt").read_bytes())
+    struct.pack_into("<H", blob, _central(blob, b"/data.pkl")[0] + 10, 8)  # says: deflated
+    (packed / "model_optim_rng.pt").write_bytes(bytes(blob))
+    cases["legacy_compressed_pickle"] = (packed.parent, "data.pkl is compressed")
     evil = tmp / "legacy_global" / "iter_0000001" / "mp_rank_00"
     evil.mkdir(parents=True)
     torch.save({"args": args, "model": {"w": _Evil(os.system, f"touch {marker}")}}, evil / "model_optim_rng.pt")
