@@ -175,6 +175,8 @@ def test_legacy_keys_become_torch_dist_keys():
         "decoder.layers.mlp.experts.experts.linear_fc2.weight", 0, 5)
     assert _global_key("decoder.layers.1.mlp.experts.linear_fc1.weight7")[:3] == (  # grouped GEMM
         "decoder.layers.mlp.experts.experts.linear_fc1.weight", 1, 7)
+    assert _global_key("decoder.layers.3.pre_mlp_layernorm.weight", local_spec=False)[0] == \
+        "decoder.layers.pre_mlp_layernorm.weight"  # TransformerEngine's spec keeps this name (MoE)
     assert _global_key("embedding.word_embeddings.weight")[:3] == ("embedding.word_embeddings.weight", None, None)
 
 

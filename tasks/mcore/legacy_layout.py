@@ -129,8 +129,12 @@ def _split(tail: str, key: str, where: str) -> int | None:
                             "or replicated); refused rather than guessed")
 
 
-def _global_key(key: str) -> tuple[str, int | None, int | None, str]:
-    """(torch_dist key, local layer, local expert, tail for the split table) of a legacy key."""
+def _global_key(key: str, local_spec: bool = True) -> tuple[str, int | None, int | None, str]:
+    """(torch_dist key, local layer, local expert, tail for the split table) of a legacy key.
+
+    Only the local spec renames its separate norms for torch_dist; TransformerEngine's spec fuses
+    them into linear_qkv / linear_fc1 already, and keeps a separate norm (MoE's pre_mlp_layernorm)
+    under its own name."""
     m = _LAYER.fullmatch(key)
     if not m:
         return key, None, None, key
@@ -139,7 +143,7 @@ def _global_key(key: str) -> tuple[str, int | None, int | None, str]:
         raise MegatronLoadError(f"tensor {key!r}: a GroupedMLP weight (moe_grouped_gemm with the local spec) "
                                 "holds its experts transposed ([hidden, experts × ffn]); the byte-range index "
                                 "cannot express that: save this checkpoint as torch_dist to convert it")
-    for old, new in _RENAMES:
+    for old, new in _RENAMES if local_spec else ():
         if rest.startswith(old):
             rest = new + rest[len(old):]
     if e := _EXPERT.fullmatch(rest):
@@ -163,6 +167,7 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
                                 "not a layout this reader knows; save it as torch_dist instead")
     swiglu = bool(args.get("swiglu") or args.get("gated_linear_unit"))
     tied = not args.get("untie_embeddings_and_output_weights", False)
+    local_spec = args.get("transformer_impl", "local") == "local"
     # global key → [(layer, expert, tp rank, local tensor, split)]
     parts: dict[str, list[tuple[int | None, int | None, int, LocalTensor, int | None]]] = {}
     seen: dict[tuple[str, int | None, int | None, int], LocalTensor] = {}
@@ -170,7 +175,7 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
         for key, lt in tensors.items():
             if key == "output_layer.weight" and tied:
                 continue  # the last stage's copy of the tied embedding: torch_dist saves it once
-            gkey, layer, expert, tail = _global_key(key)
+            gkey, layer, expert, tail = _global_key(key, local_spec)
             split = _split(tail, key, where)
             glayer = None if layer is None else starts[rf.pp] + layer
             if glayer is not None and glayer >= starts[rf.pp + 1]:
