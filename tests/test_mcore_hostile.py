@@ -11,6 +11,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
@@ -175,3 +176,22 @@ def test_clean_copy_of_each_case_reads(tmp_path):
     index = read_mcore_index(str(_ok(tmp_path / "ok")))
     t = index.tensors["decoder.layers.mlp.linear_fc2.weight"]
     assert torch.equal(read_region(open_location(index.root), t), W)
+
+
+def test_a_file_cannot_change_how_the_next_is_read(tmp_path):
+    """BUILD may set attributes on what a GLOBAL pushed (the float32 dtype, the Size class): a
+    hostile .metadata doing so is refused and the next file still reads as float32."""
+    from ckptflow.tasks.mcore.dcp_metadata import parse_metadata
+    from ckptflow.tasks.megatron.safe import MegatronLoadError
+
+    def short(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+
+    poison = (b"\x80\x04" + short("torch") + short("float32") + b"\x93}" + short("name") + short("bfloat16")
+              + b"sb" + short("torch") + short("Size") + b"\x93N}" + short("__iter__") + b"N" + b"s\x86b0.")
+    with pytest.raises(MegatronLoadError, match="not a readable torch_dist .metadata"):
+        parse_metadata(poison, "evil/.metadata")
+    root = _ok(tmp_path / "ok")
+    meta = parse_metadata((root / ".metadata").read_bytes(), "ok/.metadata")
+    t = meta.tensors["decoder.layers.mlp.linear_fc2.weight"]
+    assert t.dtype == "F32" and t.shape == (4, 12) and len(t.chunks) == 8

@@ -62,7 +62,7 @@ class _RawShape(tuple):
 
 def _size(values: Any) -> tuple[int, ...]:
     """A torch.Size's values, checked: a few non-negative integers."""
-    if type(values) not in (_RawShape, tuple, list) or len(values) > MAX_DIMS:
+    if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
         raise ValueError("torch.Size of something other than a few non-negative integers")
     for v in values:
         if type(v) is not int or not 0 <= v < MAX_INT:
@@ -90,30 +90,37 @@ def _path(*parts: Any) -> str:  # pathlib.PosixPath(*parts) in StorageMeta.check
 
 _DCP = "torch.distributed.checkpoint.metadata"
 _PLANNER = "torch.distributed.checkpoint.planner"
-_CLASSES: dict[tuple[str, str], Any] = {
-    **{(_DCP, n): _stub(n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
-                                       "BytesStorageMetadata", "MetadataIndex", "StorageMeta")},
-    (_DCP, "TensorProperties"): _stub("TensorProperties", _TupleStub),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _stub("_StorageInfo"),
-    (_DCP, "_MEM_FORMAT_ENCODING"): _mem_format,
-    # Megatron caches each rank's save plan in the metadata (`all_local_plans`); read, never used.
-    **{(_PLANNER, n): _stub(n) for n in ("SavePlan", "WriteItem", "TensorWriteData")},
-    (_PLANNER, "WriteItemType"): _mem_format,  # an enum: kept as its value
-    ("torch", "Size"): _RawShape,  # built in C; every use checks its values (`_size`)
-    ("torch.serialization", "_get_layout"): _layout,
-    ("pathlib", "PosixPath"): _path,
-    ("pathlib", "PurePosixPath"): _path,
-    **{("torch", n): _Dtype(n) for n in DTYPES},
-}
+
+
+def _classes() -> dict[tuple[str, str], Any]:
+    """What each allowed global stands for: fresh classes and values for every file, because
+    pickle's BUILD can set attributes on whatever a GLOBAL pushed (a class, a dtype value), and a
+    hostile file must not change how the next file is read."""
+    return {
+        **{(_DCP, n): _stub(n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                           "BytesStorageMetadata", "MetadataIndex", "StorageMeta")},
+        (_DCP, "TensorProperties"): _stub("TensorProperties", _TupleStub),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _stub("_StorageInfo"),
+        (_DCP, "_MEM_FORMAT_ENCODING"): _mem_format,
+        # Megatron caches each rank's save plan in the metadata (`all_local_plans`); read, never used.
+        **{(_PLANNER, n): _stub(n) for n in ("SavePlan", "WriteItem", "TensorWriteData")},
+        (_PLANNER, "WriteItemType"): _mem_format,  # an enum: kept as its value
+        ("torch", "Size"): type("Size", (_RawShape,), {"__slots__": ()}),  # built in C; checked at use
+        ("torch.serialization", "_get_layout"): _layout,
+        ("pathlib", "PosixPath"): _path,
+        ("pathlib", "PurePosixPath"): _path,
+        **{("torch", n): _Dtype(n) for n in DTYPES},
+    }
 
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, label: str) -> None:
         super().__init__(io.BytesIO(data))
         self.label = label
+        self.classes = _classes()
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _CLASSES.get((module, name))
+        found = self.classes.get((module, name))
         if found is None:
             raise MegatronLoadError(
                 f"{self.label}: refused: its pickle asks for {module}.{name}, which is not one of the "
