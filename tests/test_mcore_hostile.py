@@ -126,6 +126,10 @@ def _cases(tmp: Path, marker: Path) -> dict[str, tuple[Path, str]]:
     struct.pack_into("<H", blob, _central(blob, b"/data.pkl")[0] + 10, 8)  # says: deflated
     (packed / "model_optim_rng.pt").write_bytes(bytes(blob))
     cases["legacy_compressed_pickle"] = (packed.parent, "data.pkl is compressed")
+    old_lm = tmp / "legacy_pre_core" / "iter_0000001" / "mp_rank_00"
+    old_lm.mkdir(parents=True)
+    torch.save({"args": args, "model": {"language_model": {"embedding": {"weight": W}}}}, old_lm / "model_optim_rng.pt")
+    cases["legacy_pre_core"] = (old_lm.parent, "nested under 'language_model'")
     evil = tmp / "legacy_global" / "iter_0000001" / "mp_rank_00"
     evil.mkdir(parents=True)
     torch.save({"args": args, "model": {"w": _Evil(os.system, f"touch {marker}")}}, evil / "model_optim_rng.pt")

@@ -64,6 +64,11 @@ def scan_rank_file(loc: Location, name: str, size: int) -> tuple[dict[str, Local
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise MegatronLoadError(f"{label}: no 'model' state dict in it; not a Megatron rank file "
                                 "(virtual pipeline stages, model0/model1..., are not supported)")
+    nested = [k for k, v in tree["model"].items() if isinstance(v, dict)]
+    if nested or not any(isinstance(v, torch.Tensor) for v in tree["model"].values()):
+        raise MegatronLoadError(f"{label}: its model state is not Megatron-Core's flat one "
+                                f"({'nested under ' + repr(nested[0]) if nested else 'no tensors'}); a "
+                                "Megatron-LM (pre-Core) checkpoint such as GPT-2's is read by the GPT-2 path")
     prefix = pkl[0].name[: -len("data.pkl")]
     wanted: dict[str, tuple[torch.Tensor, str, int]] = {}
     for key, value in tree["model"].items():
