@@ -199,3 +199,9 @@ def test_unmerged_reads_and_far_local_headers(tmp_path, monkeypatch):
     assert len(calls) == 4 and sum(calls) == 12 * 2 + 12  # per file: heads + tails, then far headers
     t = apart.tensors["decoder.layers.mlp.linear_fc1.weight"]
     assert torch.equal(read_region(open_location(apart.root), t), w)
+
+
+def test_no_model_tensors_is_an_error(tmp_path):
+    write_torch_dist(tmp_path / "iter_0000003", {"optimizer.state.exp_avg.w": (torch.ones(4), grid((4,), (2,)))})
+    with pytest.raises(MegatronLoadError, match="iter_0000003: holds no model tensors"):
+        read_mcore_index(str(tmp_path / "iter_0000003"))

@@ -58,6 +58,9 @@ def read_mcore_index(url: str, storage_options: dict[str, Any] | None = None) ->
         from ckptflow.tasks.mcore.legacy import read_legacy
 
         tensors, args, iteration = read_legacy(loc, found.files)
+    if not tensors:
+        raise MegatronLoadError(f"{loc.url}: holds no model tensors (only optimizer, RNG or other state); "
+                                "not a checkpoint to convert")
     try:
         tp, pp, ep = parallel_sizes(args)
     except ValueError as exc:
