@@ -11,6 +11,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
@@ -62,6 +63,9 @@ def _cases(tmp: Path, marker: Path) -> dict[str, tuple[Path, str]]:
     (root / ".metadata").write_bytes(pickle.dumps(_Evil(os.system, f"touch {marker}")))
     root = case("eval", "asks for builtins.eval")
     (root / ".metadata").write_bytes(pickle.dumps(_Evil(eval, f"open({str(marker)!r}, 'w')")))
+
+    root = case("set_bomb", "Python sets")  # 6M empty sets from a 12 MB pickle: 1.3 GB if built
+    (root / ".metadata").write_bytes(b"\x80\x04]\x94(" + b"\x8f" * 6_000_000 + b"e.")
 
     def huge(meta):
         meta.state_dict_metadata["decoder.layers.mlp.linear_fc2.weight"].size = torch.Size([1 << 40, 1 << 40])
@@ -115,6 +119,21 @@ def _cases(tmp: Path, marker: Path) -> dict[str, tuple[Path, str]]:
         struct.pack_into("<II", blob, at + 20, 64, 64)  # 192 → 64 bytes
     (legacy / "model_optim_rng.pt").write_bytes(bytes(blob))
     cases["legacy_short_storage"] = (legacy.parent, "holds 64")
+    packed = tmp / "legacy_compressed_pickle" / "iter_0000001" / "mp_rank_00"
+    packed.mkdir(parents=True)
+    torch.save({"args": args, "model": {"embedding.word_embeddings.weight": W}}, packed / "model_optim_rng.pt")
+    blob = bytearray((packed / "model_optim_rng.pt").read_bytes())
+    struct.pack_into("<H", blob, _central(blob, b"/data.pkl")[0] + 10, 8)  # says: deflated
+    (packed / "model_optim_rng.pt").write_bytes(bytes(blob))
+    cases["legacy_compressed_pickle"] = (packed.parent, "data.pkl is compressed")
+    old_lm = tmp / "legacy_pre_core" / "iter_0000001" / "mp_rank_00"
+    old_lm.mkdir(parents=True)
+    torch.save({"args": args, "model": {"language_model": {"embedding": {"weight": W}}}}, old_lm / "model_optim_rng.pt")
+    cases["legacy_pre_core"] = (old_lm.parent, "nested under 'language_model'")
+    evil = tmp / "legacy_global" / "iter_0000001" / "mp_rank_00"
+    evil.mkdir(parents=True)
+    torch.save({"args": args, "model": {"w": _Evil(os.system, f"touch {marker}")}}, evil / "model_optim_rng.pt")
+    cases["legacy_global"] = (evil.parent, "asks for posix.system")
     return cases
 
 
@@ -161,3 +180,22 @@ def test_clean_copy_of_each_case_reads(tmp_path):
     index = read_mcore_index(str(_ok(tmp_path / "ok")))
     t = index.tensors["decoder.layers.mlp.linear_fc2.weight"]
     assert torch.equal(read_region(open_location(index.root), t), W)
+
+
+def test_a_file_cannot_change_how_the_next_is_read(tmp_path):
+    """BUILD may set attributes on what a GLOBAL pushed (the float32 dtype, the Size class): a
+    hostile .metadata doing so is refused and the next file still reads as float32."""
+    from ckptflow.tasks.mcore.dcp_metadata import parse_metadata
+    from ckptflow.tasks.megatron.safe import MegatronLoadError
+
+    def short(text: str) -> bytes:
+        return b"\x8c" + bytes([len(text)]) + text.encode()
+
+    poison = (b"\x80\x04" + short("torch") + short("float32") + b"\x93}" + short("name") + short("bfloat16")
+              + b"sb" + short("torch") + short("Size") + b"\x93N}" + short("__iter__") + b"N" + b"s\x86b0.")
+    with pytest.raises(MegatronLoadError, match="not a readable torch_dist .metadata"):
+        parse_metadata(poison, "evil/.metadata")
+    root = _ok(tmp_path / "ok")
+    meta = parse_metadata((root / ".metadata").read_bytes(), "ok/.metadata")
+    t = meta.tensors["decoder.layers.mlp.linear_fc2.weight"]
+    assert t.dtype == "F32" and t.shape == (4, 12) and len(t.chunks) == 8

@@ -32,13 +32,14 @@ def test_torch_dcp_writer_round_trip(tmp_path):
     torch.manual_seed(0)
     sd = {"decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 6, 4).to(torch.bfloat16),
           "embedding.word_embeddings.weight": torch.randn(10, 4), "scalar": torch.tensor(3.5),
-          "ids": torch.arange(7), "optimizer.state.exp_avg": torch.zeros(3), "rng_state": torch.zeros(2)}
+          "ids": torch.arange(7), "optimizer.state.exp_avg": torch.zeros(3), "rng_state": torch.zeros(2),
+          "decoder.layers.self_attention.linear_proj._extra_state": torch.zeros(9, dtype=torch.uint8)}
     _dcp_save(sd, tmp_path / "iter_0000042")
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("42\n")
     index = read_mcore_index(str(tmp_path))
     assert (index.format, index.iteration, index.tp, index.pp, index.ep) == ("torch_dist", 42, 1, 1, 1)
     assert set(index.tensors) == {"decoder.layers.mlp.linear_fc1.weight", "embedding.word_embeddings.weight",
-                                  "scalar", "ids"}  # optimizer and RNG state left out
+                                  "scalar", "ids"}  # optimizer, RNG and TE's extra state left out
     loc = open_location(index.root)
     for key, t in index.tensors.items():
         assert (t.dtype, t.shape) == ({torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64"}
@@ -163,3 +164,44 @@ def test_rank_file_suffix_is_read_from_the_args():
     assert stage_layers({"num_layers": 7, "decoder_first_pipeline_num_layers": 1}, 4, "ck") == [0, 1, 3, 5, 7]
     with pytest.raises(MegatronLoadError, match="do not split evenly"):
         stage_layers({"num_layers": 5}, 2, "ck")
+
+
+def test_legacy_keys_become_torch_dist_keys():
+    from ckptflow.tasks.mcore.legacy_layout import _global_key
+
+    assert _global_key("decoder.layers.3.input_layernorm.weight")[:3] == (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight", 3, None)
+    assert _global_key("decoder.layers.0.mlp.experts.local_experts.5.linear_fc2.weight")[:3] == (
+        "decoder.layers.mlp.experts.experts.linear_fc2.weight", 0, 5)
+    assert _global_key("decoder.layers.1.mlp.experts.linear_fc1.weight7")[:3] == (  # grouped GEMM
+        "decoder.layers.mlp.experts.experts.linear_fc1.weight", 1, 7)
+    assert _global_key("decoder.layers.3.pre_mlp_layernorm.weight", local_spec=False)[0] == \
+        "decoder.layers.pre_mlp_layernorm.weight"  # TransformerEngine's spec keeps this name (MoE)
+    assert _global_key("embedding.word_embeddings.weight")[:3] == ("embedding.word_embeddings.weight", None, None)
+
+
+def test_unmerged_reads_and_far_local_headers(tmp_path, monkeypatch):
+    """Every chunk read on its own (no merging) and data/0's local header past the first read (a
+    second small read each): the same index, the same bytes."""
+    from ckptflow.tasks.mcore import torch_dist
+
+    torch.manual_seed(2)
+    w = torch.randn(4, 6, 8)
+    root = write_torch_dist(tmp_path / "ck", {"decoder.layers.mlp.linear_fc1.weight": (w, grid(w.shape, (4, 3, 1)))})
+    merged = read_mcore_index(str(root))
+    monkeypatch.setattr(torch_dist, "MERGE_GAP", -1)
+    monkeypatch.setattr(torch_dist, "HEAD", 40)
+    calls = []
+    real = torch_dist._fetch
+    monkeypatch.setattr(torch_dist, "_fetch", lambda *a: calls.append(len(a[2])) or real(*a))
+    apart = read_mcore_index(str(root))
+    assert apart.tensors == merged.tensors
+    assert len(calls) == 4 and sum(calls) == 12 * 2 + 12  # per file: heads + tails, then far headers
+    t = apart.tensors["decoder.layers.mlp.linear_fc1.weight"]
+    assert torch.equal(read_region(open_location(apart.root), t), w)
+
+
+def test_no_model_tensors_is_an_error(tmp_path):
+    write_torch_dist(tmp_path / "iter_0000003", {"optimizer.state.exp_avg.w": (torch.ones(4), grid((4,), (2,)))})
+    with pytest.raises(MegatronLoadError, match="iter_0000003: holds no model tensors"):
+        read_mcore_index(str(tmp_path / "iter_0000003"))

@@ -18,6 +18,8 @@ HEAD = 4096   # data/0's local header follows data.pkl (~200 bytes) and three ti
 MAX_ENTRIES = 64
 _EOCD, _EOCD64, _LOC64 = b"PK\x05\x06", b"PK\x06\x06", b"PK\x06\x07"
 _CEN, _LOC = b"PK\x01\x02", b"PK\x03\x04"
+# signature, (skip 6) method, (skip 8) compressed, uncompressed, name/extra/comment lengths, (skip 8) offset
+_CEN_ENTRY = struct.Struct("<4s6xH8xIIHHH8xI")
 _DATA = re.compile(r"[^/]+/data/\d+")
 
 
@@ -34,8 +36,9 @@ class Member:
 
 
 def directory(tail: bytes, archive_len: int,
-              max_entries: int = MAX_ENTRIES) -> tuple[list[tuple[str, int, Member]], int]:
-    """([(name, method, Member)], directory offset) of the zip whose last `len(tail)` bytes are `tail`.
+              max_entries: int = MAX_ENTRIES) -> tuple[list[tuple[str, int, int]], int]:
+    """([(name, local header offset, size)], directory offset) of the zip whose last `len(tail)`
+    bytes are `tail`; every member a torch.save reader uses is checked to be stored uncompressed.
 
     Raises `NeedMore(n)` when the directory starts before `tail`: read the last n bytes instead."""
     at = tail.rfind(_EOCD)
@@ -61,14 +64,14 @@ def directory(tail: bytes, archive_len: int,
     found = []
     pos = start
     for _ in range(count):
-        if pos + 46 > len(tail) or tail[pos:pos + 4] != _CEN:
+        if pos + 46 > len(tail):
             raise ArchiveError("a broken central directory entry")
-        (method, csize, usize, nlen, elen, clen, header) = (
-            struct.unpack_from("<H", tail, pos + 10)[0], *struct.unpack_from("<II", tail, pos + 20),
-            *struct.unpack_from("<HHH", tail, pos + 28), struct.unpack_from("<I", tail, pos + 42)[0])
+        (sig, method, csize, usize, nlen, elen, clen, header) = _CEN_ENTRY.unpack_from(tail, pos)
+        if sig != _CEN:
+            raise ArchiveError("a broken central directory entry")
         name = tail[pos + 46:pos + 46 + nlen].decode("utf-8", "replace")
-        extra = tail[pos + 46 + nlen:pos + 46 + nlen + elen]
-        usize, csize, header = _zip64(extra, usize, csize, header)
+        if 0xFFFFFFFF in (usize, csize, header):
+            usize, csize, header = _zip64(tail[pos + 46 + nlen:pos + 46 + nlen + elen], usize, csize, header)
         pos += 46 + nlen + elen + clen
         if method != 0 or csize != usize:
             if _DATA.fullmatch(name) or name.endswith("/data.pkl"):
@@ -76,7 +79,7 @@ def directory(tail: bytes, archive_len: int,
                                    "everything uncompressed")
         if header + 30 + csize > cd_off:
             raise ArchiveError(f"member {name} claims {csize} bytes at {header}, past the central directory")
-        found.append((name, method, Member(name, header, usize, cd_off)))
+        found.append((name, header, usize))  # plain tuples: ~10^5 archives are parsed per checkpoint
     return found, cd_off
 
 
@@ -88,13 +91,13 @@ class NeedMore(Exception):
 def find_payload_member(tail: bytes, archive_len: int) -> Member:
     """The one `<name>/data/N` member of the chunk archive whose last `len(tail)` bytes are `tail`."""
     try:
-        entries, _ = directory(tail, archive_len)
+        entries, limit = directory(tail, archive_len)
     except NeedMore:
         raise ArchiveError("its central directory is larger than a tensor archive's") from None
-    found = [m for name, _, m in entries if _DATA.fullmatch(name)]
+    found = [e for e in entries if _DATA.fullmatch(e[0])]
     if len(found) != 1:
         raise ArchiveError(f"{len(found)} tensor storages in the chunk archive; a chunk holds exactly one")
-    return found[0]
+    return Member(*found[0], limit)
 
 
 def _zip64(extra: bytes, usize: int, csize: int, header: int) -> tuple[int, int, int]:

@@ -21,6 +21,7 @@ from ckptflow.tasks.megatron.safe import MegatronLoadError, human
 # pickle; an unpickled chunk costs ~0.5 KB. Past these the file is not a real checkpoint's.
 METADATA_CAP = 256 << 20
 MAX_CHUNKS = 1 << 22
+SET_BUDGET = 1 << 30
 MAX_DIMS = 8
 MAX_INT = 1 << 62  # every size, offset and length; their products are checked against it too
 
@@ -33,16 +34,19 @@ ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 
 
 
 class _Stub:
-    """A pickled dataclass instance: keeps its state dict, nothing else, runs nothing."""
+    """A pickled dataclass instance: pickle's own BUILD fills its __dict__ (in C: no Python call
+    per object, which matters at 10^5 chunks); nothing else, nothing runs."""
 
-    __slots__ = ("state",)
+
+class _TupleStub(_Stub):
+    """TensorProperties pickles a tuple (its own __getstate__)."""
 
     def __setstate__(self, state: Any) -> None:
-        self.state = state  # a dict (dataclass) or tuple (TensorProperties' own __getstate__)
+        self.__dict__["state"] = state
 
 
-def _stub(name: str) -> type:
-    return type(name, (_Stub,), {"__slots__": ()})
+def _stub(name: str, base: type = _Stub) -> type:
+    return type(name, (base,), {})
 
 
 @dataclass(frozen=True)
@@ -50,10 +54,19 @@ class _Dtype:
     name: str  # torch.<name>
 
 
-def _size(values: Any = ()) -> tuple[int, ...]:  # torch.Size(tuple of ints)
-    if type(values) not in (tuple, list) or len(values) > MAX_DIMS or \
-            not all(type(v) is int and 0 <= v < MAX_INT for v in values):
+class _RawShape(tuple):
+    """A torch.Size as the pickle built it: values not checked yet."""
+
+    __slots__ = ()
+
+
+def _size(values: Any) -> tuple[int, ...]:
+    """A torch.Size's values, checked: a few non-negative integers."""
+    if not isinstance(values, (tuple, list)) or len(values) > MAX_DIMS:
         raise ValueError("torch.Size of something other than a few non-negative integers")
+    for v in values:
+        if type(v) is not int or not 0 <= v < MAX_INT:
+            raise ValueError("torch.Size of something other than a few non-negative integers")
     return tuple(values)
 
 
@@ -77,30 +90,37 @@ def _path(*parts: Any) -> str:  # pathlib.PosixPath(*parts) in StorageMeta.check
 
 _DCP = "torch.distributed.checkpoint.metadata"
 _PLANNER = "torch.distributed.checkpoint.planner"
-_CLASSES: dict[tuple[str, str], Any] = {
-    **{(_DCP, n): _stub(n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
-                                       "TensorProperties", "BytesStorageMetadata", "MetadataIndex",
-                                       "StorageMeta")},
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _stub("_StorageInfo"),
-    (_DCP, "_MEM_FORMAT_ENCODING"): _mem_format,
-    # Megatron caches each rank's save plan in the metadata (`all_local_plans`); read, never used.
-    **{(_PLANNER, n): _stub(n) for n in ("SavePlan", "WriteItem", "TensorWriteData")},
-    (_PLANNER, "WriteItemType"): _mem_format,  # an enum: kept as its value
-    ("torch", "Size"): _size,
-    ("torch.serialization", "_get_layout"): _layout,
-    ("pathlib", "PosixPath"): _path,
-    ("pathlib", "PurePosixPath"): _path,
-    **{("torch", n): _Dtype(n) for n in DTYPES},
-}
+
+
+def _classes() -> dict[tuple[str, str], Any]:
+    """What each allowed global stands for: fresh classes and values for every file, because
+    pickle's BUILD can set attributes on whatever a GLOBAL pushed (a class, a dtype value), and a
+    hostile file must not change how the next file is read."""
+    return {
+        **{(_DCP, n): _stub(n) for n in ("Metadata", "TensorStorageMetadata", "ChunkStorageMetadata",
+                                           "BytesStorageMetadata", "MetadataIndex", "StorageMeta")},
+        (_DCP, "TensorProperties"): _stub("TensorProperties", _TupleStub),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): _stub("_StorageInfo"),
+        (_DCP, "_MEM_FORMAT_ENCODING"): _mem_format,
+        # Megatron caches each rank's save plan in the metadata (`all_local_plans`); read, never used.
+        **{(_PLANNER, n): _stub(n) for n in ("SavePlan", "WriteItem", "TensorWriteData")},
+        (_PLANNER, "WriteItemType"): _mem_format,  # an enum: kept as its value
+        ("torch", "Size"): type("Size", (_RawShape,), {"__slots__": ()}),  # built in C; checked at use
+        ("torch.serialization", "_get_layout"): _layout,
+        ("pathlib", "PosixPath"): _path,
+        ("pathlib", "PurePosixPath"): _path,
+        **{("torch", n): _Dtype(n) for n in DTYPES},
+    }
 
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, label: str) -> None:
         super().__init__(io.BytesIO(data))
         self.label = label
+        self.classes = _classes()
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _CLASSES.get((module, name))
+        found = self.classes.get((module, name))
         if found is None:
             raise MegatronLoadError(
                 f"{self.label}: refused: its pickle asks for {module}.{name}, which is not one of the "
@@ -139,18 +159,19 @@ class DcpMetadata:
 def _fields(obj: Any, cls: str, label: str) -> dict[str, Any]:
     if type(obj).__name__ != cls or not isinstance(obj, _Stub):
         raise ValueError(f"expected a {cls}, found a {type(obj).__name__}")
-    state = getattr(obj, "state", None)
-    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
-        state = {**(state[0] or {}), **state[1]}
-    if not isinstance(state, (dict, tuple)):
-        raise ValueError(f"a {cls} without its fields")
-    return state  # type: ignore[return-value]
+    if isinstance(obj, _TupleStub):
+        state = obj.__dict__.get("state")
+        if not isinstance(state, (dict, tuple)):
+            raise ValueError(f"a {cls} without its fields")
+        return state  # type: ignore[return-value]
+    return obj.__dict__
 
 
 def skipped_key(key: str) -> bool:
-    """Optimizer and RNG state: never part of a model conversion, never read."""
-    return key.startswith(("optimizer.", "optimizer/")) or key in ("rng_state", "rerun_state_machine_state") \
-        or key.startswith(("rng_state", "rerun_state_machine"))
+    """Optimizer and RNG state, modules' `_extra_state` (TransformerEngine's FP8 metadata, saved as
+    bytes or a uint8 tensor): never part of a model conversion, never read."""
+    return key.startswith(("optimizer.", "optimizer/", "rng_state", "rerun_state_machine")) \
+        or "._extra_state" in key
 
 
 def parse_metadata(data: bytes, label: str) -> DcpMetadata:
@@ -158,6 +179,14 @@ def parse_metadata(data: bytes, label: str) -> DcpMetadata:
     if len(data) > METADATA_CAP:
         raise MegatronLoadError(f"{label}: {human(len(data))}, larger than any real checkpoint's .metadata "
                                 f"({human(METADATA_CAP)} accepted): refused")
+    # The C unpickler builds what the opcodes say; most cost at most ~50 bytes of memory per byte of
+    # file, but an empty set costs 216 for one byte (EMPTY_SET, FROZENSET; .metadata holds none).
+    # Counting those byte values over-counts (they also occur inside integers and strings), so
+    # this bound errs on the safe side, in microseconds.
+    sets = data.count(b"\x8f") + data.count(b"\x91")
+    if sets * 216 > SET_BUDGET:
+        raise MegatronLoadError(f"{label}: refused: it could build up to {sets} Python sets "
+                                f"({human(sets * 216)}); a torch_dist .metadata holds none")
     try:
         root = _Unpickler(data, label).load()
         return _convert(root, label)
@@ -239,5 +268,5 @@ def _tensor(key: str, fields: dict, places: dict, label: str) -> DcpTensor:
         if place is None:
             raise MegatronLoadError(f"{label}: tensor {key!r}: chunk at {list(offsets)} has no storage "
                                     "entry (no file, offset, length); the checkpoint is incomplete")
-        chunks.append(DcpChunk(offsets, sizes, *place))
-    return DcpTensor(key, DTYPES[dtype.name], shape, tuple(chunks))
+        chunks.append(DcpChunk(tuple(offsets), tuple(sizes), *place))
+    return DcpTensor(key, DTYPES[dtype.name], tuple(shape), tuple(chunks))

@@ -16,7 +16,7 @@ import torch
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.mcore.archive import ArchiveError, Member, NeedMore, directory, payload_offset
 from ckptflow.tasks.mcore.common import plain
-from ckptflow.tasks.mcore.dcp_metadata import DTYPES, ITEMSIZE
+from ckptflow.tasks.mcore.dcp_metadata import DTYPES, ITEMSIZE, skipped_key
 from ckptflow.tasks.mcore.index import GlobalTensor
 from ckptflow.tasks.mcore.legacy_layout import LocalTensor, RankFile, build_global, rank_files
 from ckptflow.tasks.mcore.tiling import check_tensor
@@ -42,12 +42,12 @@ def scan_rank_file(loc: Location, name: str, size: int) -> tuple[dict[str, Local
     try:
         tail = _read(loc, name, max(0, size - TAIL), size)
         try:
-            entries, _ = directory(tail, size, MAX_STORAGES)
+            entries, limit = directory(tail, size, MAX_STORAGES)
         except NeedMore as more:
             if more.n > DIRECTORY_CAP:
                 raise ArchiveError(f"a {more.n}-byte zip directory") from None
-            entries, _ = directory(_read(loc, name, size - more.n, size), size, MAX_STORAGES)
-        members = {n: m for n, _, m in entries}
+            entries, limit = directory(_read(loc, name, size - more.n, size), size, MAX_STORAGES)
+        members = {n: Member(n, header, length, limit) for n, header, length in entries}
         pkl = [m for n, m in members.items() if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pkl) != 1:
             raise ArchiveError("not a torch.save zip (no single <name>/data.pkl)")
@@ -64,11 +64,16 @@ def scan_rank_file(loc: Location, name: str, size: int) -> tuple[dict[str, Local
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise MegatronLoadError(f"{label}: no 'model' state dict in it; not a Megatron rank file "
                                 "(virtual pipeline stages, model0/model1..., are not supported)")
+    nested = [k for k, v in tree["model"].items() if isinstance(v, dict)]
+    if nested or not any(isinstance(v, torch.Tensor) for v in tree["model"].values()):
+        raise MegatronLoadError(f"{label}: its model state is not Megatron-Core's flat one "
+                                f"({'nested under ' + repr(nested[0]) if nested else 'no tensors'}); a "
+                                "Megatron-LM (pre-Core) checkpoint such as GPT-2's is read by the GPT-2 path")
     prefix = pkl[0].name[: -len("data.pkl")]
     wanted: dict[str, tuple[torch.Tensor, str, int]] = {}
     for key, value in tree["model"].items():
-        if not isinstance(value, torch.Tensor):
-            continue  # _extra_state (None / bytes) and other non-tensor entries
+        if not isinstance(value, torch.Tensor) or skipped_key(key):
+            continue  # _extra_state (None, or TransformerEngine's uint8 tensor) and other non-weights
         storage, offset = scan.sources[id(value)]
         if not value.is_contiguous():
             raise MegatronLoadError(f"{label}: tensor {key!r} is not contiguous (strides {list(value.stride())});"
@@ -132,7 +137,12 @@ def read_legacy(loc: Location, files: dict[str, int]) -> tuple[dict[str, GlobalT
     locals_: dict[RankFile, dict[str, LocalTensor]] = {}
     for rf in layout:
         locals_[rf] = first if rf.name == names[0] else scan_rank_file(loc, rf.name, files[rf.name])[0]
-    tensors = build_global(locals_, args, loc.url)
+    try:
+        tensors = build_global(locals_, args, loc.url)
+    except MegatronLoadError as exc:
+        if str(exc).startswith("tensor "):  # raised where the folder is not known
+            raise MegatronLoadError(f"{loc.url}: {exc}") from None
+        raise
     for t in tensors.values():
         check_tensor(loc.url, t.key, t.shape, ITEMSIZE[t.dtype], t.chunks, files)
     return tensors, args, iteration if type(iteration) is int else None

@@ -28,6 +28,7 @@ _RANK = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?/model_optim_rng\.
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 _EXPERT = re.compile(r"mlp\.experts\.local_experts\.(\d+)\.(.+)")
 _GROUPED = re.compile(r"mlp\.experts\.(linear_fc[12])\.weight(\d+)")
+_LEGACY_GROUPED = re.compile(r"mlp\.experts\.weight[12]")
 # The local spec names these norms on their own; torch_dist saves them under the fused names.
 _RENAMES = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
             ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
@@ -128,13 +129,21 @@ def _split(tail: str, key: str, where: str) -> int | None:
                             "or replicated); refused rather than guessed")
 
 
-def _global_key(key: str) -> tuple[str, int | None, int | None, str]:
-    """(torch_dist key, local layer, local expert, tail for the split table) of a legacy key."""
+def _global_key(key: str, local_spec: bool = True) -> tuple[str, int | None, int | None, str]:
+    """(torch_dist key, local layer, local expert, tail for the split table) of a legacy key.
+
+    Only the local spec renames its separate norms for torch_dist; TransformerEngine's spec fuses
+    them into linear_qkv / linear_fc1 already, and keeps a separate norm (MoE's pre_mlp_layernorm)
+    under its own name."""
     m = _LAYER.fullmatch(key)
     if not m:
         return key, None, None, key
     layer, rest = int(m.group(1)), m.group(2)
-    for old, new in _RENAMES:
+    if _LEGACY_GROUPED.fullmatch(rest):
+        raise MegatronLoadError(f"tensor {key!r}: a GroupedMLP weight (moe_grouped_gemm with the local spec) "
+                                "holds its experts transposed ([hidden, experts × ffn]); the byte-range index "
+                                "cannot express that: save this checkpoint as torch_dist to convert it")
+    for old, new in _RENAMES if local_spec else ():
         if rest.startswith(old):
             rest = new + rest[len(old):]
     if e := _EXPERT.fullmatch(rest):
@@ -153,11 +162,12 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
     experts = _int(args, "num_experts", None)
     e_local = experts // ep if experts else None
     etp = _int(args, "expert_tensor_parallel_size", None) or tp
-    if experts and (experts % ep or etp not in (tp, 1)):
+    if experts and (experts % ep or etp != tp):  # ETP ≠ TP changes which files hold which expert shards
         raise MegatronLoadError(f"{where}: {experts} experts over EP={ep} with expert TP={etp} (TP={tp}): "
                                 "not a layout this reader knows; save it as torch_dist instead")
     swiglu = bool(args.get("swiglu") or args.get("gated_linear_unit"))
     tied = not args.get("untie_embeddings_and_output_weights", False)
+    local_spec = args.get("transformer_impl", "local") == "local"
     # global key → [(layer, expert, tp rank, local tensor, split)]
     parts: dict[str, list[tuple[int | None, int | None, int, LocalTensor, int | None]]] = {}
     seen: dict[tuple[str, int | None, int | None, int], LocalTensor] = {}
@@ -165,7 +175,7 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
         for key, lt in tensors.items():
             if key == "output_layer.weight" and tied:
                 continue  # the last stage's copy of the tied embedding: torch_dist saves it once
-            gkey, layer, expert, tail = _global_key(key)
+            gkey, layer, expert, tail = _global_key(key, local_spec)
             split = _split(tail, key, where)
             glayer = None if layer is None else starts[rf.pp] + layer
             if glayer is not None and glayer >= starts[rf.pp + 1]:
@@ -176,8 +186,6 @@ def build_global(ranks: dict[RankFile, dict[str, LocalTensor]], args: dict[str, 
                     raise MegatronLoadError(f"{where}/{rf.name}: tensor {key!r}: expert {expert} but the arguments "
                                             f"say {e_local} local experts per EP rank")
                 expert = rf.ep * e_local + expert
-                if etp == 1:
-                    split = REPLICATED
             elif rf.ep:
                 continue  # non-expert tensors are replicated over EP ranks: EP rank 0's copy is read
             tp_rank = rf.tp if split is not REPLICATED else 0

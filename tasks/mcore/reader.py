@@ -1,4 +1,14 @@
-"""`read_mcore_index(url)`: any Megatron-Core checkpoint, either format, as one `McoreIndex`."""
+"""`read_mcore_index(url)`: any Megatron-Core checkpoint, either format, as one `McoreIndex`.
+
+The readers' public API:
+  * `read_mcore_index(url, storage_options=None) -> McoreIndex` (this module): the save root, an
+    `iter_N` or a `release` folder, torch_dist or legacy, any fsspec URL; errors are
+    `MegatronLoadError` (a `UserError`: one line naming the file and what to do).
+  * `chunks_for(tensor, region=None) -> list[Piece]` (`regions`): pure plan of the byte ranges
+    `(file start, file end, offset in the block)` of `Piece.chunk.file` that build a block of a
+    global tensor, C-contiguous; consecutive rows merged.
+  * `read_region(loc, tensor, region=None) -> torch.Tensor` (`assemble`): the same, read.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -48,6 +58,9 @@ def read_mcore_index(url: str, storage_options: dict[str, Any] | None = None) ->
         from ckptflow.tasks.mcore.legacy import read_legacy
 
         tensors, args, iteration = read_legacy(loc, found.files)
+    if not tensors:
+        raise MegatronLoadError(f"{loc.url}: holds no model tensors (only optimizer, RNG or other state); "
+                                "not a checkpoint to convert")
     try:
         tp, pp, ep = parallel_sizes(args)
     except ValueError as exc:

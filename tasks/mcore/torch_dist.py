@@ -8,6 +8,8 @@ the result. Optimizer and RNG entries are never read.
 """
 from __future__ import annotations
 
+import os
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +23,7 @@ from ckptflow.tasks.megatron.safe import MegatronLoadError
 MERGE_GAP = 64 << 10     # ranges closer than this are read as one
 MERGE_MAX = 8 << 20      # ... up to this size; bounds one read's memory
 BATCH = 512              # merged reads in flight per cat_ranges call
+LOCAL_HEADER = 30 + 1024  # a local header: fixed part, name, torch's alignment padding
 
 
 def read_metadata(loc: Location) -> DcpMetadata:
@@ -47,9 +50,17 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 def _fetch(loc: Location, name: str, ranges: list[tuple[int, int]]) -> Iterable[tuple[int, bytes]]:
     """(start, bytes) of each merged range covering `ranges`, BATCH reads at a time."""
     merged = _merge(ranges)
+    path = loc.path(name)
+    if loc.is_local:  # one open file and a pread per range (fsspec's local cat_ranges opens it per range)
+        with open(path, "rb") as f:
+            for a, b in merged:
+                blob = os.pread(f.fileno(), b - a, a)
+                if len(blob) != b - a:
+                    raise MegatronLoadError(f"{loc.url_of(name)}: could not read bytes {a}..{b} (short read)")
+                yield a, blob
+        return
     for i in range(0, len(merged), BATCH):
         part = merged[i:i + BATCH]
-        path = loc.path(name)
         blobs = loc.fs.cat_ranges([path] * len(part), [a for a, _ in part], [b for _, b in part])
         for (a, b), blob in zip(part, blobs):
             if isinstance(blob, Exception) or len(blob) != b - a:
@@ -75,13 +86,13 @@ def _locate_file(loc: Location, name: str, items: list[DcpChunk]) -> dict[tuple[
     out: dict[tuple[int, int], tuple[int, int]] = {}
     later: list[tuple[DcpChunk, Member]] = []
     by_item = {(it.item_offset, it.item_length): it for it in items}
-    pending = sorted(by_item)
+    pending = deque(sorted(by_item))
     blobs: list[tuple[int, bytes]] = []
     # Walk merged reads in file order, parsing each item as soon as its head and tail are in hand.
     for start, blob in _fetch(loc, name, wanted):
         blobs.append((start, blob))
         while pending and pending[0][0] + pending[0][1] <= start + len(blob):
-            off, length = pending.pop(0)
+            off, length = pending.popleft()
             it = by_item[(off, length)]
             tail = _slice(blobs, max(off, off + length - TAIL), off + length)
             head = _slice(blobs, off, off + min(HEAD, length))
@@ -89,7 +100,7 @@ def _locate_file(loc: Location, name: str, items: list[DcpChunk]) -> dict[tuple[
                 raise MegatronLoadError(f"{label}: internal: chunk bytes {off}..{off + length} not read")
             try:
                 member = find_payload_member(tail, length)
-                if member.header + 30 + 1024 <= len(head):
+                if min(length, member.header + LOCAL_HEADER) <= len(head):
                     out[(off, length)] = (off + payload_offset(head[member.header:], member), member.size)
                 else:
                     later.append((it, member))
@@ -98,7 +109,7 @@ def _locate_file(loc: Location, name: str, items: list[DcpChunk]) -> dict[tuple[
         # Keep only what items still to parse may need (their heads start at or after their offset).
         blobs = [(s, b) for s, b in blobs if pending and s + len(b) > pending[0][0]]
     if later:  # a big pickle pushed data/0's header past HEAD: one more small read each
-        spans = [(it.item_offset + m.header, it.item_offset + min(it.item_length, m.header + 30 + 1024))
+        spans = [(it.item_offset + m.header, it.item_offset + min(it.item_length, m.header + LOCAL_HEADER))
                  for it, m in later]
         got = list(_fetch(loc, name, spans))
         for (it, member), (a, b) in zip(later, spans):
