@@ -48,7 +48,9 @@ class Family:
     """One model, saved in several layouts (each fixture names its family)."""
     num_layers: int = 2
     hidden: int = 64
-    ffn: int = 96                 # dense MLP width (each of gate and up with SwiGLU)
+    # widths differ from hidden (64) and from each other so a transposed or mis-split tensor cannot
+    # pass for a right one by shape; small, because the fixtures are committed
+    ffn: int = 40                 # dense MLP width (each of gate and up with SwiGLU)
     heads: int = 4
     groups: int = 2               # query groups (GQA); == heads would be MHA
     qk_layernorm: bool = False
@@ -71,12 +73,12 @@ FAMILIES: dict[str, Family] = {
                     hf={"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}),
     "qwen2": Family(qkv_bias=True, tied=True, rotary_base=1000000,
                     hf={"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}),
-    "qwen3moe": Family(qk_layernorm=True, experts=4, topk=2, moe_ffn=48, rotary_base=1000000,
+    "qwen3moe": Family(qk_layernorm=True, experts=4, topk=2, moe_ffn=24, rotary_base=1000000,
                        hf={"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]}),
-    "qwen2moe": Family(qkv_bias=True, experts=4, topk=2, moe_ffn=48, shared_ffn=64, pre_softmax=True,
+    "qwen2moe": Family(qkv_bias=True, experts=4, topk=2, moe_ffn=24, shared_ffn=32, pre_softmax=True,
                        rotary_base=1000000,
                        hf={"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]}),
-    "mixtral": Family(experts=4, topk=2, moe_ffn=48, rotary_base=1000000,
+    "mixtral": Family(experts=4, topk=2, moe_ffn=24, rotary_base=1000000,
                       hf={"model_type": "mixtral", "architectures": ["MixtralForCausalLM"]}),
 }
 
@@ -94,6 +96,8 @@ class Fixture:
     last_pp_layers: int | None = None
     vocab_size: int | None = TRUE_VOCAB   # None: args.vocab_size is None (a HF-tokenizer run)
     optimizer: bool = False               # save Adam state too (readers must skip it)
+    grouped: str | None = None            # "legacy": Megatron's GroupedMLP (weight1/weight2), run for
+                                          # real; "te": TEGroupedMLP's weight{K} names (renamed, see notes)
 
     @property
     def world(self) -> int:
@@ -101,14 +105,16 @@ class Fixture:
 
 
 FIXTURES: list[Fixture] = [
-    Fixture("llama-gqa-tp1", "llama", optimizer=True),
-    Fixture("llama-gqa-tp2", "llama", tp=2, optimizer=True),
-    Fixture("llama-gqa-tp1-bf16", "llama", dtype="bfloat16"),
-    Fixture("qwen3-tp2", "qwen3", tp=2, vocab_size=None),
-    Fixture("qwen2-tp2", "qwen2", tp=2),
+    Fixture("llama-gqa-tp1", "llama"),
+    Fixture("llama-gqa-tp2", "llama", tp=2),
+    Fixture("llama-gqa-tp1-bf16", "llama", dtype="bfloat16", optimizer=True),
+    # torch_dist only: legacy TP=2 is covered by llama-gqa-tp2 (and the folder stays small)
+    Fixture("qwen3-tp2", "qwen3", tp=2, vocab_size=None, formats=("torch_dist",)),
+    Fixture("qwen2-tp2", "qwen2", tp=2, formats=("torch_dist",)),
     Fixture("qwen3moe-ep2", "qwen3moe", ep=2),
     Fixture("qwen2moe-tp2-ep2", "qwen2moe", tp=2, ep=2),
-    Fixture("mixtral-ep2", "mixtral", ep=2, formats=("torch_dist",)),
+    Fixture("mixtral-ep2-groupedmlp-bf16", "mixtral", ep=2, dtype="bfloat16", grouped="legacy"),
+    Fixture("mixtral-ep2-tegrouped-names", "mixtral", ep=2, formats=("legacy",), grouped="te"),
     Fixture("llama-pp2", "llama3l", pp=2, first_pp_layers=1, last_pp_layers=2),
 ]
 
@@ -129,6 +135,19 @@ def _patch_cuda() -> None:
     mrandom.CudaRNGStatesTracker.fork = _no_fork
     from megatron.core.transformer.moe import moe_utils
     moe_utils.te_general_gemm = None
+    # GroupedMLP needs the CUDA `grouped_gemm` package; its one op is a per-expert matmul, done here in
+    # torch (only the forward pass uses it: the saved weights are Megatron's own layout either way).
+    from megatron.core.transformer.moe import grouped_gemm_util as gg
+
+    def gmm(a, b, batch_sizes, trans_b=False):
+        outs, start = [], 0
+        for e, n in enumerate(batch_sizes.tolist()):
+            w = b[e].t() if trans_b else b[e]
+            outs.append(a[start:start + n] @ w)
+            start += n
+        return torch.cat(outs) if outs else a.new_zeros(0, b.shape[-2 if trans_b else -1])
+    gg.grouped_gemm = True
+    gg.ops = type("ops", (), {"gmm": staticmethod(gmm)})
 
 
 def _config(fam: Family, fx: Fixture):
@@ -143,7 +162,7 @@ def _config(fam: Family, fx: Fixture):
         if fam.shared_ffn:
             kw.update(moe_shared_expert_intermediate_size=fam.shared_ffn, moe_shared_expert_gate=True)
     if fx.pp > 1:
-        kw.update(num_layers_in_first_pipeline_stage=fx.first_pp_layers,
+        kw.update(pipeline_dtype=torch.float32, num_layers_in_first_pipeline_stage=fx.first_pp_layers,
                   num_layers_in_last_pipeline_stage=fx.last_pp_layers)
     return TransformerConfig(
         num_layers=fam.num_layers, hidden_size=fam.hidden, ffn_hidden_size=fam.ffn,
@@ -153,14 +172,15 @@ def _config(fam: Family, fx: Fixture):
         qk_layernorm=fam.qk_layernorm, tensor_model_parallel_size=fx.tp, pipeline_model_parallel_size=fx.pp,
         use_cpu_initialization=True, params_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, **kw)
+        persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=fx.dtype == "bfloat16",
+        moe_grouped_gemm=fx.grouped == "legacy", **kw)
 
 
 def _build(fam: Family, fx: Fixture):
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    spec = get_gpt_layer_local_spec(num_experts=fam.experts, moe_grouped_gemm=False,
+    spec = get_gpt_layer_local_spec(num_experts=fam.experts, moe_grouped_gemm=fx.grouped == "legacy",
                                     qk_layernorm=fam.qk_layernorm, normalization="RMSNorm")
     return GPTModel(config=_config(fam, fx), transformer_layer_spec=spec, vocab_size=PADDED_VOCAB,
                     max_sequence_length=64, pre_process=ps.is_pipeline_first_stage(),
@@ -206,7 +226,7 @@ def _args(fam: Family, fx: Fixture):
         num_experts=fam.experts, moe_router_topk=fam.topk if fam.experts else 2,
         moe_ffn_hidden_size=fam.moe_ffn, moe_shared_expert_intermediate_size=fam.shared_ffn,
         moe_shared_expert_gate=bool(fam.shared_ffn), moe_router_pre_softmax=fam.pre_softmax,
-        moe_grouped_gemm=False, moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=fx.grouped is not None, moe_token_dispatcher_type="allgather",
         params_dtype=dtype, bf16=fx.dtype == "bfloat16", fp16=fx.dtype == "float16",
         decoder_first_pipeline_num_layers=fx.first_pp_layers,
         decoder_last_pipeline_num_layers=fx.last_pp_layers,
@@ -284,6 +304,23 @@ def _save_torch_dist(model, fam, fx, root: Path, opt) -> None:
         (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
 
 
+def _te_grouped_names(sd: dict) -> dict:
+    """SequentialMLP's local expert keys renamed to what TEGroupedMLP's state_dict holds (TE cannot run
+    here): `mlp.experts.linear_fc{1,2}.weight{k}` for local expert k, one `_extra_state` per GroupedLinear
+    (the tensors are the same [out, in] TP-local per-expert weights; only the names differ)."""
+    import re
+    out = {}
+    for k, v in sd.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.(weight|_extra_state)", k)
+        if not m:
+            out[k] = v
+        elif m[4] == "weight":
+            out[f"{m[1]}{m[3]}.weight{m[2]}"] = v
+        else:
+            out[f"{m[1]}{m[3]}._extra_state"] = None
+    return out
+
+
 def _save_legacy(model, fam, fx, root: Path, opt) -> None:
     import torch
     from megatron.core import parallel_state as ps
@@ -293,7 +330,8 @@ def _save_legacy(model, fam, fx, root: Path, opt) -> None:
     d = root / f"iter_{ITERATION:07d}" / name
     d.mkdir(parents=True, exist_ok=True)
     sd = {"args": _args(fam, fx), "checkpoint_version": 3.0, "iteration": ITERATION,
-          "model": model.state_dict_for_save_checkpoint(),
+          "model": _te_grouped_names(model.state_dict_for_save_checkpoint()) if fx.grouped == "te"
+          else model.state_dict_for_save_checkpoint(),
           "optimizer": {"optimizer": opt.state_dict() if opt is not None else {"state": {}, "param_groups": []},
                         "grad_scaler": None},
           "opt_param_scheduler": {"max_lr": 1e-3, "min_lr": 0.0, "num_steps": 8},
@@ -415,6 +453,25 @@ def _hf_config(fam: Family, fx: Fixture) -> dict:
     return cfg
 
 
+def _fixture_record(fx: Fixture, fam: Family, fdir: Path) -> dict:
+    """What the fixture is, for tests and README: layout, versions, the files each format holds."""
+    import megatron.core
+    import torch
+    rec = {"name": fx.name, "family": fx.family, "hf_model_type": fam.hf["model_type"], "tp": fx.tp,
+           "pp": fx.pp, "ep": fx.ep, "dtype": fx.dtype, "formats": list(fx.formats),
+           "num_layers": fam.num_layers, "padded_vocab_size": PADDED_VOCAB, "true_vocab_size": TRUE_VOCAB,
+           "args_vocab_size": fx.vocab_size, "first_pp_layers": fx.first_pp_layers,
+           "last_pp_layers": fx.last_pp_layers, "optimizer_state": fx.optimizer, "iteration": ITERATION,
+           "grouped_gemm": fx.grouped, "notes": {
+               "legacy": ["GroupedMLP (moe_grouped_gemm, no TE): legacy keys mlp.experts.weight1/weight2"],
+               "te": ["TEGroupedMLP names weight{K} made by renaming (TE does not run on CPU)"]}.get(fx.grouped, []),
+           "megatron_core": megatron.core.__version__, "torch": torch.__version__,
+           "logits": "megatron forward of this layout" if fx.pp == 1 else "megatron forward at PP=1 (same model)",
+           "files": sorted({str(p.relative_to(fdir)) for p in fdir.rglob("*") if p.is_file()}
+                           | {"fixture.json", "hf_config.json", "reference_logits.pt"})}
+    return rec
+
+
 def _write_reference(fx: Fixture, fam: Family, out: Path, canon_state: dict) -> None:
     import torch
     from safetensors.torch import save_file
@@ -434,6 +491,7 @@ def _write_reference(fx: Fixture, fam: Family, out: Path, canon_state: dict) -> 
     (fdir / "hf_config.json").write_text(json.dumps(_hf_config(fam, fx), indent=2, sort_keys=True) + "\n")
     if fx.pp > 1:  # Megatron's PP forward needs its pipeline schedule: take the PP=1 canonical logits
         shutil.copy(out / ".canon_logits" / f"{fx.family}.pt", fdir / "reference_logits.pt")
+    (fdir / "fixture.json").write_text(json.dumps(_fixture_record(fx, fam, fdir), indent=2) + "\n")
 
 
 def _canon_logits(family: str, out: Path, canon: Path) -> None:
@@ -444,6 +502,30 @@ def _canon_logits(family: str, out: Path, canon: Path) -> None:
     (out / ".canon_logits").mkdir(exist_ok=True)
     shutil.move(str(out / tmp.name / "reference_logits.pt"), out / ".canon_logits" / f"{family}.pt")
     shutil.rmtree(out / tmp.name)
+
+
+def write_readme_table(out: Path) -> None:
+    """Rewrite the fixture table of README.md (between its markers) from every fixture.json."""
+    rows = ["| fixture | HF model_type | formats | TP | PP | EP | dtype | layers | notes |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for rec_path in sorted(out.glob("*/fixture.json")):
+        r = json.loads(rec_path.read_text())
+        size = sum(p.stat().st_size for p in rec_path.parent.rglob("*") if p.is_file())
+        notes = [f"{size // 1024} KiB"]
+        if r["pp"] > 1:
+            notes.append(f"stages {r['first_pp_layers']}+{r['last_pp_layers']} layers")
+        if r["args_vocab_size"] is None:
+            notes.append("args.vocab_size None")
+        if r["optimizer_state"]:
+            notes.append("Adam state saved")
+        notes += r.get("notes", [])
+        rows.append(f"| `{r['name']}` | {r['hf_model_type']} | {', '.join(r['formats'])} | {r['tp']} | {r['pp']} "
+                    f"| {r['ep']} | {r['dtype']} | {r['num_layers']} | {'; '.join(notes)} |")
+    readme = out / "README.md"
+    text = readme.read_text()
+    head, rest = text.split("<!-- fixtures -->", 1)
+    _, tail = rest.split("<!-- /fixtures -->", 1)
+    readme.write_text(head + "<!-- fixtures -->\n" + "\n".join(rows) + "\n<!-- /fixtures -->" + tail)
 
 
 def main() -> None:
@@ -474,6 +556,7 @@ def main() -> None:
                 print(f"{fx.name}: {time.time() - t1:.1f}s", flush=True)
             print(f"family {family}: {time.time() - t0:.1f}s", flush=True)
         shutil.rmtree(a.out / ".canon_logits", ignore_errors=True)
+    write_readme_table(a.out)
 
 
 if __name__ == "__main__":
