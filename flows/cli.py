@@ -305,10 +305,11 @@ def cmd_megatron(args: argparse.Namespace) -> int:
 
     opts = parse_storage_options(args.storage_options) or None
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
-    from ckptflow.flows.megatron_core import is_megatron_core, run_megatron_core
+    from ckptflow.flows.megatron_core import is_megatron_core, refuse_core_only_flags, run_megatron_core
 
     if is_megatron_core(args.source, opts):
         return run_megatron_core(args, _human, _text_out, _print_json)
+    refuse_core_only_flags(args)
     from ckptflow.flows import server
     from ckptflow.flows.megatron import megatron_flow, megatron_preflight
     from ckptflow.flows.run_link import linked

@@ -172,6 +172,16 @@ def run_megatron_core(args: Any, human: Any, text_out: Any, print_json: Any) -> 
     return 0
 
 
+def refuse_core_only_flags(args: Any) -> None:
+    """`--dry-run` and `--family` mean something only for Megatron-Core saves; on the GPT-2 path a
+    dry run that converted anyway would write what the user asked not to write."""
+    used = [flag for flag, on in (("--dry-run", args.dry_run), ("--family", args.family)) if on]
+    if used:
+        raise UserError(f"{args.source}: not a Megatron-Core save (no torch_dist files, no rank files with "
+                        f"decoder./embedding. keys), so {' and '.join(used)} do not apply; the Megatron-LM GPT-2 "
+                        "path has neither")
+
+
 def inspect_megatron_core(args: Any, human: Any) -> int:
     """`ckptflow inspect SOURCE` for a Megatron-Core save: the plan `megatron` would run."""
     import json

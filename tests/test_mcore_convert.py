@@ -170,8 +170,8 @@ def test_rerun_reuses_committed_shards(tmp_path):
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
-def test_cli_dry_run_then_run(tmp_path):
-    save = next(s for s in SAVES if s.name == "torch_dist")
+def test_cli_dry_run_inspect_and_refusals(tmp_path):
+    save = DATA / "llama-gqa-tp1" / "torch_dist"
     dest = tmp_path / "hf"
     dry = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(save), str(dest), "--dry-run"],
                          capture_output=True, text=True, env=cli_env(), timeout=300)
@@ -182,12 +182,22 @@ def test_cli_dry_run_then_run(tmp_path):
                           "--family", "qwen3"], capture_output=True, text=True, env=cli_env(), timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert "q_norm" in bad.stderr and "Traceback" not in bad.stderr
+    legacy = DATA / "llama-gqa-tp1" / "legacy"
+    seen = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(legacy)], capture_output=True,
+                          text=True, env=cli_env(), timeout=300)
+    assert seen.returncode == 0 and "source:   Megatron-Core legacy, iteration 1" in seen.stdout, seen.stderr
+    assert "output:   21 tensors" in seen.stdout
+    gpt2 = tmp_path / "gpt2.pt"
+    gpt2.write_bytes(b"not a checkpoint")
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(gpt2), str(dest), "--dry-run"],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert run.returncode == 2 and "--dry-run do not apply" in run.stderr and not dest.exists()
 
 
 def test_fsspec_urls_both_sides_give_the_same_bytes(converted):
     import fsspec
 
-    save = next(s for s in SAVES if s.name == "torch_dist")
+    save = DATA / "llama-gqa-tp1" / "torch_dist"
     fs = fsspec.filesystem("memory")
     root = f"/mcore-{save.parent.name}"
     for f in save.rglob("*"):
