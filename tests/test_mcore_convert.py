@@ -158,7 +158,7 @@ def test_every_save_of_one_model_gives_identical_bytes(converted):
 
 
 def test_rerun_reuses_committed_shards(tmp_path):
-    save = SAVES[0]
+    save = DATA / "llama-gqa-tp1" / "torch_dist"
     out, work = tmp_path / "out", tmp_path / "work"
     first = convert(save, out, work, max_shard_size="40KB")
     assert len(first) > 2 and not any(r["cached"] for r in first)
