@@ -55,7 +55,8 @@ def sources(tmp_path_factory) -> dict[str, tuple[Path, int]]:
 
 
 RECIPES = [Recipe(dequant=True), Recipe(dequant=True, fix_dtypes=True), Recipe(dequant=True, reindex=True),
-           Recipe(dequant=True, mp=2), Recipe(fix_dtypes=True), Recipe(reindex=True), Recipe(mp=2)]
+           Recipe(dequant=True, mp=2), Recipe(fix_dtypes=True), Recipe(reindex=True), Recipe(mp=2),
+           Recipe(dequant=True, quantize="nvfp4"), Recipe(dequant=True, quantize="fp8-block")]
 
 
 def test_every_transform_a_planner_emits_is_registered_and_streams(sources, tmp_path):
