@@ -79,6 +79,12 @@ def test_every_transform_a_planner_emits_is_registered_and_streams(sources, tmp_
                 for p in passes:
                     emitted |= {t.transform: f"{path.name} {p.plan.stage}" for s in p.plan.shards for t in s.tensors}
     assert planned >= 40, planned
+    from pathlib import Path
+
+    from ckptflow.tasks.mcore.source import plan_megatron_core  # the Megatron-Core planner's own transform
+
+    _, mcore = plan_megatron_core(str(Path(__file__).parent / "data" / "mcore" / "llama-gqa-tp1" / "torch_dist"))
+    emitted |= {t.transform: "megatron-core" for s in mcore.plan.shards for t in s.tensors}
     unknown = {name: where for name, where in emitted.items() if name not in REGISTRY}
     assert not unknown, f"planners emit unregistered transforms: {unknown}"
     assert set(emitted) == set(REGISTRY), f"registered, never emitted: {set(REGISTRY) - set(emitted)}"

@@ -98,9 +98,13 @@ def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
 
 def cmd_inspect(args: Any, runtime: Any = None) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
+    from ckptflow.flows.cli.megatron_core import inspect_megatron_core
+    from ckptflow.tasks.mcore.source import is_megatron_core
     from ckptflow.flows.summary_text import human
     from ckptflow.storage.urls import open_location, parse_storage_options
 
+    if is_megatron_core(args.source, parse_storage_options(args.storage_options) or None):
+        return inspect_megatron_core(args, human)
     ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
     report = inspect_report(ckpt)
     if args.json:

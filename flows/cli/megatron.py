@@ -1,4 +1,4 @@
-"""`ckptflow megatron`: a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2."""
+"""`ckptflow megatron`: a Megatron-Core (torch_dist, mp_rank_*) or Megatron-LM GPT-2 checkpoint to Hugging Face."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,12 @@ def cmd_megatron(args: argparse.Namespace, runtime: Runtime) -> int:
 
     opts = parse_storage_options(args.storage_options) or None
     refuse_overlap_early(args.source, args.dest, args.work, opts or {})
+    from ckptflow.flows.cli.megatron_core import refuse_core_only_flags, run_megatron_core
+    from ckptflow.tasks.mcore.source import is_megatron_core
+
+    if is_megatron_core(args.source, opts):
+        return run_megatron_core(args, runtime, human, text_out, print_json)
+    refuse_core_only_flags(args)
     from ckptflow.flows.megatron import megatron_flow, megatron_preflight
     from ckptflow.flows.cli.run_link import linked
 

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--json", action="store_true", help=JSON_HELP)
     f.set_defaults(fix_dtypes=False)
 
-    m = _command(sub, "megatron", help="convert a Megatron-LM GPT-2 checkpoint to Hugging Face GPT-2")
+    m = _command(sub, "megatron", help="convert a Megatron-Core (torch_dist, mp_rank_*) or Megatron-LM GPT-2 "
+                                        "checkpoint to Hugging Face")
     m.add_argument("source", help=".pt file, Megatron checkpoint directory or NVIDIA .zip (any fsspec URL)")
     m.add_argument("dest", help="output folder or URL for the Hugging Face GPT-2 checkpoint")
     m.add_argument("--tokenizer", metavar="PATH", help="copy tokenizer files from here (no hub download)")
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--table", metavar="FILE|URL", help="Megatron → GPT-2 name table, JSON in the built-in "
                                                       "table's format (default: built in)")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    m.add_argument("--family", help="Megatron-Core model family (llama, qwen2, qwen3, mixtral, qwen3_moe, "
+                                    "qwen2_moe; default: from the saved args)")
+    m.add_argument("--dry-run", action="store_true", help="Megatron-Core: print the plan, write nothing")
     m.add_argument("--work", help="work location: the imported state and shard records "
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")
     m.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE and DEST")

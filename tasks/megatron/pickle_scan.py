@@ -109,6 +109,9 @@ class _Scan:
     def __init__(self, data: bytes, label: str, cut: bool) -> None:
         self.data, self.label, self.cut, self.pos = data, label, cut, 0
         self.storages: dict[str, tuple[torch.dtype, int]] = {}
+        # id(meta tensor) → (storage key, offset in elements): where its bytes are, for readers that
+        # locate tensors by range instead of loading them (tasks/mcore/legacy.py).
+        self.sources: dict[int, tuple[str, int]] = {}
         self.refused: list[_Refused] = []
         # What calls copy (encode, bytearray, set(...), BUILD's dict update) from memo references
         # that cost 2 bytes each: a real pickle copies each of its values once, so no more than it holds.
@@ -340,7 +343,9 @@ class _Scan:
         have = storage.numel * storage.dtype.itemsize // dtype.itemsize  # elements of dtype
         problem = view_problem(tuple(size), tuple(stride), offset, have)
         if problem is None:
-            return torch.empty_strided(size, stride, dtype=dtype, device="meta")
+            meta = torch.empty_strided(size, stride, dtype=dtype, device="meta")
+            self.sources[id(meta)] = (storage.key, offset)
+            return meta
         refused = _Refused(f"has shape {list(size)} and strides {list(stride)} over a storage of {have} "
                            f"element(s) ({problem}): it stands for {human(math.prod(size) * dtype.itemsize)} "
                            f"from {human(have * dtype.itemsize)} of file. Megatron-LM saves whole tensors")

@@ -132,6 +132,17 @@ QUANT_CONST = register(Transform("quant_const", Action.SCALES, f"{_QW}:quant_con
 QUANT_AMAX = register(Transform("quant_amax", Action.SCALES, f"{_QW}:quant_amax_stream"))
 
 
+def _mcore_reads(t: OutputTensor) -> int:
+    from ckptflow.tasks.mcore.hf_regions import region_read_bytes  # pure; imported late (it imports the plan model)
+
+    return region_read_bytes(t)
+
+
+# A Megatron-Core HF tensor: a region of a global tensor assembled from chunk byte ranges (tasks.mcore).
+MCORE_REGION = register(Transform("mcore_region", Action.SLICED, "ckptflow.tasks.mcore.hf_stream:region_stream",
+                                  reads=_mcore_reads))
+
+
 def transform_of(t: OutputTensor) -> Transform:
     """`t`'s registry entry; a name not registered is a planner's bug, named with the tensor."""
     entry = REGISTRY.get(t.transform)

@@ -12,17 +12,25 @@ from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef, StageP
 
 
 def plan_size_shards(ckpt: Checkpoint, max_shard_size: int, stage: str = "shard") -> StagePlan:
+    tensors = [OutputTensor(name, info.dtype, tuple(info.shape), "copy", (SourceRef.of(file, info),))
+               for file in sorted(ckpt.headers) for name, info in ckpt.headers[file].tensors.items()]
+    return size_shards(tensors, max_shard_size, stage)
+
+
+def size_shards(tensors: list[OutputTensor], max_shard_size: int, stage: str = "shard",
+                **plan_fields: object) -> StagePlan:
+    """`tensors`, in order, into shards of at most `max_shard_size` (`plan_fields`: StagePlan's others)."""
     groups: list[list[OutputTensor]] = [[]]
     size = 0
-    for file in sorted(ckpt.headers):
-        for name, info in ckpt.headers[file].tensors.items():
-            if groups[-1] and size + info.nbytes > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(OutputTensor(name, info.dtype, tuple(info.shape), "copy", (SourceRef.of(file, info),)))
-            size += info.nbytes
+    for t in tensors:
+        nbytes = t.spec.nbytes
+        if groups[-1] and size + nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
     groups = [g for g in groups if g]
     n = len(groups)
     names = ["model.safetensors"] if n == 1 else [f"model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    return StagePlan(stage, tuple(ShardPlan(f, tuple(g)) for f, g in zip(names, groups)),
-                     write_index=n > 1)
+    return StagePlan(stage, tuple(ShardPlan(f, tuple(g)) for f, g in zip(names, groups)),  # type: ignore[arg-type]
+                     write_index=n > 1, **plan_fields)
