@@ -14,9 +14,9 @@ For each scheme (NVFP4A16 → `--quantize nvfp4`, FP8_BLOCK → `--quantize fp8-
   included) when this checkout's CLI has `--quantize`; otherwise the ckptflow half is reported
   unavailable and only llm-compressor's figures print.
 Each child reports its own peak RSS (VmHWM: wait4's ru_maxrss would carry this parent's peak across
-fork + exec; ckptflow's is in its --json summary); GB/s is source bytes over the child's wall time. Ratios are ckptflow's
-throughput over llm-compressor's (the issue's target: ≥ 2x, peak RSS ≤ 700 MiB and flat from 2 GiB to
-13 GB). The outputs' headers (tensor names, dtypes, shapes) are compared too.
+fork + exec; ckptflow's is in its --json summary); GB/s is source bytes over the child's wall time.
+Ratios are ckptflow's throughput over llm-compressor's (the issue's target: ≥ 2x, peak RSS ≤ 700 MiB
+and flat from 2 GiB to 13 GB). The outputs' headers (tensor names, dtypes, shapes) are compared too.
 
     python bench/bench_quantize.py [--size 2GiB|13GB] [--schemes nvfp4,fp8-block] [--dir /tmp/ckptflow-quant]
 
