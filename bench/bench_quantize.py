@@ -25,6 +25,13 @@ Measured 2026-12-06, 2 GiB (2.01 GB, one shard), this 2-core machine shared with
 0.14.0.1, compressed-tensors 0.19.0, torch 2.13.0+cpu; ckptflow half unavailable (no --quantize yet):
   nvfp4     model_free_ptq NVFP4A16:  604.1 s (565.3 s in the call)  0.003 GB/s  peak RSS 7909 MiB (4.1x the source)
   fp8-block model_free_ptq FP8_BLOCK: 156.1 s (123.8 s in the call)  0.013 GB/s  peak RSS 4796 MiB (2.5x the source)
+Again at 23:00 (load 5-9), ckptflow's half run from the quant-stage worktree's venv (its --quantize as of
+that hour, not yet merged; this bench file unchanged):
+  nvfp4     model_free_ptq NVFP4A16:  301.4 s (285.7 s in the call)  0.007 GB/s  peak RSS 8308 MiB (4.3x the source)
+            ckptflow --quantize nvfp4: 186.1 s (shards 168.4 s)  0.011 GB/s (1.62x)  peak RSS 569 MiB (0.07x)
+  fp8-block model_free_ptq FP8_BLOCK:  92.7 s (74.9 s in the call)  0.022 GB/s  peak RSS 4803 MiB (2.5x the source)
+            ckptflow --quantize fp8-block: 50.3 s (shards 31.3 s)  0.040 GB/s (1.84x)  peak RSS 480 MiB (0.10x)
+  Both outputs have llm-compressor's tensor names, dtypes and shapes.
 The 13 GB variant was not run (shared machine: llm-compressor would need ~4x a 4.3 GB shard of RAM).
 """
 from __future__ import annotations
