@@ -10,13 +10,13 @@ layers in model order, fused groups (q/k/v, gate/up) never split across shards:
 For each scheme (NVFP4A16 → `--quantize nvfp4`, FP8_BLOCK → `--quantize fp8-block`):
 - llm-compressor 0.14 `model_free_ptq(SRC, DST, scheme, ignore=["lm_head"], device="cpu")` in a child
   process of its own venv (`--llmc-python`, default /work/venvs/llmc/bin/python), one worker;
-- `ckptflow convert SRC DST --quantize SCHEME` (bench/measured_cli.py: the real CLI, its temporary
-  Prefect server included) when this checkout's CLI has `--quantize`; otherwise the ckptflow half is
-  reported unavailable and only llm-compressor's figures print.
-Each child reports its own peak RSS (VmHWM at exit: wait4's ru_maxrss would carry this parent's peak
-across fork + exec); GB/s is source bytes over the child's wall time. Ratios are ckptflow's
-throughput over llm-compressor's (the issue's target: ≥ 2x, peak RSS ≤ 700 MiB and flat from 2 GiB to
-13 GB). The outputs' headers (tensor names, dtypes, shapes) are compared too.
+- `ckptflow convert SRC DST --quantize SCHEME --json` (the real CLI, its temporary Prefect server
+  included) when this checkout's CLI has `--quantize`; otherwise the ckptflow half is reported
+  unavailable and only llm-compressor's figures print.
+Each child reports its own peak RSS (VmHWM: wait4's ru_maxrss would carry this parent's peak across
+fork + exec; ckptflow's is in its --json summary); GB/s is source bytes over the child's wall time.
+Ratios are ckptflow's throughput over llm-compressor's (the issue's target: ≥ 2x, peak RSS ≤ 700 MiB
+and flat from 2 GiB to 13 GB). The outputs' headers (tensor names, dtypes, shapes) are compared too.
 
     python bench/bench_quantize.py [--size 2GiB|13GB] [--schemes nvfp4,fp8-block] [--dir /tmp/ckptflow-quant]
 
@@ -25,6 +25,13 @@ Measured 2026-12-06, 2 GiB (2.01 GB, one shard), this 2-core machine shared with
 0.14.0.1, compressed-tensors 0.19.0, torch 2.13.0+cpu; ckptflow half unavailable (no --quantize yet):
   nvfp4     model_free_ptq NVFP4A16:  604.1 s (565.3 s in the call)  0.003 GB/s  peak RSS 7909 MiB (4.1x the source)
   fp8-block model_free_ptq FP8_BLOCK: 156.1 s (123.8 s in the call)  0.013 GB/s  peak RSS 4796 MiB (2.5x the source)
+Again at 23:00 (load 5-9), ckptflow's half run from the quant-stage worktree's venv (its --quantize as of
+that hour, not yet merged; this bench file unchanged):
+  nvfp4     model_free_ptq NVFP4A16:  301.4 s (285.7 s in the call)  0.007 GB/s  peak RSS 8308 MiB (4.3x the source)
+            ckptflow --quantize nvfp4: 186.1 s (shards 168.4 s)  0.011 GB/s (1.62x)  peak RSS 569 MiB (0.07x)
+  fp8-block model_free_ptq FP8_BLOCK:  92.7 s (74.9 s in the call)  0.022 GB/s  peak RSS 4803 MiB (2.5x the source)
+            ckptflow --quantize fp8-block: 50.3 s (shards 31.3 s)  0.040 GB/s (1.84x)  peak RSS 480 MiB (0.10x)
+  Both outputs have llm-compressor's tensor names, dtypes and shapes.
 The 13 GB variant was not run (shared machine: llm-compressor would need ~4x a 4.3 GB shard of RAM).
 """
 from __future__ import annotations
@@ -35,7 +42,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -154,12 +160,15 @@ def ckptflow_has_quantize() -> bool:
 
 
 def run_ckptflow(src: Path, dst: Path, scheme: str, work: Path) -> dict:
+    """The real CLI with --json: its summary carries the process's own peak RSS (VmHWM, taken after
+    the last shard) and the shard time; measured_cli.py's at-exit figure is lost to the `os._exit`
+    a CLI run on its temporary Prefect server leaves by (flows/interrupt.leave)."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    with tempfile.NamedTemporaryFile() as hwm:
-        wall, _ = run_child([sys.executable, str(ROOT / "bench" / "measured_cli.py"), "convert", str(src), str(dst),
-                             "--quantize", scheme, "--work", str(work)], {"CKPTFLOW_HWM_FILE": hwm.name})
-        return {"wall_s": wall, "rss": int(Path(hwm.name).read_text()) * 1024}
+    wall, proc = run_child([sys.executable, "-m", "ckptflow.flows.cli", "convert", str(src), str(dst),
+                            "--quantize", scheme, "--work", str(work), "--json"])
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"wall_s": wall, "rss": summary["peak_rss_bytes"], "shard_s": summary.get("shard_seconds")}
 
 
 def headers(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -204,7 +213,8 @@ def main() -> None:
         mine = run_ckptflow(src, base / f"ckptflow-{scheme}", scheme, base / f"work-{scheme}")
         ours_gbps = nbytes / mine["wall_s"] / 1e9
         same = headers(base / f"ckptflow-{scheme}") == headers(base / f"llmc-{scheme}")
-        print(f"{'':10} ckptflow convert --quantize {scheme}: {mine['wall_s']:6.1f} s  {ours_gbps:.3f} GB/s "
+        print(f"{'':10} ckptflow convert --quantize {scheme}: {mine['wall_s']:6.1f} s (shards {mine['shard_s']} s)  "
+              f"{ours_gbps:.3f} GB/s "
               f"({ours_gbps / gbps:.2f}x llm-compressor's)  peak RSS {mib(mine['rss'])} "
               f"({mine['rss'] / ref['rss']:.2f}x)  same tensor names, dtypes, shapes: {same}")
     shutil.rmtree(base, ignore_errors=True)
