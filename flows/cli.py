@@ -144,9 +144,10 @@ def refuse_overlap_early(source: str, dest: str, work: str | None, opts: dict[st
 def _no_stage_chosen(args: argparse.Namespace) -> bool:
     """Says so when a convert or watch command line names no stage. The recipe checks it again;
     this costs no Prefect start-up."""
-    if args.dequant or args.fix_dtypes or args.reindex or args.mp is not None:
+    if args.dequant or args.fix_dtypes or args.reindex or args.mp is not None or args.quantize:
         return False
-    print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --mp N", file=sys.stderr)
+    print("error: nothing to do; choose stages: --dequant, --fix-dtypes, --reindex, --quantize, --mp N",
+          file=sys.stderr)
     return True
 
 
@@ -258,6 +259,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from ckptflow.storage.urls import open_location, parse_storage_options
     from ckptflow.tasks.planners.torch_dtype import check_dtypes
     from ckptflow.tasks.validate import find_problems
+    from ckptflow.tasks.verify_quant import verify_quantization
 
     if args.fix_dtypes_dest:
         args.dequant, args.fix_dtypes, args.fetch = False, True, False
@@ -266,25 +268,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(summary)
         return 0
-    ckpt = scan_checkpoint(open_location(args.path, parse_storage_options(args.storage_options)))
+    loc = open_location(args.path, parse_storage_options(args.storage_options))
+    ckpt = scan_checkpoint(loc)
     errors = [p for p in find_problems(ckpt, require_index=None) if p.severity == "error"]
     for p in errors:
         print(f"error: {p}", file=sys.stderr)
     report = check_dtypes(ckpt, tuple(args.allow_dtype or ()))
+    quant = verify_quantization(ckpt, loc, checkable=not errors)
+    for line in quant.error_lines():
+        print(f"error: {line}", file=sys.stderr)
     text = report.text()
-    if errors:  # never "all … match" above a failure
+    if errors or not quant.ok:  # never "all … match" above a failure
         text = text.replace("all floating tensors match the config",
                             "floating dtypes match the config, but the checkpoint has problems")
-    print(text, file=_text_out(args))
+    print("\n".join(t for t in (text, quant.text()) if t), file=_text_out(args))
     if args.json:
-        print(json.dumps({"path": args.path, "ok": report.ok and not errors, "torch_dtype": report.expected,
-                          "dtypes": report.rows(), "mismatches": [asdict(m) for m in report.mismatches],
-                          "problems": [asdict(p) for p in errors]}))
-    if errors or not report.ok:
+        print(json.dumps({"path": args.path, "ok": report.ok and not errors and quant.ok,
+                          "torch_dtype": report.expected, "dtypes": report.rows(),
+                          "mismatches": [asdict(m) for m in report.mismatches],
+                          "problems": [asdict(p) for p in errors], "quantization": quant.as_json()}))
+    failures = len(errors) + quant.failures
+    if failures or not report.ok:
         if not report.ok:
             print(f"\nfix: ckptflow verify {args.path} --fix-dtypes DEST", file=sys.stderr)
-        if errors:  # the dtype table above may look clean: the verdict is this line
-            print(f"{args.path}: FAILED — {len(errors)} problem(s) besides dtypes (error lines above)",
+        if failures:  # the dtype table above may look clean: the verdict is this line
+            print(f"{args.path}: FAILED — {failures} problem(s) besides dtypes (error lines above)",
                   file=sys.stderr)
         return 1
     return 0

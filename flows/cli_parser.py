@@ -45,8 +45,10 @@ def _add_convert_options(c: argparse.ArgumentParser) -> None:
             kwargs["action"] = "store_true"
         else:
             kwargs["metavar"] = flag.metavar
-            choices = typing.get_args(info.annotation) if typing.get_origin(info.annotation) is typing.Literal \
-                else None
+            # an optional choice (`Literal[…] | None`) offers the Literal's values
+            lit = next((a for a in (info.annotation, *typing.get_args(info.annotation))
+                        if typing.get_origin(a) is typing.Literal), None)
+            choices = typing.get_args(lit) if lit is not None else None
             if choices:
                 kwargs.update(choices=choices, metavar=None)
             if flag.repeat:

@@ -53,7 +53,17 @@ def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dic
         "work_bytes": sum(p.plan.total_size for p in planned.passes if p.into_work),
         "dropped_unmatched": [n for p in planned.passes for n in p.plan.dropped_unmatched],
         "warnings": list(planned.warnings),
+        "quantize": _written_scheme(final),
     }
+
+
+def _written_scheme(plan: StagePlan) -> dict[str, Any] | None:
+    """--quantize: the compressed-tensors scheme config.json will declare, and what it leaves out."""
+    qc = (plan.config or {}).get("quantization_config") if plan.config else None
+    if not qc or not isinstance(qc.get("config_groups"), dict) or not qc["config_groups"]:
+        return None
+    (preset, group), = list(qc["config_groups"].items())[:1]
+    return {"preset": preset, "format": qc.get("format"), "weights": group.get("weights"), "ignore": qc.get("ignore")}
 
 
 def print_dry_run(report: dict[str, Any], out: Any = None) -> None:
@@ -72,6 +82,10 @@ def print_dry_run(report: dict[str, Any], out: Any = None) -> None:
     print(f"bytes:    {human(report['source_bytes'])} read from SOURCE, {human(report['output_bytes'])} "
           f"into DEST, {human(report['work_bytes'])} in the work location"
           + (" (deleted after success)" if report["work_bytes"] else ""), file=out)
+    q = report.get("quantize")
+    if q:
+        shown = ", ".join(q["ignore"][:8]) + (f", … ({len(q['ignore'])} in all)" if len(q["ignore"]) > 8 else "")
+        print(f"quantize: compressed-tensors {q['preset']} ({q['format']}); unquantized: {shown}", file=out)
     print_dropped_unmatched(report["dropped_unmatched"], out)
     for w in report["warnings"]:
         print(f"warning:  {w}", file=out)

@@ -19,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ckptflow.tasks.plan.sizes import SIZE_HELP, SIZE_PATTERN
 
 TaskRunnerKind = Literal["threads", "processes", "dask"]
+QuantizeScheme = Literal["fp8-block", "fp8-channel", "nvfp4", "mxfp4"]  # tasks/presets/quant_schemes.json
+Rounding = Literal["fp32", "llmcompressor-cpu"]
 DequantBackend = Literal["auto", "torch", "triton"]
 Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
                               description="where to dequantize: auto (CUDA if visible), cpu, cuda[:N]")]
@@ -61,10 +63,19 @@ class Recipe(BaseModel):
     allow_missing_scale: bool = Field(False, description="--dequant: keep FP8 tensors that have no scale as FP8")
     allow_nonfinite: bool = Field(False, description="--dequant: write what zero, negative or NaN/inf scales (or "
                                                      "BF16 overflow) make instead of refusing; inf/NaN are counted")
+    quantize: QuantizeScheme | None = Field(
+        None, description="quantize Linear weights as llm-compressor's model_free_ptq writes them (compressed-"
+                          "tensors FP8_BLOCK, FP8_DYNAMIC weights, NVFP4A16, MXFP4A16); fused groups share "
+                          "NVFP4 global scales and stay in one file (--max-shard-size bounds the files)")
+    rounding: Rounding = Field("fp32", description="--quantize: divide in FP32 (one rounding), or as "
+                                                   "llm-compressor's CPU path does (bit for bit)")
+    ignore: Annotated[tuple[str, ...] | None, Flag("--ignore", "PATTERN", repeat=True)] = Field(
+        None, description="--quantize: also leave these modules unquantized (name, glob or re:REGEX; repeatable)")
 
     def stages(self) -> list[str]:
         return [s for s, on in (("dequant", self.dequant), ("fix-dtypes", self.fix_dtypes),
-                                ("reindex", self.reindex and not self.mp), ("mp", bool(self.mp))) if on]
+                                ("reindex", self.reindex and not self.mp), ("quantize", self.quantize is not None),
+                                ("mp", bool(self.mp))) if on]
 
 
 class ConvertOptions(Recipe):

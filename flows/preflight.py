@@ -42,8 +42,16 @@ class Preflight:
     def engine_passes(self) -> list[EnginePass]:
         """The passes as the engine runs them (`ckptflow.tasks.run.engine`)."""
         recipe = self.recipe
-        return [EnginePass(p.plan, p.into_work, (lambda c: plan_mp_stage(c, recipe)) if p.replan == "mp" else None)
+        return [EnginePass(p.plan, p.into_work, (lambda c: plan_mp_stage(c, recipe)) if p.replan == "mp" else None,
+                           side=p.side, side_replan=_global_scales(p.plan) if p.replan == "quantize" else None)
                 for p in self.passes]
+
+
+def _global_scales(plan):  # noqa: ANN001, ANN202 - a closure over one plan
+    from ckptflow.tasks.planners.quantize import with_global_scales
+    from ckptflow.tasks.run.quant_amax import read_amax
+
+    return lambda loc, written: with_global_scales(plan, read_amax(loc, written))
 
 
 # Plans made in this process, by (source url, recipe): at most the CLI's one conversion. A

@@ -25,7 +25,9 @@ from ckptflow.flows.params import Recipe
 class Pass:
     plan: StagePlan
     into_work: bool          # True: writes an intermediate under the work location
-    replan: str | None = None  # stage to plan again on the real intermediate ("mp")
+    replan: str | None = None  # stage to plan again on the real intermediate ("mp"), or from the side
+                               # pass before it ("quantize": NVFP4 global scales from the amax pass)
+    side: bool = False       # writes what the next pass reads beside the source (the amax pass)
 
 
 def _check_dtypes(plan: StagePlan, ckpt: Checkpoint, recipe: Recipe) -> None:
@@ -51,8 +53,8 @@ def plan_mp_stage(ckpt: Checkpoint, recipe: Recipe) -> StagePlan:
 def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[list[Pass], list[str]]:
     """The passes to run, and warnings about the recipe itself."""
     warnings: list[str] = []
-    if not (recipe.dequant or recipe.fix_dtypes or recipe.reindex or recipe.mp):
-        raise PlanError("nothing to do: choose a stage (--dequant, --fix-dtypes, --reindex, --mp N)")
+    if not (recipe.dequant or recipe.fix_dtypes or recipe.reindex or recipe.mp or recipe.quantize):
+        raise PlanError("nothing to do: choose a stage (--dequant, --fix-dtypes, --reindex, --quantize, --mp N)")
     if recipe.reindex and recipe.mp:
         warnings.append("--reindex is pointless before --mp (rank files are laid out by the MP "
                         "preset); skipping it")
@@ -65,6 +67,8 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[li
         config = base.config if base.config is not None else ckpt.config
         plan = replace(fix_dtypes(base, config, recipe.allow_dtypes or ()), stage=f"{base.stage}+fix-dtypes"
                        if plan else "fix-dtypes")
+    if recipe.quantize:
+        return _quantize_passes(ckpt, recipe, plan), warnings
     if recipe.reindex and not recipe.mp:
         from ckptflow.tasks.planners.reindex import load_fused_groups, plan_reindex
         from ckptflow.tasks.plan.sizes import parse_size
@@ -92,3 +96,23 @@ def plan_passes(ckpt: Checkpoint, recipe: Recipe, fuse: bool = True) -> tuple[li
     assert plan is not None  # one of the stages above ran
     _check_dtypes(plan, ckpt, recipe)
     return [Pass(plan, into_work=False)], warnings
+
+
+def _quantize_passes(ckpt: Checkpoint, recipe: Recipe, upstream: StagePlan | None) -> list[Pass]:
+    """--quantize on top of the per-tensor stages before it, in one write pass laid out like
+    --reindex (so --reindex adds nothing); NVFP4 first runs its amax pass."""
+    from ckptflow.tasks.plan.sizes import parse_size
+    from ckptflow.tasks.planners.quant_targets import quant_scheme
+    from ckptflow.tasks.planners.quantize import plan_quantize
+    from ckptflow.tasks.planners.reindex import load_fused_groups
+
+    if recipe.mp:
+        raise PlanError("--quantize writes a Hugging Face layout; it does not combine with --mp")
+    amax, write = plan_quantize(ckpt, quant_scheme(recipe.quantize), rounding=recipe.rounding,
+                                ignore=recipe.ignore, upstream=upstream,
+                                max_shard_size=parse_size(recipe.max_shard_size),
+                                groups=load_fused_groups(recipe.fused_groups))
+    _check_dtypes(write, ckpt, recipe)
+    if amax is None:
+        return [Pass(write, into_work=False)]
+    return [Pass(amax, into_work=True, side=True), Pass(write, into_work=False, replan="quantize")]

@@ -21,6 +21,14 @@ from . import prefect_servers
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# Checkpoints saved by megatron-core itself (tests/data/mcore/README.md lists them; generate.py made them).
+MCORE_DATA = ROOT / "tests" / "data" / "mcore"
+
+
+def mcore_fixture(name: str) -> tuple[Path, dict]:
+    """A Megatron-Core fixture's folder and its record (layout, formats, dtype: fixture.json)."""
+    folder = MCORE_DATA / name
+    return folder, json.loads((folder / "fixture.json").read_text())
 
 
 def free_port() -> int:

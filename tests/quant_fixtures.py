@@ -123,14 +123,16 @@ def is_linear(name: str) -> bool:
 
 def quantize_state_dict(sd: dict[str, torch.Tensor], scheme: str, g: torch.Generator,
                         block: tuple[int, int] = (16, 16), static_input: bool = False,
-                        scale_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+                        scale_dtype: torch.dtype = torch.bfloat16,
+                        linear=is_linear) -> dict[str, torch.Tensor]:
     """A BF16 state dict with every decoder Linear quantized as `scheme` describes; with
     `static_input`, also the activation scales llm-compressor writes for static FP8 inputs.
     FP8 scales are in the model's dtype, as llm-compressor writes them (transformers casts a
-    float32 `weight_scale` to the model dtype when it loads, compressed-tensors does not)."""
+    float32 `weight_scale` to the model dtype when it loads, compressed-tensors does not).
+    `linear(name)` says which tensors are Linear weights to quantize."""
     out: dict[str, torch.Tensor] = {}
     for name, t in sd.items():
-        if not is_linear(name):
+        if not linear(name):
             out[name] = t.contiguous()
             continue
         base = name[: -len(".weight")]
@@ -233,3 +235,52 @@ def make_gpt_oss_mxfp4(path: Path, seed: int = 0) -> Path:
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     return write(path, sd, config, files=2)
+
+
+def moe_state_dict(seed: int = 0, experts: int = 3) -> dict[str, torch.Tensor]:
+    """A tiny BF16 MoE decoder layer with every fused group the reindex table knows: q/k/v, MLA
+    q_a_proj + kv_a_proj_with_mqa (DeepSeek), gate/up of routed and shared experts (Qwen3-MoE's
+    `shared_expert`, DeepSeek's `shared_experts`), plus the router gate, norms and embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    bf = lambda *s: (torch.randn(*s, generator=g) * 0.05).to(torch.bfloat16)  # noqa: E731
+    h, inter = 64, 32
+    sd = {"model.embed_tokens.weight": bf(128, h), "model.norm.weight": bf(h), "lm_head.weight": bf(128, h)}
+    p = "model.layers.0."
+    sd |= {p + "input_layernorm.weight": bf(h), p + "self_attn.q_proj.weight": bf(h, h),
+           p + "self_attn.k_proj.weight": bf(32, h), p + "self_attn.v_proj.weight": bf(32, h),
+           p + "self_attn.o_proj.weight": bf(h, h), p + "self_attn.q_a_proj.weight": bf(32, h),
+           p + "self_attn.kv_a_proj_with_mqa.weight": bf(48, h), p + "mlp.gate.weight": bf(experts, h)}
+    for mod in [f"mlp.experts.{e}." for e in range(experts)] + ["mlp.shared_expert.", "mlp.shared_experts."]:
+        sd |= {p + mod + "gate_proj.weight": bf(inter, h), p + mod + "up_proj.weight": bf(inter, h),
+               p + mod + "down_proj.weight": bf(h, inter)}
+    return sd
+
+
+def is_moe_linear(name: str) -> bool:
+    """The Linear weights of `moe_state_dict` that a quantizer takes (not the router, norms, embeddings)."""
+    return ".layers." in name and name.endswith(("proj.weight", "proj_with_mqa.weight"))
+
+
+def make_moe(path: Path, scheme: str, seed: int = 0, files: int = 2,
+             scales: dict[str, float] | None = None) -> Path:
+    """`moe_state_dict` quantized as `scheme` (ct-nvfp4, modelopt-nvfp4, ct-fp8-{tensor,block}) and
+    saved with its config; `scales` overrides the global (NVFP4) or per-tensor (FP8) scale of
+    modules, e.g. {"model.layers.0.mlp.experts.1.up_proj": 41.0}."""
+    g = torch.Generator().manual_seed(seed)
+    sd = quantize_state_dict(moe_state_dict(seed), scheme, g, linear=is_moe_linear)
+    suffix = {"ct-nvfp4": ".weight_global_scale", "modelopt-nvfp4": ".weight_scale_2"}.get(scheme, ".weight_scale")
+    for module, value in (scales or {}).items():
+        old = sd[module + suffix]
+        sd[module + suffix] = torch.full_like(old, value)
+    config = {"model_type": "qwen3_moe", "torch_dtype": "bfloat16", "num_hidden_layers": 1}
+    extra = None
+    if scheme == "ct-nvfp4":
+        config["quantization_config"] = ct_nvfp4_config()
+    elif scheme.startswith("ct-fp8"):
+        strategy = scheme.rsplit("-", 1)[1]
+        config["quantization_config"] = ct_fp8_config(strategy, (16, 16) if strategy == "block" else None)
+    else:
+        extra = {"hf_quant_config.json": {"producer": {"name": "modelopt", "version": "0.29.0"},
+                                          "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                           "exclude_modules": ["lm_head"]}}}
+    return write(path, sd, config, files=files, extra=extra)

@@ -1,100 +1,92 @@
-"""The readers against real megatron-core 0.16.1 saves (tests/data/mcore/, made by its generate.py):
-every global tensor assembled from the index equals reference_state.safetensors (torch's own DCP
-reader of the torch_dist save) bit for bit, in both formats, and both formats give one index."""
+"""The Megatron-Core fixtures under tests/data/mcore/ are complete: every folder holds what its record
+(fixture.json) says, in the layout Megatron-LM writes, and the README lists every fixture.
+
+Cheap on purpose (headers and small pickles only): the readers' tests check the contents."""
 from __future__ import annotations
 
-from pathlib import Path
+import json
+import re
+import zipfile
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
-from ckptflow.storage.urls import open_location
-from ckptflow.tasks.mcore.assemble import read_region
-from ckptflow.tasks.mcore.reader import read_mcore_index
+from .helpers import MCORE_DATA, mcore_fixture
 
-DATA = Path(__file__).parent / "data" / "mcore"
-FIXTURES = sorted(p.parent.name for p in DATA.glob("*/reference_state.safetensors"))
-SAFETENSORS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
-# Saves the index cannot express, refused with one line naming the first such tensor.
-REFUSED = {("mixtral-ep2-groupedmlp-bf16", "legacy"): "'decoder.layers.0.mlp.experts.weight1': a GroupedMLP weight"}
+NAMES = sorted(p.name for p in MCORE_DATA.iterdir() if p.is_dir() and p.name != "__pycache__")
+ITER = "iter_0000001"
 
 
-def _formats(name: str) -> list[str]:
-    return [f for f in ("torch_dist", "legacy") if (DATA / name / f).is_dir() and (name, f) not in REFUSED]
+def test_every_folder_is_a_fixture_and_the_readme_lists_it():
+    assert NAMES, "no fixtures under tests/data/mcore"
+    assert [n for n in NAMES if not (MCORE_DATA / n / "fixture.json").is_file()] == []
+    readme = (MCORE_DATA / "README.md").read_text()
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", readme, flags=re.M))
+    assert listed == set(NAMES)
+    assert "megatron-core 0.16.1" in readme and "generate.py" in readme
 
 
-@pytest.mark.parametrize("name, fmt", sorted(REFUSED))
-def test_refused_layouts(name, fmt):
-    from ckptflow.tasks.megatron.safe import MegatronLoadError
-
-    with pytest.raises(MegatronLoadError) as err:
-        read_mcore_index(str(DATA / name / fmt))
-    assert REFUSED[(name, fmt)] in str(err.value) and str(DATA / name / fmt) in str(err.value)
-    assert "\n" not in str(err.value)
+def test_fixtures_stay_small():
+    total = sum(p.stat().st_size for p in MCORE_DATA.rglob("*") if p.is_file())
+    assert total < 10 * 2**20, f"tests/data/mcore holds {total} bytes"
 
 
-def test_fixtures_are_there():
-    assert len(FIXTURES) >= 5, f"expected the megatron-core fixtures under {DATA}"
+def _mp_rank_names(rec: dict) -> set[str]:
+    """Megatron-LM's get_checkpoint_name: _PPP only when PP > 1, _EEE only when EP > 1."""
+    return {f"mp_rank_{t:02d}" + (f"_{p:03d}" if rec["pp"] > 1 else "") + (f"_{e:03d}" if rec["ep"] > 1 else "")
+            for t in range(rec["tp"]) for p in range(rec["pp"]) for e in range(rec["ep"])}
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_every_tensor_equals_the_reference(name):
-    ref = load_file(DATA / name / "reference_state.safetensors")
-    layouts = {}
-    for fmt in _formats(name):
-        index = read_mcore_index(str(DATA / name / fmt))
-        assert index.format == fmt and index.iteration == 1
-        assert set(index.tensors) == set(ref), (fmt, set(index.tensors) ^ set(ref))
-        loc = open_location(index.root)
-        for key, t in index.tensors.items():
-            assert (t.dtype, t.shape) == (SAFETENSORS[ref[key].dtype], tuple(ref[key].shape)), (fmt, key)
-            assert torch.equal(read_region(loc, t), ref[key]), (fmt, key)
-        layouts[fmt] = (sorted((k, t.dtype, t.shape) for k, t in index.tensors.items()),
-                        (index.tp, index.pp, index.ep), index.args)
-        assert index.args["num_layers"] >= 2 and index.args["tensor_model_parallel_size"] == index.tp
-    first = next(iter(layouts.values()))
-    assert all(v == first for v in layouts.values())  # torch_dist and legacy agree
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_is_complete(name):
+    folder, rec = mcore_fixture(name)
+    assert rec["megatron_core"] == "0.16.1"
+    assert [f for f in rec["files"] if not (folder / f).is_file()] == []
+    assert rec["formats"], name
+    if "torch_dist" in rec["formats"]:
+        root = folder / "torch_dist"
+        assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+        it = root / ITER
+        for f in (".metadata", "common.pt", "metadata.json"):
+            assert (it / f).is_file(), f"{name}: torch_dist/{ITER}/{f}"
+        assert json.loads((it / "metadata.json").read_text())["sharded_backend"] == "torch_dist"
+        assert list(it.glob("__*_*.distcp")), f"{name}: no .distcp files"
+    if "legacy" in rec["formats"]:
+        root = folder / "legacy"
+        assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+        ranks = {p.name for p in (root / ITER).iterdir()}
+        assert ranks == _mp_rank_names(rec)
+        for r in ranks:
+            assert zipfile.is_zipfile(root / ITER / r / "model_optim_rng.pt"), f"{name}: {r}"
+
+    hf = json.loads((folder / "hf_config.json").read_text())
+    assert hf["model_type"] == rec["hf_model_type"] and hf["vocab_size"] == rec["true_vocab_size"]
+    assert hf["num_hidden_layers"] == rec["num_layers"]
+
+    with safe_open(folder / "reference_state.safetensors", "pt") as f:
+        emb = f.get_slice("embedding.word_embeddings.weight")
+        assert emb.get_shape() == [rec["padded_vocab_size"], hf["hidden_size"]]
+        assert emb.get_dtype() == {"float32": "F32", "bfloat16": "BF16"}[rec["dtype"]]
+        assert ("output_layer.weight" in f.keys()) == (not hf["tie_word_embeddings"])
+
+    ref = torch.load(folder / "reference_logits.pt", weights_only=True)
+    assert ref["input_ids"].shape == (1, 8) and int(ref["input_ids"].max()) < rec["true_vocab_size"]
+    assert ref["logits"].shape == (1, 8, rec["padded_vocab_size"]) and ref["logits"].dtype == torch.float32
+    assert torch.isfinite(ref["logits"]).all()
 
 
-@pytest.mark.parametrize("name", FIXTURES)
-def test_blocks_of_stacked_tensors(name):
-    """Layer i, a row range of a stacked weight: what a mapping reads per output tensor."""
-    ref = load_file(DATA / name / "reference_state.safetensors")
-    for fmt in _formats(name):
-        index = read_mcore_index(str(DATA / name / fmt))
-        loc = open_location(index.root)
-        for key in ("decoder.layers.self_attention.linear_qkv.weight", "decoder.layers.mlp.linear_fc1.weight",
-                    "decoder.layers.mlp.experts.experts.linear_fc1.weight"):
-            if key not in index.tensors:
-                continue
-            t = index.tensors[key]
-            last = t.shape[0] - 1
-            region = [(last, last + 1)] + [(0, n) for n in t.shape[1:]]
-            region[-2] = (1, t.shape[-2] - 1)
-            want = ref[key][tuple(slice(a, b) for a, b in region)]
-            assert torch.equal(read_region(loc, t, region), want), (fmt, key)
+@pytest.mark.parametrize("name", NAMES)
+def test_hf_config_is_what_transformers_reads(name):
+    """hf_config.json loads as its model_type's config class with the sizes the fixture was built with."""
+    from transformers import AutoConfig
 
-
-@pytest.mark.parametrize("fmt", ["torch_dist", "legacy"])
-def test_remote_location_gives_the_same_index(fmt):
-    """Through fsspec (memory://, as s3:// would): same chunks, same bytes; paths relative to the root."""
-    import fsspec
-
-    name = next((n for n in FIXTURES if fmt in _formats(n) and "tp2" in n), None)
-    assert name is not None
-    fs = fsspec.filesystem("memory")
-    src = DATA / name / fmt
-    for path in src.rglob("*"):
-        if path.is_file():
-            fs.pipe(f"/mcore-test/{name}/{fmt}/{path.relative_to(src)}", path.read_bytes())
-    try:
-        remote = read_mcore_index(f"memory://mcore-test/{name}/{fmt}")
-        local = read_mcore_index(str(src))
-        assert remote.tensors == local.tensors and remote.args == local.args
-        ref = load_file(DATA / name / "reference_state.safetensors")
-        loc = open_location(remote.root)
-        for key, t in remote.tensors.items():
-            assert torch.equal(read_region(loc, t), ref[key]), key
-    finally:
-        fs.rm(f"/mcore-test/{name}", recursive=True)
+    folder, rec = mcore_fixture(name)
+    hf = json.loads((folder / "hf_config.json").read_text())
+    cfg = AutoConfig.for_model(**hf)
+    assert cfg.model_type == rec["hf_model_type"]
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers) == (rec["true_vocab_size"], 64, rec["num_layers"])
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 16)
+    assert str(cfg.dtype).removeprefix("torch.") == rec["dtype"]
+    if "moe" in rec["hf_model_type"] or rec["hf_model_type"] == "mixtral":
+        assert (cfg.num_experts_per_tok, getattr(cfg, "num_experts", None) or cfg.num_local_experts) == (2, 4)

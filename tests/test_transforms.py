@@ -55,7 +55,8 @@ def sources(tmp_path_factory) -> dict[str, tuple[Path, int]]:
 
 
 RECIPES = [Recipe(dequant=True), Recipe(dequant=True, fix_dtypes=True), Recipe(dequant=True, reindex=True),
-           Recipe(dequant=True, mp=2), Recipe(fix_dtypes=True), Recipe(reindex=True), Recipe(mp=2)]
+           Recipe(dequant=True, mp=2), Recipe(fix_dtypes=True), Recipe(reindex=True), Recipe(mp=2),
+           Recipe(dequant=True, quantize="nvfp4"), Recipe(dequant=True, quantize="fp8-block")]
 
 
 def test_every_transform_a_planner_emits_is_registered_and_streams(sources, tmp_path):
@@ -77,6 +78,12 @@ def test_every_transform_a_planner_emits_is_registered_and_streams(sources, tmp_
                 for p in passes:
                     emitted |= {t.transform: f"{path.name} {p.plan.stage}" for s in p.plan.shards for t in s.tensors}
     assert planned >= 40, planned
+    from pathlib import Path
+
+    from ckptflow.flows.megatron_core import plan_megatron_core  # the Megatron-Core planner's own transform
+
+    _, mcore = plan_megatron_core(str(Path(__file__).parent / "data" / "mcore" / "llama-gqa-tp1" / "torch_dist"))
+    emitted |= {t.transform: "megatron-core" for s in mcore.plan.shards for t in s.tensors}
     unknown = {name: where for name, where in emitted.items() if name not in REGISTRY}
     assert not unknown, f"planners emit unregistered transforms: {unknown}"
     assert set(emitted) == set(REGISTRY), f"registered, never emitted: {set(REGISTRY) - set(emitted)}"

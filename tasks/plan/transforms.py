@@ -34,7 +34,8 @@ class Action:
     """What reports call each kind of work; `ORDER` is the order they list them in."""
 
     DEQUANTIZED, CAST, SLICED, MOVED, COPIED = "dequantized", "cast", "sliced", "moved", "copied"
-    ORDER = (DEQUANTIZED, CAST, SLICED, MOVED, COPIED)
+    QUANTIZED, SCALES = "quantized", "scales"  # --quantize: the weights, and the scale tensors made beside them
+    ORDER = (DEQUANTIZED, QUANTIZED, SCALES, CAST, SLICED, MOVED, COPIED)
 
 
 Stream = Callable[[Any, Any], Iterator[Any]]  # (OutputTensor, execute.ExecContext) → pieces
@@ -119,6 +120,16 @@ FP8_SCALED = register(Transform("fp8_scaled", Action.DEQUANTIZED, f"{_QUANT}:fp8
 NVFP4 = register(Transform("nvfp4", Action.DEQUANTIZED, f"{_QUANT}:nvfp4_stream"))
 MXFP4_GPT_OSS = register(Transform("mxfp4_gpt_oss", Action.DEQUANTIZED, f"{_QUANT}:mxfp4_gpt_oss_stream"))
 CT_MXFP4 = register(Transform("ct_mxfp4", Action.DEQUANTIZED, f"{_QUANT}:ct_mxfp4_stream"))
+
+# --quantize (tasks.planners.quantize): the weight's stream computes codes and scales together and
+# leaves the scales for the `quant_scale` tensor that follows it in the same shard; `quant_amax`
+# is the first read of NVFP4 (amax per weight, into the work location), `quant_const` writes the
+# fused group's global scale the planner computed from those amaxes.
+_QW = "ckptflow.tasks.run.quant_write"
+QUANT_WEIGHT = register(Transform("quant_weight", Action.QUANTIZED, f"{_QW}:quant_weight_stream"))
+QUANT_SCALE = register(Transform("quant_scale", Action.SCALES, f"{_QW}:quant_scale_stream", reads=lambda t: 0))
+QUANT_CONST = register(Transform("quant_const", Action.SCALES, f"{_QW}:quant_const_stream", reads=lambda t: 0))
+QUANT_AMAX = register(Transform("quant_amax", Action.SCALES, f"{_QW}:quant_amax_stream"))
 
 
 def _mcore_reads(t: OutputTensor) -> int:

@@ -97,8 +97,12 @@ def _positive(value: Any, where: str) -> int:
     return value
 
 
+class UnsupportedScheme(PlanError):
+    """A scheme outside the table (GPTQ, AWQ, …): `verify` still checks such a checkpoint's dtypes."""
+
+
 def unsupported(method: str, where: str, why: str = "") -> PlanError:
-    return PlanError(f"{where}: quantization scheme {method!r} is not one ckptflow can dequantize"
+    return UnsupportedScheme(f"{where}: quantization scheme {method!r} is not one ckptflow can dequantize"
                      + (f" ({why})" if why else "")
                      + "; supported: FP8 block (quant_method fp8), compressed-tensors float-quantized FP8, "
                        "nvfp4-pack-quantized and mxfp4-pack-quantized, gpt-oss mxfp4, ModelOpt FP8 and NVFP4. "

@@ -31,6 +31,10 @@ class EnginePass:
     plan: StagePlan
     into_work: bool = False
     replan: Callable[[Checkpoint], StagePlan] | None = None
+    # A side pass (--quantize nvfp4's amax pass) writes what the next pass's `side_replan` reads
+    # (from its written checkpoint under the work location); the next pass reads the same source.
+    side: bool = False
+    side_replan: Callable[[Location, Checkpoint], StagePlan] | None = None
 
 
 @dataclass
@@ -83,8 +87,13 @@ def run_conversion(ckpt: Checkpoint, passes: list[EnginePass], src: Location, ds
     with dest_lock(dst, hooks.lock_owner, hooks.on_takeover):
         prepare_dest(dst, {s.file for p in passes if not p.into_work for s in p.plan.shards}, prune,
                      protected=(src, *protected))
+        side: tuple[Location, Checkpoint] | None = None
         for p in passes:
             plan = p.replan(ckpt) if p.replan is not None else p.plan
+            if p.side_replan is not None:
+                if side is None:
+                    raise PlanError(f"internal: pass {plan.stage} needs a side pass before it")
+                plan = p.side_replan(*side)
             out = _stage_location(work, plan, storage_options) if p.into_work else dst
             with around(), _lock_if(p.into_work, out):
                 records = run_shards(plan, ckpt, src, out, work, storage_options, submitter, checksum, device,
@@ -92,7 +101,10 @@ def run_conversion(ckpt: Checkpoint, passes: list[EnginePass], src: Location, ds
                 finalize(plan, ckpt, src, out)
                 written, report = verify_output(out, plan, allow_dtypes, hooks.on_dtype_report)
             results.append(PassResult(plan, records, "work" if p.into_work else "DEST"))
-            src, ckpt = out, written
+            if p.side:
+                side = (out, written)
+            else:
+                src, ckpt = out, written
     if report is None:
         raise PlanError("nothing to run: no pass was planned")
     notes = [drop_intermediate(_stage_location(work, r.plan, storage_options)) for r in results

@@ -101,6 +101,8 @@ class ExecContext:
     backend: str = "auto"      # weight_dequant backend: "auto" | "torch" | "triton"
     kernel_copy: bool = False  # local → local and no hashing: copies go through copy_file_range
     nonfinite: dict[str, int] = field(default_factory=dict)  # tensor → inf/NaN from finite codes (finite_guard)
+    # --quantize: a weight's stream leaves its scale bytes here for the scale tensor after it (quant_write)
+    stash: dict[str, list[bytes]] = field(default_factory=dict)
 
     def releaser(self, buf: np.ndarray) -> Release:
         return lambda: self.buffers.give(buf)

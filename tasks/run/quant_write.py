@@ -1,0 +1,126 @@
+"""Streaming `--quantize` for `execute.write_shard`: the stream functions of the `quant_*` transforms.
+
+A quantized weight's values come from its `inner` tensor (a plain copy of the source, or an
+upstream transform such as `dequant_fp8`), streamed row-major in pieces and regrouped here into
+row chunks of whole 128-row blocks (about `execute.CHUNK_BYTES` of input each; an expert of a
+stacked 3-D weight never shares a chunk with the next), so a shard task holds a chunk, never a
+tensor. Codes go out at once; the scales of each chunk wait in `ctx.stash` for the scale tensor,
+which the planner puts right after its weight in the same shard (scales are 1/16 of the codes or
+less). The global scale of NVFP4 was computed by the planner from the amax pass (`quant_amax`).
+"""
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ckptflow.tasks.plan.model import OutputTensor
+from ckptflow.tasks.plan.transforms import COPY, stream_of
+from ckptflow.tasks.run import execute
+from ckptflow.tasks.run.execute import ExecContext, Piece, done, read_ahead
+
+if TYPE_CHECKING:
+    import torch
+
+BLOCK = 128  # FP8-block rows; every chunk but an expert's last is a multiple of it
+
+
+def _inner(t: OutputTensor) -> OutputTensor:
+    transform, dtype, shape, params = t.param("inner")
+    return OutputTensor(t.param("weight"), dtype, tuple(shape), transform, t.sources,
+                        tuple(tuple(p) for p in params))
+
+
+def _inner_pieces(inner: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    if inner.transform == COPY.name and inner.param("cut") is None:
+        (src,) = inner.sources  # read through buffers: a kernel copy (FileRange) has no values to see
+        step = execute.CHUNK_BYTES
+        return read_ahead(ctx, src.file, [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)])
+    return stream_of(inner.transform)(inner, ctx)
+
+
+def _chunks(t: OutputTensor, ctx: ExecContext) -> Iterator[torch.Tensor]:
+    """The inner tensor's values as 2-D row chunks, in order."""
+    import torch
+
+    from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
+
+    inner = _inner(t)
+    dtype = ST_TO_TORCH[inner.dtype]
+    *lead, rows, cols = inner.shape
+    mats = int(np.prod(lead)) if lead else 1
+    row_bytes = cols * dtype.itemsize
+    step = max(BLOCK, execute.CHUNK_BYTES // max(row_bytes, 1) // BLOCK * BLOCK)
+    sizes = [(min(r0 + step, rows) - r0) for _ in range(mats) for r0 in range(0, rows, step)]
+    pieces = _inner_pieces(inner, ctx)
+    held, have = bytearray(), 0
+    for n in sizes:
+        need = n * row_bytes
+        while have < need:
+            data, release = next(pieces)
+            held += bytes(data) if not isinstance(data, (bytes, bytearray)) else data
+            have = len(held)
+            done(release)
+        chunk, held = held[:need], held[need:]
+        have = len(held)
+        yield torch.frombuffer(chunk, dtype=dtype).reshape(n, cols) if need else torch.empty(0, cols, dtype=dtype)
+
+
+def _bytes(x: torch.Tensor) -> bytes:
+    import torch
+
+    return x.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def quant_weight_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """Codes of each row chunk; its scales go to `ctx.stash` for the scale tensor that follows."""
+    import torch
+
+    from ckptflow.tasks.run import quant_ops
+
+    kernel, rounding = t.param("kernel"), t.param("rounding")
+    scales = ctx.stash.setdefault(t.param("scale_name"), [])
+    g = torch.tensor([t.param("global_scale") or 0.0], dtype=torch.float32)
+    for w in _chunks(t, ctx):
+        if kernel == "fp8_block":
+            q, s = quant_ops.fp8_block_quantize(w, rounding)
+        elif kernel == "fp8_channel":
+            q, s = quant_ops.fp8_channel_quantize(w, rounding)
+        elif kernel == "nvfp4":
+            q, s = quant_ops.nvfp4_quantize(w, g, rounding)
+        elif kernel == "mxfp4":
+            q, s = quant_ops.mxfp4_quantize(w, rounding)
+        else:
+            raise ValueError(f"tensor {t.name!r}: unknown quantize kernel {kernel!r}")
+        scales.append(_bytes(s))
+        yield _bytes(q), None
+
+
+def quant_scale_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    parts = ctx.stash.pop(t.name, None)
+    if parts is None:  # the planner puts every scale after its weight in the same shard
+        raise RuntimeError(f"tensor {t.name!r}: its weight {t.param('of')!r} was not written before it")
+    for p in parts:
+        yield p, None
+
+
+def quant_const_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    value = t.param("global_scale")
+    if value is None:
+        raise RuntimeError(f"tensor {t.name!r}: no global scale planned (the amax pass did not run)")
+    yield struct.pack("<f", value), None
+
+
+def quant_amax_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
+    """max |w| of the weight, read once through its inner transform, as one F32."""
+    import torch
+
+    from ckptflow.tasks.run import quant_ops
+
+    amax = torch.zeros((), dtype=torch.float32)
+    for w in _chunks(t, ctx):
+        if w.numel():
+            amax = torch.maximum(amax, quant_ops.tensor_amax(w).float())
+    yield struct.pack("<f", float(amax)), None
