@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 from tests.mcore_deepseek import DENSE, E, H, KVL, LAYERS, MF, QL, VOCAB, write_deepseek_v3
 
@@ -74,3 +76,20 @@ def test_deepseek_v3_671b_dry_run_plans_every_tensor(tmp_path):
           f"peak RSS {got['hwm'] / 2**20:.0f} MiB")
     assert got["hwm"] < 2**30
     assert got["seconds"] < 30 * 2  # 30 s on an idle box; twice that for a shared 2-core one
+
+
+def test_first_k_dense_replace_comes_from_moe_layer_freq():
+    from ckptflow.tasks.mcore.hf_config import hf_config
+    from ckptflow.tasks.mcore.index import McoreIndex
+    from ckptflow.tasks.plan.model import PlanError
+    from ckptflow.tasks.presets.mcore import load_mcore_table
+    from tests.mcore_deepseek import args
+
+    table = load_mcore_table("deepseek_v3")
+    a = vars(args())
+    cfg = hf_config(McoreIndex("/x", "torch_dist", 1, dict(a, moe_layer_freq=[0, 1, 1, 1]), 8, 4, 8), table)
+    assert cfg["first_k_dense_replace"] == 1 and cfg["model_type"] == "deepseek_v3"
+    with pytest.raises(PlanError, match=r"moe_layer_freq=\[0, 1, 0, 1\].*dense layers first"):
+        hf_config(McoreIndex("/x", "torch_dist", 1, dict(a, moe_layer_freq=[0, 1, 0, 1]), 8, 4, 8), table)
+    with pytest.raises(PlanError, match="moe_router_score_function='softmax'"):
+        hf_config(McoreIndex("/x", "torch_dist", 1, dict(a, moe_router_score_function="softmax"), 8, 4, 8), table)
