@@ -93,3 +93,82 @@ def test_first_k_dense_replace_comes_from_moe_layer_freq():
         hf_config(McoreIndex("/x", "torch_dist", 1, dict(a, moe_layer_freq=[0, 1, 0, 1]), 8, 4, 8), table)
     with pytest.raises(PlanError, match="moe_router_score_function='softmax'"):
         hf_config(McoreIndex("/x", "torch_dist", 1, dict(a, moe_router_score_function="softmax"), 8, 4, 8), table)
+
+
+def test_small_deepseek_v3_round_trip_gives_transformers_logits(tmp_path):
+    """Real bytes at TP=2: a tiny DeepseekV3ForCausalLM's weights in Megatron-Core's DeepSeek keys (per-layer,
+    fused q/kv norms, [gate; up] fc1, stacked experts, fp32 expert bias, an MTP layer) come back as the
+    same model: no missing or unexpected keys, logits bit-identical."""
+    import torch
+    import transformers
+
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.mcore.plan import plan_mcore, source_checkpoint
+    from ckptflow.tasks.presets.mcore import pick_table
+    from ckptflow.tasks.run.engine import EnginePass, run_conversion
+    from tests.mcore_handmade import write_mcore
+
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+        first_k_dense_replace=1, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
+        topk_group=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    ref = transformers.DeepseekV3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in ref.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(4))  # not zeros: a dropped bias shows
+    sd = ref.state_dict()
+    g = {"embedding.word_embeddings.weight": torch.cat([sd["model.embed_tokens.weight"], torch.randn(31, 32)]),
+         "decoder.final_layernorm.weight": sd["model.norm.weight"],
+         "output_layer.weight": torch.cat([sd["lm_head.weight"], torch.randn(31, 32)]),
+         "mtp.layers.0.enorm.weight": torch.randn(32), "mtp.layers.0.eh_proj.weight": torch.randn(32, 64),
+         "mtp.layers.0.transformer_layer.mlp.router.weight": torch.randn(4, 32)}
+    for i in range(3):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        g.update({m + "input_layernorm.weight": sd[p + "input_layernorm.weight"],
+                  m + "self_attention.linear_q_down_proj.weight": sd[p + "self_attn.q_a_proj.weight"],
+                  m + "self_attention.linear_q_up_proj.layer_norm_weight": sd[p + "self_attn.q_a_layernorm.weight"],
+                  m + "self_attention.linear_q_up_proj.weight": sd[p + "self_attn.q_b_proj.weight"],
+                  m + "self_attention.linear_kv_down_proj.weight": sd[p + "self_attn.kv_a_proj_with_mqa.weight"],
+                  m + "self_attention.linear_kv_up_proj.layer_norm_weight": sd[p + "self_attn.kv_a_layernorm.weight"],
+                  m + "self_attention.linear_kv_up_proj.weight": sd[p + "self_attn.kv_b_proj.weight"],
+                  m + "self_attention.linear_proj.weight": sd[p + "self_attn.o_proj.weight"]})
+        if i == 0:
+            g.update({m + "mlp.linear_fc1.layer_norm_weight": sd[p + "post_attention_layernorm.weight"],
+                      m + "mlp.linear_fc1.weight": torch.cat([sd[p + "mlp.gate_proj.weight"],
+                                                              sd[p + "mlp.up_proj.weight"]]),
+                      m + "mlp.linear_fc2.weight": sd[p + "mlp.down_proj.weight"]})
+            continue
+        g.update({m + "pre_mlp_layernorm.weight": sd[p + "post_attention_layernorm.weight"],
+                  m + "mlp.router.weight": sd[p + "mlp.gate.weight"],
+                  m + "mlp.router.expert_bias": sd[p + "mlp.gate.e_score_correction_bias"],
+                  m + "mlp.experts.experts.linear_fc1.weight": sd[p + "mlp.experts.gate_up_proj"],  # [E, gate; up, H]
+                  m + "mlp.experts.experts.linear_fc2.weight": sd[p + "mlp.experts.down_proj"],
+                  m + "mlp.shared_experts.linear_fc1.weight": torch.cat([sd[p + "mlp.shared_experts.gate_proj.weight"],
+                                                                         sd[p + "mlp.shared_experts.up_proj.weight"]]),
+                  m + "mlp.shared_experts.linear_fc2.weight": sd[p + "mlp.shared_experts.down_proj.weight"]})
+    args = {**vars(__import__("tests.mcore_deepseek", fromlist=["args"]).args()),
+            "num_layers": 3, "hidden_size": 32, "ffn_hidden_size": 48, "num_attention_heads": 4, "kv_channels": 8,
+            "q_lora_rank": 24, "kv_lora_rank": 16, "qk_head_dim": 8, "qk_pos_emb_head_dim": 4, "v_head_dim": 8,
+            "num_experts": 4, "moe_ffn_hidden_size": 16, "moe_shared_expert_intermediate_size": 16,
+            "moe_layer_freq": [0, 1, 1], "moe_router_topk": 2, "moe_router_num_groups": 2, "moe_router_group_topk": 1,
+            "max_position_embeddings": 64, "vocab_size": 97, "init_method_std": 0.02, "params_dtype": "torch.float32"}
+    stacked = {k: (1 if ".experts.experts." in k else 0) for k in g}
+    index = write_mcore(tmp_path / "src", {k: v.contiguous() for k, v in g.items()}, args, tp=2, stacked=stacked)
+    table = pick_table(index.args)
+    # The tiny reference uses plain RoPE; DeepSeek-V3's YaRN default is replaced as a user would with --config.
+    mp = plan_mcore(index, table, 10**9, {"rope_scaling": None, "rms_norm_eps": cfg.rms_norm_eps})
+    assert mp.config["first_k_dense_replace"] == 1
+    assert mp.tensors == len(sd) - 2 * 2 + 2 * 3 * 4  # fused -> 3 per expert
+    src, out = open_location(index.root), tmp_path / "hf"
+    run_conversion(source_checkpoint(index, mp.plan, src), [EnginePass(mp.plan)], src, open_location(str(out)),
+                   str(tmp_path / "work"))
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    got = model.eval().state_dict()
+    for name, t in sd.items():
+        assert torch.equal(got[name], t), name
+    ids = torch.tensor([[1, 5, 9, 96, 3, 7, 11, 2]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
