@@ -3,14 +3,17 @@ sparse .distcp files) is planned by the dry run in bounded time and memory, ever
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 from tests.mcore_deepseek import DENSE, E, H, KVL, LAYERS, MF, QL, VOCAB, write_deepseek_v3
 
+ROOT = Path(__file__).resolve().parents[1]
 # The dry run's own code path (read the index, pick the table, plan), in a fresh process: its VmHWM
 # is the planner's peak, not pytest's.
 _PLAN = r"""
@@ -76,6 +79,17 @@ def test_deepseek_v3_671b_dry_run_plans_every_tensor(tmp_path):
           f"peak RSS {got['hwm'] / 2**20:.0f} MiB")
     assert got["hwm"] < 2**30
     assert got["seconds"] < 30 * 2  # 30 s on an idle box; twice that for a shared 2-core one
+    # The user's command: one JSON summary, nothing written, the CLI's own peak (VmHWM) under 1 GiB.
+    hwm, dest = tmp_path / "hwm", tmp_path / "hf"
+    cli = subprocess.run([sys.executable, str(ROOT / "bench" / "measured_cli.py"), "megatron", str(src), str(dest),
+                          "--dry-run", "--json"], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, CKPTFLOW_HWM_FILE=str(hwm)))
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    summary = json.loads(cli.stdout)
+    assert (summary["family"], summary["tensors"], summary["source_tensors"]) == ("deepseek_v3", 45_395, 925)
+    assert "DeepseekV3ForCausalLM" in cli.stderr and "dry run: nothing written" in cli.stderr and not dest.exists()
+    print(f"ckptflow megatron --dry-run: peak RSS {int(hwm.read_text()) / 1024:.0f} MiB")
+    assert int(hwm.read_text()) * 1024 < 2**30
 
 
 def test_first_k_dense_replace_comes_from_moe_layer_freq():
