@@ -20,7 +20,9 @@ from .helpers import PYTHON, ROOT, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module and test_ops.py (pyproject: --dist loadgroup): one
+# `prefect server start` (the session's `prefect_server`) and one deployment fixture serve them all.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_server")]
 
 
 def prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -22,6 +22,10 @@ import pytest
 from .helpers import PYTHON, ROOT, kill_group, server_env
 from .helpers import tree
 
+# One xdist worker runs this module and test_deploy.py (pyproject: --dist loadgroup): one
+# `prefect server start` serves both, and the module's fixtures are made once.
+pytestmark = pytest.mark.xdist_group("prefect_server")
+
 # ------------------------------------------------------------------------ a real Prefect server
 
 
