@@ -193,6 +193,14 @@ def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
     return len(passes)
 
 
+def dequant_reference(src: Path, dst: Path, work: Path) -> None:
+    """A clean `--dequant` conversion of `src` on the engine, no flow run: the bytes that a CLI,
+    flow or deployment run must give (the engine's bytes equal the flow's: test_engine.py)."""
+    from ckptflow.flows.params import Recipe
+
+    run_passes(src, dst, work, Recipe(dequant=True), fuse=True)
+
+
 def make_llama(path: Path, model_type: str = "qwen2") -> dict:
     """Qwen2-style: q/k/v biases, GQA (4 heads, 2 KV heads), untied head, two files; the source
     tensors by name (bf16; the rotary inv_freq the llama preset drops left out)."""

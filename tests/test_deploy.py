@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PYTHON, ROOT, kill_group, server_env
+from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
@@ -110,13 +110,11 @@ def worker_log(deployed) -> str:
     return (deployed["base"] / "worker.log").read_text(errors="replace")[-6000:]
 
 
-def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness, deployed, demo_ckpt, tmp_path):
-    from ckptflow.flows.convert import convert_flow
-
+def test_convert_deployment_runs_from_the_yaml_against_a_bucket(deployed, demo_ckpt, tmp_path):
     env, b, fs = deployed["env"], deployed["bucket"], deployed["fs"]
     fs.put(str(demo_ckpt) + "/", f"{b}/incoming/demo/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "ref-work"), dequant=True)  # in-process, local
+    dequant_reference(demo_ckpt, reference, tmp_path / "ref-work")
 
     run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16",
                    "--param", f"source=s3://{b}/incoming/demo", "--param", f"dest=s3://{b}/converted/demo",

@@ -14,7 +14,7 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .helpers import PYTHON, ROOT, cli_env, run_main, tree
+from .helpers import PYTHON, ROOT, cli_env, dequant_reference, run_main, tree
 
 # The real CLI (`main()` with no argv: the handlers are armed, as for `ckptflow …`), with a pause
 # before each shard so a signal lands mid-run. Prefect's settings are set before it is imported.
@@ -142,7 +142,7 @@ def test_signal_stops_run_then_rerun_resumes_exactly(prefect_harness, ckpt, tmp_
     assert 2 <= len(committed) < 6 and not (out / "model.safetensors.index.json").exists()
 
     clean = tmp_path / "clean"
-    convert_flow(str(ckpt), str(clean), work=str(tmp_path / "work-clean"), dequant=True)
+    dequant_reference(ckpt, clean, tmp_path / "work-clean")
     want = tree(clean)
     for name in committed:  # no partial file under a final name
         assert (out / name).read_bytes() == want[name]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PYTHON, ROOT, kill_group, server_env
+from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 
 # One xdist worker runs this module and test_deploy.py (pyproject: --dist loadgroup): one
@@ -355,7 +355,7 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "w0"), dequant=True)
+    dequant_reference(demo_ckpt, reference, tmp_path / "w0")
 
     # Six drops of one read: more than the HTTP stack retries (at most 4 attempts with s3fs's and
     # botocore's retries at 1), so the shard task fails and Prefect's retry has to finish it.
