@@ -3,7 +3,7 @@ to the file named by CKPTFLOW_HWM_FILE at exit.
 
 Not wait4's ru_maxrss: Linux carries the parent's resident set into a child's ru_maxrss across
 fork + exec, so a child of a big parent (pytest) would report the parent's peak. A run on the
-temporary Prefect server leaves by `os._exit` (flows/interrupt.py), which skips `finally`: that
+temporary Prefect server leaves by `os._exit` (flows/runtime/interrupt.py), which skips `finally`: that
 exit writes the file too.
 Usage: python bench/measured_cli.py validate PATH
 """
