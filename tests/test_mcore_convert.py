@@ -252,6 +252,7 @@ def test_refused_save_is_one_error_line(tmp_path, save):
     assert "Traceback" not in run.stderr and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.slow
 def test_inspect_shows_a_save_without_its_true_vocab_size(tmp_path):
     """qwen3-tp2 saved no args.vocab_size: inspect (no --tokenizer/--config flags) still shows the plan,
     with the padded vocabulary noted; `megatron` itself refuses to write the padded rows."""
