@@ -250,3 +250,26 @@ def test_refused_save_is_one_error_line(tmp_path, save):
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and lines[-1].startswith("error:") and REFUSED[save] in lines[-1], run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.slow
+def test_inspect_shows_a_save_without_its_true_vocab_size(tmp_path):
+    """qwen3-tp2 saved no args.vocab_size: inspect (no --tokenizer/--config flags) still shows the plan,
+    with the padded vocabulary noted; `megatron` itself refuses to write the padded rows."""
+    save = DATA / "qwen3-tp2" / "torch_dist"
+    seen = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(save)], capture_output=True,
+                          text=True, env=cli_env(), timeout=300)
+    assert seen.returncode == 0, seen.stderr
+    assert "vocab:    unknown — padded to 128; `megatron` needs --tokenizer or --config" in seen.stdout
+    assert "family:   qwen3 (Qwen3ForCausalLM" in seen.stdout and "vocab 128 (padded)" in seen.stdout
+    js = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(save), "--json"], capture_output=True,
+                        text=True, env=cli_env(), timeout=300)
+    summary = json.loads(js.stdout)
+    assert summary["vocab_unknown"] is True and summary["vocab_size"] == 128 and summary["tensors"] == 24
+    known = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(DATA / "qwen2-tp2" / "torch_dist"),
+                            "--json"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert json.loads(known.stdout)["vocab_unknown"] is False and json.loads(known.stdout)["vocab_size"] == 100
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(save), str(tmp_path / "hf"), "--dry-run"],
+                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and lines[-1].startswith("error:") and "--tokenizer DIR" in lines[-1], run.stderr

@@ -199,3 +199,36 @@ def test_a_file_cannot_change_how_the_next_is_read(tmp_path):
     meta = parse_metadata((root / ".metadata").read_bytes(), "ok/.metadata")
     t = meta.tensors["decoder.layers.mlp.linear_fc2.weight"]
     assert t.dtype == "F32" and t.shape == (4, 12) and len(t.chunks) == 8
+
+
+@pytest.mark.parametrize("cut", ["half", "tail"])
+def test_distcp_truncated_after_planning_fails_its_shards_and_publishes_none_of_them(tmp_path, cut):
+    """A `.distcp` that shrinks between planning and reading (a copy still in flight, a sync that
+    rewrote it): cut in half, the chunk range reads run past its end; cut by 10 bytes (only the
+    last archive's zip directory, which no shard reads), the reads succeed and the source identity
+    check before publishing refuses it. Either way one line naming the file, and no shard that read
+    it is published; shards that never read it are."""
+    import shutil
+
+    from ckptflow.storage.urls import StorageError, open_location
+    from ckptflow.tasks.mcore.plan import source_checkpoint
+    from ckptflow.tasks.mcore.source import plan_megatron_core
+    from ckptflow.tasks.run.engine import EnginePass, run_conversion
+
+    shutil.copytree(Path(__file__).parent / "data" / "mcore" / "llama-gqa-tp1" / "torch_dist", tmp_path / "src")
+    index, mp = plan_megatron_core(str(tmp_path / "src"), max_shard_size="40KB")
+    src = open_location(index.root)
+    ckpt = source_checkpoint(index, mp.plan, src)  # sizes and versions as the run plans them
+    victim = tmp_path / "src" / "iter_0000001" / "__0_0.distcp"
+    size = victim.stat().st_size
+    os.truncate(victim, size // 2 if cut == "half" else size - 10)
+    with pytest.raises(StorageError) as err:
+        run_conversion(ckpt, [EnginePass(mp.plan)], src, open_location(str(tmp_path / "out")), str(tmp_path / "work"))
+    msg = str(err.value)
+    assert "\n" not in msg and str(victim) in msg, msg
+    assert ("truncated" in msg) if cut == "half" else ("changed during the run" in msg and "size" in msg), msg
+    untouched = {s.file for s in mp.plan.shards if victim.name not in s.source_files}
+    assert untouched and len(untouched) < len(mp.plan.shards)  # the test means something both ways
+    out = tmp_path / "out"
+    files = [p.name for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    assert set(files) <= untouched, set(files) - untouched  # nothing that read the shrunken file, no temp file

@@ -5,21 +5,25 @@ from typing import Any
 
 from ckptflow.storage.errors import UserError
 from ckptflow.tasks.mcore.plan import plan_summary
-from ckptflow.tasks.mcore.source import plan_megatron_core
+from ckptflow.tasks.mcore.source import plan_megatron_core, vocab_unknown
 
 
 def describe(summary: dict[str, Any], human: Any) -> list[str]:
     """The plan as a person reads it (dry run, inspect)."""
     it = summary["iteration"]
+    unknown, padded = bool(summary.get("vocab_unknown")), " (padded)" if summary.get("vocab_unknown") else ""
     lines = [f"source:   Megatron-Core {summary['source_format']}"
              f"{'' if it is None else f', iteration {it}'}, TP={summary['tp']} PP={summary['pp']} "
              f"EP={summary['ep']}: {summary['source_tensors']} tensors in {summary['source_files']} file(s), "
              f"{human(summary['checkpoint_bytes'])}",
              f"family:   {summary['family']} ({', '.join(summary['architectures'])}; {summary['table']}), "
-             f"vocab {summary['vocab_size']}, {'tied' if summary['tie_word_embeddings'] else 'untied'} "
+             f"vocab {summary['vocab_size']}{padded}, {'tied' if summary['tie_word_embeddings'] else 'untied'} "
              f"output layer, {summary['torch_dtype']}",
              f"output:   {summary['tensors']} tensors, {human(summary['output_bytes'])} in {summary['shards']} "
              f"shard(s); reads {human(summary['read_bytes'])}"]
+    if unknown:
+        lines.insert(2, f"vocab:    unknown — padded to {summary['vocab_size']}; "
+                        "`megatron` needs --tokenizer or --config")
     lines += [f"  {s['file']}: {s['tensors']} tensors, {human(s['bytes'])}" for s in summary["shard_files"][:20]]
     if summary["shards"] > 20:
         lines.append(f"  … and {summary['shards'] - 20} more shards")
@@ -79,7 +83,9 @@ def inspect_megatron_core(args: Any, human: Any) -> int:
 
     from ckptflow.storage.urls import parse_storage_options
 
-    index, mp = plan_megatron_core(args.source, storage_options=parse_storage_options(args.storage_options) or None)
-    summary = plan_summary(index, mp)
+    # inspect has no --tokenizer / --config: a save without its true vocab size is shown with the padded one
+    index, mp = plan_megatron_core(args.source, storage_options=parse_storage_options(args.storage_options) or None,
+                                   allow_unknown_vocab=True)
+    summary = {**plan_summary(index, mp), "vocab_unknown": vocab_unknown(index)}
     print(json.dumps(summary) if args.json else "\n".join(describe(summary, human)))
     return 0

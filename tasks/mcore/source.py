@@ -13,7 +13,7 @@ from typing import Any
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.files import read_json
 from ckptflow.storage.urls import StorageError, open_location
-from ckptflow.tasks.mcore.hf_config import tokenizer_vocab_size
+from ckptflow.tasks.mcore.hf_config import EMBEDDING, OUTPUT, tokenizer_vocab_size
 from ckptflow.tasks.mcore.index import McoreIndex
 from ckptflow.tasks.mcore.plan import McorePlan, plan_mcore
 from ckptflow.tasks.plan.sizes import parse_size
@@ -53,10 +53,23 @@ def _tokenizer_vocab(tokenizer: str | None, storage_options: dict[str, Any] | No
     return tokenizer_vocab_size(read_json(tok, "tokenizer.json"))
 
 
+def padded_vocab(index: McoreIndex) -> int | None:
+    """Rows of the saved embedding (or output layer): the vocabulary as padded for TP."""
+    for key in (EMBEDDING, OUTPUT):
+        if key in index.tensors and index.tensors[key].shape:
+            return int(index.tensors[key].shape[0])
+    return None
+
+
 def plan_megatron_core(source: str, config: str | None = None, tokenizer: str | None = None,
                        family: str | None = None, table: str | None = None, max_shard_size: str | int = "5GB",
-                       storage_options: dict[str, Any] | None = None) -> tuple[McoreIndex, McorePlan]:
-    """Read the index and plan every output shard; raises a UserError naming the key, file or args."""
+                       storage_options: dict[str, Any] | None = None,
+                       allow_unknown_vocab: bool = False) -> tuple[McoreIndex, McorePlan]:
+    """Read the index and plan every output shard; raises a UserError naming the key, file or args.
+
+    `allow_unknown_vocab` (inspect only: it has no --tokenizer/--config) plans a save whose true
+    vocabulary size nothing gives with the padded one (`vocab_unknown` says whether it did), so
+    the report can show the plan and say so; `megatron` itself refuses such a save."""
     from ckptflow.tasks.mcore.reader import read_mcore_index
 
     override = read_json(open_location(config, storage_options), "") if config else None
@@ -64,6 +77,13 @@ def plan_megatron_core(source: str, config: str | None = None, tokenizer: str | 
         raise StorageError(f"--config {config}: must be a JSON object of config.json values")
     index = read_mcore_index(source, storage_options)
     mapping = pick_table(index.args, family, table, storage_options)
-    mp = plan_mcore(index, mapping, parse_size(max_shard_size), override,
-                    _tokenizer_vocab(tokenizer, storage_options))
+    vocab = _tokenizer_vocab(tokenizer, storage_options)
+    if allow_unknown_vocab and vocab is None and vocab_unknown(index, override):
+        vocab = padded_vocab(index)
+    mp = plan_mcore(index, mapping, parse_size(max_shard_size), override, vocab)
     return index, mp
+
+
+def vocab_unknown(index: McoreIndex, override: dict[str, Any] | None = None) -> bool:
+    """Nothing saved or given holds the true vocabulary size (no tokenizer passed either)."""
+    return index.args.get("vocab_size") is None and "vocab_size" not in (override or {})
