@@ -75,7 +75,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
+def print_report(r: dict[str, Any], human: Any, out: Any = None) -> None:
+    out = out or sys.stdout  # looked up per call: a captured or redirected stdout is honoured
     print(f"{printable(r['source'])}: {r['files']} file(s), {r['tensors']} tensors, {human(r['bytes_in'])}", file=out)
     s = r["scheme"]
     print(f"scheme:   {s['method']} (from {s['declared_in']})" if s else "scheme:   none declared", file=out)
@@ -133,8 +134,10 @@ def quantize_report(ckpt: Checkpoint, scheme: str, ignore: tuple[str, ...] = ())
     return report
 
 
-def print_quantize(q: dict[str, Any], out: Any = sys.stdout) -> None:
+def print_quantize(q: dict[str, Any], out: Any = None) -> None:
     from ckptflow.flows.dry_run import print_written_scheme
+
+    out = out or sys.stdout
 
     if q["after_dequant"]:
         print(f"--quantize {q['scheme']}: the source is quantized; planned after --dequant", file=out)
