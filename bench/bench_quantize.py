@@ -162,7 +162,7 @@ def ckptflow_has_quantize() -> bool:
 def run_ckptflow(src: Path, dst: Path, scheme: str, work: Path) -> dict:
     """The real CLI with --json: its summary carries the process's own peak RSS (VmHWM, taken after
     the last shard) and the shard time; measured_cli.py's at-exit figure is lost to the `os._exit`
-    a CLI run on its temporary Prefect server leaves by (flows/interrupt.leave)."""
+    a CLI run on its temporary Prefect server leaves by (flows/runtime/interrupt.leave)."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     wall, proc = run_child([sys.executable, "-m", "ckptflow.flows.cli", "convert", str(src), str(dst),

@@ -53,6 +53,35 @@ def cli_env(*, temporary_server: bool = False, **extra: str) -> dict[str, str]:
     return env
 
 
+def run_main(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`ckptflow ARGS` as `main(argv)` in this process: its exit code, stdout and stderr, as a
+    subprocess run would give them, without the 3-5 s of CPU a new process spends importing torch
+    and Prefect. For tests of what the CLI parses, prints and refuses; signals, servers and what
+    only a real process shows (Prefect's console, exit teardown) keep their subprocess tests.
+
+    A flow it runs reaches this process's Prefect server: the caller asks for the `prefect_harness`
+    fixture. `env` is set for the call; the environment is restored after it (the CLI sets
+    Prefect's logging variables in its own process)."""
+    import contextlib
+    import io
+
+    from ckptflow.flows.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main([*args])
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return subprocess.CompletedProcess(["ckptflow", *args], code, out.getvalue(), err.getvalue())
+
+
 def server_env(home: Path, **extra: str) -> dict[str, str]:
     """A Prefect server's or a CLI run's environment on PREFECT_HOME `home`, with no server URL
     unless `extra` names one. `home` is seeded with the session's migrated database, so a server
@@ -170,6 +199,14 @@ def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
     run_conversion(ckpt, Preflight(ckpt, recipe, passes).engine_passes(), src_loc, open_location(str(dst)),
                    str(work), keep_intermediates=True)
     return len(passes)
+
+
+def dequant_reference(src: Path, dst: Path, work: Path) -> None:
+    """A clean `--dequant` conversion of `src` on the engine, no flow run: the bytes that a CLI,
+    flow or deployment run must give (the engine's bytes equal the flow's: test_engine.py)."""
+    from ckptflow.flows.params import Recipe
+
+    run_passes(src, dst, work, Recipe(dequant=True), fuse=True)
 
 
 def make_llama(path: Path, model_type: str = "qwen2") -> dict:

@@ -6,7 +6,6 @@ shard commits, or written as compressed-tensors computes it and counted."""
 from __future__ import annotations
 
 import hashlib
-import subprocess
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from ckptflow.tasks.planners.dequant import plan_dequant
 from ckptflow.tasks.run.execute import write_shard
 from ckptflow.tasks.run.finite_guard import NonFiniteError
 
-from .helpers import PYTHON, ROOT, cli_env, one_error_line
+from .helpers import one_error_line, run_main
 from .quant_fixtures import ct_mxfp4_compress, ct_mxfp4_config, ct_mxfp4_scheme, write
 from .test_quant_formats import convert, same_bits
 
@@ -126,7 +125,7 @@ def test_misfit_is_refused_at_planning_naming_the_tensor(tmp_path, case):
 
 
 def test_cli_refuses_a_misfit_with_one_error_line_and_writes_nothing(tmp_path):
-    """The real CLI in a subprocess: exit 2, one `error:` line naming the tensor, DEST empty,
+    """The CLI's main(argv): exit 2, one `error:` line naming the tensor, DEST empty,
     SOURCE byte for byte as before."""
 
     for case in ("scale grid", "scale dtype in the file"):
@@ -134,9 +133,7 @@ def test_cli_refuses_a_misfit_with_one_error_line_and_writes_nothing(tmp_path):
         src = header_case(tmp_path, case.replace(" ", "-"), packed, scale, dtype, weights)
         before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in src.iterdir()}
         dest = tmp_path / f"out-{src.name}"
-        run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "convert", str(src), str(dest), "--dequant",
-                              "--work", str(tmp_path / f"w-{src.name}")], cwd=ROOT, env=cli_env(),
-                             capture_output=True, text=True, timeout=120)
+        run = run_main("convert", str(src), str(dest), "--dequant", "--work", str(tmp_path / f"w-{src.name}"))
         one_error_line(run, "1 tensor(s) cannot be dequantized; nothing was written")
         assert expected in run.stderr, run.stderr  # the problem line under it names the tensor
         assert not dest.exists() or not any(dest.iterdir())

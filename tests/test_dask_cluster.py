@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
-from .helpers import PYTHON, ROOT, free_port, kill_group, s3_tree, sigkill_when, tree
+from .helpers import PYTHON, ROOT, dequant_reference, free_port, kill_group, s3_tree, sigkill_when, tree
 
 pytestmark = pytest.mark.slow
 
@@ -112,13 +112,11 @@ def bucket_ckpt(s3_options, demo_ckpt, prefect_harness, tmp_path):
     the bytes every cluster run must give."""
     import s3fs
 
-    from ckptflow.flows.convert import convert_flow
-
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"])
     b = s3_options["bucket"]
     fs.put(str(demo_ckpt) + "/", f"{b}/src/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "ref-work"), dequant=True)
+    dequant_reference(demo_ckpt, reference, tmp_path / "ref-work")
     return {"fs": fs, "bucket": b, "source": f"s3://{b}/src", "reference": tree(reference)}
 
 

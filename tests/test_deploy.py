@@ -16,11 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PYTHON, ROOT, kill_group, server_env
+from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
-pytestmark = pytest.mark.slow
+# One xdist worker runs this module and test_ops.py (pyproject: --dist loadgroup): one
+# `prefect server start` (the session's `prefect_server`) and one deployment fixture serve them all.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_server")]
 
 
 def prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -38,25 +40,22 @@ def users_prefect_project(dest: Path) -> Path:
     return dest
 
 
-def client_query(env: dict[str, str], body: str, arg: str) -> object:
-    """Run `body` (lines inside `async with get_client() as c:`, `sys.argv[1]` = `arg`, ending in
-    a `print(json.dumps(...))`) against the server in `env`; its JSON."""
-    code = ("import asyncio, json, sys\n"
-            "from prefect.client.orchestration import get_client\n"
-            "from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName\n"
-            "async def main():\n"
-            "    async with get_client() as c:\n" + body + "asyncio.run(main())\n")
-    proc = subprocess.run([PYTHON, "-c", code, arg], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+def api(env: dict[str, str], path: str, body: dict | None = None) -> object:
+    """The server's REST API in `env` (GET, or POST of `body`), read here: a `get_client()` in a
+    subprocess would import Prefect (seconds of CPU) for every poll."""
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
 
 
 def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
-    return client_query(env, (
-        "        runs = await c.read_flow_runs(deployment_filter=DeploymentFilter(\n"
-        "            name=DeploymentFilterName(any_=[sys.argv[1]])))\n"
-        "        print(json.dumps([{'name': r.name, 'state': r.state_type.value, 'parameters': r.parameters,\n"
-        "                           'auto_scheduled': r.auto_scheduled} for r in runs]))\n"), deployment)
+    runs = api(env, "/flow_runs/filter", {"deployments": {"name": {"any_": [deployment]}}})
+    return [{"name": r["name"], "state": r["state_type"], "parameters": r["parameters"],
+             "auto_scheduled": r["auto_scheduled"]} for r in runs]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,9 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     bucket = "models-" + uuid.uuid4().hex[:8]
     env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"],
                      AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
-                     AWS_ENDPOINT_URL=s3_endpoint, CKPTFLOW_WORK=str(base / "cache"))
+                     AWS_ENDPOINT_URL=s3_endpoint, CKPTFLOW_WORK=str(base / "cache"),
+                     # the worker asks for due runs every 2 s, not every 10 s: each run starts sooner
+                     PREFECT_WORKER_QUERY_SECONDS="2")
     # The worker and its flow runs import ckptflow from this venv's installation; the project's own
     # `flows` and `tasks` are importable there too, as a worker serving that project would have them.
     env["PYTHONPATH"] = str(project)
@@ -109,13 +110,11 @@ def worker_log(deployed) -> str:
     return (deployed["base"] / "worker.log").read_text(errors="replace")[-6000:]
 
 
-def test_convert_deployment_runs_from_the_yaml_against_a_bucket(prefect_harness, deployed, demo_ckpt, tmp_path):
-    from ckptflow.flows.convert import convert_flow
-
+def test_convert_deployment_runs_from_the_yaml_against_a_bucket(deployed, demo_ckpt, tmp_path):
     env, b, fs = deployed["env"], deployed["bucket"], deployed["fs"]
     fs.put(str(demo_ckpt) + "/", f"{b}/incoming/demo/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "ref-work"), dequant=True)  # in-process, local
+    dequant_reference(demo_ckpt, reference, tmp_path / "ref-work")
 
     run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16",
                    "--param", f"source=s3://{b}/incoming/demo", "--param", f"dest=s3://{b}/converted/demo",
@@ -168,10 +167,11 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
     import time
 
     env = deployed["env"]
-    # A run every minute from now on: the first falls due within a minute of the deployment,
-    # however long `prefect deploy` takes on a loaded machine (a run due before the scheduler
-    # first sees the deployment is never created).
-    anchor = datetime.datetime.now(datetime.timezone.utc)
+    # A run every minute, the first due 20 s from now: the server schedules a new deployment within
+    # 5 s (its recent-deployments loop), so the first run fires once `prefect deploy` has finished;
+    # on a machine so loaded that deploying takes longer, the next falls due a minute later (a run
+    # due before the scheduler first sees the deployment is never created).
+    anchor = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=40)
     project = deployed["project"]
     (project / "scheduled.yaml").write_text(json.dumps({
         "name": "ckptflow-scheduled", "prefect-version": "3.8.0", "pull": [],
@@ -192,7 +192,7 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
             runs = flow_runs(env, "scheduled-convert")
             if any(r["state"] == "COMPLETED" for r in runs):
                 break
-            time.sleep(3)
+            time.sleep(1)
         done = [r for r in runs if r["state"] == "COMPLETED"]
         assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
         assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
@@ -202,10 +202,9 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
 
 
 def deployment(env: dict[str, str], name: str) -> dict:
-    return client_query(env, (
-        "        d = await c.read_deployment_by_name(sys.argv[1])\n"
-        "        print(json.dumps({'parameters': d.parameters, 'schedules': [\n"
-        "            {'cron': getattr(s.schedule, 'cron', None), 'active': s.active} for s in d.schedules]}))\n"), name)
+    d = api(env, "/deployments/name/" + name)
+    return {"parameters": d["parameters"],
+            "schedules": [{"cron": s["schedule"].get("cron"), "active": s["active"]} for s in d["schedules"]]}
 
 
 def test_an_operator_points_the_watch_deployment_at_their_buckets_without_editing_the_yaml(deployed):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from ckptflow.storage.errors import UserError
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.planners.torch_dtype import check_dtypes
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import run_main
 
 
 def moe_ckpt(path, expert_dtype=torch.float32, config_dtype="bfloat16"):
@@ -49,8 +48,7 @@ def test_float32_experts_fail_verify_with_names(tmp_path):
     assert report.table["F32"] == [13, 4 * 4 + 12 * 24 * 16 * 4]
     assert "model-00002-of-00002.safetensors: tensor 'model.layers.0.mlp.experts.0.down_proj.weight' is F32, " \
            "config says BF16" in report.text()
-    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "verify", str(path)], cwd=ROOT, env=cli_env(),
-                         capture_output=True, text=True)
+    run = run_main("verify", str(path))
     assert run.returncode == 1
     assert "12 mismatch(es)" in run.stdout and "experts.3.up_proj.weight" in run.stdout
     assert "--fix-dtypes" in run.stderr

@@ -14,7 +14,7 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .helpers import PYTHON, ROOT, cli_env, tree
+from .helpers import PYTHON, ROOT, cli_env, dequant_reference, run_main, tree
 
 # The real CLI (`console_main()`: the handlers are armed, as for `ckptflow …`), with a pause
 # before each shard so a signal lands mid-run. Prefect's settings are set before it is imported.
@@ -143,12 +143,11 @@ def test_signal_stops_run_then_rerun_resumes_exactly(prefect_harness, ckpt, tmp_
     assert 2 <= len(committed) < 6 and not (out / "model.safetensors.index.json").exists()
 
     clean = tmp_path / "clean"
-    convert_flow(str(ckpt), str(clean), work=str(tmp_path / "work-clean"), dequant=True)
+    dequant_reference(ckpt, clean, tmp_path / "work-clean")
     want = tree(clean)
     for name in committed:  # no partial file under a final name
         assert (out / name).read_bytes() == want[name]
-    rerun = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
-                           capture_output=True, text=True, timeout=300)
+    rerun = run_main(*args)  # in this process: the interrupted run above is the real process
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["cached_shards"] == len(committed)  # resumes exactly: nothing committed redone
@@ -207,12 +206,10 @@ def test_dry_run_numbers_match_a_real_run(prefect_harness, ckpt, tmp_path):
 
     # ckptflow's own MP output passes its own validate and verify (no index, rank files).
     for command, ok in (("validate", "2 model-parallel rank files"), ("verify", "all floating tensors match")):
-        run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", command, str(out)], cwd=ROOT, env=cli_env(),
-                             capture_output=True, text=True, timeout=120)
+        run = run_main(command, str(out))
         assert run.returncode == 0 and ok in run.stdout, run.stdout + run.stderr
     (out / "model1-mp2.safetensors").unlink()  # a missing rank is an error, and verify says FAILED
-    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "verify", str(out)], cwd=ROOT, env=cli_env(),
-                         capture_output=True, text=True, timeout=120)
+    run = run_main("verify", str(out))
     assert run.returncode == 1 and "1 of 2 rank file(s) missing: model1-mp2.safetensors" in run.stderr
     assert "all floating tensors match" not in run.stdout and "FAILED" in run.stderr
 

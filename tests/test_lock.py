@@ -19,7 +19,7 @@ import pytest
 from ckptflow.storage import lock, object_lock
 from ckptflow.storage.urls import StorageError, open_location
 
-from .helpers import PYTHON, ROOT, cli_env, one_error_line
+from .helpers import PYTHON, ROOT, cli_env, one_error_line, run_main
 
 
 def sha(path: Path) -> str:
@@ -218,9 +218,8 @@ def test_untrusted_lock_that_changes_while_watched_belongs_to_a_live_run(s3_dest
 
 # --- through the real CLI ------------------------------------------------------------------------
 
-def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+def ckptflow(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_main(*args, **env)  # main(argv) in this process; the runs that compete below are processes
 
 
 
@@ -231,7 +230,7 @@ def digest_tree(path: Path) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["source-shard", "dangling"])
-def test_cli_refuses_a_lock_path_that_is_a_link(demo_ckpt, tmp_path, target):
+def test_cli_refuses_a_lock_path_that_is_a_link(prefect_harness, demo_ckpt, tmp_path, target):
     dest = tmp_path / "out"
     dest.mkdir()
     shard = demo_ckpt / "model-00001-of-00006.safetensors"

@@ -22,7 +22,7 @@ from ckptflow.tasks.presets.fused_groups import load_fused_groups
 from ckptflow.tasks.presets.mp import builtin_presets, load_preset, parse_preset, preset_for_config
 from ckptflow.tasks.presets.tables import TableError
 
-from .helpers import PYTHON, ROOT, cli_env, fake_ckpt, make_llama
+from .helpers import fake_ckpt, make_llama, run_main
 
 H = 8
 
@@ -152,12 +152,11 @@ def test_dry_run_and_summary_list_every_dropped_tensor(tmp_path, capsys):
 
 
 def ckptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
+    return run_main(*args)  # in this process: what it prints and refuses, not the process (test_cli_output)
 
 
 @pytest.mark.slow
-def test_cli_llama_mp_picks_llama_and_refuses_the_deepseek_table(tmp_path):
+def test_cli_llama_mp_picks_llama_and_refuses_the_deepseek_table(prefect_harness, tmp_path):
     src = tmp_path / "llama"
     tensors = make_llama(src, "llama")
     out = tmp_path / "out"

@@ -19,8 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import PYTHON, ROOT, kill_group, server_env
+from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
+
+# One xdist worker runs this module and test_deploy.py (pyproject: --dist loadgroup): one
+# `prefect server start` serves both, and the module's fixtures are made once.
+pytestmark = pytest.mark.xdist_group("prefect_server")
 
 # ------------------------------------------------------------------------ a real Prefect server
 
@@ -351,7 +355,7 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)
     reference = tmp_path / "reference"
-    convert_flow(str(demo_ckpt), str(reference), work=str(tmp_path / "w0"), dequant=True)
+    dequant_reference(demo_ckpt, reference, tmp_path / "w0")
 
     # Six drops of one read: more than the HTTP stack retries (at most 4 attempts with s3fs's and
     # botocore's retries at 1), so the shard task fails and Prefect's retry has to finish it.
@@ -483,19 +487,20 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
 
 
 def _shard_task_runs(env: dict[str, str], flow_name_prefix: str = "dequant ") -> list[dict]:
-    """Tags and running interval of every shard task run the server knows of, oldest first."""
-    code = ("import asyncio, json\n"
-            "from prefect.client.orchestration import get_client\n"
-            "async def main():\n"
-            "    async with get_client() as c:\n"
-            "        runs = await c.read_task_runs()\n"
-            "        print(json.dumps([{'id': str(r.id), 'flow_run_id': str(r.flow_run_id), 'tags': r.tags,\n"
-            "                           'start': r.start_time.timestamp(), 'end': r.end_time.timestamp()}\n"
-            f"                          for r in runs if r.name.startswith({flow_name_prefix!r}) and r.end_time]))\n"
-            "asyncio.run(main())\n")
-    proc = subprocess.run([PYTHON, "-c", code], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """Tags and running interval of the shard task runs the server knows of (its newest 200, as
+    `read_task_runs()` gives them), read over its REST API here: a `get_client()` subprocess would
+    import Prefect for each read."""
+    import datetime
+    import urllib.request
+
+    request = urllib.request.Request(env["PREFECT_API_URL"] + "/task_runs/filter", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        runs = json.loads(response.read())
+    stamp = lambda text: datetime.datetime.fromisoformat(text).timestamp()  # noqa: E731
+    return [{"id": r["id"], "flow_run_id": r["flow_run_id"], "tags": r["tags"],
+             "start": stamp(r["start_time"]), "end": stamp(r["end_time"])}
+            for r in runs if r["name"].startswith(flow_name_prefix) and r["end_time"]]
 
 
 def _overlaps(runs: list[dict]) -> int:

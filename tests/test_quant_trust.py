@@ -1,7 +1,7 @@
 """Never fake data (issue #27): tensors no scheme describes are refused; zero, negative and NaN/inf
 scales are refused (small ones at planning, block/channel ones before their shard commits), and
 with --allow-nonfinite the inf/NaN written are counted in the summary and --json. Real bytes,
-the real CLI in a subprocess; SOURCE is hashed before and after."""
+the CLI's `main(argv)`; SOURCE is hashed before and after."""
 from __future__ import annotations
 
 import hashlib
@@ -20,7 +20,7 @@ from ckptflow.tasks.kernels.finite import bad_scales
 from ckptflow.tasks.planners.dequant import plan_dequant
 from ckptflow.tasks.plan.model import PlanError
 
-from .helpers import PYTHON, ROOT, cli_env, fake_ckpt, one_error_line
+from .helpers import fake_ckpt, one_error_line, run_main
 from .quant_fixtures import ct_fp8_config, ct_nvfp4_config, random_codes, write
 
 NVFP4_CT = "model.layers.0.self_attn.q_proj"
@@ -29,8 +29,7 @@ MODELOPT = {"producer": {"name": "modelopt", "version": "0.29.0"},
 
 
 def ckptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
+    return run_main(*args)  # in this process: what it prints and refuses, not the process (test_cli_output)
 
 
 def sha256s(path) -> dict[str, str]:
@@ -99,7 +98,7 @@ AT_PLANNING = {"ct-nvfp4 zero global scale", "modelopt inf weight_scale_2"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_scale_is_one_error_then_allowed_and_counted(tmp_path, request, case):
+def test_bad_scale_is_one_error_then_allowed_and_counted(prefect_harness, tmp_path, request, case):
     make = CASES[case]
     src, expected, weight = make(tmp_path, request.getfixturevalue("demo_ckpt")) if "deepseek" in case \
         else make(tmp_path)
@@ -130,7 +129,7 @@ def test_bad_scale_is_one_error_then_allowed_and_counted(tmp_path, request, case
     assert sha256s(src) == before
 
 
-def test_int8_weight_with_a_scale_in_a_ct_fp8_checkpoint_is_refused(tmp_path):
+def test_int8_weight_with_a_scale_in_a_ct_fp8_checkpoint_is_refused(prefect_harness, tmp_path):
     g = torch.Generator().manual_seed(3)
     q = "model.layers.0.self_attn.q_proj"
     o = "model.layers.0.self_attn.o_proj"
@@ -154,7 +153,7 @@ def test_int8_weight_with_a_scale_in_a_ct_fp8_checkpoint_is_refused(tmp_path):
     assert sha256s(src) == before
 
 
-def test_verify_flags_an_int8_weight_without_quantization_config(tmp_path):
+def test_verify_flags_an_int8_weight_without_quantization_config(prefect_harness, tmp_path):
     src = write(tmp_path / "src", {"m.o_proj.weight": torch.zeros(4, 8, dtype=torch.int8),
                                    "m.norm.weight": torch.ones(8, dtype=torch.bfloat16),
                                    "m.position_ids": torch.arange(8)}, {"torch_dtype": "bfloat16"})

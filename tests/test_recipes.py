@@ -8,6 +8,9 @@ from safetensors import safe_open
 from ckptflow.flows.convert import convert_flow
 from ckptflow.storage.errors import UserError
 
+from .helpers import dequant_reference
+
+
 def tensors(path) -> dict[str, torch.Tensor]:
     out = {}
     for f in [path] if path.is_file() else sorted(path.glob("*.safetensors")):
@@ -17,7 +20,7 @@ def tensors(path) -> dict[str, torch.Tensor]:
 
 def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt, tmp_path):
     bf16 = tmp_path / "bf16"
-    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"), dequant=True)
+    dequant_reference(demo_ckpt, bf16, tmp_path / "w1")  # the reference, on the engine
     ref = tensors(bf16)
     out = tmp_path / "mp"
     summary = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"),
@@ -57,7 +60,7 @@ def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
 
 def test_dequant_and_reindex_compose_into_one_pass(prefect_harness, demo_ckpt, tmp_path):
     bf16 = tmp_path / "bf16"
-    convert_flow(str(demo_ckpt), str(bf16), work=str(tmp_path / "w1"), dequant=True)
+    dequant_reference(demo_ckpt, bf16, tmp_path / "w1")  # the reference, on the engine
     out = tmp_path / "reindexed"
     summary = convert_flow(str(demo_ckpt), str(out), reindex=True, max_shard_size="1MB", work=str(tmp_path / "w2"),
                            dequant=True)

@@ -7,9 +7,7 @@ import subprocess
 
 import pytest
 
-from ckptflow.flows.convert import convert_flow
-
-from .helpers import PYTHON, ROOT, cli_env, run_passes, sigkill_when, tree
+from .helpers import PYTHON, ROOT, cli_env, dequant_reference, run_passes, sigkill_when, tree
 
 # The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
 SLOW_CHILD = """
@@ -48,7 +46,7 @@ def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path
     assert not [p for p in out.iterdir() if ".partial-" in p.name]  # the killed temp file is gone
 
     clean = tmp_path / "clean"
-    convert_flow(str(demo_ckpt), str(clean), work=str(tmp_path / "work-clean"), dequant=True)
+    dequant_reference(demo_ckpt, clean, tmp_path / "work-clean")
     assert tree(out) == tree(clean)
 
 

@@ -1,9 +1,10 @@
 """A SOURCE shard changed while a conversion reads it (issue #27): the run fails with one line
 naming the file, DEST keeps no shard computed from the changed bytes, and a rerun converts the
-new source exactly. Through the real CLI; the change is made by the CLI's own process at one
+new source exactly. Through the CLI's `main`; the change is made by the CLI's own process at one
 instant (its first read of the file once a shard has been published), so it is deterministic."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
@@ -11,12 +12,12 @@ import pytest
 
 from ckptflow.flows.params import Recipe
 
-from .helpers import PYTHON, ROOT, cli_env, run_passes, tree
+from .helpers import run_main, run_passes, tree
 
 VICTIM = "model-00003-of-00006.safetensors"
 VICTIM_MP = "model0-mp2.safetensors"  # rank 0 reads every source file too: published before the change
 
-# The real CLI; the first read of CKPTFLOW_TEST_VICTIM after DEST holds a published shard is followed
+# Hooks on the CLI's reads: the first read of CKPTFLOW_TEST_VICTIM after DEST holds a published shard is followed
 # by the change: the file is rewritten in place, or replaced by a `mv`, with size and mtime kept.
 CHANGING_CLI = """
 import os, sys, threading
@@ -50,18 +51,28 @@ def hooked(real):
     return read
 RangeReader.read = hooked(RangeReader.read)
 RangeReader.read_columns = hooked(RangeReader.read_columns)
-from ckptflow.flows.cli import console_main
-sys.exit(console_main())
 """
 
 CASES = {"mp2": (["--dequant", "--mp", "2"], Recipe(dequant=True, mp=2), True),
          "dequant": (["--dequant"], Recipe(dequant=True), False)}
 
 
-def _cli(script: str | None, args: list[str], **env: str) -> subprocess.CompletedProcess:
-    head = ["-c", script] if script else ["-m", "ckptflow.flows.cli"]
-    return subprocess.run([PYTHON, *head, *args], cwd=ROOT, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=300)
+def _cli(hooks: str | None, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """The CLI's `main(argv)` in this process (no torch + Prefect import per run), after `hooks`
+    patch its reads; the patched methods are put back after it."""
+    from ckptflow.storage.reader import RangeReader
+
+    real = RangeReader.read, RangeReader.read_columns
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        if hooks:
+            exec(hooks, {})
+        return run_main(*args)
+    finally:
+        RangeReader.read, RangeReader.read_columns = real
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _clean(src, tmp_path, tag: str, recipe: Recipe, fuse: bool) -> dict[str, bytes]:
@@ -74,7 +85,8 @@ def _clean(src, tmp_path, tag: str, recipe: Recipe, fuse: bool) -> dict[str, byt
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["inplace", "mv"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_source_changed_mid_run_fails_and_publishes_nothing_from_new_bytes(demo_ckpt, tmp_path, case, how):
+def test_source_changed_mid_run_fails_and_publishes_nothing_from_new_bytes(prefect_harness, demo_ckpt, tmp_path, case,
+                                                                            how):
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 

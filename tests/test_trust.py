@@ -14,7 +14,7 @@ import pytest
 
 from ckptflow.flows.convert import convert_flow
 
-from .helpers import PYTHON, ROOT, cli_env, one_error_line
+from .helpers import PYTHON, ROOT, cli_env, one_error_line, run_main
 from .helpers import tree
 
 
@@ -24,9 +24,10 @@ def digest_tree(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def ckptflow(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+def ckptflow(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The CLI's `main(argv)` in this process (its refusals and output; the runs it competes with or
+    that are killed are real processes below); a flow it runs needs the `prefect_harness` fixture."""
+    return run_main(*args, **env)
 
 
 
@@ -168,7 +169,7 @@ sys.exit(console_main())
 
 
 @pytest.mark.slow
-def test_two_runs_into_one_dest_one_refuses_and_output_is_exact(demo_ckpt, tmp_path):
+def test_two_runs_into_one_dest_one_refuses_and_output_is_exact(prefect_harness, demo_ckpt, tmp_path):
     out = tmp_path / "out"
     args = ["convert", str(demo_ckpt), str(out), "--dequant"]
     go = tmp_path / "go"
@@ -212,7 +213,7 @@ sys.exit(console_main())
 
 
 @pytest.mark.slow
-def test_kill_right_after_a_rename_redoes_no_shard(demo_ckpt, tmp_path):
+def test_kill_right_after_a_rename_redoes_no_shard(prefect_harness, demo_ckpt, tmp_path):
     out = tmp_path / "out"
     args = ["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w")]
     killed = subprocess.run([PYTHON, "-c", KILLED_AFTER_RENAME_CLI, *args], cwd=ROOT,
@@ -250,7 +251,8 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.slow
-def test_disk_full_is_one_line_naming_the_file_and_leaves_nothing_complete(demo_ckpt, small_disk, tmp_path):
+def test_disk_full_is_one_line_naming_the_file_and_leaves_nothing_complete(prefect_harness, demo_ckpt, small_disk,
+                                                                           tmp_path):
     before = digest_tree(demo_ckpt)
     out = small_disk / "out"  # the BF16 output is ~5 MB; the disk holds 2 MB
     run = ckptflow("convert", str(demo_ckpt), str(out), "--dequant", "--work", str(tmp_path / "w"))
@@ -268,7 +270,7 @@ def test_disk_full_is_one_line_naming_the_file_and_leaves_nothing_complete(demo_
 
 
 @pytest.mark.slow
-def test_read_only_or_file_dest_is_one_line(demo_ckpt, tmp_path):
+def test_read_only_or_file_dest_is_one_line(prefect_harness, demo_ckpt, tmp_path):
     ro = tmp_path / "ro"
     if not _mount_tmpfs(ro, "size=1m,ro"):
         pytest.skip("cannot mount a tmpfs here (needs root)")

@@ -13,7 +13,7 @@ from ckptflow.storage.listing import FileStat
 from ckptflow.storage.urls import StorageError
 from ckptflow.tasks.planners.watch import find_checkpoints, marker, plan_watch
 
-from .helpers import s3_tree, tree
+from .helpers import dequant_reference, s3_tree, tree
 
 RECIPE = {"dequant": True, "mp": None}
 
@@ -124,13 +124,12 @@ def by_name(summary) -> dict[str, tuple[str, str]]:
 
 
 def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_harness, bucket_with_checkpoints):
-    from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.watch import WatchFailed, watch_flow
 
     w = bucket_with_checkpoints
     fs, b, opts = w["fs"], w["bucket"], w["options"]
     reference = w["tmp"] / "reference"
-    convert_flow(str(w["src"]), str(reference), work=str(w["tmp"] / "ref-work"), dequant=True)
+    dequant_reference(w["src"], reference, w["tmp"] / "ref-work")
     expected = tree(reference)
     run = dict(source_prefix=f"s3://{b}/incoming", dest_prefix=f"s3://{b}/converted", settle_seconds=0,
                storage_options=opts, options={"dequant": True})

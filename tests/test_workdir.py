@@ -1,14 +1,13 @@
 """Where a run keeps its journal and records by default, and work locations workers cannot reach."""
 from __future__ import annotations
 
-import subprocess
 
 import pytest
 
 from ckptflow.flows.workdir import check_work_reachable, default_work
 from ckptflow.storage.urls import StorageError, open_location
 
-from .helpers import PYTHON, cli_env
+from .helpers import run_main
 
 
 @pytest.mark.parametrize("dest, work", [
@@ -34,10 +33,8 @@ def test_a_local_work_location_is_refused_for_a_remote_dask_cluster(tmp_path):
 
 
 def test_the_cli_refuses_it_before_prefect_starts(demo_ckpt, tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "convert", str(demo_ckpt), str(tmp_path / "out"),
-                           "--dequant", "--task-runner", "dask", "--dask-address", "tcp://127.0.0.1:9",
-                           "--work", str(tmp_path / "work")],
-                          env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = run_main("convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask",
+                    "--dask-address", "tcp://127.0.0.1:9", "--work", str(tmp_path / "work"))
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--work" in errors[0] and "Traceback" not in proc.stderr, proc.stderr

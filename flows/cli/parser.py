@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "table's format (default: built in)")
     m.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     m.add_argument("--family", help="Megatron-Core model family (llama, qwen2, qwen3, mixtral, qwen3_moe, "
-                                    "qwen2_moe; default: from the saved args)")
+                                    "qwen2_moe, deepseek_v3; default: from the saved args)")
     m.add_argument("--dry-run", action="store_true", help="Megatron-Core: print the plan, write nothing")
     m.add_argument("--work", help="work location: the imported state and shard records "
                                   "(default: ~/.cache/ckptflow/work/<hash of DEST>)")

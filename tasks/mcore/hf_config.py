@@ -60,6 +60,14 @@ def hf_config(index: McoreIndex, table: McoreTable, override: dict[str, Any] | N
         cfg["vocab_size"], origin["vocab_size"] = args["vocab_size"], "args.vocab_size"
     elif tokenizer_vocab is not None:
         cfg["vocab_size"], origin["vocab_size"] = tokenizer_vocab, "--tokenizer"
+    # MoE layer pattern: a list moe_layer_freq that is dense first, MoE after is DeepSeek's first_k_dense_replace.
+    freq = args.get("moe_layer_freq")
+    if "first_k_dense_replace" in cfg and isinstance(freq, list) and freq and 1 in freq:
+        k = freq.index(1)
+        if any(x != 1 for x in freq[k:]):
+            raise PlanError(f"{where}: args.moe_layer_freq={freq}: {table.label} needs dense layers first, then MoE "
+                            "layers only (first_k_dense_replace)")
+        cfg["first_k_dense_replace"], origin["first_k_dense_replace"] = k, "args.moe_layer_freq"
     untie = args.get("untie_embeddings_and_output_weights")
     cfg["tie_word_embeddings"] = (not untie) if untie is not None else OUTPUT not in index.tensors
     for key, value in (override or {}).items():

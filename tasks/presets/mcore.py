@@ -27,7 +27,7 @@ SPLITS = {"none": 1, "qkv": 3, "halves": 2}
 AXES = ("layer", "expert")
 FAMILIES = {"llama": "mcore_llama.json", "qwen2": "mcore_qwen2.json", "qwen3": "mcore_qwen3.json",
             "mixtral": "mcore_mixtral.json", "qwen3_moe": "mcore_qwen3_moe.json",
-            "qwen2_moe": "mcore_qwen2_moe.json"}
+            "qwen2_moe": "mcore_qwen2_moe.json", "deepseek_v3": "mcore_deepseek_v3.json"}
 _FLAGS = "'vocab', 'tied' and 'optional' must be true or false (or absent: false)"
 MCORE_TABLES = TableKind("Megatron-Core table", FAMILIES, {
     "": "must be a JSON object with 'model_type', 'architectures' and a 'rules' list",
