@@ -1,6 +1,6 @@
 """`ckptflow inspect SOURCE --quantize SCHEME [--ignore …]`: the scheme `convert --quantize` would
 write, checked against what `convert --dry-run` says (one summary, not two) and against the bytes a
-real conversion writes. In-process `main(argv)`: no Prefect is started by inspect."""
+real conversion writes. In-process (`run_main`): inspect and --dry-run start no Prefect."""
 from __future__ import annotations
 
 import json
@@ -9,17 +9,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ckptflow.flows.cli.entry import main
 from ckptflow.flows.params import Recipe
 
-from .helpers import run_passes
+from .helpers import run_main, run_passes
 from .test_quantize_stage import deepseek_fp8, save_llama, save_qwen2_moe
 
 
-def cli_json(capsys, *argv: str) -> tuple[int, dict]:
-    capsys.readouterr()
-    code = main([*argv, "--json"])
-    return code, json.loads(capsys.readouterr().out)
+def cli_json(*argv: str) -> tuple[int, dict]:
+    run = run_main(*argv, "--json")
+    return run.returncode, json.loads(run.stdout)
 
 
 def dtypes_of(path: Path) -> dict[str, torch.dtype]:
@@ -30,9 +28,9 @@ def dtypes_of(path: Path) -> dict[str, torch.dtype]:
     return out
 
 
-def test_nvfp4_names_misfit_shapes_counts_the_rest_and_shows_shared_global_scales(tmp_path, capsys):
+def test_nvfp4_names_misfit_shapes_counts_the_rest_and_shows_shared_global_scales(tmp_path):
     src = save_llama(tmp_path / "src", intermediate=88, files=2)  # down_proj: 88 columns, not % 16
-    code, r = cli_json(capsys, "inspect", str(src), "--quantize", "nvfp4")
+    code, r = cli_json("inspect", str(src), "--quantize", "nvfp4")
     q = r["quantize"]
     assert code == 1 and q["scheme"] == "nvfp4" and not q["after_dequant"]
     assert len(q["refused"]) == 2 and all("88 columns are not a multiple of 16" in p for p in q["refused"])
@@ -49,24 +47,25 @@ def test_nvfp4_names_misfit_shapes_counts_the_rest_and_shows_shared_global_scale
             "model.layers.0.self_attn.v_proj.weight"] in w["shared_global_scales"]["examples"]
 
     # the text names each misfit and the --ignore that leaves it out
-    assert main(["inspect", str(src), "--quantize", "nvfp4"]) == 1
-    text = capsys.readouterr().out
+    run = run_main("inspect", str(src), "--quantize", "nvfp4")
+    text = run.stdout
+    assert run.returncode == 1
     assert "quantize: compressed-tensors NVFP4A16 (nvfp4-pack-quantized); unquantized: lm_head" in text
     assert "--ignore model.layers.1.mlp.down_proj" in text and "global scales: 4 fused groups" in text
 
     # with those left out, inspect shows exactly what convert --dry-run shows (one summary)
     ignore = ["--ignore", "model.layers.0.mlp.down_proj", "--ignore", "re:.*1\\.mlp\\.down_proj$"]
-    code, r = cli_json(capsys, "inspect", str(src), "--quantize", "nvfp4", *ignore)
+    code, r = cli_json("inspect", str(src), "--quantize", "nvfp4", *ignore)
     assert code == 0 and r["quantize"]["refused"] == []
     assert r["quantize"]["written"]["unquantized"]["--ignore"]["tensors"] == 2
-    code, dry = cli_json(capsys, "convert", str(src), str(tmp_path / "out"), "--quantize", "nvfp4", "--dry-run",
+    code, dry = cli_json("convert", str(src), str(tmp_path / "out"), "--quantize", "nvfp4", "--dry-run",
                          *ignore)
     assert code == 0 and dry["quantize"] == r["quantize"]["written"]
 
 
-def test_fp8_block_counts_match_the_bytes_a_conversion_writes(tmp_path, capsys):
+def test_fp8_block_counts_match_the_bytes_a_conversion_writes(tmp_path):
     src = save_llama(tmp_path / "src")
-    code, r = cli_json(capsys, "inspect", str(src), "--quantize", "fp8-block")
+    code, r = cli_json("inspect", str(src), "--quantize", "fp8-block")
     w = r["quantize"]["written"]
     assert code == 0 and w["shared_global_scales"] is None  # FP8 has no global scale
     out = tmp_path / "out"
@@ -82,9 +81,9 @@ def test_fp8_block_counts_match_the_bytes_a_conversion_writes(tmp_path, capsys):
         assert all(got[n] == "BF16" for n in k["examples"])
 
 
-def test_moe_router_gates_ignore_and_expert_groups(tmp_path, capsys):
+def test_moe_router_gates_ignore_and_expert_groups(tmp_path):
     src = save_qwen2_moe(tmp_path / "src")
-    code, r = cli_json(capsys, "inspect", str(src), "--quantize", "nvfp4", "--ignore", "re:.*down_proj$")
+    code, r = cli_json("inspect", str(src), "--quantize", "nvfp4", "--ignore", "re:.*down_proj$")
     w = r["quantize"]["written"]
     assert code == 0
     kept = {why: k["tensors"] for why, k in w["unquantized"].items()}
@@ -94,19 +93,19 @@ def test_moe_router_gates_ignore_and_expert_groups(tmp_path, capsys):
     assert w["shared_global_scales"]["groups"] == 12
 
 
-def test_quantized_source_is_planned_after_dequant(tmp_path, capsys):
+def test_quantized_source_is_planned_after_dequant(tmp_path):
     src = deepseek_fp8(tmp_path / "src")
-    code, r = cli_json(capsys, "inspect", str(src), "--quantize", "nvfp4")
+    code, r = cli_json("inspect", str(src), "--quantize", "nvfp4")
     q = r["quantize"]
     assert code == 0 and q["after_dequant"] and q["written"]["quantized"]["tensors"] == 7
     assert r["scheme"]["method"] == "fp8"  # the --dequant report is still there
 
 
-def test_bad_flags_are_one_error_line(tmp_path, capsys):
+def test_bad_flags_are_one_error_line(tmp_path):
     src = save_llama(tmp_path / "src")
-    capsys.readouterr()  # transformers' save progress
-    assert main(["inspect", str(src), "--ignore", "lm_head"]) == 2
-    err = capsys.readouterr().err
+    run = run_main("inspect", str(src), "--ignore", "lm_head")
+    err = run.stderr
+    assert run.returncode == 2
     assert err.startswith("error: --ignore only applies with --quantize") and err.count("\n") == 1
-    code, r = cli_json(capsys, "inspect", str(src), "--quantize", "mxfp4", "--ignore", "re:(")
+    code, r = cli_json("inspect", str(src), "--quantize", "mxfp4", "--ignore", "re:(")
     assert code == 1 and "--ignore: pattern 're:('" in r["quantize"]["refused"][0]
