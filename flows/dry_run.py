@@ -13,6 +13,7 @@ from typing import Any
 
 from ckptflow.tasks.plan.model import StagePlan
 from ckptflow.tasks.plan.transforms import Action, action_of
+from ckptflow.tasks.planners.quant_summary import written_scheme
 
 from ckptflow.flows.preflight import Preflight
 from ckptflow.flows.printable import printable
@@ -53,17 +54,31 @@ def dry_run_report(planned: Preflight, source: str, dest: str, work: str) -> dic
         "work_bytes": sum(p.plan.total_size for p in planned.passes if p.into_work),
         "dropped_unmatched": [n for p in planned.passes for n in p.plan.dropped_unmatched],
         "warnings": list(planned.warnings),
-        "quantize": _written_scheme(final),
+        "quantize": written_scheme(final, planned.recipe.ignore),
     }
 
 
-def _written_scheme(plan: StagePlan) -> dict[str, Any] | None:
-    """--quantize: the compressed-tensors scheme config.json will declare, and what it leaves out."""
-    qc = (plan.config or {}).get("quantization_config") if plan.config else None
-    if not qc or not isinstance(qc.get("config_groups"), dict) or not qc["config_groups"]:
-        return None
-    (preset, group), = list(qc["config_groups"].items())[:1]
-    return {"preset": preset, "format": qc.get("format"), "weights": group.get("weights"), "ignore": qc.get("ignore")}
+def print_written_scheme(q: dict[str, Any], out: Any, detail: bool = False) -> None:
+    """The `quant_summary.written_scheme` dict as text: one line, and with `detail` (inspect) the
+    counts, what stays unquantized and why, and the fused groups sharing a global scale."""
+    shown = ", ".join(q["ignore"][:8]) + (f", … ({len(q['ignore'])} in all)" if len(q["ignore"]) > 8 else "")
+    print(f"quantize: compressed-tensors {q['preset']} ({q['format']}); unquantized: {shown}", file=out)
+    if not detail:
+        return
+    w, n = q["weights"] or {}, q["quantized"]
+    print(f"  weights:   {w.get('type')} {w.get('num_bits')}-bit, strategy {w.get('strategy')}"
+          + (f", group {w['group_size']}" if w.get("group_size") else "")
+          + (f", block {w['block_structure']}" if w.get("block_structure") else ""), file=out)
+    print(f"  quantized: {n['tensors']} tensors, {human(n['bytes_in'])} → {human(n['bytes_out'])} "
+          "with scales", file=out)
+    for why, k in q["unquantized"].items():
+        names = ", ".join(printable(e) for e in k["examples"]) + (", …" if k["tensors"] > len(k["examples"]) else "")
+        print(f"  kept ({why}): {k['tensors']} tensors, {human(k['bytes'])} (e.g. {names})", file=out)
+    g = q["shared_global_scales"]
+    if g is not None:
+        ex = "; ".join(" + ".join(printable(m) for m in grp) for grp in g["examples"][:1])
+        print(f"  global scales: {g['groups']} fused groups ({g['tensors']} tensors) share one each"
+              + (f" (e.g. {ex})" if ex else ""), file=out)
 
 
 def print_dry_run(report: dict[str, Any], out: Any = None) -> None:
@@ -82,10 +97,8 @@ def print_dry_run(report: dict[str, Any], out: Any = None) -> None:
     print(f"bytes:    {human(report['source_bytes'])} read from SOURCE, {human(report['output_bytes'])} "
           f"into DEST, {human(report['work_bytes'])} in the work location"
           + (" (deleted after success)" if report["work_bytes"] else ""), file=out)
-    q = report.get("quantize")
-    if q:
-        shown = ", ".join(q["ignore"][:8]) + (f", … ({len(q['ignore'])} in all)" if len(q["ignore"]) > 8 else "")
-        print(f"quantize: compressed-tensors {q['preset']} ({q['format']}); unquantized: {shown}", file=out)
+    if report.get("quantize"):
+        print_written_scheme(report["quantize"], out)
     print_dropped_unmatched(report["dropped_unmatched"], out)
     for w in report["warnings"]:
         print(f"warning:  {w}", file=out)

@@ -230,3 +230,35 @@ def _child_flow_runs(parent_flow_run_id) -> dict[str, str]:
             return {r.name: r.state_type.value for r in runs}
 
     return asyncio.run(read())
+
+
+def test_watch_quantize_converts_a_checkpoint_dropped_under_the_prefix(prefect_harness, tmp_path):
+    """`ckptflow watch --quantize nvfp4` (the flag, through run_main): a BF16 checkpoint dropped
+    under the watched prefix is quantized, byte for byte as the engine quantizes it, once."""
+    from ckptflow.flows.params import Recipe
+
+    from .helpers import run_main, run_passes
+    from .test_quantize_stage import save_llama
+
+    incoming, converted = tmp_path / "incoming", tmp_path / "converted"
+    incoming.mkdir()
+    argv = ("watch", str(incoming), str(converted), "--quantize", "nvfp4", "--settle-seconds", "0", "--json")
+    run = run_main(*argv)
+    assert run.returncode == 0 and json.loads(run.stdout)["checkpoints"] == [], run.stderr
+    save_llama(incoming / "tiny", files=2)  # dropped in: q/k/v and gate/up split over two files
+    run = run_main(*argv)
+    assert run.returncode == 0, run.stderr
+    first = json.loads(run.stdout)
+    assert by_name(first) == {"tiny": ("convert", "new")}
+
+    reference = tmp_path / "reference"
+    run_passes(incoming / "tiny", reference, tmp_path / "ref-work", Recipe(quantize="nvfp4"), fuse=True)
+    want = {n: b for n, b in tree(reference).items() if n.endswith((".safetensors", ".json"))}
+    got = tree(converted / "tiny")
+    assert {n: got.get(n) for n in want} == want
+    qc = json.loads(got["config.json"])["quantization_config"]
+    assert qc["format"] == "nvfp4-pack-quantized" and qc["ignore"] == ["lm_head"]
+    assert any(n.endswith(".weight_packed") for n in json.loads(got["model.safetensors.index.json"])["weight_map"])
+
+    run = run_main(*argv)  # nothing new: nothing converted again
+    assert run.returncode == 0 and by_name(json.loads(run.stdout)) == {"tiny": ("up to date", "output matches")}

@@ -1,4 +1,5 @@
-"""`ckptflow inspect SOURCE`: what `--dequant` would do, from headers and config files alone.
+"""`ckptflow inspect SOURCE`: what `--dequant` would do, from headers and config files alone;
+with `--quantize SCHEME`, also what `convert --quantize SCHEME` would write.
 
 Per group of tensors: the detected scheme with its geometry and scale dtypes, bytes in, bytes
 `--dequant` would write; what is dropped (activation / KV scales) and what would be refused.
@@ -74,7 +75,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
+def print_report(r: dict[str, Any], human: Any, out: Any = None) -> None:
+    out = out or sys.stdout  # looked up per call: a captured or redirected stdout is honoured
     print(f"{printable(r['source'])}: {r['files']} file(s), {r['tensors']} tensors, {human(r['bytes_in'])}", file=out)
     s = r["scheme"]
     print(f"scheme:   {s['method']} (from {s['declared_in']})" if s else "scheme:   none declared", file=out)
@@ -96,6 +98,58 @@ def print_report(r: dict[str, Any], human: Any, out: Any = sys.stdout) -> None:
         print("--dequant: nothing quantized to convert", file=out)
 
 
+def quantize_report(ckpt: Checkpoint, scheme: str, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What `convert --quantize SCHEME [--ignore …]` would write, planned as convert plans it
+    (`plan_passes`, with `--dequant` in front when the source is quantized) and summarised as its
+    dry run summarises it (`quant_summary.written_scheme`). Weights whose columns the scheme cannot
+    take are named in `refused`; the rest is planned as if they were --ignore'd, so one look shows
+    every problem and what the scheme would write once they are left out."""
+    from ckptflow.flows.params import Recipe
+    from ckptflow.flows.recipe import plan_passes
+    from ckptflow.tasks.plan.compose import planned_checkpoint
+    from ckptflow.tasks.planners.dequant import plan_dequant
+    from ckptflow.tasks.planners.quant_summary import written_scheme
+    from ckptflow.tasks.planners.quant_targets import ignore_matcher, is_target, quant_scheme
+    from ckptflow.tasks.planners.quantize import is_quantized
+
+    qs = quant_scheme(scheme)
+    dequant = is_quantized(ckpt)
+    report: dict[str, Any] = {"scheme": scheme, "after_dequant": dequant, "written": None, "refused": []}
+    try:
+        upstream = plan_dequant(ckpt) if dequant else None
+        source = planned_checkpoint(upstream, ckpt.url, ckpt) if upstream is not None else ckpt
+        matcher = ignore_matcher(ignore or None)
+        misfits = sorted((n, f, i.shape) for n, (f, i) in source.tensors().items()
+                         if is_target(n, i.dtype, i.shape, matcher) and not qs.fits(i.shape))
+        left_out = tuple(n.removesuffix(".weight") for n, _, _ in misfits)
+        recipe = Recipe(dequant=dequant, quantize=scheme, ignore=(*ignore, *left_out) or None)
+        passes, _ = plan_passes(ckpt, recipe)
+    except PlanError as exc:  # what convert would stop on (a bad --ignore pattern, a dtype mismatch, …)
+        report["refused"] = [str(exc)]
+        return report
+    report["written"] = written_scheme(passes[-1].plan, ignore or None, refused=left_out)
+    report["refused"] = [f"{f}: tensor {n!r} {list(shape)}: {shape[-1]} columns are not a multiple of "
+                         f"{qs.col_multiple}; leave it out with --ignore {n.removesuffix('.weight')}"
+                         for n, f, shape in misfits]
+    return report
+
+
+def print_quantize(q: dict[str, Any], out: Any = None) -> None:
+    from ckptflow.flows.dry_run import print_written_scheme
+
+    out = out or sys.stdout
+
+    if q["after_dequant"]:
+        print(f"--quantize {q['scheme']}: the source is quantized; planned after --dequant", file=out)
+    if q["written"] is not None:
+        print_written_scheme(q["written"], out, detail=True)
+    if q["refused"]:
+        print(f"refused:  --quantize {q['scheme']} would stop before writing ({len(q['refused'])} problem(s)):",
+              file=out)
+        for p in q["refused"][:50]:
+            print(f"  - {printable(p)}", file=out)
+
+
 def cmd_inspect(args: Any, runtime: Any = None) -> int:
     from ckptflow.storage.checkpoint import scan_checkpoint
     from ckptflow.flows.cli.megatron_core import inspect_megatron_core
@@ -103,12 +157,18 @@ def cmd_inspect(args: Any, runtime: Any = None) -> int:
     from ckptflow.flows.summary_text import human
     from ckptflow.storage.urls import open_location, parse_storage_options
 
+    if args.ignore and not args.quantize:
+        raise PlanError("--ignore only applies with --quantize SCHEME; add --quantize, or drop --ignore")
     if is_megatron_core(args.source, parse_storage_options(args.storage_options) or None):
         return inspect_megatron_core(args, human)
     ckpt = scan_checkpoint(open_location(args.source, parse_storage_options(args.storage_options)))
     report = inspect_report(ckpt)
+    if args.quantize:
+        report["quantize"] = quantize_report(ckpt, args.quantize, tuple(args.ignore or ()))
     if args.json:
         print(json.dumps(report))
     else:
         print_report(report, human)
-    return 1 if report["refused"] else 0
+        if args.quantize:
+            print_quantize(report["quantize"])
+    return 1 if report["refused"] or (args.quantize and report["quantize"]["refused"]) else 0

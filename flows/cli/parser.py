@@ -91,6 +91,20 @@ def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def _add_inspect_quantize(i: argparse.ArgumentParser) -> None:
+    """`inspect --quantize SCHEME [--ignore PATTERN …]`: the choices are ConvertOptions' own."""
+    import typing
+
+    from ckptflow.flows.params import QuantizeScheme
+
+    i.add_argument("--quantize", choices=typing.get_args(QuantizeScheme), metavar="SCHEME",
+                   help="also show what `convert --quantize SCHEME` would write: format, config group, "
+                        "tensors quantized, what stays unquantized and why, shared global scales, "
+                        "shapes refused (SCHEME: %(choices)s)")
+    i.add_argument("--ignore", action="append", metavar="PATTERN",
+                   help="--quantize: also leave these modules unquantized (name, glob or re:REGEX; repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ckptflow", description="Convert large LLM checkpoints, resumably.")
     _add_verbose(p, False)
@@ -161,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("source", help="checkpoint folder or URL")
     i.add_argument("--storage-options", metavar="JSON", help="JSON of fsspec storage options for SOURCE")
     i.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_inspect_quantize(i)
 
     d = _command(sub, "demo", help="generate a small DeepSeek-V3 FP8 checkpoint and convert it")
     d.add_argument("dest", nargs="?", default="ckptflow-demo",

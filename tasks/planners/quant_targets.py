@@ -44,6 +44,10 @@ class QuantScheme:
     def packed(self) -> bool:
         return self.kernel in ("nvfp4", "mxfp4")
 
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Can a weight of `shape` take the scheme's column groups (NVFP4 16, MXFP4 32)?"""
+        return shape[-1] % self.col_multiple == 0
+
     def outputs(self, base: str, dtype: str, shape: tuple[int, ...]) -> list[tuple[str, str, tuple[int, ...], str]]:
         """(name, dtype, shape, role) of each tensor written for weight `base`.weight of `shape`:
         role "weight", "scale" or "global"."""
@@ -89,16 +93,34 @@ def listed_in_ignore(module: str) -> bool:
     return _NOT_LINEAR.search(module) is None
 
 
+# why a never-quantized module is left out, first match wins (`inspect --quantize` reports these)
+_WHY_NEVER = (("embedding", re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe)$")),
+              ("lm_head", re.compile(r"(^|\.)(lm_head|output)$")),
+              ("norm", re.compile(r"norm[^.]*$")))
+
+
+def why_unquantized(name: str, dtype: str, shape: tuple[int, ...], ignore: Matcher | None) -> str | None:
+    """None if tensor `name` is a Linear weight `--quantize` quantizes; else why it stays as it is
+    (bias, not floating, not a Linear weight, embedding, lm_head, norm, router gate, --ignore)."""
+    if name.endswith(".bias"):
+        return "bias"
+    if dtype not in FLOATS:
+        return "not floating-point"
+    if not name.endswith(".weight"):
+        return "not a Linear weight"
+    module = name[: -len(".weight")]
+    if never_quantized(module):  # by name first: a norm's 1-D weight is reported as a norm
+        return next((why for why, rx in _WHY_NEVER if rx.search(module)), "router gate")
+    if len(shape) != 2 and not (len(shape) == 3 and _EXPERTS.search(module)):
+        return "not a Linear weight"
+    if ignore is not None and ignore.matches(module):
+        return "--ignore"
+    return None
+
+
 def is_target(name: str, dtype: str, shape: tuple[int, ...], ignore: Matcher | None) -> bool:
     """Is tensor `name` a Linear weight `--quantize` quantizes?"""
-    if not name.endswith(".weight") or dtype not in FLOATS:
-        return False
-    module = name[: -len(".weight")]
-    if len(shape) != 2 and not (len(shape) == 3 and _EXPERTS.search(module)):
-        return False
-    if never_quantized(module):
-        return False
-    return ignore is None or not ignore.matches(module)
+    return why_unquantized(name, dtype, shape, ignore) is None
 
 
 def ignore_matcher(patterns: tuple[str, ...] | None) -> Matcher | None:

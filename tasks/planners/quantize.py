@@ -44,10 +44,15 @@ def quant_config(scheme: QuantScheme, ignore: list[str]) -> dict[str, Any]:
             "transform_config": {}, "version": CT_VERSION}
 
 
-def _refuse_quantized(ckpt: Checkpoint) -> None:
+def is_quantized(ckpt: Checkpoint) -> bool:
+    """Does the checkpoint declare a quantization (config.json or hf_quant_config.json)?"""
     config = ckpt.config or {}
     held = [c for c in (config, config.get("text_config")) if isinstance(c, dict) and c.get("quantization_config")]
-    if held or ckpt.quant_config:
+    return bool(held or ckpt.quant_config)
+
+
+def _refuse_quantized(ckpt: Checkpoint) -> None:
+    if is_quantized(ckpt):
         raise PlanError(f"{ckpt.url}: the checkpoint is already quantized (config.json has a "
                         "quantization_config); add --dequant to quantize it again from BF16")
 
@@ -81,7 +86,7 @@ def plan_quantize(ckpt: Checkpoint, scheme: QuantScheme, *, rounding: str = "fp3
                 out.append(base if base.name == t.name else OutputTensor(t.name, base.dtype, base.shape,
                                                                          base.transform, base.sources, base.params))
                 continue
-            if t.shape[-1] % scheme.col_multiple:
+            if not scheme.fits(t.shape):
                 misfits.append(f"{shard.file}: tensor {t.name!r} {list(t.shape)}: {t.shape[-1]} columns are not "
                                f"a multiple of {scheme.col_multiple}")
                 continue
