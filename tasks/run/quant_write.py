@@ -114,19 +114,27 @@ def quant_weight_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     kernel, rounding = t.param("kernel"), t.param("rounding")
     scales = ctx.stash.setdefault(t.param("scale_name"), [])
     g = torch.tensor([t.param("global_scale") or 0.0], dtype=torch.float32)
+    fp4 = kernel in ("nvfp4", "mxfp4")
     for w in _chunks(t, ctx):
+        # codes go straight into a pooled buffer the writer gives back: no fresh allocation per chunk
+        # (page faults, and glibc heaps that grow on buffers freed by the writer thread)
+        rows, cols = w.shape
+        buf = ctx.buffers.take(rows * (cols // 2 if fp4 else cols))
+        out = torch.from_numpy(buf).reshape(rows, -1) if rows * cols else None
+        if out is not None and not fp4:
+            out = out.view(torch.float8_e4m3fn)
         if kernel == "fp8_block":
-            q, s = quant_ops.fp8_block_quantize(w, rounding)
+            q, s = quant_ops.fp8_block_quantize(w, rounding, out=out)
         elif kernel == "fp8_channel":
-            q, s = quant_ops.fp8_channel_quantize(w, rounding)
+            q, s = quant_ops.fp8_channel_quantize(w, rounding, out=out)
         elif kernel == "nvfp4":
-            q, s = quant_ops.nvfp4_quantize(w, g, rounding)
+            q, s = quant_ops.nvfp4_quantize(w, g, rounding, out=out)
         elif kernel == "mxfp4":
-            q, s = quant_ops.mxfp4_quantize(w, rounding)
+            q, s = quant_ops.mxfp4_quantize(w, rounding, out=out)
         else:
             raise ValueError(f"tensor {t.name!r}: unknown quantize kernel {kernel!r}")
         scales.append(_bytes(s))
-        yield _bytes(q), None
+        yield (memoryview(buf), ctx.releaser(buf)) if out is not None else (_bytes(q), None)
 
 
 def quant_scale_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
