@@ -32,6 +32,14 @@ that hour, not yet merged; this bench file unchanged):
   fp8-block model_free_ptq FP8_BLOCK:  92.7 s (74.9 s in the call)  0.022 GB/s  peak RSS 4803 MiB (2.5x the source)
             ckptflow --quantize fp8-block: 50.3 s (shards 31.3 s)  0.040 GB/s (1.84x)  peak RSS 480 MiB (0.10x)
   Both outputs have llm-compressor's tensor names, dtypes and shapes.
+Again at 23:38 (load 8.6 at the start, falling to 2.9), with branch quant-speed (row chunks read straight into
+pooled buffers, amax on the bits, codes into pooled buffers; the engine alone on the same 2.01 GB shard, same
+call, main then quant-speed: nvfp4 21.7 s -> 10.9 s, fp8-block 6.9 s -> 4.4 s):
+  nvfp4     model_free_ptq NVFP4A16:  129.3 s (115.2 s in the call)  0.016 GB/s  peak RSS 8386 MiB
+            ckptflow --quantize nvfp4:  17.3 s (shards 11.4 s)  0.117 GB/s (7.48x)  peak RSS 376 MiB (0.04x)
+  fp8-block model_free_ptq FP8_BLOCK:   24.8 s (18.8 s in the call)  0.081 GB/s  peak RSS 4718 MiB
+            ckptflow --quantize fp8-block: 10.9 s (shards 4.1 s)  0.184 GB/s (2.27x)  peak RSS 471 MiB (0.10x)
+  Most of ckptflow's fp8-block wall time is now the CLI's fixed cost (imports, temporary Prefect server).
 The 13 GB variant was not run (shared machine: llm-compressor would need ~4x a 4.3 GB shard of RAM).
 """
 from __future__ import annotations

@@ -265,6 +265,35 @@ def test_row_slices_give_the_rows_of_the_whole():
             same_bits(torch.cat([p[i] for p in parts]), whole[i], "row slices")
 
 
+@pytest.mark.parametrize("dt", sorted(DTYPES))
+def test_amax_on_the_bits_is_compressed_tensors_two_reductions(dt):
+    """tensor_amax and block/group amax read |w| off the bits; they equal the observer's amin/amax
+    then max(|min(w, 0)|, max(w, 0)) (written here in torch), on every sign, -0.0, subnormals, the
+    dtype's max, inf; a NaN anywhere makes the amax NaN."""
+    dtype = DTYPES[dt]
+    finfo = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(3)
+
+    def reference(x: torch.Tensor, dim: tuple[int, ...] | None = None) -> torch.Tensor:
+        lo = torch.clamp(x.amin(dim=dim) if dim else x.min(), max=0)
+        hi = torch.clamp(x.amax(dim=dim) if dim else x.max(), min=0)
+        return torch.maximum(lo.abs(), hi.abs())
+
+    cases = [torch.randn(256, 160, generator=g).to(dtype), -torch.rand(256, 160, generator=g).to(dtype),
+             torch.full((256, 160), -0.0, dtype=dtype)]
+    special = cases[0].clone()
+    special[0, :4] = torch.tensor([-finfo.max, finfo.tiny / 4, -finfo.tiny / 2, -0.0], dtype=dtype)
+    special[200, 3] = -float("inf")
+    cases.append(special)
+    for x in cases:
+        same_bits(tensor_amax(x), reference(x), "tensor amax")
+        tiles = torch.nn.functional.pad(x, (0, 96)).reshape(2, 128, 2, 128)  # ragged: zeros change no amax
+        same_bits(block_amax(x), reference(tiles, (1, 3)), "block amax")
+    nan = cases[0].clone()
+    nan[17, 5] = float("nan")
+    assert tensor_amax(nan).isnan() and block_amax(nan).isnan().sum() == 1
+
+
 def test_zero_weights_never_make_nan_or_inf():
     for dtype in DTYPES.values():
         x = torch.zeros(130, 64, dtype=dtype)

@@ -338,3 +338,23 @@ def test_cli_convert_quantize_runs_the_flow_and_counts_quantized(tmp_path):
     local = tmp_path / "local"
     quantize(src, local, tmp_path / "w2", quantize="nvfp4")
     assert tree(out) == tree(local)
+
+
+def test_upstream_pieces_of_any_size_regroup_into_exact_row_chunks():
+    """An upstream transform's pieces (here 7 uneven ones, a piece straddling each chunk boundary, one
+    empty) come out as the row chunks asked for, bytes in order, each piece released once."""
+    from types import SimpleNamespace
+
+    from ckptflow.tasks.run.buffers import BufferPool
+    from ckptflow.tasks.run.quant_write import _regrouped
+
+    w = torch.randn(300, 48).to(torch.bfloat16)
+    raw = w.view(torch.int16).numpy().tobytes()
+    cuts = [0, 1000, 1001, 1001, 9000, 15000, 20001, len(raw)]
+    released: list[int] = []
+    pieces = ((memoryview(raw)[a:b], lambda i=i: released.append(i)) for i, (a, b) in enumerate(zip(cuts, cuts[1:])))
+    sizes = [128, 128, 44]
+    got = [c.clone() for c in _regrouped(pieces, sizes, 48, torch.bfloat16, SimpleNamespace(buffers=BufferPool()))]
+    assert [c.shape[0] for c in got] == sizes
+    assert torch.equal(torch.cat(got).view(torch.int16), w.view(torch.int16))
+    assert sorted(released) == list(range(len(cuts) - 1))

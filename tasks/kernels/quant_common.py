@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 
 from ckptflow.tasks.kernels.lut import parallel_rows
@@ -46,7 +47,10 @@ def signed_amax(w: torch.Tensor, dim: int | tuple[int, ...] | None = None) -> to
     if dim is not None:
         # per block/group: |w| then one reduction is ~2x faster than amin + amax over short inner dims,
         # and equal (abs is exact; max(|min(w,0)|, max(w,0)) is max |w|; a NaN stays NaN)
-        return w.abs().amax(dim=dim)
+        # and on the bits (sign cleared: integer order is |w|'s order, NaN above inf; see tensor_amax)
+        # it is ~4x faster again than abs() on bfloat16, whose abs and max are not vectorized here
+        ints, mask = _MAGNITUDE_BITS[w.dtype]
+        return w.view(ints).bitwise_and(mask).amax(dim=dim).view(w.dtype)
     lo, hi = torch.aminmax(w)
     lo = torch.clamp(lo, max=0)
     hi = torch.clamp(hi, min=0)
@@ -59,7 +63,19 @@ def tensor_amax(w: torch.Tensor) -> torch.Tensor:
     check_weight(w, "tensor_amax")
     if w.numel() == 0:
         return torch.zeros((), dtype=w.dtype)
-    return signed_amax(w)
+    # On the bits, not with torch.aminmax (10x slower on bfloat16 here): with the sign bit cleared,
+    # the integer order of the bits is the order of |w|, inf above every finite value and every NaN
+    # above inf; so the largest masked bits are max |w| exactly (= signed_amax's value; -0.0 → 0.0)
+    # and a NaN anywhere gives a NaN, as there. Spans keep numpy's temporary in cache.
+    ints, mask = _MAGNITUDE_BITS[w.dtype]
+    bits = w.contiguous().view(ints).numpy().reshape(-1)
+    top = max(int(np.bitwise_and(bits[a:a + _AMAX_SPAN], mask).max()) for a in range(0, bits.size, _AMAX_SPAN))
+    return torch.tensor(top, dtype=ints).view(w.dtype)
+
+
+_MAGNITUDE_BITS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+                   torch.float32: (torch.int32, 0x7FFFFFFF)}
+_AMAX_SPAN = 1 << 18
 
 
 def pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:

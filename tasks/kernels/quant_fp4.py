@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ckptflow.tasks.kernels.e2m1_encode import e2m1_codes, encode_into, pack_into
+from ckptflow.tasks.kernels.lut import out_tensor
 from ckptflow.tasks.kernels.quant_common import (
     Rounding, check_finite, check_rounding, check_weight, for_row_chunks, signed_amax,
 )
@@ -86,8 +87,8 @@ def nvfp4_group_scale(amax16: torch.Tensor, global_scale: torch.Tensor) -> torch
     return torch.where(s == 0, torch.tensor(NVFP4_SCALE_EPS), s)
 
 
-def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, rounding: Rounding = "fp32"
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, rounding: Rounding = "fp32", *,
+                   out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """w [r, c] (c a multiple of 16) with its fused group's `nvfp4_global_scale` → (packed uint8
     [r, c/2] low nibble first, scale float8_e4m3fn [r, c/16]). Rows are independent: any row slice
     works alone. `rounding` is accepted for symmetry; both give the same bytes (see module doc)."""
@@ -99,7 +100,7 @@ def nvfp4_quantize(w: torch.Tensor, global_scale: torch.Tensor, rounding: Roundi
         raise ValueError("nvfp4_quantize needs a one-element float32 global scale (nvfp4_global_scale)")
     check_finite(global_scale, "nvfp4_quantize global scale")
     rows, cols = w.shape
-    packed = np.empty((rows, cols // 2), dtype=np.uint8)
+    packed = out_tensor(out, (rows, cols // 2), torch.uint8, w.device).numpy()  # `out`: a pooled buffer
     scale = torch.empty((rows, cols // NVFP4_GROUP), dtype=torch.float8_e4m3fn)
     gs = global_scale.to(torch.float32).reshape(())
     bad: list[bool] = []
@@ -147,14 +148,15 @@ def mxfp4_scale(amax32: torch.Tensor) -> torch.Tensor:
     return torch.where(s == 0, torch.ones((), dtype=dtype), s)
 
 
-def mxfp4_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def mxfp4_quantize(w: torch.Tensor, rounding: Rounding = "fp32", *, out: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [r, c] (c a multiple of 32) → (packed uint8 [r, c/2] low nibble first, scale uint8 E8M0
     [r, c/32]). Rows are independent: any row slice works alone."""
     check_weight(w, "mxfp4_quantize")
     check_rounding(rounding)
     _check_groups(w, MXFP4_GROUP, "mxfp4_quantize")
     rows, cols = w.shape
-    packed = np.empty((rows, cols // 2), dtype=np.uint8)
+    packed = out_tensor(out, (rows, cols // 2), torch.uint8, w.device).numpy()  # `out`: a pooled buffer
     stored = torch.empty((rows, cols // MXFP4_GROUP), dtype=torch.uint8)
     bad: list[str] = []
 

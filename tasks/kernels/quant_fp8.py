@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from ckptflow.tasks.kernels.lut import out_tensor
 from ckptflow.tasks.kernels.quant_common import (
     Rounding, check_finite, check_rounding, check_weight, for_row_chunks, signed_amax,
 )
@@ -50,7 +51,8 @@ def fp8_codes_into(x: torch.Tensor, scale: torch.Tensor, rounding: Rounding, out
     out.copy_(y.clamp_(-FP8_MAX, FP8_MAX).reshape(out.shape[0], -1)[:, :out.shape[1]])  # copy_ casts (RNE)
 
 
-def fp8_block_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_block_quantize(w: torch.Tensor, rounding: Rounding = "fp32", *, out: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [r, c] → (q float8_e4m3fn [r, c], scale [ceil(r/128), ceil(c/128)] in w.dtype).
 
     A row slice of a larger weight gives that slice's rows of the whole result when it starts on a
@@ -60,7 +62,7 @@ def fp8_block_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[to
     check_rounding(rounding)
     rows, cols = w.shape
     tiles, nb = -(-rows // BLOCK), -(-cols // BLOCK)
-    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn)
+    q = out_tensor(out, (rows, cols), torch.float8_e4m3fn, w.device)  # `out`: a caller's pooled buffer
     scale = torch.empty((tiles, nb), dtype=w.dtype)
     if w.numel() == 0:
         return q, scale.fill_(torch.finfo(w.dtype).eps)
@@ -80,13 +82,14 @@ def fp8_block_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[to
     return q, scale
 
 
-def fp8_channel_quantize(w: torch.Tensor, rounding: Rounding = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_channel_quantize(w: torch.Tensor, rounding: Rounding = "fp32", *, out: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """w [r, c] → (q float8_e4m3fn [r, c], scale [r, 1] in w.dtype: the dtype llm-compressor writes
     FP8_DYNAMIC's `weight_scale` in). Rows are independent: any row slice works alone."""
     check_weight(w, "fp8_channel_quantize")
     check_rounding(rounding)
     rows, cols = w.shape
-    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn)
+    q = out_tensor(out, (rows, cols), torch.float8_e4m3fn, w.device)  # `out`: a caller's pooled buffer
     scale = torch.empty((rows, 1), dtype=w.dtype)
     if w.numel() == 0:
         return q, scale.fill_(torch.finfo(w.dtype).eps)

@@ -33,45 +33,76 @@ def _inner(t: OutputTensor) -> OutputTensor:
                         tuple(tuple(p) for p in params))
 
 
-def _inner_pieces(inner: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
-    if inner.transform == COPY.name and inner.param("cut") is None:
-        (src,) = inner.sources  # read through buffers: a kernel copy (FileRange) has no values to see
-        step = execute.CHUNK_BYTES
-        return read_ahead(ctx, src.file, [(a, min(a + step, src.end)) for a in range(src.start, src.end, step)])
-    return stream_of(inner.transform)(inner, ctx)
+def _row_chunks(inner: OutputTensor, row_bytes: int) -> list[int]:
+    """Rows per chunk, in order: whole 128-row blocks of about CHUNK_BYTES, restarting at each
+    expert of a stacked 3-D weight."""
+    *lead, rows, _ = inner.shape
+    mats = int(np.prod(lead)) if lead else 1
+    step = max(BLOCK, execute.CHUNK_BYTES // max(row_bytes, 1) // BLOCK * BLOCK)
+    return [(min(r0 + step, rows) - r0) for _ in range(mats) for r0 in range(0, rows, step)]
 
 
 def _chunks(t: OutputTensor, ctx: ExecContext) -> Iterator[torch.Tensor]:
-    """The inner tensor's values as 2-D row chunks, in order."""
+    """The inner tensor's values as 2-D row chunks, in order. Each chunk is valid until the next
+    is asked for (its buffer goes back to the pool then)."""
     import torch
 
     from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
 
     inner = _inner(t)
     dtype = ST_TO_TORCH[inner.dtype]
-    *lead, rows, cols = inner.shape
-    mats = int(np.prod(lead)) if lead else 1
+    cols = inner.shape[-1]
     row_bytes = cols * dtype.itemsize
-    step = max(BLOCK, execute.CHUNK_BYTES // max(row_bytes, 1) // BLOCK * BLOCK)
-    sizes = [(min(r0 + step, rows) - r0) for _ in range(mats) for r0 in range(0, rows, step)]
-    pieces = _inner_pieces(inner, ctx)
-    held, have = bytearray(), 0
-    for n in sizes:
-        need = n * row_bytes
-        while have < need:
-            data, release = next(pieces)
-            held += bytes(data) if not isinstance(data, (bytes, bytearray)) else data
-            have = len(held)
+    sizes = _row_chunks(inner, row_bytes)
+    if inner.transform == COPY.name and inner.param("cut") is None:
+        # a plain copy (the common case): read each chunk's own byte range straight into a pooled
+        # buffer and wrap it; no reassembly, no copy (a kernel copy's FileRange has no values to see)
+        (src,) = inner.sources
+        ranges, a = [], src.start
+        for n in sizes:
+            ranges.append((a, a + n * row_bytes))
+            a += n * row_bytes
+        for n, (raw, release) in zip(sizes, read_ahead(ctx, src.file, ranges)):
+            if not isinstance(raw, memoryview) or raw.readonly:
+                raw = bytearray(raw)  # torch wraps only writable buffers without a warning
+            yield torch.frombuffer(raw, dtype=dtype).reshape(n, cols) if n * cols else torch.empty(0, cols, dtype=dtype)
             done(release)
-        chunk, held = held[:need], held[need:]
-        have = len(held)
-        yield torch.frombuffer(chunk, dtype=dtype).reshape(n, cols) if need else torch.empty(0, cols, dtype=dtype)
+        return
+    yield from _regrouped(stream_of(inner.transform)(inner, ctx), sizes, cols, dtype, ctx)
 
 
-def _bytes(x: torch.Tensor) -> bytes:
+def _regrouped(pieces: Iterator[Piece], sizes: list[int], cols: int, dtype: torch.dtype,
+               ctx: ExecContext) -> Iterator[torch.Tensor]:
+    """An upstream transform's pieces (any sizes) copied once into pooled row-chunk buffers."""
     import torch
 
-    return x.contiguous().view(torch.uint8).numpy().tobytes()
+    row_bytes = cols * dtype.itemsize
+    data: memoryview | None = None
+    release = None
+    used = 0
+    for n in sizes:
+        need = n * row_bytes
+        buf = ctx.buffers.take(need)
+        have = 0
+        while have < need:
+            if data is None or used == len(data):
+                done(release)
+                raw, release = next(pieces)
+                data, used = memoryview(raw).cast("B"), 0
+            k = min(need - have, len(data) - used)
+            buf[have:have + k] = data[used:used + k]
+            have += k
+            used += k
+        yield torch.from_numpy(buf).view(dtype).reshape(n, cols) if need else torch.empty(0, cols, dtype=dtype)
+        ctx.buffers.give(buf)
+    done(release)
+
+
+def _bytes(x: torch.Tensor) -> memoryview:
+    """x's bytes without a copy (the memoryview keeps x alive until the writer has written it)."""
+    import torch
+
+    return memoryview(x.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
 def quant_weight_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
@@ -83,19 +114,27 @@ def quant_weight_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     kernel, rounding = t.param("kernel"), t.param("rounding")
     scales = ctx.stash.setdefault(t.param("scale_name"), [])
     g = torch.tensor([t.param("global_scale") or 0.0], dtype=torch.float32)
+    fp4 = kernel in ("nvfp4", "mxfp4")
     for w in _chunks(t, ctx):
+        # codes go straight into a pooled buffer the writer gives back: no fresh allocation per chunk
+        # (page faults, and glibc heaps that grow on buffers freed by the writer thread)
+        rows, cols = w.shape
+        buf = ctx.buffers.take(rows * (cols // 2 if fp4 else cols))
+        out = torch.from_numpy(buf).reshape(rows, -1) if rows * cols else None
+        if out is not None and not fp4:
+            out = out.view(torch.float8_e4m3fn)
         if kernel == "fp8_block":
-            q, s = quant_ops.fp8_block_quantize(w, rounding)
+            q, s = quant_ops.fp8_block_quantize(w, rounding, out=out)
         elif kernel == "fp8_channel":
-            q, s = quant_ops.fp8_channel_quantize(w, rounding)
+            q, s = quant_ops.fp8_channel_quantize(w, rounding, out=out)
         elif kernel == "nvfp4":
-            q, s = quant_ops.nvfp4_quantize(w, g, rounding)
+            q, s = quant_ops.nvfp4_quantize(w, g, rounding, out=out)
         elif kernel == "mxfp4":
-            q, s = quant_ops.mxfp4_quantize(w, rounding)
+            q, s = quant_ops.mxfp4_quantize(w, rounding, out=out)
         else:
             raise ValueError(f"tensor {t.name!r}: unknown quantize kernel {kernel!r}")
         scales.append(_bytes(s))
-        yield _bytes(q), None
+        yield (memoryview(buf), ctx.releaser(buf)) if out is not None else (_bytes(q), None)
 
 
 def quant_scale_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
