@@ -184,6 +184,36 @@ def sigkill_when(child: subprocess.Popen, ready: Callable[[], bool], timeout: fl
     child.wait()
 
 
+# A real CLI run with a pause before each shard, so a kill lands mid-run (`kill_slow_cli`).
+SLOW_CHILD = """
+import sys, time
+import ckptflow.tasks.run.shard as st
+real = st.write_shard
+def slow(*a, **k):
+    time.sleep(0.8)
+    return real(*a, **k)
+st.write_shard = slow
+from ckptflow.flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def kill_slow_cli(args: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None) -> None:
+    """`ckptflow ARGS` in a child that pauses before each shard, SIGKILLed the moment `ready()` holds."""
+    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=env or cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    sigkill_when(child, ready)
+    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+
+
+def cli_json(args: list[str], env: dict[str, str] | None = None) -> dict:
+    """`ckptflow ARGS --json` as a real process that must succeed: its summary."""
+    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=env or cli_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
     """A whole conversion on the engine, no Prefect (`fuse=False`: the two-pass route through the
     work location, the reference a fused pass must equal; its intermediate is kept for tests to
@@ -244,3 +274,21 @@ def make_llama(path: Path, model_type: str = "qwen2") -> dict:
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
     (path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}))
     return t
+
+
+def llmc_python() -> str:
+    """A Python that imports llm-compressor 0.14 (the test extra's): this one, else CKPTFLOW_LLMC_PYTHON;
+    without either the test skips, except under CI=true, where it fails."""
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("llmcompressor") is not None:
+        return sys.executable
+    python = os.environ.get("CKPTFLOW_LLMC_PYTHON")
+    if not python:
+        msg = "llm-compressor is not importable and CKPTFLOW_LLMC_PYTHON is not set"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + ": CI must run the reference tests")
+        pytest.skip(msg)
+    return python

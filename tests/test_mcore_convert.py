@@ -218,25 +218,17 @@ def test_fsspec_urls_both_sides_give_the_same_bytes(converted):
 def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
     """The real CLI, SIGKILLed after 2 of its shards committed: the rerun reuses them (not
     rewritten), writes the rest, and equals an uninterrupted conversion byte for byte."""
-    import signal
 
-    from .helpers import ROOT, sigkill_when, tree
-    from .test_resume import SLOW_CHILD
+    from .helpers import cli_json, kill_slow_cli, tree
 
     save = DATA / "llama-gqa-tp1" / "torch_dist"
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["megatron", str(save), str(out), "--work", str(work), "--max-shard-size", "40KB", "--json"]
-    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=cli_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    sigkill_when(child, lambda: len(list(out.glob("*.safetensors"))) >= 2)
-    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    kill_slow_cli(args, lambda: len(list(out.glob("*.safetensors"))) >= 2)
     committed = sorted(p.name for p in out.glob("*.safetensors"))
     assert not (out / "model.safetensors.index.json").exists()  # nothing claims the checkpoint complete
     mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
-    rerun = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    summary = cli_json(args)
     assert 2 <= summary["cached_shards"] == len(committed) < summary["shards"]
     assert {n: (out / n).stat().st_mtime_ns for n in committed} == mtimes  # reused, not rewritten
     convert(save, tmp_path / "clean", tmp_path / "work-clean", max_shard_size="40KB")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import pickle
-import signal
 import subprocess
 import zipfile
 from pathlib import Path
@@ -18,10 +17,9 @@ from pathlib import Path
 import pytest
 import s3fs
 
-from .helpers import PYTHON, ROOT, cli_env, s3_tree, sigkill_when, tree
+from .helpers import PYTHON, ROOT, cli_env, kill_slow_cli, s3_tree, tree
 from .test_mcore_convert import convert
 from .test_ops import FaultyProxy
-from .test_resume import SLOW_CHILD
 
 DATA = Path(__file__).parent / "data" / "mcore"
 BF16 = DATA / "llama-gqa-tp1-bf16"
@@ -210,10 +208,7 @@ def test_sigkill_mid_run_resumes_from_the_bucket(s3_options, tmp_path):
         return {k.rsplit("/", 1)[1]: (v["ETag"], v["LastModified"]) for k, v in found.items()
                 if k.endswith(".safetensors")}
 
-    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=cli_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    sigkill_when(child, lambda: len(shards()) >= 2)
-    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    kill_slow_cli(args, lambda: len(shards()) >= 2)
     committed = shards()
     assert committed and not fs.exists(f"{bucket}/hf/model.safetensors.index.json")
     assert fs.find(f"{bucket}/.ckptflow-work/hf/journal")  # the record of what is done is in the bucket

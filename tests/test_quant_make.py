@@ -14,6 +14,7 @@ either the reference tests skip, except under CI=true, where they fail.
 from __future__ import annotations
 
 import os
+import sys
 import subprocess
 
 import pytest
@@ -25,7 +26,7 @@ from ckptflow.tasks.kernels.quant_fp4 import e2m1_codes, mxfp4_quantize, nvfp4_g
 from ckptflow.tasks.kernels.quant_fp8 import fp8_block_quantize, fp8_channel_quantize
 
 from . import llmc_reference
-from .helpers import ROOT
+from .helpers import ROOT, llmc_python
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 SCHEMES = ("FP8_BLOCK", "FP8_DYNAMIC", "NVFP4A16", "MXFP4A16")
@@ -78,22 +79,15 @@ def scalar_inputs() -> dict[str, torch.Tensor]:
 
 
 def run_reference(tensors: dict[str, torch.Tensor], tmp: os.PathLike) -> dict[str, torch.Tensor]:
-    try:
-        import llmcompressor  # noqa: F401
-    except ImportError:
-        python = os.environ.get("CKPTFLOW_LLMC_PYTHON")
-        if not python:
-            msg = "llm-compressor is not importable and CKPTFLOW_LLMC_PYTHON is not set"
-            if os.environ.get("CI") == "true":
-                pytest.fail(msg + ": CI must run the reference tests")
-            pytest.skip(msg)
-        src, dst = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
-        save_file(tensors, src)
-        run = subprocess.run([python, str(ROOT / "tests" / "llmc_reference.py"), src, dst],
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
-        return load_file(dst)
-    return llmc_reference.reference_all(tensors)
+    python = llmc_python()
+    if python == sys.executable:
+        return llmc_reference.reference_all(tensors)
+    src, dst = os.path.join(tmp, "in.safetensors"), os.path.join(tmp, "out.safetensors")
+    save_file(tensors, src)
+    run = subprocess.run([python, str(ROOT / "tests" / "llmc_reference.py"), src, dst],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(dst)
 
 
 @pytest.fixture(scope="module")

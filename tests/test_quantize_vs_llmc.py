@@ -9,16 +9,14 @@ Where llm-compressor itself fails (FP8_BLOCK on an intermediate size of 688, not
 "non contiguous tensor"), the ragged weights are compared with the formula written below."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from .helpers import llmc_python
 from .test_quantize_stage import quantize, tensors_of
 
 pytestmark = [pytest.mark.slow,  # one child process runs llm-compressor on seven checkpoints
@@ -41,18 +39,6 @@ for src, dst, preset in json.loads(sys.argv[1]):
         result[dst] = traceback.format_exc()
 print("RESULT " + json.dumps(result))
 """
-
-
-def llmc_python() -> str:
-    if importlib.util.find_spec("llmcompressor") is not None:
-        return sys.executable
-    python = os.environ.get("CKPTFLOW_LLMC_PYTHON")
-    if not python:
-        msg = "llm-compressor is not importable and CKPTFLOW_LLMC_PYTHON is not set"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg + ": CI must run the reference tests")
-        pytest.skip(msg)
-    return python
 
 
 def save(path: Path, family: str, intermediate: int) -> Path:

@@ -1,45 +1,24 @@
 """Resume after SIGKILL: committed shards are cache hits, the rest recompute, bytes identical."""
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
 
 import pytest
 
-from .helpers import PYTHON, ROOT, cli_env, dequant_reference, run_passes, sigkill_when, tree
+from .helpers import cli_env, cli_json, dequant_reference, kill_slow_cli, run_passes, tree
 
-# The child runs the real CLI; only a pause before each shard is added so the kill lands mid-run.
-SLOW_CHILD = """
-import sys, time
-import ckptflow.tasks.run.shard as st
-real = st.write_shard
-def slow(*a, **k):
-    time.sleep(0.8)
-    return real(*a, **k)
-st.write_shard = slow
-from ckptflow.flows.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     args = ["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(work), "--max-workers", "1", "--json"]
-    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=cli_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    sigkill_when(child, lambda: len(list(out.glob("*.safetensors"))) >= 2)
-    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    kill_slow_cli(args, lambda: len(list(out.glob("*.safetensors"))) >= 2)
     committed = sorted(p.name for p in out.glob("*.safetensors"))
     assert 2 <= len(committed) < 6
     assert not (out / "model.safetensors.index.json").exists()  # nothing claims the checkpoint complete
     mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
 
-    rerun = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
-                           capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    summary = cli_json(args)
     assert summary["cached_shards"] == len(committed)
     assert summary["shards"] - summary["cached_shards"] == 6 - len(committed)  # recomputed shards
     assert {n: (out / n).stat().st_mtime_ns for n in committed} == mtimes  # not rewritten
@@ -60,18 +39,12 @@ def test_sigkill_during_the_single_dequant_mp_pass_resumes_exactly(demo_ckpt, tm
     env = cli_env(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")  # a loaded CI box starts it slowly
     args = ["convert", str(demo_ckpt), str(out), "--dequant", "--mp", "4", "--work", str(work),
             "--max-workers", "1", "--json"]
-    child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    sigkill_when(child, lambda: bool(list(out.glob("*.safetensors"))))
-    assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
+    kill_slow_cli(args, lambda: bool(list(out.glob("*.safetensors"))), env)
     committed = sorted(p.name for p in out.glob("*.safetensors"))
     assert 1 <= len(committed) < 4
     assert not (work / "stages").exists()  # no intermediate checkpoint, even mid-run
     mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
-    rerun = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
+    summary = cli_json(args, env)
     assert (summary["shards"], summary["cached_shards"]) == (4, len(committed))
     assert {n: (out / n).stat().st_mtime_ns for n in committed} == mtimes
     two = tmp_path / "two"

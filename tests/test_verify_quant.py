@@ -233,7 +233,7 @@ def test_llm_compressor_model_free_ptq_output_fails_on_every_expert():
 @pytest.mark.slow
 def test_llm_compressor_reference_regenerates(tmp_path):
     """The kept reference is what the generator makes today (same weights seed, same llm-compressor)."""
-    from .test_quantize_vs_llmc import llmc_python  # llm-compressor is in the test extra; CI fails without it
+    from .helpers import llmc_python  # llm-compressor is in the test extra; CI fails without it
 
     subprocess.run([llmc_python(), str(ROOT / "tests" / "make_llmc_qwen3_moe.py"),
                     str(tmp_path / "out")], check=True, capture_output=True, timeout=300)

@@ -11,13 +11,12 @@ without either the family is the one built-in table whose `detect` fits the save
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, field_validator, model_validator
 
-from ckptflow.tasks.presets.patterns import NameMatcher, captures, target_fields
-from ckptflow.tasks.presets.tables import TableError, TableKind, load_table, parse_table
+from ckptflow.tasks.presets.patterns import captures, target_fields
+from ckptflow.tasks.presets.tables import RuleTable, TableError, TableKind, load_table, no_comments, parse_table
 
 # How a row's remaining rows (the dim after the stacked axes) become its targets, in target order:
 #   none:   the whole tensor, one target
@@ -80,11 +79,7 @@ class McoreRule(BaseModel):
         return self.targets if self.targets is not None else (self.target,)
 
 
-def _no_comments(section: Any) -> Any:
-    return {k: v for k, v in section.items() if not k.startswith("_")} if isinstance(section, dict) else section
-
-
-class McoreTable(BaseModel):
+class McoreTable(RuleTable):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: StrictStr | None = None
     about: StrictStr | tuple[StrictStr, ...] | None = None
@@ -101,27 +96,11 @@ class McoreTable(BaseModel):
     @field_validator("config_defaults", "config_from_args", "unsupported_args", "detect", mode="before")
     @classmethod
     def _sections(cls, section: Any) -> Any:
-        return _no_comments(section)  # '_about' keys are comments
-
-    def model_post_init(self, context: Any) -> None:
-        if context:
-            self._label = context["label"]
-        self.matcher  # compiled once, now
-
-    @cached_property
-    def matcher(self) -> NameMatcher:
-        return NameMatcher([r.source for r in self.rules])
-
-    @property
-    def label(self) -> str:
-        return self._label
+        return no_comments(section)  # '_about' keys are comments
 
     def match(self, key: str) -> tuple[McoreRule, dict[str, int]] | None:
         """(rule, indices captured from the name) of the first row matching `key`, or None."""
-        hit = self.matcher.match(key)
-        if hit is None:
-            return None
-        return self.rules[hit[0]], {k: int(v) for k, v in hit[1].items()}
+        return self.first_row(key)
 
     def fits(self, args: dict[str, Any]) -> bool:
         return all(bool(args.get(k)) == want for k, want in self.detect.items())

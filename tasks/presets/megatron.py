@@ -9,13 +9,12 @@ args values GPT-2 cannot represent. The built-in one (`gpt2`) covers legacy Mega
 """
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictStr, field_validator, model_validator
 
-from ckptflow.tasks.presets.patterns import NameMatcher, captures, target_fields
-from ckptflow.tasks.presets.tables import TableKind, load_table, parse_table
+from ckptflow.tasks.presets.patterns import captures, target_fields
+from ckptflow.tasks.presets.tables import RuleTable, TableKind, load_table, no_comments, parse_table
 
 TP_MODES = ("COLUMN", "ROW", "REPLICATED")  # COLUMN: split on dim 0, ROW: dim 1, REPLICATED: whole
 _FLAGS = "'qkv', 'transpose', 'vocab' and 'optional' must be true or false (or absent: false)"
@@ -57,11 +56,7 @@ class MegatronRule(BaseModel):
         return self
 
 
-def _no_comments(section: Any) -> Any:
-    return {k: v for k, v in section.items() if not k.startswith("_")} if isinstance(section, dict) else section
-
-
-class MegatronTable(BaseModel):
+class MegatronTable(RuleTable):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: StrictStr | None = None
     about: StrictStr | tuple[StrictStr, ...] | None = None
@@ -74,28 +69,14 @@ class MegatronTable(BaseModel):
     @field_validator("config_defaults", "config_from_args", "unsupported_args", mode="before")
     @classmethod
     def _sections(cls, section: Any) -> Any:
-        return _no_comments(section)  # '_about' keys are comments
-
-    def model_post_init(self, context: Any) -> None:
-        if context:
-            self._label = context["label"]
-        self.matcher  # compiled once, now
-
-    @cached_property
-    def matcher(self) -> NameMatcher:
-        return NameMatcher([r.source for r in self.rules])
-
-    @property
-    def label(self) -> str:
-        """How messages name it: 'built-in Megatron table', or 'Megatron table <url>'."""
-        return self._label
+        return no_comments(section)  # '_about' keys are comments
 
     def match(self, name: str) -> tuple[MegatronRule, str | None, int | None] | None:
         """(rule, GPT-2 target, layer) of the first row matching `name`, or None."""
-        hit = self.matcher.match(name)
+        hit = self.first_row(name)
         if hit is None:
             return None
-        rule, caps = self.rules[hit[0]], {k: int(v) for k, v in hit[1].items()}
+        rule, caps = hit
         return rule, None if rule.target is None else rule.target.format(**caps), caps.get("layer")
 
 

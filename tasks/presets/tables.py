@@ -12,15 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from typing import Any, TypeVar, get_args
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError
 
 from ckptflow.storage.strict_json import JSONRefused, loads, lone_surrogate, short
 from ckptflow.storage.urls import StorageError, open_location
 from ckptflow.tasks.plan.model import PlanError
+from ckptflow.tasks.presets.patterns import NameMatcher
 
 MAX_TABLE_BYTES = 1 << 20  # the largest built-in table is 8 KB; a name table of 1 MiB is not one
 M = TypeVar("M", bound=BaseModel)
@@ -44,6 +45,39 @@ class TableKind:
     def canonical(self, ref: str) -> str:
         """The first name of a built-in table (aliases such as deepseek_v3 name the same file)."""
         return next(n for n, f in self.builtins.items() if f == self.builtins[ref])
+
+
+def no_comments(section: Any) -> Any:
+    """A table section without its '_about'-style keys (comments)."""
+    return {k: v for k, v in section.items() if not k.startswith("_")} if isinstance(section, dict) else section
+
+
+class RuleTable(BaseModel):
+    """What the Megatron tables share: rows whose `source` patterns are compiled once into one
+    matcher, and a label that names the table in messages (set by `parse_table`'s context)."""
+
+    _label: str = PrivateAttr("table <memory>")
+
+    def model_post_init(self, context: Any) -> None:
+        if context:
+            self._label = context["label"]
+        self.matcher  # compiled once, now
+
+    @cached_property
+    def matcher(self) -> NameMatcher:
+        return NameMatcher([r.source for r in self.rules])  # type: ignore[attr-defined]
+
+    @property
+    def label(self) -> str:
+        """How messages name it: 'built-in Megatron table', or 'Megatron table <url>'."""
+        return self._label
+
+    def first_row(self, name: str) -> tuple[Any, dict[str, int]] | None:
+        """(row, integer captures) of the first row whose pattern matches `name`, or None."""
+        hit = self.matcher.match(name)
+        if hit is None:
+            return None
+        return self.rules[hit[0]], {k: int(v) for k, v in hit[1].items()}  # type: ignore[attr-defined]
 
 
 @lru_cache(maxsize=None)
