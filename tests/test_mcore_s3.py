@@ -208,16 +208,21 @@ def test_sigkill_mid_run_resumes_from_the_bucket(s3_options, tmp_path):
         return {k.rsplit("/", 1)[1]: (v["ETag"], v["LastModified"]) for k, v in found.items()
                 if k.endswith(".safetensors")}
 
-    kill_slow_cli(args, lambda: len(shards()) >= 2)
+    # Killed once 3 shards are in the bucket. Shards commit one at a time and each is recorded in
+    # the journal right after it is published, so the kill may leave the last one published without
+    # its final record: the rerun computes that one again and reuses the rest.
+    kill_slow_cli(args, lambda: len(shards()) >= 3)
     committed = shards()
-    assert committed and not fs.exists(f"{bucket}/hf/model.safetensors.index.json")
+    assert not fs.exists(f"{bucket}/hf/model.safetensors.index.json")
     assert fs.find(f"{bucket}/.ckptflow-work/hf/journal")  # the record of what is done is in the bucket
 
     rerun = _cli(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert 2 <= summary["cached_shards"] == len(committed) < summary["shards"], (summary, committed)
+    assert 2 <= summary["cached_shards"] <= len(committed) < summary["shards"], (summary, committed)
+    assert summary["cached_shards"] >= len(committed) - 1, (summary, committed)
     after = shards()
-    assert {n: after[n] for n in committed} == committed  # reused: not PUT again
+    reused = [n for n in committed if after[n] == committed[n]]
+    assert len(reused) >= summary["cached_shards"]  # reused: not PUT again
     convert(save, tmp_path / "clean", tmp_path / "work", max_shard_size="40KB")
     assert s3_tree(fs, f"{bucket}/hf") == tree(tmp_path / "clean")
