@@ -290,7 +290,8 @@ def test_nvfp4_over_s3_equals_local(tmp_path, s3_options):
 def test_stacked_3d_experts_quantize_expert_by_expert(tmp_path, monkeypatch, scheme):
     """A stacked [E, rows, cols] expert weight: each expert is quantized alone (its own 128-row
     blocks, its own row chunks), with the gate/up pair's one global scale for NVFP4."""
-    from ckptflow.tasks.run import quant_ops
+    from ckptflow.tasks.kernels.quant_fp4 import nvfp4_global_scale, nvfp4_quantize
+    from ckptflow.tasks.kernels.quant_fp8 import fp8_block_quantize
 
     monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 4096)  # many chunks per expert
     g = torch.Generator().manual_seed(9)
@@ -309,16 +310,16 @@ def test_stacked_3d_experts_quantize_expert_by_expert(tmp_path, monkeypatch, sch
         if scheme == "fp8-block":
             assert got[base + ".weight_scale"].shape == (3, 2, 1)
             for e in range(3):
-                q, s = quant_ops.fp8_block_quantize(w[e], "fp32")
+                q, s = fp8_block_quantize(w[e], "fp32")
                 assert torch.equal(got[base + ".weight"][e].view(torch.uint8), q.view(torch.uint8))
                 assert torch.equal(got[base + ".weight_scale"][e], s)
         else:
             amax = max(t[f"model.layers.0.mlp.experts.{m}.weight"].float().abs().max()
                        for m in ("gate_proj", "up_proj"))
-            gs = quant_ops.nvfp4_global_scale(amax.bfloat16().reshape(1))
+            gs = nvfp4_global_scale(amax.bfloat16().reshape(1))
             assert got[base + ".weight_global_scale"].item() == gs.item()
             for e in range(3):
-                q, s = quant_ops.nvfp4_quantize(w[e], gs.reshape(1), "fp32")
+                q, s = nvfp4_quantize(w[e], gs.reshape(1), "fp32")
                 assert torch.equal(got[base + ".weight_packed"][e], q)
                 assert torch.equal(got[base + ".weight_scale"][e].view(torch.uint8), s.view(torch.uint8))
 

@@ -131,9 +131,8 @@ def with_global_scales(plan: StagePlan, amax: dict[str, float]) -> StagePlan:
     fused group, from the largest amax of its members (`amax`: weight name → amax)."""
     import torch
 
-    from ckptflow.tasks.run.quant_ops import nvfp4_global_scale
-
     from ckptflow.tasks.kernels.dtype_map import ST_TO_TORCH
+    from ckptflow.tasks.kernels.quant_fp4 import nvfp4_global_scale
 
     group_amax: dict[str, float] = {}
     group_dtype: dict[str, str] = {}  # compressed-tensors computes the global scale in the weight's dtype

@@ -109,7 +109,8 @@ def quant_weight_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """Codes of each row chunk; its scales go to `ctx.stash` for the scale tensor that follows."""
     import torch
 
-    from ckptflow.tasks.run import quant_ops
+    from ckptflow.tasks.kernels.quant_fp4 import mxfp4_quantize, nvfp4_quantize
+    from ckptflow.tasks.kernels.quant_fp8 import fp8_block_quantize, fp8_channel_quantize
 
     kernel, rounding = t.param("kernel"), t.param("rounding")
     scales = ctx.stash.setdefault(t.param("scale_name"), [])
@@ -124,13 +125,13 @@ def quant_weight_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
         if out is not None and not fp4:
             out = out.view(torch.float8_e4m3fn)
         if kernel == "fp8_block":
-            q, s = quant_ops.fp8_block_quantize(w, rounding, out=out)
+            q, s = fp8_block_quantize(w, rounding, out=out)
         elif kernel == "fp8_channel":
-            q, s = quant_ops.fp8_channel_quantize(w, rounding, out=out)
+            q, s = fp8_channel_quantize(w, rounding, out=out)
         elif kernel == "nvfp4":
-            q, s = quant_ops.nvfp4_quantize(w, g, rounding, out=out)
+            q, s = nvfp4_quantize(w, g, rounding, out=out)
         elif kernel == "mxfp4":
-            q, s = quant_ops.mxfp4_quantize(w, rounding, out=out)
+            q, s = mxfp4_quantize(w, rounding, out=out)
         else:
             raise ValueError(f"tensor {t.name!r}: unknown quantize kernel {kernel!r}")
         scales.append(_bytes(s))
@@ -156,10 +157,10 @@ def quant_amax_stream(t: OutputTensor, ctx: ExecContext) -> Iterator[Piece]:
     """max |w| of the weight, read once through its inner transform, as one F32."""
     import torch
 
-    from ckptflow.tasks.run import quant_ops
+    from ckptflow.tasks.kernels.quant_common import tensor_amax
 
     amax = torch.zeros((), dtype=torch.float32)
     for w in _chunks(t, ctx):
         if w.numel():
-            amax = torch.maximum(amax, quant_ops.tensor_amax(w).float())
+            amax = torch.maximum(amax, tensor_amax(w).float())
     yield struct.pack("<f", float(amax)), None
