@@ -34,13 +34,18 @@ def megatron_core_flow(source: str, dest: str, tokenizer: str | None = None, con
     `runtime`: the CLI's, in-process only (see `convert_flow`)."""
     from ckptflow.flows.megatron import _copy_tokenizer
 
-    sink = runtime_of(runtime).progress_for_flow()
+    rt = runtime_of(runtime)
+    sink = rt.progress_for_flow()
     logger = get_run_logger()
     t0 = time.perf_counter()
     work = work or default_work(dest)
     src_root, dst = open_location(source, storage_options), open_location(dest, storage_options)
     refuse_overlap(("SOURCE", src_root), ("DEST", dst), ("--work", open_location(work, storage_options)))
-    index, mp = plan_megatron_core(source, config, tokenizer, family, table, max_shard_size, storage_options)
+    asked = (source, config, tokenizer, family, table, max_shard_size, storage_options)
+    if isinstance(rt.plan, tuple) and rt.plan[0] == asked:  # the CLI's, made before Prefect started
+        index, mp = rt.plan[1:]
+    else:
+        index, mp = plan_megatron_core(*asked)
     src = open_location(index.root, storage_options)  # the iteration folder: chunk files are relative to it
     ckpt = source_checkpoint(index, mp.plan, src)
     progress = RunProgress(len(mp.plan.shards), mp.plan.total_size)

@@ -38,8 +38,9 @@ def run_megatron_core(args: Any, runtime: Any, human: Any, text_out: Any, print_
     from ckptflow.storage.urls import parse_storage_options
 
     opts = parse_storage_options(args.storage_options) or None
-    index, mp = plan_megatron_core(args.source, args.config, args.tokenizer, args.family, args.table,
-                                   args.max_shard_size, opts)
+    asked = (args.source, args.config, args.tokenizer, args.family, args.table, args.max_shard_size, opts)
+    index, mp = plan_megatron_core(*asked)
+    runtime.plan = (asked, index, mp)  # the flow reuses it (in this process) instead of reading the index again
     out = text_out(args)
     if args.dry_run:
         summary = {"dry_run": True, "source": args.source, "dest": args.dest, **plan_summary(index, mp)}

@@ -41,7 +41,8 @@ class Runtime:
         self.owns_process = owns_process
         self.server = Server()
         self.interrupt = Interrupt(self.server, self.counts, self.clear_bars)
-        self.plan: Any = None                    # the CLI's Preflight for the one conversion it runs
+        self.plan: Any = None                    # the CLI's plan for its one conversion: a Preflight, or
+        #                                          Megatron-Core's (arguments, index, plan)
         self.progress: ProgressSink | None = None  # that conversion's sink (with the terminal's bars)
         self.watchdog: Any = None                # the orphan watcher of a CLI process, kept alive
         self._sinks: list[ProgressSink] = []
