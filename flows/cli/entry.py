@@ -120,11 +120,11 @@ def console_main() -> int:
 def _main(argv: list[str] | None, runtime: Runtime) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    runtime.verbose = args.verbose
+    runtime.verbose = args.verbose  # set once, here; everything below reads the runtime
     if (problem := non_utf8_argument(parser, args)) is not None:  # before anything hashes or sends it
         print(f"error: {problem}", file=sys.stderr)
         return EXIT_USER_ERROR
-    _quiet_prefect(args.verbose)
+    _quiet_prefect(runtime.verbose)
     from ckptflow.storage.errors import UserError
     from ckptflow.storage.faults import explain
 
@@ -137,7 +137,7 @@ def _main(argv: list[str] | None, runtime: Runtime) -> int:
     try:
         return HANDLERS[args.command](args, runtime)
     except UserError as exc:
-        if args.verbose:
+        if runtime.verbose:
             raise
         lines = str(exc).splitlines() or [type(exc).__name__]
         print(f"error: {lines[0]}", file=sys.stderr)
@@ -145,7 +145,7 @@ def _main(argv: list[str] | None, runtime: Runtime) -> int:
             print(line, file=sys.stderr)
         return EXIT_USER_ERROR
     except Exception as exc:
-        if args.verbose:
+        if runtime.verbose:
             raise
         if _is_parameter_error(exc):
             print(f"error: invalid option: {_parameter_problems(exc)}", file=sys.stderr)
