@@ -23,7 +23,7 @@ from ckptflow.tasks.planners.torch_dtype import DtypeReport
 from ckptflow.tasks.plan.model import StagePlan
 
 from ckptflow.flows.dry_run import tensor_actions
-from ckptflow.flows.params import ConvertOptions, Recipe, flow_signature
+from ckptflow.flows.params import ConvertOptions, Recipe, RuntimeParameter, flow_signature
 from ckptflow.flows.preflight import plan_conversion
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
 from ckptflow.flows.runtime.process import Runtime, runtime_of
@@ -34,7 +34,7 @@ from ckptflow.flows.workdir import check_work_reachable, default_work
 
 
 def convert_flow(source: str, dest: str, work: str | None = None,
-                 storage_options: dict[str, Any] | None = None, runtime: Any = None,
+                 storage_options: dict[str, Any] | None = None, runtime: RuntimeParameter = None,
                  **options: Any) -> dict[str, Any]:
     """Convert the checkpoint at `source` into `dest`; returns a summary of what was done.
 

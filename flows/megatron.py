@@ -36,7 +36,7 @@ from ckptflow.tasks.run.progress import reporting_to
 from ckptflow.tasks.run.passes import finalize, prepare_dest, run_shards, verify_output
 
 from ckptflow.flows.runtime.process import runtime_of
-from ckptflow.flows.params import ShardSize
+from ckptflow.flows.params import RuntimeParameter, ShardSize
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
 from ckptflow.flows.passes import PrefectSubmitter
@@ -110,7 +110,7 @@ def _preflight(source: str, override: Any, table: MegatronTable | None,
 def megatron_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
                   max_shard_size: ShardSize = "5GB", work: str | None = None,
                   storage_options: dict[str, Any] | None = None, table: str | None = None,
-                  runtime: Any = None) -> dict[str, Any]:
+                  runtime: RuntimeParameter = None) -> dict[str, Any]:
     """Convert a Megatron-LM GPT-2 checkpoint into a Hugging Face GPT-2 one. `runtime`: the CLI's,
     in-process only (see `convert_flow`)."""
     sink = runtime_of(runtime).progress_for_flow()

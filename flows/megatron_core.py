@@ -19,6 +19,7 @@ from ckptflow.tasks.mcore.source import plan_megatron_core
 from ckptflow.tasks.run.engine import EngineHooks, EnginePass, run_conversion
 
 from ckptflow.flows.dead_runs import mark_crashed, owner_record
+from ckptflow.flows.params import RuntimeParameter
 from ckptflow.flows.passes import PrefectSubmitter
 from ckptflow.flows.runtime.process import runtime_of
 from ckptflow.flows.report import RunProgress, publish_dtype_report, publish_summary
@@ -29,7 +30,7 @@ from ckptflow.flows.workdir import default_work
 def megatron_core_flow(source: str, dest: str, tokenizer: str | None = None, config: str | None = None,
                        family: str | None = None, table: str | None = None, max_shard_size: str = "5GB",
                        work: str | None = None, storage_options: dict[str, Any] | None = None,
-                       runtime: Any = None) -> dict[str, Any]:
+                       runtime: RuntimeParameter = None) -> dict[str, Any]:
     """Convert a Megatron-Core checkpoint into a Hugging Face one (shards by size, journaled).
     `runtime`: the CLI's, in-process only (see `convert_flow`)."""
     from ckptflow.flows.megatron import _copy_tokenizer

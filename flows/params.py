@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from ckptflow.tasks.plan.sizes import SIZE_HELP, SIZE_PATTERN
 
@@ -27,6 +28,10 @@ Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
 ShardSize = Annotated[str, Field(pattern=SIZE_PATTERN, description=f"largest output shard, {SIZE_HELP}")]
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[float, Field(ge=0)]
+# A flow's `runtime` (the CLI's `Runtime`, ckptflow.flows.runtime.process): any value to validation
+# (`runtime_of` checks it) and no property in the parameter schema Prefect builds for a deployment
+# (its UI form, `prefect deployment inspect`): only an in-process caller can pass one.
+RuntimeParameter = SkipJsonSchema[Any]
 
 
 @dataclass(frozen=True)
@@ -118,7 +123,9 @@ def flag_of(name: str, info: Any) -> Flag:
 def flow_signature(fn: Callable[..., Any], model: type[BaseModel]) -> inspect.Signature:
     """`fn`'s own parameters, then one keyword parameter per field of `model`, typed and with its
     default: what Prefect builds the flow's parameter schema from and validates a run against."""
-    own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    # eval_str: real annotations, as Prefect reads a plain flow's (a string such as
+    # "RuntimeParameter" would reach its schema as an untyped property)
+    own = [p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
     fields = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info.default,
                                 annotation=Annotated[(info.annotation, *info.metadata,
                                                       Field(description=info.description))])

@@ -25,7 +25,7 @@ from ckptflow.storage.urls import Location, open_location
 from ckptflow.tasks.planners.watch import MARKER_NAME, WatchPlan, marker
 
 from ckptflow.flows.convert import convert_flow
-from ckptflow.flows.params import ConvertOptions, NonNegative, Positive
+from ckptflow.flows.params import ConvertOptions, NonNegative, Positive, RuntimeParameter
 from ckptflow.flows.printable import printable
 from ckptflow.flows.runtime.process import Runtime, runtime_of
 from ckptflow.flows.runtime.runners import check_runner, make_task_runner
@@ -65,7 +65,7 @@ def convert_checkpoint(name: str, source: str, dest: str, work: str, options: di
 def watch_flow(source_prefix: str, dest_prefix: str, options: ConvertOptions = ConvertOptions(),
                work_prefix: str | None = None, max_concurrent: Positive = 2,
                settle_seconds: NonNegative = 600, dry_run: bool = False,
-               storage_options: dict[str, Any] | None = None, runtime: Any = None) -> dict[str, Any]:
+               storage_options: dict[str, Any] | None = None, runtime: RuntimeParameter = None) -> dict[str, Any]:
     """Convert each checkpoint `source_prefix/<name>` into `dest_prefix/<name>` unless its output
     is up to date; `work_prefix/<name>` (default `dest_prefix/.ckptflow-work/<name>`) holds its
     shard records and the marker of its last finished conversion. `runtime`: the CLI's, in-process

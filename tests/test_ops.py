@@ -412,6 +412,34 @@ def test_deployment_file_parameters_validate_against_their_flows():
     assert names == {"ckptflow-convert", "ckptflow-watch", "ckptflow-megatron"}
 
 
+def test_deployed_parameter_schemas_have_no_runtime_yet_in_process_calls_pass_one():
+    """`runtime` is the CLI's, in-process only: the schema `prefect deploy` stores for each flow
+    (`parameter_schema(flow)`, Prefect's cli/deploy/_core.py: the UI's "Custom run" form and
+    `prefect deployment inspect`) has no such property; validating a call still passes the
+    CLI's `Runtime` through, the same object."""
+    import importlib
+    import inspect
+
+    import yaml
+    from prefect.utilities.callables import parameter_schema
+
+    from ckptflow.flows.megatron_core import megatron_core_flow
+    from ckptflow.flows.runtime.process import Runtime
+
+    doc = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    flows = [getattr(importlib.import_module(module), fn)
+             for module, fn in (dep["entrypoint"].rsplit(".", 1) for dep in doc["deployments"])]
+    for flow in [*flows, megatron_core_flow]:  # megatron-core: deployable too, though the yaml has none
+        schema = parameter_schema(flow).model_dump()
+        assert "source" in schema["properties"] or "source_prefix" in schema["properties"], flow.name
+        assert "runtime" not in schema["properties"], (flow.name, schema["properties"]["runtime"])
+        assert "runtime" in inspect.signature(flow.fn).parameters, flow.name
+        runtime = Runtime()
+        given = {name: "x" for name in schema["required"]}
+        assert flow.validate_parameters({**given, "runtime": runtime})["runtime"] is runtime, flow.name
+        assert flow.validate_parameters(given)["runtime"] is None, flow.name  # a deployment run's
+
+
 # ------------------------------------------------------------------------------- observability
 
 
