@@ -8,10 +8,9 @@ started (so the flow does not read every header again).
 
 Flows take it as their `runtime` parameter, in-process only: typed `RuntimeParameter`
 (ckptflow.flows.params), it has no property in a deployment's parameter schema, so the UI's run
-form never offers it. Prefect records a flow's parameters
-with FastAPI's `jsonable_encoder` and stores `"<Runtime>"` for a value it cannot encode (its
-documented fallback for unserialisable parameters); `__slots__` without `__iter__` is what makes
-this object one of those, so neither the plan (for DeepSeek-V3, every tensor of 163 headers) nor
+form never offers it. Prefect records a flow's parameters with FastAPI's `jsonable_encoder` and
+stores `"<Runtime>"` for a value it cannot encode (its documented fallback for unserialisable
+parameters); `__slots__` without `__iter__` is what makes this object one of those, so neither the plan (for DeepSeek-V3, every tensor of 163 headers) nor
 a process handle ever goes to the server. Pickled (a process pool or Dask ships the flow run's
 context to its workers) it becomes a default `Runtime()`; copied, it stays itself.
 
