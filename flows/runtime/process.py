@@ -10,9 +10,10 @@ Flows take it as their `runtime` parameter, in-process only: typed `RuntimeParam
 (ckptflow.flows.params), it has no property in a deployment's parameter schema, so the UI's run
 form never offers it. Prefect records a flow's parameters with FastAPI's `jsonable_encoder` and
 stores `"<Runtime>"` for a value it cannot encode (its documented fallback for unserialisable
-parameters); `__slots__` without `__iter__` is what makes this object one of those, so neither the plan (for DeepSeek-V3, every tensor of 163 headers) nor
-a process handle ever goes to the server. Pickled (a process pool or Dask ships the flow run's
-context to its workers) it becomes a default `Runtime()`; copied, it stays itself.
+parameters); `__slots__` without `__iter__` is what makes this object one of those, so neither
+the plan (for DeepSeek-V3, every tensor of 163 headers) nor a process handle ever goes to the
+server. Pickled (a process pool or Dask ships the flow run's context to its workers) it becomes a
+default `Runtime()`; copied, it stays itself.
 
 A deployment run, or any run not started by the CLI, has no runtime: the flow makes a default
 one (Prefect's settings choose the server, no handlers, no bars) and plans for itself.
