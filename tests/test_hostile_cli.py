@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptflow.flows.runtime.local_server import process_start
+from ckptflow.flows.runtime.persistent_server import process_start
 from ckptflow.flows.printable import printable
 
 from .helpers import PYTHON, ROOT, cli_env

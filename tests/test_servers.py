@@ -1,5 +1,5 @@
 """Which Prefect server a CLI run uses (flows/runtime/server.py): its own temporary one, gone when it
-leaves, or the local server `ckptflow server start` keeps running (flows/runtime/local_server.py)."""
+leaves, or the local server `ckptflow server start` keeps running (flows/runtime/persistent_server.py)."""
 from __future__ import annotations
 
 import json

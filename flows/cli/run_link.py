@@ -1,7 +1,7 @@
 """The Prefect UI page of a CLI run, printed as the run starts.
 
 Only where a server outlives the run: the user's (`PREFECT_API_URL`, a profile) or the local one
-`ckptflow server start` keeps running (flows/runtime/local_server.py). ckptflow's temporary server dies
+`ckptflow server start` keeps running (flows/runtime/persistent_server.py). ckptflow's temporary server dies
 with the run and serves no UI, so a link to it would lead nowhere. Printed at the start, not in
 the summary, so a run that fails or is interrupted has its link too.
 """

@@ -6,21 +6,21 @@ from typing import Any
 
 
 def cmd_server(args: argparse.Namespace, runtime: Any = None) -> int:
-    from ckptflow.flows.runtime import local_server
+    from ckptflow.flows.runtime import persistent_server
 
-    if args.action in ("start", "stop") and (stale := local_server.forget_stale()):
+    if args.action in ("start", "stop") and (stale := persistent_server.forget_stale()):
         print(f"note: {stale}")
     if args.action == "start":
-        url = local_server.start(args.port)
+        url = persistent_server.start(args.port)
         print(f"local Prefect server at {url} (UI: {url.removesuffix('/api')}); ckptflow runs without "
               f"PREFECT_API_URL use it until `ckptflow server stop`")
         return 0
     if args.action == "stop":
-        print("local Prefect server stopped" if local_server.stop() else "no local Prefect server was running")
+        print("local Prefect server stopped" if persistent_server.stop() else "no local Prefect server was running")
         return 0
-    url, pid = local_server.status()
+    url, pid = persistent_server.status()
     if url is None:
-        print(f"no local Prefect server running (start one: ckptflow server start; files: {local_server.home()})")
+        print(f"no local Prefect server running (start one: ckptflow server start; files: {persistent_server.home()})")
         return 1
-    print(f"local Prefect server at {url}, pid {pid}, files in {local_server.home()}")
+    print(f"local Prefect server at {url}, pid {pid}, files in {persistent_server.home()}")
     return 0

@@ -1,22 +1,29 @@
-"""Which Prefect server a CLI run talks to, chosen before Prefect is imported, and ckptflow's own
-temporary one.
+"""Starting a Prefect server, both kinds ckptflow starts, and which server a CLI run talks to.
 
-In order:
+`start_server` is the one way ckptflow starts a Prefect server: Prefect's app
+(`prefect.server.api.server:create_app`) under uvicorn, on a loopback socket this process binds
+(the port asked for, else one the kernel picks, handed over as a file descriptor: no port race),
+in a session of its own (the terminal's Ctrl-C is the CLI's, flows/runtime/interrupt.py);
+`wait_until_answers` then polls its health. Two kinds:
+
+- "temporary": one CLI run's own server, the app Prefect's ephemeral mode runs, UI off.
+- "local": the persistent server `ckptflow server start` keeps between runs
+  (flows/runtime/persistent_server.py: its record, status, stop): Prefect's full server as
+  `prefect server start` runs it (services, UI), its UI told the API URL it serves on.
+
+Which server a CLI run uses, in order:
 
 1. `PREFECT_API_URL` in the environment: the user's server.
-2. The local server `ckptflow server start` left running (flows/runtime/local_server.py), if it answers:
-   its URL is exported, and the run costs no server start-up at all.
+2. The local server `ckptflow server start` left running, if it answers: its URL is exported,
+   and the run costs no server start-up at all.
 3. A Prefect profile that names a server (`prefect config set PREFECT_API_URL=…`): that one.
-4. Otherwise a temporary server of ckptflow's own, for this process only: the app Prefect's
-   ephemeral mode runs (`prefect.server.api.server:create_app` under uvicorn, UI off), same
-   database (PREFECT_HOME), but started by `prestart()` the moment the plan is made, before the
-   CLI imports torch and Prefect, so its 3-4 s start-up overlaps theirs. Its URL is exported
-   before Prefect reads its settings, so this process and every local worker (process pool,
-   Dask LocalCluster) talk to it as to any server, and the client never imports Prefect's
-   server code (seconds on a small machine). It listens on a socket this process bound (port
-   chosen by the kernel, handed over as a file descriptor: no port race), runs in its own session
-   (the terminal's Ctrl-C is the CLI's, flows/runtime/interrupt.py), and is stopped without waiting when
-   the CLI leaves; the orphan watchdog (flows/runtime/watchdog.py) reaps it if the CLI is SIGKILLed.
+4. Otherwise a temporary server, for this process only: same database (PREFECT_HOME), but
+   started by `prestart()` the moment the plan is made, before the CLI imports torch and Prefect,
+   so its 3-4 s start-up overlaps theirs. Its URL is exported before Prefect reads its settings,
+   so this process and every local worker (process pool, Dask LocalCluster) talk to it as to any
+   server, and the client never imports Prefect's server code (seconds on a small machine). It
+   is stopped without waiting when the CLI leaves; the orphan watchdog (flows/runtime/watchdog.py)
+   reaps it if the CLI is SIGKILLed.
 
 `Server.ready()` waits until it answers. A server named elsewhere in Prefect's settings
 (prefect.toml, .env) that the quick profile check missed is found there too: the temporary
@@ -29,6 +36,8 @@ temporary server, the local one and the one local worker processes share.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib.util
 import os
 import socket
@@ -37,7 +46,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import IO
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Literal
 
 from ckptflow.storage.errors import UserError
 
@@ -70,6 +81,70 @@ def uvicorn_command(fd: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
             "prefect.server.api.server:create_app", "--fd", str(fd), "--log-level", "error",
             "--lifespan", "on"]
+
+
+ServerKind = Literal["temporary", "local"]
+
+
+def start_server(kind: ServerKind, log: IO[bytes] | Path, port: int = 0,
+                 env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a Prefect server of `kind` (see the module's docstring) on 127.0.0.1:`port` (0: one the
+    kernel picks), logging to `log` (a file path is appended to), its environment `env` (default:
+    this process's); returns at once with (its process, its API URL): `wait_until_answers` says
+    when it answers. A `ServerError`, before anything is spawned or written, if the port cannot
+    be had."""
+    sock = _listen(port)
+    try:
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(log, "ab")) if isinstance(log, Path) else log
+            proc = subprocess.Popen(uvicorn_command(sock.fileno()), pass_fds=[sock.fileno()],
+                                    env=_server_env(kind, url, os.environ if env is None else env),
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    finally:
+        sock.close()  # the server holds its own copy
+    return proc, url
+
+
+def _server_env(kind: ServerKind, url: str, env: Mapping[str, str]) -> dict[str, str]:
+    env = dict(env)
+    env["PREFECT__SERVER_FINAL"] = "1"  # no other instance of the app runs in that process
+    if kind == "temporary":
+        env.update(PREFECT_UI_ENABLED="0", PREFECT_SERVER_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1")
+        return env
+    # The local server: services and UI, as `prefect server start` runs the same app.
+    env.pop("PREFECT__SERVER_EPHEMERAL", None)
+    env.pop("PREFECT__SERVER_WEBSERVER_ONLY", None)
+    # The UI asks the server which API to call (/ui-settings). Unset, Prefect builds that URL from
+    # PREFECT_SERVER_API_PORT (4200), not the port it serves on: the UI could not reach its API.
+    # A URL the user set (a proxy in front of the server) stands.
+    if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):
+        env["PREFECT_SERVER_UI_API_URL"] = url
+    return env
+
+
+def _listen(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port`, bound here, before spawning: Prefect's own message
+    for a taken port is a wrapped panel whose last line alone says nothing, and comes seconds later."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+        sock.bind(("127.0.0.1", port))
+        sock.listen(128)
+    except OverflowError:
+        sock.close()
+        raise ServerError(f"--port {port} is not a port number; choose one from 1024 to 65535") from None
+    except OSError as exc:
+        sock.close()
+        if not port:
+            raise ServerError(f"cannot listen on 127.0.0.1 ({exc.strerror})") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; choose another "
+                              "--port, or leave --port out to get a free one") from None
+        raise ServerError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); choose another --port, "
+                          "or leave --port out to get a free one") from None
+    return sock
 
 
 def _ephemeral_allowed() -> bool:
@@ -119,11 +194,11 @@ class Server:
         """Choose the server (see the module's docstring) and, if `temporary` allows it and none is
         configured, start ckptflow's own: `temporary` is False outside a CLI process (a test's
         `main(argv)`, a script), which leaves the choice to Prefect."""
-        from ckptflow.flows.runtime import local_server
+        from ckptflow.flows.runtime import persistent_server
 
         if self.kind is not None or not temporary or os.environ.get("PREFECT_API_URL"):
             return
-        url = local_server.running_url()
+        url = persistent_server.running_url()
         if url:
             _export(url)
             self.kind, self.url = "local", url
@@ -131,17 +206,8 @@ class Server:
         if _profile_names_server() or not _ephemeral_allowed():
             return
         check_prefect_home()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
         self._log = tempfile.TemporaryFile()
-        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_UI_ENABLED": "0",
-               "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-        self._proc = subprocess.Popen(uvicorn_command(sock.fileno()), pass_fds=[sock.fileno()], env=env,
-                                      stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                      start_new_session=True)
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
-        sock.close()  # the server holds its own copy
+        self._proc, self.url = start_server("temporary", self._log)
         _export(self.url)
         self.kind = "temporary"
 
@@ -210,8 +276,6 @@ class Server:
 def check_prefect_home() -> None:
     """The temporary server keeps its database in PREFECT_HOME: a `ServerError` naming it, now,
     if nothing can be written there (Prefect would say "Application startup failed", seconds later)."""
-    from pathlib import Path
-
     from ckptflow.flows.printable import printable
     from ckptflow.flows.runtime.user_dirs import unwritable
 

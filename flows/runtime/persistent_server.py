@@ -1,13 +1,13 @@
-"""`ckptflow server start|stop|status`: a Prefect server kept running between CLI runs.
+"""The local server `ckptflow server start|stop|status` keeps running between CLI runs: its record,
+status and stop (starting it is flows/runtime/server.py's `start_server`, as for the temporary one).
 
 Each CLI run without `PREFECT_API_URL` otherwise starts a temporary server (3-4 s of a small
-machine's time, every run). `ckptflow server start` runs Prefect's own server (`prefect server
-start`, UI included) in the background, detached from the terminal, logging to `server.log`,
-with a PREFECT_HOME of its own, so its database never mixes with the user's `~/.prefect`, on a
-loopback port; its URL and PID go to `server.json` beside it. (Prefect's `--background` mode
-is not used: it leaves the server writing to pipes nobody reads once the starting CLI exits.)
-Every later CLI run finds it (`running_url()`, one health check of a few milliseconds) and uses
-it; the runs stay in its database, browsable in its UI.
+machine's time, every run). `ckptflow server start` runs Prefect's full server (services, UI) in
+the background, detached from the terminal, logging to `server.log`, with a PREFECT_HOME of its
+own, so its database never mixes with the user's `~/.prefect`, on a loopback port; its URL, PID
+and the PID's start time go to `server.json` beside it. Every later CLI run finds it
+(`running_url()`, one health check of a few milliseconds) and uses it; the runs stay in its
+database, browsable in its UI.
 `ckptflow server stop` sends it SIGTERM only once the PID is proven to be that server: its start
 time (the kernel's, /proc/PID/stat) must be the one recorded in `server.json`. A PID the kernel
 has since given to another process (after a reboot, or a server killed without `stop`) is never
@@ -17,17 +17,13 @@ The folder is `$CKPTFLOW_SERVER_HOME`, else `$XDG_CACHE_HOME/ckptflow/server` (~
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from ckptflow.flows.printable import printable
-from ckptflow.flows.runtime.server import ServerError, health, last_line, wait_until_answers
+from ckptflow.flows.runtime.server import ServerError, health, last_line, start_server, wait_until_answers
 from ckptflow.flows.runtime.user_dirs import missing_home, unwritable
 from ckptflow.flows.runtime.watchdog import proc_stat
 
@@ -102,40 +98,13 @@ def forget_stale() -> str | None:
     return f"removed the stale {printable(home() / 'server.json')}: {why}; signalled nothing"
 
 
-def _env(url: str) -> dict[str, str]:
+def _env() -> dict[str, str]:
+    """The server's environment: its own PREFECT_HOME, none of the user's profile or API URL."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
     env.update(PREFECT_HOME=str(home() / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                DO_NOT_TRACK=os.environ.get("DO_NOT_TRACK", "1"))
     env.pop("PREFECT_PROFILES_PATH", None)
-    # The UI asks the server which API to call (/ui-settings). Unset, Prefect builds that URL from
-    # PREFECT_SERVER_API_PORT (4200), not the --port it serves on: the UI could not reach its API.
-    # A URL the user set (a proxy in front of the server) stands.
-    if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):
-        env["PREFECT_SERVER_UI_API_URL"] = url
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _check_port(port: int) -> None:
-    """Is `port` free on 127.0.0.1? Asked with a bind before spawning: Prefect's own message for a
-    taken port is a wrapped panel whose last line alone says nothing, and comes seconds later."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
-        try:
-            s.bind(("127.0.0.1", port))
-        except OverflowError:
-            raise ServerError(f"--port {port} is not a port number; choose one from 1024 to 65535") from None
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ServerError(f"port {port} on 127.0.0.1 is taken by another program; choose another "
-                                  "--port, or leave --port out to get a free one") from None
-            raise ServerError(f"cannot listen on 127.0.0.1:{port} ({exc.strerror}); choose another --port, "
-                              "or leave --port out to get a free one") from None
 
 
 def _check_home() -> Path:
@@ -159,14 +128,7 @@ def start(port: int | None = None) -> str:
         return url
     prefect_home = _check_home()
     stop()  # a proven server that stopped answering, or a stale state file
-    if port:
-        _check_port(port)
-    port = port or _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    with open(home() / "server.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=_env(url), stdin=subprocess.DEVNULL,
-                                stdout=log, stderr=log, start_new_session=True)
+    proc, url = start_server("local", home() / "server.log", port or 0, _env())
     started = process_start(proc.pid)  # now, while the PID is certainly this child's
     if wait_until_answers(url, proc, START_TIMEOUT_S, interval=0.2) is not None:
         proc.kill()
