@@ -1,4 +1,5 @@
-"""The engine converts with no orchestrator: Prefect not even importable, same bytes as the flow."""
+"""The engine's entry point converts with no orchestrator: Prefect not even importable, same bytes
+and summary as the flow."""
 from __future__ import annotations
 
 import json
@@ -19,22 +20,17 @@ class NoPrefect(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, NoPrefect())
-from ckptflow.flows.params import Recipe
-from ckptflow.flows.preflight import plan_conversion
-from ckptflow.storage.urls import open_location
-from ckptflow.tasks.run.engine import run_conversion
+from ckptflow.tasks.run.conversion import run_convert
 from ckptflow.tasks.run.submit import ThreadSubmitter
 
-source, dest, work, recipe = sys.argv[1], sys.argv[2], sys.argv[3], Recipe(**json.loads(sys.argv[4]))
-src = open_location(source)
-planned = plan_conversion(src, recipe)
+source, dest, work, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 submitter = ThreadSubmitter(2)
 try:
-    result = run_conversion(planned.ckpt, planned.engine_passes(), src, open_location(dest), work,
-                            submitter=submitter)
+    summary = run_convert(source, dest, work, submitter=submitter, **options)
 finally:
     submitter.close()
-print(json.dumps({"shards": len(result.records), "cached": sum(r["cached"] for r in result.records),
+print(json.dumps({"summary": summary, "cached": sum(r["cached"] for r in summary["records"]),
+                  "shards": len(summary["records"]),
                   "prefect_loaded": any(m == "prefect" or m.startswith("prefect.") for m in sys.modules)}))
 '''
 
@@ -52,8 +48,14 @@ def test_the_engine_converts_without_prefect_and_matches_the_flow(prefect_harnes
 
     got = engine(demo_ckpt, tmp_path / "engine", tmp_path / "w-engine", **recipe)
     assert got["prefect_loaded"] is False and got["cached"] == 0 and got["shards"] >= 2
-    convert_flow(str(demo_ckpt), str(tmp_path / "flow"), work=str(tmp_path / "w-flow"), **recipe)
+    flow = convert_flow(str(demo_ckpt), str(tmp_path / "flow"), work=str(tmp_path / "w-flow"), **recipe)
     assert tree(tmp_path / "engine") == tree(tmp_path / "flow")
+    # The same summary: the flow returns what the engine's entry point returns.
+    ours = got["summary"]
+    assert ours.keys() == flow.keys()
+    for key in ("stage", "shards", "cached_shards", "tensors", "source_bytes", "bytes_written", "output_bytes",
+                "output_tensors", "dtypes", "nonfinite", "warnings", "notes", "passes"):
+        assert ours[key] == flow[key], key
     # The engine's journal is the flow's: a rerun reuses every shard, with or without Prefect.
     again = engine(demo_ckpt, tmp_path / "engine", tmp_path / "w-engine", **recipe)
     assert again["cached"] == again["shards"] == got["shards"]
