@@ -215,28 +215,17 @@ def cli_json(args: list[str], env: dict[str, str] | None = None) -> dict:
 
 
 def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
-    """A whole conversion on the engine, no Prefect (`fuse=False`: the two-pass route through the
-    work location, the reference a fused pass must equal; its intermediate is kept for tests to
-    read); returns the pass count."""
-    from ckptflow.flows.preflight import Preflight
-    from ckptflow.flows.recipe import plan_passes
-    from ckptflow.storage.urls import open_location
-    from ckptflow.tasks.run.engine import run_conversion
-
-    src_loc = open_location(str(src))
-    ckpt = scan_checkpoint(src_loc)
-    passes, _ = plan_passes(ckpt, recipe, fuse=fuse)
-    run_conversion(ckpt, Preflight(ckpt, recipe, passes).engine_passes(), src_loc, open_location(str(dst)),
-                   str(work), keep_intermediates=True)
-    return len(passes)
+    """A whole conversion of `recipe` on the engine (`engine_convert`); returns the pass count.
+    Kept for the modules that still call it; new tests call `engine_convert`."""
+    summary = engine_convert(str(src), str(dst), work=str(work), fuse=fuse, keep_intermediates=True,
+                             **recipe.model_dump())
+    return len(summary["passes"])
 
 
 def dequant_reference(src: Path, dst: Path, work: Path) -> None:
     """A clean `--dequant` conversion of `src` on the engine, no flow run: the bytes that a CLI,
     flow or deployment run must give (the engine's bytes equal the flow's: test_engine.py)."""
-    from ckptflow.flows.params import Recipe
-
-    run_passes(src, dst, work, Recipe(dequant=True), fuse=True)
+    engine_convert(str(src), str(dst), work=str(work), dequant=True)
 
 
 def make_llama(path: Path, model_type: str = "qwen2") -> dict:
@@ -292,3 +281,30 @@ def llmc_python() -> str:
             pytest.fail(msg + ": CI must run the reference tests")
         pytest.skip(msg)
     return python
+
+
+def engine_convert(source: str, dest: str, work: str | None = None, storage_options: dict | None = None, *,
+                   fuse: bool = True, keep_intermediates: bool = False, **options) -> dict:
+    """`convert_flow(source, dest, work=…, storage_options=…, **options)` on the engine's entry
+    point (`ckptflow.tasks.run.conversion.run_convert`): the same conversion and summary, no flow
+    run, no Prefect server. For tests whose assertions are about the bytes, the journal and the
+    summary; tests about Prefect itself (task runs, states, retries, artifacts) keep the flow.
+
+    `fuse=False` plans the two-pass route through the work location (the reference a fused pass
+    must equal); `keep_intermediates` keeps that pass's output for the test to read."""
+    from ckptflow.flows.params import ConvertOptions
+    from ckptflow.tasks.run.conversion import run_convert
+
+    opts = ConvertOptions(**options)
+    plan = None
+    if not fuse:
+        from ckptflow.flows.preflight import Preflight
+        from ckptflow.flows.recipe import plan_passes
+        from ckptflow.storage.urls import open_location
+
+        src = open_location(str(source), storage_options)
+        ckpt = scan_checkpoint(src)
+        passes, _ = plan_passes(ckpt, opts.recipe(), fuse=False)
+        plan = Preflight(ckpt, opts.recipe(), passes, [], src.url)
+    return run_convert(str(source), str(dest), None if work is None else str(work), storage_options, opts,
+                       plan=plan, keep_intermediates=keep_intermediates)

@@ -24,7 +24,7 @@ from ckptflow.tasks.plan.model import OutputTensor, ShardPlan, SourceRef
 from ckptflow.tasks.plan.transforms import REGISTRY
 from ckptflow.tasks.run.execute import write_shard
 
-from .helpers import run_passes
+from .helpers import engine_convert
 
 # Split by MP (embed/head by rows), casted by --fix-dtypes: float32 where config says bfloat16.
 F32_NAMES = ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight")
@@ -53,9 +53,11 @@ def fp8(tmp_path_factory) -> dict[bool, Path]:
 def test_fused_dequant_mp_equals_two_passes(fp8, tmp_path, world, fix, monkeypatch):
     src = fp8[fix]
     recipe = Recipe(dequant=True, fix_dtypes=fix, mp=world)
-    assert run_passes(src, tmp_path / "two", tmp_path / "w2", recipe, fuse=False) == 2
+    two_pass = engine_convert(src, tmp_path / "two", tmp_path / "w2", fuse=False, keep_intermediates=True,
+                              **recipe.model_dump())
+    assert len(two_pass["passes"]) == 2
     monkeypatch.setattr("ckptflow.tasks.run.execute.CHUNK_BYTES", 3000)  # many chunks, rows cut mid-block
-    assert run_passes(src, tmp_path / "one", tmp_path / "w1", recipe, fuse=True) == 1
+    assert len(engine_convert(src, tmp_path / "one", tmp_path / "w1", **recipe.model_dump())["passes"]) == 1
     assert not (tmp_path / "w1" / "stages").exists()  # no intermediate checkpoint: the journal alone
     one, two = tree(tmp_path / "one"), tree(tmp_path / "two")
     assert sorted(one) == sorted(two) == sorted([f"model{r}-mp{world}.safetensors" for r in range(world)]

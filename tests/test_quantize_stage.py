@@ -20,7 +20,7 @@ from ckptflow.storage.urls import open_location
 from ckptflow.tasks.planners.quant_targets import quant_scheme
 from ckptflow.tasks.run.engine import run_conversion
 
-from .helpers import PYTHON, ROOT, cli_env, one_error_line, run_passes, tree
+from .helpers import PYTHON, ROOT, cli_env, engine_convert, one_error_line, tree
 from .quant_fixtures import write
 
 SCHEMES = ["fp8-block", "fp8-channel", "nvfp4", "mxfp4"]
@@ -81,7 +81,7 @@ def save_qwen2_moe(path: Path) -> Path:
 
 def quantize(src: Path, dst: Path, work: Path, **recipe) -> Recipe:
     r = Recipe(**recipe)
-    run_passes(src, dst, work, r, fuse=True)
+    engine_convert(src, dst, work, **r.model_dump())
     return r
 
 
@@ -115,7 +115,7 @@ def test_each_scheme_loads_in_transformers_and_dequant_gives_its_bits(tmp_path, 
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     # … and ckptflow's own --dequant of the output gives exactly the weights it decompressed
     back = tmp_path / "back"
-    run_passes(out, back, tmp_path / "work2", Recipe(dequant=True), fuse=True)
+    engine_convert(out, back, tmp_path / "work2", dequant=True)
     deq = tensors_of(back)
     sd = {k: v for k, v in model.state_dict().items()}
     for mod in modules():
@@ -258,7 +258,7 @@ def test_dequant_quantize_in_one_pass_equals_two_conversions_and_reads_each_byte
     one = tmp_path / "one"
     quantize(src, one, tmp_path / "w1", dequant=True, quantize="nvfp4")
     mid, two = tmp_path / "mid", tmp_path / "two"
-    run_passes(src, mid, tmp_path / "w2", Recipe(dequant=True), fuse=True)
+    engine_convert(src, mid, tmp_path / "w2", dequant=True)
     quantize(mid, two, tmp_path / "w3", quantize="nvfp4")
     assert tree(one) == tree(two)
     assert tensors_of(one)["model.layers.0.mlp.down_proj.weight_packed"].shape == (160, 104)

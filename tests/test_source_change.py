@@ -12,7 +12,7 @@ import pytest
 
 from ckptflow.flows.params import Recipe
 
-from .helpers import run_main, run_passes, tree
+from .helpers import engine_convert, run_main, tree
 
 VICTIM = "model-00003-of-00006.safetensors"
 VICTIM_MP = "model0-mp2.safetensors"  # rank 0 reads every source file too: published before the change
@@ -78,7 +78,7 @@ def _cli(hooks: str | None, args: list[str], **env: str) -> subprocess.Completed
 def _clean(src, tmp_path, tag: str, recipe: Recipe, fuse: bool) -> dict[str, bytes]:
     """What a clean, uninterrupted conversion of `src` gives (the engine's passes, no Prefect)."""
     dst = tmp_path / f"clean-{tag}"
-    run_passes(src, dst, tmp_path / f"work-{tag}", recipe, fuse)
+    engine_convert(src, dst, tmp_path / f"work-{tag}", fuse=fuse, **recipe.model_dump())
     return tree(dst)
 
 
