@@ -8,13 +8,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckptflow.flows.convert import convert_flow
 from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.errors import UserError
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.planners.torch_dtype import check_dtypes
 
-from .helpers import run_main
+from .helpers import engine_convert, run_main
 
 
 def moe_ckpt(path, expert_dtype=torch.float32, config_dtype="bfloat16"):
@@ -54,10 +53,10 @@ def test_float32_experts_fail_verify_with_names(tmp_path):
     assert "--fix-dtypes" in run.stderr
 
 
-def test_fix_dtypes_casts_exactly_and_passes(prefect_harness, tmp_path):
+def test_fix_dtypes_casts_exactly_and_passes(tmp_path):
     path, experts = moe_ckpt(tmp_path / "m")
     out = tmp_path / "fixed"
-    summary = convert_flow(str(path), str(out), dequant=False, fix_dtypes=True, work=str(tmp_path / "w"))
+    summary = engine_convert(str(path), str(out), dequant=False, fix_dtypes=True, work=str(tmp_path / "w"))
     assert summary["dtypes"] == {"BF16": 14, "F32": 1}
     assert check_dtypes(scan_checkpoint(open_location(str(out)))).ok
     with safe_open(str(out / "model-00002-of-00002.safetensors"), "pt") as f:
@@ -72,12 +71,12 @@ def test_fix_dtypes_casts_exactly_and_passes(prefect_harness, tmp_path):
         8 + int.from_bytes(p.read_bytes()[:8], "little") for p in out.glob("*.safetensors"))
 
 
-def test_convert_without_fix_refuses_before_writing(prefect_harness, tmp_path):
+def test_convert_without_fix_refuses_before_writing(tmp_path):
     path, _ = moe_ckpt(tmp_path / "m")
     with pytest.raises(UserError, match="12 tensor\\(s\\) would not match config.json's torch_dtype"):
-        convert_flow(str(path), str(tmp_path / "o"), dequant=True, work=str(tmp_path / "w"))
+        engine_convert(str(path), str(tmp_path / "o"), dequant=True, work=str(tmp_path / "w"))
     with pytest.raises(UserError, match="nothing to do"):
-        convert_flow(str(path), str(tmp_path / "o"), dequant=False, work=str(tmp_path / "w"))
+        engine_convert(str(path), str(tmp_path / "o"), dequant=False, work=str(tmp_path / "w"))
     assert not (tmp_path / "o").exists()
 
 

@@ -1,4 +1,5 @@
-"""The convert flow under a Prefect server: output, cache hits across runs, vanished outputs."""
+"""A whole conversion: output, reuse across runs, vanished outputs, refusals before any write; on the
+engine's entry point (`run_convert`, what the flow runs), and the flow where Prefect is the subject."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,13 @@ from safetensors.torch import save_file
 from ckptflow.flows.convert import convert_flow
 from ckptflow.storage.errors import UserError
 
-from .helpers import tree
+from .helpers import engine_convert, tree
 
 
 
-def test_convert_then_rerun_hits_cache_and_recomputes_vanished(prefect_harness, demo_ckpt, tmp_path):
+def test_convert_then_rerun_hits_cache_and_recomputes_vanished(demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    first = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    first = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert first["shards"] == 6 and first["cached_shards"] == 0
     files = tree(out)
     assert set(files) == {"config.json", "generation_config.json", "model.safetensors.index.json",
@@ -31,27 +32,27 @@ def test_convert_then_rerun_hits_cache_and_recomputes_vanished(prefect_harness, 
     assert files["tokenizer.json"] == (demo_ckpt / "tokenizer.json").read_bytes()
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
 
-    second = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    second = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert second["cached_shards"] == 6
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == mtimes  # not rewritten
 
     (out / "model-00003-of-00006.safetensors").unlink()
-    third = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    third = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert third["cached_shards"] == 5
     assert [r["name"] for r in third["records"] if not r["cached"]] == ["model-00003-of-00006.safetensors"]
     assert tree(out) == files
 
 
-def test_changed_source_shard_is_recomputed(prefect_harness, demo_ckpt, tmp_path):
+def test_changed_source_shard_is_recomputed(demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     shard = demo_ckpt / "model-00001-of-00006.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a new version
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    again = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert [r["name"] for r in again["records"] if not r["cached"]] == ["model-00001-of-00006.safetensors"]
 
 
-def test_bad_input_fails_before_writing_anything(prefect_harness, tmp_path):
+def test_bad_input_fails_before_writing_anything(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
     w = torch.zeros(4, 4).to(torch.float8_e4m3fn)
@@ -60,19 +61,19 @@ def test_bad_input_fails_before_writing_anything(prefect_harness, tmp_path):
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 40}, "weight_map": {
         "a.weight": "model-1.safetensors", "b.weight": "model-1.safetensors", "c.weight": "model-2.safetensors"}}))
     with pytest.raises(UserError) as err:
-        convert_flow(str(src), str(tmp_path / "out"), work=str(tmp_path / "work"), dequant=True)
+        engine_convert(str(src), str(tmp_path / "out"), work=str(tmp_path / "work"), dequant=True)
     assert "'a.weight' is F8_E4M3 but its scale 'a.weight_scale_inv' is not in the checkpoint" in str(err.value)
     assert "'c.weight'" in str(err.value)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_failed_validation_leaves_dest_untouched(prefect_harness, demo_ckpt, tmp_path):
+def test_failed_validation_leaves_dest_untouched(demo_ckpt, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "model.safetensors.index.json").write_text("{}")
     (demo_ckpt / "model-00004-of-00006.safetensors").write_bytes(b"\x00" * 4)
     with pytest.raises(UserError):
-        convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "work"), dequant=True)
+        engine_convert(str(demo_ckpt), str(out), work=str(tmp_path / "work"), dequant=True)
     assert (out / "model.safetensors.index.json").read_text() == "{}"  # validation failed first: untouched
 
 
@@ -93,17 +94,17 @@ def test_shard_committed_before_prefect_recorded_it_is_not_redone(prefect_harnes
     assert [r["name"] for r in third["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
 
 
-def test_weight_files_of_another_layout_in_dest_stop_the_run_unless_pruned(prefect_harness, demo_ckpt, tmp_path):
+def test_weight_files_of_another_layout_in_dest_stop_the_run_unless_pruned(demo_ckpt, tmp_path):
     out = tmp_path / "out"
-    convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w1"), dequant=True)
+    engine_convert(str(demo_ckpt), str(out), work=str(tmp_path / "w1"), dequant=True)
     before = tree(out)
     with pytest.raises(UserError, match=r"holds 6 weight file\(s\) this conversion does not write "
                                         r"\(model-00001-of-00006.safetensors, .*Delete them, or choose an empty DEST"):
-        convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w2"), reindex=True, max_shard_size="400KB",
+        engine_convert(str(demo_ckpt), str(out), work=str(tmp_path / "w2"), reindex=True, max_shard_size="400KB",
                      dequant=True)
     assert tree(out) == before  # stopped before writing or deleting anything
 
-    summary = convert_flow(str(demo_ckpt), str(out), work=str(tmp_path / "w2"), reindex=True,
+    summary = engine_convert(str(demo_ckpt), str(out), work=str(tmp_path / "w2"), reindex=True,
                            max_shard_size="400KB", prune=True, dequant=True)
     names = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(names) == summary["shards"] > 6 and not any("-of-00006" in n for n in names)

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from ckptflow.flows.cli import main
-from ckptflow.flows.convert import convert_flow
 
-from .helpers import dequant_reference, run_main
+from .helpers import dequant_reference, engine_convert, run_main
 from .quant_fixtures import make_gpt_oss_mxfp4, make_llama, write
 
 IDS = torch.tensor([[5, 17, 99, 3, 64, 120, 7, 42, 0, 88, 31, 12]])
@@ -37,12 +36,12 @@ def assert_clean_load(info) -> None:
 
 
 @pytest.mark.slow
-def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(prefect_harness, tmp_path):
+def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(tmp_path):
     from transformers import Mxfp4Config
 
     src = make_gpt_oss_mxfp4(tmp_path / "src")
     out = tmp_path / "out"
-    summary = convert_flow(str(src), str(out), work=str(tmp_path / "work"), dequant=True)
+    summary = engine_convert(str(src), str(out), work=str(tmp_path / "work"), dequant=True)
     assert summary["dtypes"] == {"BF16": 37}
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16" and "torch_dtype" not in config
@@ -52,7 +51,7 @@ def test_gpt_oss_mxfp4_dequant_matches_transformers_dequantize(prefect_harness, 
     assert torch.equal(logits(got), logits(ref))
     ref_state = ref.state_dict()
     assert all(torch.equal(t, ref_state[k]) for k, t in got.state_dict().items())
-    again = convert_flow(str(src), str(out), work=str(tmp_path / "work"), dequant=True)  # resume: every shard reused
+    again = engine_convert(str(src), str(out), work=str(tmp_path / "work"), dequant=True)  # resume: every shard reused
     assert again["cached_shards"] == again["shards"] == summary["shards"]
 
 

@@ -5,10 +5,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckptflow.flows.convert import convert_flow
 from ckptflow.storage.errors import UserError
 
-from .helpers import dequant_reference
+from .helpers import dequant_reference, engine_convert
 
 
 def tensors(path) -> dict[str, torch.Tensor]:
@@ -18,12 +17,12 @@ def tensors(path) -> dict[str, torch.Tensor]:
             out.update({k: s.get_tensor(k) for k in s.keys()})
     return out
 
-def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt, tmp_path):
+def test_dequant_then_mp_matches_dequant_alone_sliced(demo_ckpt, tmp_path):
     bf16 = tmp_path / "bf16"
     dequant_reference(demo_ckpt, bf16, tmp_path / "w1")  # the reference, on the engine
     ref = tensors(bf16)
     out = tmp_path / "mp"
-    summary = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"),
+    summary = engine_convert(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"),
                            dequant=True)
     assert summary["stage"] == "dequant+mp" and summary["cached_shards"] == 0
     names = sorted(p.name for p in out.iterdir())
@@ -47,22 +46,22 @@ def test_dequant_then_mp_matches_dequant_alone_sliced(prefect_harness, demo_ckpt
     assert not (work / "stages").exists()
     assert not [p for p in work.rglob("*") if p.is_file() and p.suffix == ".safetensors"]
     assert {p.relative_to(work).parts[0] for p in work.rglob("*") if p.is_file()} <= {"journal", "results"}
-    again = convert_flow(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"), dequant=True)
+    again = engine_convert(str(demo_ckpt), str(out), mp=2, work=str(tmp_path / "w2"), dequant=True)
     assert again["cached_shards"] == again["shards"] == 2  # the 2 rank files, nothing in between
 
-def test_mp_errors_fire_before_any_output(prefect_harness, demo_ckpt, tmp_path):
+def test_mp_errors_fire_before_any_output(demo_ckpt, tmp_path):
     out = tmp_path / "mp3"
     with pytest.raises(UserError, match="3"):
-        convert_flow(str(demo_ckpt), str(out), mp=3, work=str(tmp_path / "w"), dequant=True)
+        engine_convert(str(demo_ckpt), str(out), mp=3, work=str(tmp_path / "w"), dequant=True)
     assert not out.exists()
     assert not (tmp_path / "w" / "stages").exists()  # not even the dequant pass started
 
 
-def test_dequant_and_reindex_compose_into_one_pass(prefect_harness, demo_ckpt, tmp_path):
+def test_dequant_and_reindex_compose_into_one_pass(demo_ckpt, tmp_path):
     bf16 = tmp_path / "bf16"
     dequant_reference(demo_ckpt, bf16, tmp_path / "w1")  # the reference, on the engine
     out = tmp_path / "reindexed"
-    summary = convert_flow(str(demo_ckpt), str(out), reindex=True, max_shard_size="1MB", work=str(tmp_path / "w2"),
+    summary = engine_convert(str(demo_ckpt), str(out), reindex=True, max_shard_size="1MB", work=str(tmp_path / "w2"),
                            dequant=True)
     assert summary["stage"] == "dequant+reindex"
     assert not (tmp_path / "w2" / "stages").exists()  # one pass: no intermediate checkpoint

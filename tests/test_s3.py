@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import s3fs
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env, engine_convert
 
 MiB = 1 << 20
 
@@ -86,16 +86,15 @@ def assert_no_leftovers(fs: s3fs.S3FileSystem, bucket: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, prefect_harness):
+def reference(tmp_path_factory):
     """A local → local conversion of the demo checkpoint: the bytes every S3 variant must match."""
-    from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     base = tmp_path_factory.mktemp("reference")
     src, out = base / "fp8", base / "local-out"
     make_deepseek_v3_fp8(open_location(str(src)))
-    summary = convert_flow(str(src), str(out), work=str(base / "work"), dequant=True)
+    summary = engine_convert(str(src), str(out), work=str(base / "work"), dequant=True)
     assert summary["cached_shards"] == 0
     return {"source": local_tree(src), "output": local_tree(out), "summary": summary}
 
@@ -111,9 +110,7 @@ def demo(demo_ckpt, reference):
 
 
 @pytest.mark.parametrize("where", ["s3->s3", "local->s3", "s3->local"])
-def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo, reference, tmp_path):
-    from ckptflow.flows.convert import convert_flow
-
+def test_convert_over_s3_matches_local(where, s3_options, demo, reference, tmp_path):
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
     src_kind, dst_kind = where.split("->")
@@ -124,7 +121,7 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
         source = str(demo)
     dest = f"s3://{bucket}/out" if dst_kind == "s3" else str(tmp_path / "out")
 
-    summary = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
+    summary = engine_convert(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
 
     want = reference["summary"]
     assert summary["shards"] == want["shards"] > 1
@@ -142,7 +139,7 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
     if where == "s3->s3":
         # The same command again resumes from the shard records: every shard is reused,
         # which needs the S3 ETags (part of the cache key) and output sizes to read back stably.
-        again = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
+        again = engine_convert(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
         assert again["cached_shards"] == again["shards"] == want["shards"]
         assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])
         assert_no_leftovers(fs, bucket)
@@ -152,7 +149,7 @@ def test_convert_over_s3_matches_local(where, prefect_harness, s3_options, demo,
         shards = sorted(n for n in reference["output"] if n.endswith(".safetensors"))
         fs.rm(f"{bucket}/out/{shards[0]}")
         fs.pipe(f"{bucket}/out/{shards[1]}", reference["output"][shards[1]][:1000])
-        third = convert_flow(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
+        third = engine_convert(source, dest, work=str(tmp_path / "work"), storage_options=opts, dequant=True)
         assert third["cached_shards"] == want["shards"] - 2
         assert_same_tree(s3_tree(fs, f"{bucket}/out"), reference["output"])
         assert_no_leftovers(fs, bucket)
@@ -162,16 +159,14 @@ def _mtimes(root: Path) -> dict[str, int]:
     return {p.relative_to(root).as_posix(): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
-def test_fetch_from_s3_then_rerun_fetches_nothing(prefect_harness, s3_options, demo, reference, tmp_path):
-    from ckptflow.flows.convert import convert_flow
-
+def test_fetch_from_s3_then_rerun_fetches_nothing(s3_options, demo, reference, tmp_path):
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
     upload_dir(fs, demo, f"{bucket}/src")
     work, dest = tmp_path / "work", tmp_path / "out"
     source = f"s3://{bucket}/src"
 
-    first = convert_flow(source, str(dest), work=str(work), storage_options=opts, fetch=True, dequant=True)
+    first = engine_convert(source, str(dest), work=str(work), storage_options=opts, fetch=True, dequant=True)
     assert first["cached_shards"] == 0
     assert_same_tree(local_tree(dest), reference["output"])
 
@@ -188,7 +183,7 @@ def test_fetch_from_s3_then_rerun_fetches_nothing(prefect_harness, s3_options, d
     assert not [p for p in fetched.rglob("*") if ".partial" in p.name]
 
     before = _mtimes(fetched)
-    second = convert_flow(source, str(dest), work=str(work), storage_options=opts, fetch=True, dequant=True)
+    second = engine_convert(source, str(dest), work=str(work), storage_options=opts, fetch=True, dequant=True)
     assert _mtimes(fetched) == before, "the second run re-fetched files"
     assert second["cached_shards"] == second["shards"] == first["shards"]
     assert_same_tree(local_tree(dest), reference["output"])
@@ -413,16 +408,14 @@ def _put_folder_marker(fs: s3fs.S3FileSystem, bucket: str, key: str) -> None:
     fs.invalidate_cache()
 
 
-def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, reference, tmp_path):
-    from ckptflow.flows.convert import convert_flow
-
+def test_s3_folder_markers_are_not_files(s3_options, demo, reference, tmp_path):
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
     upload_dir(fs, demo, f"{bucket}/src")
     _put_folder_marker(fs, bucket, "src/")
     _put_folder_marker(fs, bucket, "src/extra/")
 
-    convert_flow(f"s3://{bucket}/src", f"s3://{bucket}/out", work=str(tmp_path / "work"),
+    engine_convert(f"s3://{bucket}/src", f"s3://{bucket}/out", work=str(tmp_path / "work"),
                  storage_options=opts, dequant=True)
 
     objects = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix="out")["Contents"]
@@ -430,15 +423,13 @@ def test_s3_folder_markers_are_not_files(prefect_harness, s3_options, demo, refe
     assert keys == sorted(f"out/{n}" for n in reference["output"])
 
 
-def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, reference, tmp_path):
-    from ckptflow.flows.convert import convert_flow
-
+def test_fetch_skips_s3_folder_markers(s3_options, demo, reference, tmp_path):
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
     upload_dir(fs, demo, f"{bucket}/src")
     _put_folder_marker(fs, bucket, "src/")
 
-    convert_flow(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "work"),
+    engine_convert(f"s3://{bucket}/src", str(tmp_path / "out"), work=str(tmp_path / "work"),
                  storage_options=opts, fetch=True, dequant=True)
 
     assert local_tree(tmp_path / "work" / "source") == reference["source"]
@@ -447,6 +438,8 @@ def test_fetch_skips_s3_folder_markers(prefect_harness, s3_options, demo, refere
 
 def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, reference, tmp_path,
                                           monkeypatch):
+    """On the flow: with the work location on the bucket, Prefect's own result storage writes there
+    too, and must use the run's storage options like every other client."""
     from ckptflow.flows.convert import convert_flow
     from .helpers import free_port
 

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ckptflow.flows.convert import convert_flow
-
-from .helpers import PYTHON, ROOT, cli_env, one_error_line, run_main
+from .helpers import PYTHON, ROOT, cli_env, engine_convert, one_error_line, run_main
 from .helpers import tree
 
 
@@ -76,9 +74,9 @@ def test_prune_never_deletes_under_source(demo_ckpt, tmp_path):
 
 # --- a reused file proves it is the one that was committed ------------------------------------
 
-def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
+def test_tampered_dest_shard_is_rewritten(demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    first = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    first = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     clean = tree(out)
     victim = out / "model-00004-of-00006.safetensors"
     st = victim.stat()
@@ -88,18 +86,18 @@ def test_tampered_dest_shard_is_rewritten(prefect_harness, demo_ckpt, tmp_path):
         f.seek(st.st_size // 2)
         f.write(bytes(b ^ 0xFF for b in chunk))
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    again = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert [r["name"] for r in again["records"] if not r["cached"]] == [victim.name]
     assert again["cached_shards"] == first["shards"] - 1
     assert tree(out) == clean
 
 
-def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, demo_ckpt, tmp_path):
+def test_source_changed_in_place_same_size_and_mtime_is_seen(demo_ckpt, tmp_path):
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
     out, work = tmp_path / "out", tmp_path / "work"
-    convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     # Another checkpoint of the same layout, other values: copy one shard's bytes over in place.
     other = tmp_path / "other"
     make_deepseek_v3_fp8(open_location(str(other)), seed=1)
@@ -110,23 +108,23 @@ def test_source_changed_in_place_same_size_and_mtime_is_seen(prefect_harness, de
     with open(victim, "r+b") as f:
         f.write(new)
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    again = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert name in [r["name"] for r in again["records"] if not r["cached"]]
     fresh = tmp_path / "fresh"
-    convert_flow(str(demo_ckpt), str(fresh), work=str(tmp_path / "work-fresh"), dequant=True)
+    engine_convert(str(demo_ckpt), str(fresh), work=str(tmp_path / "work-fresh"), dequant=True)
     assert tree(out) == tree(fresh)
 
 
-def test_empty_or_damaged_journal_entries_count_as_absent(prefect_harness, demo_ckpt, tmp_path):
+def test_empty_or_damaged_journal_entries_count_as_absent(demo_ckpt, tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     clean = tree(out)
     entries = sorted((work / "journal").glob("*.json"))
     assert len(entries) == 6
     entries[0].write_bytes(b"")            # what a power cut leaves
     entries[1].write_bytes(b"{\"size\": ")  # cut mid-write
     entries[2].write_text("[1, 2]")         # valid JSON, wrong shape
-    again = convert_flow(str(demo_ckpt), str(out), work=str(work), dequant=True)
+    again = engine_convert(str(demo_ckpt), str(out), work=str(work), dequant=True)
     assert again["cached_shards"] == 3
     assert tree(out) == clean
 
@@ -189,8 +187,7 @@ def test_two_runs_into_one_dest_one_refuses_and_output_is_exact(prefect_harness,
     finally:
         first.kill()
     clean = tmp_path / "clean"
-    convert_flow_in_subprocess = ckptflow(*args[:2], str(clean), "--dequant", "--work", str(tmp_path / "w3"))
-    assert convert_flow_in_subprocess.returncode == 0, convert_flow_in_subprocess.stderr[-3000:]
+    engine_convert(demo_ckpt, clean, tmp_path / "w3", dequant=True)  # the reference: no flow run needed
     assert tree(out) == tree(clean)
 
 
@@ -229,7 +226,7 @@ def test_kill_right_after_a_rename_redoes_no_shard(prefect_harness, demo_ckpt, t
     assert summary["cached_shards"] == 2  # the one published before its final journal entry too
     assert {n: (out / n).stat().st_mtime_ns for n in published} == mtimes
     clean = tmp_path / "clean"
-    assert ckptflow("convert", str(demo_ckpt), str(clean), "--dequant", "--work", str(tmp_path / "w2")).returncode == 0
+    engine_convert(demo_ckpt, clean, tmp_path / "w2", dequant=True)  # the reference: no flow run needed
     assert tree(out) == tree(clean)
 
 
@@ -367,19 +364,19 @@ def json_of(loc, name):
         return json.loads(f.read())
 
 
-def test_tampered_shard_on_s3_is_rewritten(prefect_harness, s3_options, demo_ckpt, tmp_path):
+def test_tampered_shard_on_s3_is_rewritten(s3_options, demo_ckpt, tmp_path):
     import s3fs
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     dest, work = f"s3://{bucket}/out", str(tmp_path / "work")
-    convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts, dequant=True)
+    engine_convert(str(demo_ckpt), dest, work=work, storage_options=opts, dequant=True)
     fs = s3fs.S3FileSystem(**opts, skip_instance_cache=True)
     name = f"{bucket}/out/model-00002-of-00006.safetensors"
     good = fs.cat_file(name)
     bad = bytearray(good)
     bad[len(bad) // 2: len(bad) // 2 + 64] = bytes(64)  # same size, other bytes, a new ETag
     fs.pipe_file(name, bytes(bad))
-    again = convert_flow(str(demo_ckpt), dest, work=work, storage_options=opts, dequant=True)
+    again = engine_convert(str(demo_ckpt), dest, work=work, storage_options=opts, dequant=True)
     assert [r["name"] for r in again["records"] if not r["cached"]] == ["model-00002-of-00006.safetensors"]
     assert fs.cat_file(name) == good
 

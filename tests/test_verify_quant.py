@@ -13,7 +13,7 @@ from ckptflow.storage.checkpoint import scan_checkpoint
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.verify_quant import check_layout, read_small, verify_quantization
 
-from .helpers import PYTHON, ROOT, cli_env, one_error_line
+from .helpers import PYTHON, ROOT, cli_env, engine_convert, one_error_line
 from .make_llmc_qwen3_moe import KEEP
 from .quant_fixtures import make_llama, make_moe
 
@@ -244,15 +244,13 @@ def test_llm_compressor_reference_regenerates(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["nvfp4", "fp8-block"])
-def test_ckptflows_own_quantized_output_passes(prefect_harness, tmp_path, scheme):
+def test_ckptflows_own_quantized_output_passes(tmp_path, scheme):
     """ckptflow's --quantize plans fused groups across shards: every group shares its global scale."""
-    from ckptflow.flows.convert import convert_flow
-
     from .quant_fixtures import moe_state_dict, write
 
     src = write(tmp_path / "bf16", moe_state_dict(), {"model_type": "qwen3_moe", "torch_dtype": "bfloat16",
                                                       "num_hidden_layers": 1}, files=3)
-    convert_flow(str(src), str(tmp_path / "out"), quantize=scheme, work=str(tmp_path / "w"))
+    engine_convert(str(src), str(tmp_path / "out"), quantize=scheme, work=str(tmp_path / "w"))
     report = report_of(tmp_path / "out")
     assert report.ok and not report.mismatched, report.error_lines()
     assert report.quantized == 21 and report.groups == (GROUPS if scheme == "nvfp4" else 0)
