@@ -1,6 +1,6 @@
 """The convert flow: validate → (fetch) → dequant / fix dtypes / reindex / MP → finalize → verify.
 
-A thin wrapper over the engine's whole conversion (`ckptflow.tasks.run.conversion.run_convert`,
+A thin wrapper over the engine's whole conversion (`ckptflow.flows.conversion.run_convert`,
 which plans or takes the CLI's plan, runs every pass and returns the summary): it hands it a
 Prefect submitter (one task per output shard on the flow run's task runner), Prefect fetch tasks,
 tags and artifacts, then publishes the summary. The commit journal in the work location decides
@@ -14,7 +14,7 @@ from prefect import flow, get_run_logger, tags
 from prefect.context import FlowRunContext
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckptflow.tasks.run.conversion import run_convert
+from ckptflow.flows.conversion import run_convert
 from ckptflow.tasks.run.engine import EngineHooks
 from ckptflow.tasks.run.summary import peak_rss_bytes  # noqa: F401 - benches import it from here
 

@@ -286,14 +286,14 @@ def llmc_python() -> str:
 def engine_convert(source: str, dest: str, work: str | None = None, storage_options: dict | None = None, *,
                    fuse: bool = True, keep_intermediates: bool = False, **options) -> dict:
     """`convert_flow(source, dest, work=…, storage_options=…, **options)` on the engine's entry
-    point (`ckptflow.tasks.run.conversion.run_convert`): the same conversion and summary, no flow
+    point (`ckptflow.flows.conversion.run_convert`): the same conversion and summary, no flow
     run, no Prefect server. For tests whose assertions are about the bytes, the journal and the
     summary; tests about Prefect itself (task runs, states, retries, artifacts) keep the flow.
 
     `fuse=False` plans the two-pass route through the work location (the reference a fused pass
     must equal); `keep_intermediates` keeps that pass's output for the test to read."""
     from ckptflow.flows.params import ConvertOptions
-    from ckptflow.tasks.run.conversion import run_convert
+    from ckptflow.flows.conversion import run_convert
 
     opts = ConvertOptions(**options)
     plan = None

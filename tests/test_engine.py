@@ -20,7 +20,7 @@ class NoPrefect(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, NoPrefect())
-from ckptflow.tasks.run.conversion import run_convert
+from ckptflow.flows.conversion import run_convert
 from ckptflow.tasks.run.submit import ThreadSubmitter
 
 source, dest, work, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])

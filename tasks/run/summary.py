@@ -1,5 +1,5 @@
 """The summary of one conversion: the dict `ckptflow convert --json` prints, the flow returns and
-publishes, and the engine entry (`ckptflow.tasks.run.conversion`) returns. Pure over the records
+publishes, and the engine entry (`ckptflow.flows.conversion`) returns. Pure over the records
 and plans the engine gave back, plus this process's peak memory; no Prefect.
 """
 from __future__ import annotations

@@ -8,8 +8,8 @@ Tests, benches and scripts call `run_convert` directly; nothing on its path impo
 remote `fetch=True` source without a `fetch` callable is the one exception: the default fetch
 runs `tasks/fetch.py`'s copy function, and that module imports Prefect's task decorator).
 
-Planning lives with the recipes (`ckptflow.flows.preflight`, `ckptflow.flows.params`: pure, no
-Prefect), so this module imports them: the engine entry is where a plan and its run meet.
+It lives in flows/ beside the recipes and the preflight it plans with (`ckptflow.flows.params`,
+`ckptflow.flows.preflight`: pure, no Prefect), as the layers go: flows → tasks → storage.
 """
 from __future__ import annotations
 
