@@ -292,3 +292,34 @@ def llmc_python() -> str:
             pytest.fail(msg + ": CI must run the reference tests")
         pytest.skip(msg)
     return python
+
+
+def engine_convert(source: str, dest: str, work: str, options: dict, storage_options: dict | None = None) -> dict:
+    """One conversion as `convert_flow` plans and runs it (the CLI's checks and plan, the engine's
+    passes: prune, checksum, allowed dtypes), with no flow run; for `watch_without_prefect`. Returns
+    the summary keys a watch run reports (`tasks/run/conversion.run_convert` can take its place
+    once it lands)."""
+    import time
+
+    from ckptflow.flows.params import ConvertOptions
+    from ckptflow.flows.preflight import plan_conversion
+    from ckptflow.storage.overlap import refuse_overlap
+    from ckptflow.storage.urls import open_location
+    from ckptflow.tasks.kernels.device import resolve_device
+    from ckptflow.tasks.run.engine import run_conversion
+
+    t0 = time.perf_counter()
+    opts = ConvertOptions(**options)
+    recipe = opts.recipe()
+    src, dst = open_location(source, storage_options), open_location(dest, storage_options)
+    refuse_overlap(("SOURCE", src), ("DEST", dst), ("--work", open_location(work, storage_options)))
+    planned = plan_conversion(src, recipe)
+    result = run_conversion(planned.ckpt, planned.engine_passes(), src, dst, work, storage_options,
+                            protected=(src,), prune=opts.prune, checksum=opts.checksum,
+                            device=resolve_device(opts.device), backend=opts.dequant_backend,
+                            allow_dtypes=recipe.allow_dtypes or ())
+    sizes = {(p.plan.stage, s.file): s.nbytes for p in result.passes for s in p.plan.shards}
+    fresh = [r for r in result.records if not r["cached"]]
+    return {"shards": len(result.records), "cached_shards": len(result.records) - len(fresh),
+            "bytes_written": sum(sizes.get((r.get("stage"), r.get("name")), int(r.get("size", 0))) for r in fresh),
+            "seconds": round(time.perf_counter() - t0, 3)}
