@@ -1,7 +1,9 @@
 """The watch flow: which checkpoints under a prefix get converted, and that they really are.
 
 The planner is pure and tested on listings; the flow runs against moto's S3 server, with one
-subflow per checkpoint, and its outputs are compared byte for byte with a local conversion.
+subflow per checkpoint, and its outputs are compared byte for byte with a local conversion. The
+later runs of a sequence, whose assertions are the watch's decisions and bytes and not Prefect's
+records, run the same watch with no flow run (`watch_without_prefect`, conversions on the engine).
 """
 from __future__ import annotations
 
