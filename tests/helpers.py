@@ -214,14 +214,6 @@ def cli_json(args: list[str], env: dict[str, str] | None = None) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def run_passes(src: Path, dst: Path, work: Path, recipe, fuse: bool) -> int:
-    """A whole conversion of `recipe` on the engine (`engine_convert`); returns the pass count.
-    Kept for the modules that still call it; new tests call `engine_convert`."""
-    summary = engine_convert(str(src), str(dst), work=str(work), fuse=fuse, keep_intermediates=True,
-                             **recipe.model_dump())
-    return len(summary["passes"])
-
-
 def dequant_reference(src: Path, dst: Path, work: Path) -> None:
     """A clean `--dequant` conversion of `src` on the engine, no flow run: the bytes that a CLI,
     flow or deployment run must give (the engine's bytes equal the flow's: test_engine.py)."""

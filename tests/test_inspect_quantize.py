@@ -9,9 +9,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ckptflow.flows.params import Recipe
 
-from .helpers import run_main, run_passes
+from .helpers import engine_convert, run_main
 from .test_quantize_stage import deepseek_fp8, save_llama, save_qwen2_moe
 
 
@@ -69,7 +68,7 @@ def test_fp8_block_counts_match_the_bytes_a_conversion_writes(tmp_path):
     w = r["quantize"]["written"]
     assert code == 0 and w["shared_global_scales"] is None  # FP8 has no global scale
     out = tmp_path / "out"
-    run_passes(src, out, tmp_path / "work", Recipe(quantize="fp8-block"), fuse=True)
+    engine_convert(src, out, tmp_path / "work", quantize="fp8-block")
     got = dtypes_of(out)
     fp8 = [n for n, d in got.items() if d == "F8_E4M3"]
     assert len(fp8) == w["quantized"]["tensors"] == 14

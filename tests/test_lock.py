@@ -290,9 +290,8 @@ def _dest_versions(fs, prefix: str) -> dict[str, tuple[str, str]]:
 def test_a_stopped_run_whose_lock_was_taken_over_writes_nothing_more(demo_ckpt, s3_options, tmp_path):
     import s3fs
 
-    from ckptflow.flows.params import Recipe
 
-    from .helpers import run_passes, s3_tree, tree
+    from .helpers import engine_convert, s3_tree, tree
 
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **opts)
@@ -347,7 +346,7 @@ def test_a_stopped_run_whose_lock_was_taken_over_writes_nothing_more(demo_ckpt, 
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     clean = tmp_path / "clean"
-    run_passes(demo_ckpt, clean, tmp_path / "wc", Recipe(dequant=True), fuse=True)
+    engine_convert(demo_ckpt, clean, tmp_path / "wc", dequant=True)
     assert s3_tree(fs, f"{bucket}/out") == tree(clean)  # byte for byte a clean conversion
     assert not fs.exists(lock_key)
 

@@ -1,7 +1,9 @@
 """The watch flow: which checkpoints under a prefix get converted, and that they really are.
 
 The planner is pure and tested on listings; the flow runs against moto's S3 server, with one
-subflow per checkpoint, and its outputs are compared byte for byte with a local conversion.
+subflow per checkpoint, and its outputs are compared byte for byte with a local conversion. The
+later runs of a sequence, whose assertions are the watch's decisions and bytes and not Prefect's
+records, run the same watch with no flow run (`watch_without_prefect`, conversions on the engine).
 """
 from __future__ import annotations
 
@@ -105,36 +107,75 @@ def test_a_checkpoint_still_uploading_waits_for_the_next_run():
 # ------------------------------------------------------------------------- the flow, over S3
 
 
-@pytest.fixture
-def bucket_with_checkpoints(s3_options, demo_ckpt, tmp_path):
-    """incoming/{alpha,beta}: the demo FP8 checkpoint twice; incoming/notes: not a checkpoint."""
+@pytest.fixture(scope="module")
+def watched_ckpt(tmp_path_factory):
+    """The demo FP8 layout (six shards, DeepSeek-V3 names) with 2 routed experts, not 8, and its
+    clean `--dequant` conversion. Every conversion over S3 reads each tensor with a GET of its own:
+    ~110 a checkpoint here, not ~250, and what a watch run decides does not depend on how many."""
+    from ckptflow.flows.demo.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
+
+    base = tmp_path_factory.mktemp("watched")
+    make_deepseek_v3_fp8(open_location(str(base / "fp8")), DeepSeekDims(n_routed_experts=2))
+    dequant_reference(base / "fp8", base / "reference", base / "ref-work")
+    return {"src": base / "fp8", "expected": tree(base / "reference")}
+
+
+def put_checkpoint(fs, src, prefix: str) -> None:
+    fs.put(str(src) + "/", prefix + "/", recursive=True)
+
+
+def bucket(s3_options, watched_ckpt) -> dict:
     import s3fs
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"])
-    b = s3_options["bucket"]
-    for name in ("alpha", "beta"):
-        fs.put(str(demo_ckpt) + "/", f"{b}/incoming/{name}/", recursive=True)
-    fs.pipe(f"{b}/incoming/notes/README.md", b"not a checkpoint")
-    return {"fs": fs, "bucket": b, "options": s3_options["options"], "src": demo_ckpt, "tmp": tmp_path}
+    return {"fs": s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"]),
+            "bucket": s3_options["bucket"], "options": s3_options["options"], **watched_ckpt}
 
+
+@pytest.fixture
+def bucket_with_checkpoints(s3_options, watched_ckpt):
+    """incoming/{alpha,beta}: the checkpoint twice; incoming/notes: not a checkpoint."""
+    w = bucket(s3_options, watched_ckpt)
+    for name in ("alpha", "beta"):
+        put_checkpoint(w["fs"], w["src"], f"{w['bucket']}/incoming/{name}")
+    w["fs"].pipe(f"{w['bucket']}/incoming/notes/README.md", b"not a checkpoint")
+    return w
 
 
 def by_name(summary) -> dict[str, tuple[str, str]]:
     return {c["name"]: (c["action"], c["reason"]) for c in summary["checkpoints"]}
 
 
+def watch_run(w) -> dict:
+    """The arguments of every watch run of these tests, on `w`'s bucket."""
+    b = w["bucket"]
+    return dict(source_prefix=f"s3://{b}/incoming", dest_prefix=f"s3://{b}/converted", settle_seconds=0,
+                storage_options=w["options"], options={"dequant": True})
+
+
+def watch_engine(**run) -> dict:
+    """A watch run with no flow run: the flow's listings, decisions, markers and summary
+    (`watch_once`, shared with `watch_flow`), each conversion on the engine. Where Prefect itself is
+    not what is asserted (a subflow run per checkpoint, the flow run's state), the tests run this:
+    seconds of Prefect client and server work fewer per run."""
+    from ckptflow.flows.watch import watch_without_prefect
+
+    from .helpers import engine_convert
+
+    def convert(source: str, dest: str, work: str, options: dict, storage_options: dict | None) -> dict:
+        return engine_convert(source, dest, work, storage_options, **options)
+
+    return watch_without_prefect(convert=convert, **run)
+
+
 def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_harness, bucket_with_checkpoints):
-    from ckptflow.flows.watch import WatchFailed, watch_flow
+    from ckptflow.flows.watch import watch_flow
 
     w = bucket_with_checkpoints
-    fs, b, opts = w["fs"], w["bucket"], w["options"]
-    reference = w["tmp"] / "reference"
-    dequant_reference(w["src"], reference, w["tmp"] / "ref-work")
-    expected = tree(reference)
-    run = dict(source_prefix=f"s3://{b}/incoming", dest_prefix=f"s3://{b}/converted", settle_seconds=0,
-               storage_options=opts, options={"dequant": True})
+    fs, b, expected = w["fs"], w["bucket"], w["expected"]
+    run = watch_run(w)
 
-    state = watch_flow(**run, return_state=True)
+    state = watch_flow(**run, return_state=True)  # the real flow run: a subflow run per checkpoint
     first = state.result()
     assert by_name(first) == {"alpha": ("convert", "new"), "beta": ("convert", "new")}
     for name in ("alpha", "beta"):
@@ -148,7 +189,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
 
     # Nothing changed: nothing is converted, nothing is rewritten.
     stamps = {p: fs.info(p)["LastModified"] for p in fs.find(f"{b}/converted")}
-    second = watch_flow(**run)
+    second = watch_engine(**run)
     assert by_name(second) == {"alpha": ("up to date", "output matches"), "beta": ("up to date", "output matches")}
     assert {p: fs.info(p)["LastModified"] for p in fs.find(f"{b}/converted")} == stamps
 
@@ -158,7 +199,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     cfg["note"] = "re-uploaded"
     fs.pipe(f"{b}/incoming/beta/config.json", json.dumps(cfg).encode())
     fs.rm(f"{b}/converted/alpha/model-00002-of-00006.safetensors")
-    third = watch_flow(**run)
+    third = watch_engine(**run)
     assert by_name(third) == {"alpha": ("convert", "output missing model-00002-of-00006.safetensors"),
                               "beta": ("convert", "source changed")}
     results = {c["name"]: c["result"] for c in third["checkpoints"]}
@@ -166,10 +207,20 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     assert s3_tree(fs, f"{b}/converted/alpha") == expected
     assert json.loads(fs.cat_file(f"{b}/converted/beta/config.json"))["note"] == "re-uploaded"
 
-    # A broken checkpoint fails the watch run, naming it; the others are still converted.
-    fs.put(str(w["src"]) + "/", f"{b}/incoming/gamma/", recursive=True)
+
+def test_a_broken_checkpoint_fails_the_watch_run_alone_then_fixed_and_relaid_outputs_are_pruned(
+        prefect_harness, s3_options, watched_ckpt):
+    """Its own bucket (so it runs beside the test above): gamma broken, delta fine, under one prefix."""
+    from ckptflow.flows.watch import WatchFailed, watch_flow
+
+    w = bucket(s3_options, watched_ckpt)
+    fs, b, expected = w["fs"], w["bucket"], w["expected"]
+    run = watch_run(w)
+
+    # A broken checkpoint fails the watch (flow) run, naming it; the others are still converted.
+    put_checkpoint(fs, w["src"], f"{b}/incoming/gamma")
     fs.pipe(f"{b}/incoming/gamma/model-00003-of-00006.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
-    fs.put(str(w["src"]) + "/", f"{b}/incoming/delta/", recursive=True)
+    put_checkpoint(fs, w["src"], f"{b}/incoming/delta")
     state = watch_flow(**run, return_state=True)
     assert state.is_failed()
     failed = r"1 of 2 conversion\(s\) failed:\n  - gamma: .*\n      - model-00003-of-00006.safetensors: header"
@@ -182,14 +233,29 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     # gamma is fixed: the next run converts it (and only it); then new options change every
     # output's layout, and the old layout's shards are pruned rather than left to clash.
     fs.put(str(w["src"] / "model-00003-of-00006.safetensors"), f"{b}/incoming/gamma/model-00003-of-00006.safetensors")
-    fixed = watch_flow(**run)
-    assert {n: a for n, (a, _) in by_name(fixed).items()} == {
-        "alpha": "up to date", "beta": "up to date", "delta": "up to date", "gamma": "convert"}
+    fixed = watch_engine(**run)
+    assert {n: a for n, (a, _) in by_name(fixed).items()} == {"delta": "up to date", "gamma": "convert"}
     assert s3_tree(fs, f"{b}/converted/gamma") == expected
-    relaid = watch_flow(**{**run, "options": {"dequant": True, "reindex": True, "max_shard_size": "400KB"}})
+    relaid = watch_engine(**{**run, "options": {"dequant": True, "reindex": True, "max_shard_size": "400KB"}})
     assert {a for a, _ in by_name(relaid).values()} == {"convert"}
-    names = sorted(n for n in s3_tree(fs, f"{b}/converted/alpha") if n.endswith(".safetensors"))
-    assert names and all("-of-00006" not in n for n in names), names
+    for name in ("delta", "gamma"):
+        names = sorted(p.rsplit("/", 1)[1] for p in fs.find(f"{b}/converted/{name}") if p.endswith(".safetensors"))
+        assert names and all("-of-00006" not in n for n in names), names
+
+
+def test_a_watch_run_without_prefect_fails_as_the_flow_does(s3_options):
+    """`watch_without_prefect` raises the flow's `WatchFailed`, with the run's summary."""
+    import s3fs
+
+    from ckptflow.flows.watch import WatchFailed
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_options["options"])
+    b = s3_options["bucket"]
+    fs.pipe(f"{b}/incoming/gamma/model.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(WatchFailed, match=r"1 of 1 conversion\(s\) failed:\n  - gamma: ") as err:
+        watch_engine(**watch_run({"bucket": b, "options": s3_options["options"]}))
+    assert by_name(err.value.summary) == {"gamma": ("convert", "new")}
+    assert "error" in err.value.summary["checkpoints"][0]["result"]
 
 
 def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, bucket_with_checkpoints):
@@ -235,9 +301,8 @@ def _child_flow_runs(parent_flow_run_id) -> dict[str, str]:
 def test_watch_quantize_converts_a_checkpoint_dropped_under_the_prefix(prefect_harness, tmp_path):
     """`ckptflow watch --quantize nvfp4` (the flag, through run_main): a BF16 checkpoint dropped
     under the watched prefix is quantized, byte for byte as the engine quantizes it, once."""
-    from ckptflow.flows.params import Recipe
 
-    from .helpers import run_main, run_passes
+    from .helpers import engine_convert, run_main
     from .test_quantize_stage import save_llama
 
     incoming, converted = tmp_path / "incoming", tmp_path / "converted"
@@ -252,7 +317,7 @@ def test_watch_quantize_converts_a_checkpoint_dropped_under_the_prefix(prefect_h
     assert by_name(first) == {"tiny": ("convert", "new")}
 
     reference = tmp_path / "reference"
-    run_passes(incoming / "tiny", reference, tmp_path / "ref-work", Recipe(quantize="nvfp4"), fuse=True)
+    engine_convert(incoming / "tiny", reference, tmp_path / "ref-work", quantize="nvfp4")
     want = {n: b for n, b in tree(reference).items() if n.endswith((".safetensors", ".json"))}
     got = tree(converted / "tiny")
     assert {n: got.get(n) for n in want} == want
