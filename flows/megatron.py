@@ -5,10 +5,10 @@ a `.pt`, a Megatron checkpoint directory (`release/` or `iter_…/` with `mp_ran
 `.zip`, on any fsspec URL; `--table` replaces the built-in Megatron → GPT-2 name table. Both
 passes are cached like the convert flow's shards.
 
-`megatron_preflight` makes every check the import task makes that needs no tensor bytes (zip
-directory, tracker, pickle scan, names, config, every shape), in bounded memory and without
-Prefect: the CLI can call it before starting a Prefect server. The flow makes them again before
-it locks or writes DEST, and the import task once more before it unpickles.
+`megatron_preflight` (tasks/megatron/preflight.py, no Prefect; re-exported here) makes every check
+the import task makes that needs no tensor bytes, in bounded memory: the CLI calls it before it
+imports Prefect. The flow makes them again before it locks or writes DEST, and the import task
+once more before it unpickles.
 """
 from __future__ import annotations
 
@@ -26,11 +26,10 @@ from ckptflow.storage.overlap import refuse_overlap
 from ckptflow.storage.remote import check_writable_dest
 from ckptflow.storage.reader import file_info
 from ckptflow.storage.urls import Location, StorageError, open_location
-from ckptflow.tasks.megatron.load import inspect_megatron
-from ckptflow.tasks.megatron.mapping import convert_megatron
+from ckptflow.tasks.megatron.preflight import megatron_preflight, preflight as _preflight  # noqa: F401 (re-exported)
 from ckptflow.tasks.megatron.task import IMPORTED, import_megatron
 from ckptflow.tasks.plan.sizes import parse_size
-from ckptflow.tasks.presets.megatron import MegatronTable, load_megatron_table
+from ckptflow.tasks.presets.megatron import load_megatron_table
 from ckptflow.tasks.planners.by_size import plan_size_shards
 from ckptflow.tasks.run.progress import reporting_to
 from ckptflow.tasks.run.passes import finalize, prepare_dest, run_shards, verify_output
@@ -85,25 +84,6 @@ def _import(source: str, stage_loc: Location, fps: list[tuple[str, int, str | No
                           and stage_loc.fs.exists(stage_loc.path("config.json"))):
             return imported, cached
     raise AssertionError("unreachable: a refreshed import is never Cached")
-
-
-def megatron_preflight(source: str, config: str | None = None,
-                       storage_options: dict[str, Any] | None = None, table: str | None = None) -> dict[str, Any]:
-    """Check SOURCE converts, reading pickles and zip directories only; the GPT-2 config it would
-    get. Raises a UserError (one line, naming the file or tensor) for anything the import refuses."""
-    src = open_location(source, storage_options)
-    if not src.fs.exists(src.root):
-        raise StorageError(f"{source}: not found")
-    override = read_json(open_location(config, storage_options), "") if config else None
-    mapping = load_megatron_table(table, storage_options) if table else None
-    return _preflight(source, override, mapping, storage_options)
-
-
-def _preflight(source: str, override: Any, table: MegatronTable | None,
-               storage_options: dict[str, Any] | None) -> dict[str, Any]:
-    ck = inspect_megatron(source, storage_options)  # meta tensors: shapes and dtypes, no bytes
-    # check_replicated compares values, which meta tensors lack; the import task compares them.
-    return convert_megatron(ck, override, table, check_replicated=False)[1]
 
 
 @flow(name="ckptflow-megatron", task_runner=ThreadPoolTaskRunner(max_workers=1))

@@ -61,9 +61,10 @@ def _is_parameter_error(exc: BaseException) -> bool:
 
     if isinstance(exc, ValidationError):
         return True
-    from prefect.exceptions import ParameterTypeError
-
-    return isinstance(exc, ParameterTypeError)
+    # Only Prefect raises its ParameterTypeError: where Prefect was never imported (every refusal
+    # before a flow starts), importing it to ask would cost a second of CPU for nothing.
+    exceptions = sys.modules.get("prefect.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.ParameterTypeError)
 
 
 def _parameter_problems(exc: BaseException) -> str:

@@ -20,10 +20,11 @@ def cmd_megatron(args: argparse.Namespace, runtime: Runtime) -> int:
     if is_megatron_core(args.source, opts):
         return run_megatron_core(args, runtime, human, text_out, print_json)
     refuse_core_only_flags(args)
-    from ckptflow.flows.megatron import megatron_flow, megatron_preflight
-    from ckptflow.flows.cli.run_link import linked
+    from ckptflow.tasks.megatron.preflight import megatron_preflight
 
-    megatron_preflight(args.source, args.config, opts, args.table)  # bombs and bad shapes: before Prefect starts
+    megatron_preflight(args.source, args.config, opts, args.table)  # bombs and bad shapes: before Prefect is imported
+    from ckptflow.flows.megatron import megatron_flow
+    from ckptflow.flows.cli.run_link import linked
 
     server = runtime.server
     server.prestart(temporary=runtime.owns_process)  # deaf to the terminal's Ctrl-C (flows/runtime/server.py)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ckptflow.storage.files import list_files
 from ckptflow.storage.urls import Location, StorageError
-from ckptflow.tasks.megatron.load import MAX_ITERATION, TRACKER, TRACKER_CAP
+from ckptflow.tasks.megatron.tracker import MAX_ITERATION, TRACKER, TRACKER_CAP
 from ckptflow.tasks.megatron.safe import MegatronLoadError
 
 RANK_FILE = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?/model_optim_rng\.pt")

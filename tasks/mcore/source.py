@@ -25,7 +25,6 @@ MCORE_PREFIXES = ("decoder.", "embedding.", "output_layer.")
 def is_megatron_core(source: str, storage_options: dict[str, Any] | None = None) -> bool:
     """A Megatron-Core save by its layout: torch_dist files, or legacy rank files holding
     Megatron-Core keys (GPT-2's legacy saves look the same on disk but hold `language_model.…`)."""
-    from ckptflow.tasks.mcore.legacy import scan_rank_file
     from ckptflow.tasks.mcore.locate import find_checkpoint
 
     try:
@@ -37,6 +36,8 @@ def is_megatron_core(source: str, storage_options: dict[str, Any] | None = None)
     first = sorted(n for n in found.files if n.endswith("model_optim_rng.pt"))[:1]
     if not first:
         return False
+    from ckptflow.tasks.mcore.legacy import scan_rank_file  # torch (pickle scan): only for rank files
+
     try:
         keys = scan_rank_file(found.loc, first[0], found.files[first[0]])[0]
     except (UserError, OSError, ValueError):

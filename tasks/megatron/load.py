@@ -37,10 +37,8 @@ from ckptflow.storage.urls import open_location
 from ckptflow.tasks.megatron.safe import (MegatronEnum, MegatronLoadError, UnsafeCheckpointError, human, safe_globals,
                            unsafe_global)
 from ckptflow.tasks.megatron.torchfile import scan_torch_file
+from ckptflow.tasks.megatron.tracker import MAX_ITERATION, TRACKER, TRACKER_CAP
 
-TRACKER = "latest_checkpointed_iteration.txt"
-TRACKER_CAP = 64          # it holds "release" or an iteration number; read no more than this
-MAX_ITERATION = 10**12    # Megatron writes iter_%07d; a trillion steps is past any real run
 # Archive members are inflated into memory (torch seeks back and forth in a file; a deflate stream
 # cannot seek), so each member's declared size is checked before a byte is inflated. Deflate
 # shrinks trained weights ~1.1x (zeros ~1000x): a member may be MEMBER_RATIO times its compressed
