@@ -6,15 +6,13 @@ import subprocess
 
 import pytest
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env, run_main
+
+# What the CLI parses, refuses and prints is tested through `main(argv)` in this process
+# (helpers.run_main): a new process would spend ~3 s of CPU importing Prefect and torch first.
+ckptflow = run_main
 
 
-def ckptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(), capture_output=True,
-                          text=True, timeout=300)
-
-
-@pytest.mark.slow
 def test_convert_bad_input_is_one_line_error_and_nothing_complete(demo_ckpt, tmp_path):
     index = json.loads((demo_ckpt / "model.safetensors.index.json").read_text())
     victim = "model.layers.0.self_attn.q_a_proj.weight_scale_inv"
@@ -54,7 +52,7 @@ def test_bad_option_values_are_one_line_errors_before_prefect_starts(tmp_path):
 
 
 @pytest.mark.slow
-def test_watch_converts_each_checkpoint_under_a_prefix(tmp_path):
+def test_watch_converts_each_checkpoint_under_a_prefix(prefect_harness, tmp_path):
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 

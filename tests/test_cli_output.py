@@ -22,14 +22,13 @@ import pytest
 from ckptflow.flows.cli.bars import Bar, open_bars
 from ckptflow.tasks.run import progress
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env, run_main
 
 CLI = [PYTHON, "-m", "ckptflow.flows.cli"]
 SLEEP = 3  # seconds a shell spends before it starts the CLI; `time:` must not count them
-
-
-def ckptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+# Reports that start no flow are what the CLI prints, tested in this process (helpers.run_main);
+# `time:` and the terminal's bars are about the process, tested on real ones below.
+ckptflow = run_main
 
 
 def screen(raw: str, cols: int | None = None) -> list[str]:

@@ -27,7 +27,7 @@ from ckptflow.storage.safetensors_format import MAX_TENSORS_PER_FILE, HeaderErro
 from ckptflow.storage.urls import open_location
 from ckptflow.tasks.validate import Problem, header_problems
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import PYTHON, ROOT, cli_env, run_main
 
 ENTRY = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
 
@@ -231,8 +231,8 @@ def digests(path: Path) -> dict[str, str]:
 
 
 def validate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "validate", str(path)], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+    """`ckptflow validate PATH` in this process (helpers.run_main): what it refuses and prints."""
+    return run_main("validate", str(path))
 
 
 INDEX = "model.safetensors.index.json"

@@ -9,7 +9,6 @@ planner. Every save of one model (torch_dist / legacy, any TP/PP/EP) gives byte-
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from ckptflow.storage.urls import open_location
 from ckptflow.tasks.mcore.plan import source_checkpoint
 from ckptflow.tasks.run.engine import EnginePass, run_conversion
 
-from .helpers import PYTHON, cli_env
+from .helpers import run_main
 
 DATA = Path(__file__).parent / "data" / "mcore"
 # Saves the readers refuse (legacy GroupedMLP stores experts transposed and packed): one error line.
@@ -176,24 +175,20 @@ def test_rerun_reuses_committed_shards(tmp_path):
 def test_cli_dry_run_inspect_and_refusals(tmp_path):
     save = DATA / "llama-gqa-tp1" / "torch_dist"
     dest = tmp_path / "hf"
-    dry = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(save), str(dest), "--dry-run"],
-                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    dry = run_main("megatron", str(save), str(dest), "--dry-run")
     assert dry.returncode == 0, dry.stderr
     assert "Megatron-Core torch_dist, iteration 1, TP=1 PP=1 EP=1" in dry.stdout and "dry run" in dry.stdout
     assert "family:   llama (LlamaForCausalLM" in dry.stdout and not dest.exists()
-    bad = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(save), str(dest), "--dry-run",
-                          "--family", "qwen3"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    bad = run_main("megatron", str(save), str(dest), "--dry-run", "--family", "qwen3")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
     assert "q_norm" in bad.stderr and "Traceback" not in bad.stderr
     legacy = DATA / "llama-gqa-tp1" / "legacy"
-    seen = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(legacy)], capture_output=True,
-                          text=True, env=cli_env(), timeout=300)
+    seen = run_main("inspect", str(legacy))
     assert seen.returncode == 0 and "source:   Megatron-Core legacy, iteration 1" in seen.stdout, seen.stderr
     assert "output:   21 tensors" in seen.stdout
     gpt2 = tmp_path / "gpt2.pt"
     gpt2.write_bytes(b"not a checkpoint")
-    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(gpt2), str(dest), "--dry-run"],
-                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    run = run_main("megatron", str(gpt2), str(dest), "--dry-run")
     assert run.returncode == 2 and "--dry-run do not apply" in run.stderr and not dest.exists()
 
 
@@ -215,11 +210,11 @@ def test_fsspec_urls_both_sides_give_the_same_bytes(converted):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
+def test_sigkill_mid_run_then_rerun_resumes(prefect_harness, tmp_path):
     """The real CLI, SIGKILLed after 2 of its shards committed: the rerun reuses them (not
     rewritten), writes the rest, and equals an uninterrupted conversion byte for byte."""
 
-    from .helpers import cli_json, kill_slow_cli, tree
+    from .helpers import kill_slow_cli, tree
 
     save = DATA / "llama-gqa-tp1" / "torch_dist"
     out, work = tmp_path / "out", tmp_path / "work"
@@ -228,7 +223,9 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
     committed = sorted(p.name for p in out.glob("*.safetensors"))
     assert not (out / "model.safetensors.index.json").exists()  # nothing claims the checkpoint complete
     mtimes = {n: (out / n).stat().st_mtime_ns for n in committed}
-    summary = cli_json(args)
+    rerun = run_main(*args)  # in this process: the killed run above is the real process
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert 2 <= summary["cached_shards"] == len(committed) < summary["shards"]
     assert {n: (out / n).stat().st_mtime_ns for n in committed} == mtimes  # reused, not rewritten
     convert(save, tmp_path / "clean", tmp_path / "work-clean", max_shard_size="40KB")
@@ -237,31 +234,25 @@ def test_sigkill_mid_run_then_rerun_resumes(tmp_path):
 
 @pytest.mark.parametrize("save", sorted(REFUSED))
 def test_refused_save_is_one_error_line(tmp_path, save):
-    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(DATA / save), str(tmp_path / "hf"),
-                          "--dry-run"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    run = run_main("megatron", str(DATA / save), str(tmp_path / "hf"), "--dry-run")
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and lines[-1].startswith("error:") and REFUSED[save] in lines[-1], run.stderr
     assert "Traceback" not in run.stderr and not (tmp_path / "hf").exists()
 
 
-@pytest.mark.slow
 def test_inspect_shows_a_save_without_its_true_vocab_size(tmp_path):
     """qwen3-tp2 saved no args.vocab_size: inspect (no --tokenizer/--config flags) still shows the plan,
     with the padded vocabulary noted; `megatron` itself refuses to write the padded rows."""
     save = DATA / "qwen3-tp2" / "torch_dist"
-    seen = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(save)], capture_output=True,
-                          text=True, env=cli_env(), timeout=300)
+    seen = run_main("inspect", str(save))
     assert seen.returncode == 0, seen.stderr
     assert "vocab:    unknown — padded to 128; `megatron` needs --tokenizer or --config" in seen.stdout
     assert "family:   qwen3 (Qwen3ForCausalLM" in seen.stdout and "vocab 128 (padded)" in seen.stdout
-    js = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(save), "--json"], capture_output=True,
-                        text=True, env=cli_env(), timeout=300)
+    js = run_main("inspect", str(save), "--json")
     summary = json.loads(js.stdout)
     assert summary["vocab_unknown"] is True and summary["vocab_size"] == 128 and summary["tensors"] == 24
-    known = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "inspect", str(DATA / "qwen2-tp2" / "torch_dist"),
-                            "--json"], capture_output=True, text=True, env=cli_env(), timeout=300)
+    known = run_main("inspect", str(DATA / "qwen2-tp2" / "torch_dist"), "--json")
     assert json.loads(known.stdout)["vocab_unknown"] is False and json.loads(known.stdout)["vocab_size"] == 100
-    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(save), str(tmp_path / "hf"), "--dry-run"],
-                         capture_output=True, text=True, env=cli_env(), timeout=300)
+    run = run_main("megatron", str(save), str(tmp_path / "hf"), "--dry-run")
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and lines[-1].startswith("error:") and "--tokenizer DIR" in lines[-1], run.stderr

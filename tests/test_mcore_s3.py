@@ -1,4 +1,4 @@
-"""Megatron-Core → HF between S3 prefixes, through the real CLI and a real S3 endpoint (moto).
+"""Megatron-Core → HF between S3 prefixes, through the CLI and a real S3 endpoint (moto).
 
 Every request goes over HTTP through a recording proxy in front of moto (tests/test_ops.py's
 FaultyProxy, with a rule that only looks), so the bytes the CLI reads from SOURCE are counted where
@@ -10,14 +10,13 @@ from __future__ import annotations
 import collections
 import json
 import pickle
-import subprocess
 import zipfile
 from pathlib import Path
 
 import pytest
 import s3fs
 
-from .helpers import PYTHON, ROOT, cli_env, kill_slow_cli, s3_tree, tree
+from .helpers import kill_slow_cli, run_main, s3_tree, tree
 from .test_mcore_convert import convert
 from .test_ops import FaultyProxy
 
@@ -125,9 +124,9 @@ def _reads(gets: list[tuple[str, str | None]], prefix: str, sizes: dict[str, int
     return out
 
 
-def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+# `ckptflow megatron` in this process (helpers.run_main): these tests are about what it reads and
+# writes, not about its process; the SIGKILLed run below is a real process.
+_cli = run_main
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -135,7 +134,7 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["torch_dist", "legacy"])
-def test_s3_to_s3_equals_local_and_never_reads_optimizer_state(recorded, fmt, tmp_path):
+def test_s3_to_s3_equals_local_and_never_reads_optimizer_state(prefect_harness, recorded, fmt, tmp_path):
     save = BF16 / fmt
     bucket, fs = recorded["bucket"], recorded["fs"]
     fs.put(str(save) + "/", f"{bucket}/src/", recursive=True)
@@ -190,7 +189,7 @@ def _union(ranges: list[Range], gap: int = 0) -> list[Range]:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_from_the_bucket(s3_options, tmp_path):
+def test_sigkill_mid_run_resumes_from_the_bucket(prefect_harness, s3_options, tmp_path):
     """The real CLI converting s3:// → s3:// (work location: DEST's bucket, the default), SIGKILLed
     once 2 shards are in the bucket: the rerun finds their journal entries in the bucket, reuses
     them (the objects are not written again), writes the rest, and equals an uninterrupted run."""

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 
 import torch
 
 from ckptflow.flows.megatron import megatron_flow
 
-from .helpers import PYTHON, ROOT, cli_env
+from .helpers import run_main
 from .megatron_fixtures import megatron_args, megatron_models, rank_file, tiny_gpt2, write_tree, write_zip
 
 
@@ -66,8 +65,7 @@ def test_megatron_cli_refuses_code_running_pickle(tmp_path):
     payload = rank_file(megatron_models(model, 3.0, tp=1)[0], megatron_args(model, tp=1), 3.0)
     payload["evil"] = Payload()
     src = write_tree(tmp_path / "ckpt", [payload])
-    run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "megatron", str(src), str(tmp_path / "out"),
-                          "--work", str(tmp_path / "w")], cwd=ROOT, env=cli_env(), capture_output=True, text=True)
+    run = run_main("megatron", str(src), str(tmp_path / "out"), "--work", str(tmp_path / "w"))
     assert run.returncode == 2, run.stderr[-2000:]
     assert "error:" in run.stderr and "system" in run.stderr and "Traceback" not in run.stderr
     assert not marker.exists()
