@@ -54,8 +54,9 @@ def ckpt(tmp_path_factory):
 
 def _probe(*args: str) -> tuple[subprocess.CompletedProcess, dict, float]:
     t0 = time.monotonic()
-    run = subprocess.run([PYTHON, "-c", PROBE_CLI, *args], cwd=ROOT, env=cli_env(), capture_output=True,
-                         text=True, timeout=120)
+    # these runs never reach Prefect (the probe says so): no server named for them
+    run = subprocess.run([PYTHON, "-c", PROBE_CLI, *args], cwd=ROOT, env=cli_env(temporary_server=True),
+                         capture_output=True, text=True, timeout=120)
     return run, json.loads(run.stdout.strip().splitlines()[-1]), time.monotonic() - t0
 
 
@@ -225,8 +226,8 @@ def test_dry_run_at_deepseek_v3_scale(tmp_path):
     t0 = time.monotonic()
     run = subprocess.run([PYTHON, str(ROOT / "bench" / "measured_cli.py"), "convert", str(src), str(dest),
                           "--dequant", "--mp", "8", "--dry-run", "--json", "--work", str(tmp_path / "w")],
-                         cwd=ROOT, env=cli_env(CKPTFLOW_HWM_FILE=str(hwm)), capture_output=True, text=True,
-                         timeout=300)
+                         cwd=ROOT, env=cli_env(temporary_server=True, CKPTFLOW_HWM_FILE=str(hwm)),
+                         capture_output=True, text=True, timeout=300)
     seconds = time.monotonic() - t0
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
@@ -261,7 +262,8 @@ def test_the_convert_flow_imports_no_torch_until_a_kernel_needs_it():
              "from ckptflow.tasks.kernels.device import no_gpu_possible, resolve_device; "
              "print(no_gpu_possible() and resolve_device('auto'), "
              "sorted(m for m in ('torch', 'triton') if m in sys.modules))")
-    run = subprocess.run([PYTHON, "-c", probe], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run([PYTHON, "-c", probe], cwd=ROOT, env=cli_env(temporary_server=True), capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() in (["cpu", "[]"], ["False", "[]"]), run.stdout  # False: a GPU node exists here
 

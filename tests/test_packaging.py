@@ -92,7 +92,7 @@ def test_editable_install_maps_ckptflow_to_the_folders_and_nothing_else(tmp_path
             "none = {m: importlib.util.find_spec(m) for m in absent}\n"
             "print(json.dumps({'found': out, 'none': {k: v is None for k, v in none.items()}}))\n")
     # cwd elsewhere: from the repository root `python -m` would put the folders on sys.path.
-    run = subprocess.run([PYTHON, "-c", code, json.dumps(modules)], cwd=tmp_path, env=cli_env(),
+    run = subprocess.run([PYTHON, "-c", code, json.dumps(modules)], cwd=tmp_path, env=cli_env(temporary_server=True),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout)
@@ -105,7 +105,7 @@ def test_editable_install_maps_ckptflow_to_the_folders_and_nothing_else(tmp_path
 def test_version_and_verbose_after_the_subcommand():
     from ckptflow.flows.cli.parser import build_parser
 
-    run = subprocess.run([str(Path(PYTHON).parent / "ckptflow"), "--version"], env=cli_env(),
+    run = subprocess.run([str(Path(PYTHON).parent / "ckptflow"), "--version"], env=cli_env(temporary_server=True),
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == f"ckptflow {importlib.metadata.version('ckptflow')}"
     parse = build_parser().parse_args
@@ -120,7 +120,8 @@ def test_version_and_verbose_after_the_subcommand():
 def test_verbose_after_the_subcommand_shows_the_traceback(tmp_path):
     def validate(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "validate", str(tmp_path / "nope"), *extra],
-                              cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+                              cwd=tmp_path, env=cli_env(temporary_server=True), capture_output=True, text=True,
+                              timeout=120)
 
     quiet, verbose = validate(), validate("-v")
     assert quiet.returncode == 2 and quiet.stderr.startswith("error: ") and "Traceback" not in quiet.stderr
@@ -195,7 +196,10 @@ def test_installs_beside_a_distribution_that_ships_flows_tasks_and_storage(wheel
                                capture_output=True, text=True, check=True).stdout.strip())
     # Dependencies (torch, prefect, …) from the test venv, searched after this venv's own packages;
     # a path line in a .pth runs none of that folder's .pth files, so not its editable ckptflow finder.
-    (site / "zz_test_dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    # The test venv's own folder, and any it reaches through a .pth path line (a git worktree's venv
+    # that shares another venv's packages) which, named here, would not be followed again.
+    deps = dict.fromkeys([sysconfig.get_path("purelib"), *(p for p in sys.path if p.endswith("site-packages"))])
+    (site / "zz_test_dependencies.pth").write_text("".join(f"{p}\n" for p in deps))
 
     def pip(*args: str) -> None:
         run = subprocess.run([PYTHON, "-m", "pip", "--python", str(py), *args, "-q"], capture_output=True,
@@ -210,7 +214,7 @@ def test_installs_beside_a_distribution_that_ships_flows_tasks_and_storage(wheel
             "print(json.dumps({'mods': mods, 'dummy': [flows.DUMMY, tasks.DUMMY, storage.DUMMY],\n"
             "  'files': {m: sys.modules[m].__file__ for m in mods},\n"
             "  'preset': resources.files('ckptflow.tasks.presets').joinpath('llama.json').is_file()}))\n")
-    env = cli_env()
+    env = cli_env(temporary_server=True)
     env.pop("PYTHONPATH", None)
     run = subprocess.run([str(py), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
