@@ -20,9 +20,10 @@ from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
-# One xdist worker runs this module and test_ops.py (pyproject: --dist loadgroup): one
-# `prefect server start` (the session's `prefect_server`) and one deployment fixture serve them all.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_server")]
+# One xdist worker runs this module (pyproject: --dist loadgroup): its deployment fixture (a work pool,
+# `prefect deploy`, a `prefect worker`) is made once, and its pool and deployments, on the session's
+# shared server, are this module's alone: `prefect deploy --all` of the yaml takes no other pool name.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_deploy")]
 
 
 def prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,16 +41,33 @@ def users_prefect_project(dest: Path) -> Path:
     return dest
 
 
-def api(env: dict[str, str], path: str, body: dict | None = None) -> object:
+def api(env: dict[str, str], path: str, body: dict | None = None, method: str | None = None) -> object:
     """The server's REST API in `env` (GET, or POST of `body`), read here: a `get_client()` in a
     subprocess would import Prefect (seconds of CPU) for every poll."""
     import urllib.request
 
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data,
+    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+        text = response.read()
+        return json.loads(text) if text else None
+
+
+def create_process_pool(env: dict[str, str], name: str) -> None:
+    """What `prefect work-pool create NAME --type process` does, over REST (setup, not what a test is
+    about: the CLI would cost a process start): the pool with the process worker's default job
+    template. One a previous fixture of this session made is kept."""
+    import urllib.error
+
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        api(env, "/work_pools/", {"name": name, "type": "process",
+                                  "base_job_template": ProcessWorker.get_default_base_job_template()})
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:  # 409: it exists
+            raise
 
 
 def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
@@ -77,8 +95,7 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     # `flows` and `tasks` are importable there too, as a worker serving that project would have them.
     env["PYTHONPATH"] = str(project)
 
-    pool = prefect(["work-pool", "create", "ckptflow-process", "--type", "process", "--overwrite"], env, base)
-    assert pool.returncode == 0, pool.stdout + pool.stderr
+    create_process_pool(env, "ckptflow-process")
     # ckptflow's yaml, deployed from the user's project folder (README: `--prefect-file path/to/…`).
     dep = prefect(["--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"), "--all"],
                   env, project)
@@ -197,8 +214,9 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
         assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
         assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
         assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    finally:
-        prefect(["deployment", "delete", "ckptflow-convert/scheduled-convert"], env, project, timeout=120)
+    finally:  # its schedule would go on making runs on the shared server
+        api(env, "/deployments/" + api(env, "/deployments/name/ckptflow-convert/scheduled-convert")["id"],
+            method="DELETE")
 
 
 def deployment(env: dict[str, str], name: str) -> dict:
