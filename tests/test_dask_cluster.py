@@ -4,7 +4,7 @@
 HOME and working directory and an environment of its own (what README's "Running on a Dask
 cluster" tells an operator to set on every worker); the CLI runs from yet another HOME. SOURCE,
 DEST and, by default, the work location (journal, shard records) are in a moto S3 bucket; the
-Prefect server is `prefect server start` on loopback. Faults: the client SIGKILLed mid-run and
+Prefect server is the session's shared one on loopback (conftest's `prefect_server`). Faults: the client SIGKILLed mid-run and
 rerun from a third HOME; a worker SIGKILLed after its shard committed; a worker without storage
 credentials. Worker-side timing comes from `tests/dask_preload.py`.
 """
@@ -107,7 +107,7 @@ def cluster(tmp_path):
 
 
 @pytest.fixture
-def bucket_ckpt(s3_options, demo_ckpt, prefect_harness, tmp_path):
+def bucket_ckpt(s3_options, demo_ckpt, tmp_path):
     """The demo checkpoint (6 output shards) uploaded to s3://BUCKET/src, and its local conversion:
     the bytes every cluster run must give."""
     import s3fs
