@@ -4,9 +4,9 @@
 HOME and working directory and an environment of its own (what README's "Running on a Dask
 cluster" tells an operator to set on every worker); the CLI runs from yet another HOME. SOURCE,
 DEST and, by default, the work location (journal, shard records) are in a moto S3 bucket; the
-Prefect server is the session's shared one on loopback (conftest's `prefect_server`). Faults: the client SIGKILLed mid-run and
-rerun from a third HOME; a worker SIGKILLed after its shard committed; a worker without storage
-credentials. Worker-side timing comes from `tests/dask_preload.py`.
+Prefect server is the session's shared one on loopback (conftest's `prefect_server`). Faults: the
+client SIGKILLed mid-run and rerun from a third HOME; a worker SIGKILLed after its shard committed;
+a worker without storage credentials. Worker-side timing comes from `tests/dask_preload.py`.
 """
 from __future__ import annotations
 

@@ -55,9 +55,11 @@ def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def threaded_output(prefect_server, tmp_path_factory):
-    """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce."""
+    """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce. Made once per
+    xdist worker that runs a test needing it: a worker may get this module's tests in several batches,
+    between which a module-scoped fixture would be torn down and made again."""
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
