@@ -208,6 +208,29 @@ class PrivateServer:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rest(url: str, body: object = None, method: str | None = None, attempts: int = 6) -> object:
+    """One call to a Prefect server's REST API (`url` is the full endpoint: GET, or POST of `body`),
+    its JSON answer. A 503 is retried, as Prefect's own client does: the server answers 503 to what
+    may pass on a retry (SQLite's "database is locked" when writers of several test processes meet
+    on the shared server)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(attempts):
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                text = response.read()
+                return json.loads(text) if text else None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == attempts - 1:
+                raise
+        time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
 def _log_tail(folder: Path) -> str:
     try:
         return (folder / "server.log").read_text(errors="replace")[-3000:]

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, dequant_reference, free_port, kill_group, s3_tree, sigkill_when, tree
 
 pytestmark = pytest.mark.slow
@@ -161,10 +162,7 @@ def etags(fs, bucket: str, files) -> dict[str, tuple[str, Any]]:
 def flow_run_state(flow_run_id: str, api_url: str) -> str:
     """The flow run's state type as the server records it, read over its REST API (a `get_client()`
     subprocess would spend seconds importing Prefect)."""
-    import urllib.request
-
-    with urllib.request.urlopen(f"{api_url}/flow_runs/{flow_run_id}", timeout=60) as response:
-        return json.loads(response.read())["state_type"]
+    return prefect_servers.rest(f"{api_url}/flow_runs/{flow_run_id}")["state_type"]
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
@@ -44,14 +45,7 @@ def users_prefect_project(dest: Path) -> Path:
 def api(env: dict[str, str], path: str, body: dict | None = None, method: str | None = None) -> object:
     """The server's REST API in `env` (GET, or POST of `body`), read here: a `get_client()` in a
     subprocess would import Prefect (seconds of CPU) for every poll."""
-    import urllib.request
-
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        text = response.read()
-        return json.loads(text) if text else None
+    return prefect_servers.rest(env["PREFECT_API_URL"] + path, body, method)
 
 
 def create_process_pool(env: dict[str, str], name: str) -> None:

@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, cli_env, seed_prefect_home, tree
 
 
@@ -32,11 +33,9 @@ def _runs_writing(url: str, dest, since: float) -> list[str]:
     import datetime
 
     after = datetime.datetime.fromtimestamp(since - 1, datetime.timezone.utc).isoformat()
-    body = {"flow_runs": {"start_time": {"after_": after}}, "sort": "START_TIME_DESC"}
-    request = urllib.request.Request(f"{url}/flow_runs/filter", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return [run["name"] for run in json.loads(response.read()) if run["parameters"].get("dest") == str(dest)]
+    runs = prefect_servers.rest(f"{url}/flow_runs/filter",
+                                {"flow_runs": {"start_time": {"after_": after}}, "sort": "START_TIME_DESC"})
+    return [run["name"] for run in runs if run["parameters"].get("dest") == str(dest)]
 
 
 def _convert_json(src, tmp_path, env: dict[str, str]) -> dict:
@@ -120,8 +119,6 @@ def test_a_server_named_in_prefect_toml_wins_in_the_same_process(demo_ckpt, tmp_
     """No URL in the environment or the profile, but ./prefect.toml names a server: the temporary
     server started early is stopped and Prefect's settings are read again in the same process
     (no re-executed CLI), so the run is recorded on the server the user named."""
-    from . import prefect_servers
-
     url = prefect_servers.api_url()
     project = tmp_path / "project"
     project.mkdir()
