@@ -70,9 +70,10 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
              "auto_scheduled": r["auto_scheduled"]} for r in runs]
 
 
-@pytest.fixture(scope="module")
-def deployed(prefect_server, s3_endpoint, tmp_path_factory):
-    """The yaml deployed to the server, a process worker polling its pool, and a bucket."""
+@pytest.fixture(scope="session")
+def yaml_deployed(prefect_server, s3_endpoint, tmp_path_factory):
+    """The yaml deployed to the server, and a bucket: made once per xdist worker (this module's group
+    runs on one), even if that worker gets the module's tests in more than one batch."""
     import uuid
 
     import s3fs
@@ -101,24 +102,30 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     both = subprocess.run([PYTHON, "-c", code], env=env, cwd=base, capture_output=True, text=True, timeout=120)
     assert both.stdout.split() == ["True", "True", "ckptflow-convert"], both.stdout + both.stderr
 
-    worker_dir = base / "worker"
-    worker_dir.mkdir()
-    log = open(base / "worker.log", "wb")
-    worker = subprocess.Popen([PYTHON, "-m", "prefect", "worker", "start", "--pool", "ckptflow-process",
-                               "--type", "process", "--prefetch-seconds", "5"],
-                              env=env, cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, key="testing", secret="testing",
                            client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir(bucket)
+    return {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project, "deploy_output": dep.stdout}
+
+
+@pytest.fixture(scope="module")
+def deployed(yaml_deployed, tmp_path_factory):
+    """The deployment, and a process worker polling its pool while this module's tests run (it polls
+    the shared server every 2 s: it does not outlive them)."""
+    worker_dir = tmp_path_factory.mktemp("worker")
+    log = open(worker_dir / "worker.log", "wb")
+    worker = subprocess.Popen([PYTHON, "-m", "prefect", "worker", "start", "--pool", "ckptflow-process",
+                               "--type", "process", "--prefetch-seconds", "5"], env=yaml_deployed["env"],
+                              cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project, "deploy_output": dep.stdout}
+        yield {**yaml_deployed, "worker_log": worker_dir / "worker.log"}
     finally:
         kill_group(worker)
         log.close()
 
 
 def worker_log(deployed) -> str:
-    return (deployed["base"] / "worker.log").read_text(errors="replace")[-6000:]
+    return deployed["worker_log"].read_text(errors="replace")[-6000:]
 
 
 def test_convert_deployment_runs_from_the_yaml_against_a_bucket(deployed, demo_ckpt, tmp_path):
