@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
-import urllib.request
 
 import pytest
 
 from . import prefect_servers
-from .helpers import PYTHON, ROOT, cli_env, free_port, kill_group, server_env  # noqa: F401 (fixtures use them)
+from .helpers import PYTHON, free_port
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -29,12 +27,16 @@ prefect_servers.template_dir()
 
 
 def pytest_configure(config):
-    """Under xdist (`pytest -n 3`), the CLI runs of three workers start temporary servers on the one
-    default database (PREFECT_HOME/prefect.db); on a machine where it does not exist yet, they would
-    all create and migrate it at once. The controller creates it first, once (~10 s), before any
-    worker starts."""
+    """Under xdist (`pytest -n 3`), the controller starts the session's one Prefect server in the
+    background before any worker starts (tests/prefect_servers.py): the workers inherit its URL and
+    share it. A run without xdist starts it when a test first needs it.
+
+    The CLI runs of three workers that start temporary servers share the one default database
+    (PREFECT_HOME/prefect.db); on a machine where it does not exist yet, they would all create and
+    migrate it at once. The controller creates it first, once (~10 s)."""
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
         return
+    prefect_servers.start_shared()
     if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
         return
     home = os.path.expanduser(os.environ.get("PREFECT_HOME", "~/.prefect"))
@@ -45,12 +47,11 @@ def pytest_configure(config):
             raise pytest.UsageError(f"could not create Prefect's database in {home}:\n{made.stderr[-2000:]}")
 
 
-def pytest_sessionstart(session):
-    """An xdist worker starts its Prefect server now, in the background (the first one to get there
-    migrates the session's database meanwhile): its first CLI or flow test then waits less, or not
-    at all. A run without xdist starts it when a test first needs it."""
-    if hasattr(session.config, "workerinput"):
-        prefect_servers.start()
+def pytest_terminal_summary(terminalreporter):
+    """The shared server's CPU, where it ran (the controller under xdist): what the suite spends on it."""
+    cpu = prefect_servers.cpu_seconds()
+    if cpu is not None:
+        terminalreporter.write_line(f"shared Prefect test server: {cpu:.1f} CPU-s")
 
 
 def pytest_unconfigure(config):
@@ -61,9 +62,9 @@ def pytest_unconfigure(config):
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """In-process flows run against this test process's Prefect server, the one its CLI runs use
+    """In-process flows run against the session's shared Prefect server, the one its CLI runs use
     (tests/prefect_servers.py), as Prefect's `prefect_test_harness` would run them against a
-    server of their own: one server start fewer per worker."""
+    server of their own: no server start per worker."""
     from prefect.context import _temporary_global_settings_context, get_settings_context
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
@@ -140,32 +141,8 @@ def demo_ckpt(tmp_path):
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """`prefect server start` on a free loopback port, for the tests that need processes other than
-    pytest's to share one server (workers, Dask, process pools); yields its API URL and home."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([PYTHON, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)],
-                            env=server_env(home, PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="1"),
-                            cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("prefect server exited:\n" + (home / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("prefect server did not come up:\n" + (home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield {"url": url, "home": home}
-    finally:
-        kill_group(proc)
-        log.close()
+    """The session's shared Prefect server, for the tests whose other processes (workers, Dask, process
+    pools, deployments) must reach one server, and a PREFECT_HOME of this worker's for their clients.
+    It is a full server (the deployments' scheduler runs), shared with every other test: a test
+    finds its own runs by their ids, names or parameters, never by counting everything."""
+    return {"url": prefect_servers.api_url(), "home": tmp_path_factory.mktemp("prefect-home")}

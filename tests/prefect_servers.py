@@ -1,19 +1,25 @@
-"""The tests' Prefect: a database migrated once per session, and one server per test process.
+"""The tests' Prefect: a database migrated once per session, and one server per test session.
 
-Starting a Prefect server costs seconds (more on a loaded 2-core machine), and one on a fresh
-PREFECT_HOME first migrates a new database (10-15 s). So:
+Starting a Prefect server costs seconds (more on a loaded 2-core machine), one on a fresh
+PREFECT_HOME first migrates a new database (10-15 s), and a server's events pipeline costs CPU for
+every run it records. So:
 
 - `template_db()`: the session's migrated `prefect.db` (block types registered), made once. The
-  first process that asks makes it under an exclusive lock; the others (xdist workers) wait on
-  that lock. The folder is named in `$CKPTFLOW_TEST_PREFECT_TEMPLATE`, set by the process that
-  loads conftest.py first (pytest's controller), so every worker inherits the same one.
+  first process that asks makes it under an exclusive lock; the others wait on that lock. The
+  folder is named in `$CKPTFLOW_TEST_PREFECT_TEMPLATE`, set by the process that loads conftest.py
+  first (pytest's controller), so every xdist worker inherits the same one.
 - `seed_home(home)`: a PREFECT_HOME holding a copy of it, for tests that need a home of their own
-  (a CLI run's temporary server, `prefect server start`): their server finds the database at the
+  (a CLI run's temporary server, `ckptflow server start`): their server finds the database at the
   current revision and does not migrate it.
-- `api_url()`: this process's server (the app the CLI's own temporary server and Prefect's test
-  harness run, on a seeded home), started once and stopped when the session ends. CLI
-  subprocesses reach it through PREFECT_API_URL (helpers.cli_env), in-process flows through
-  the `prefect_harness` fixture, so neither starts a server per test.
+- `api_url()`: the session's server, shared by every xdist worker. Under xdist the controller
+  starts it in the background (`start_shared()`, from conftest's pytest_configure) and hands its
+  URL to the workers in `$CKPTFLOW_TEST_PREFECT_URL`; a worker's first test that needs it waits for
+  /health. A run without xdist starts it in its own process when a test first needs it. It dies
+  with the process that started it, even one killed by SIGKILL (its stdin is a pipe from there).
+  CLI subprocesses reach it through PREFECT_API_URL (helpers.cli_env), in-process flows through
+  the `prefect_harness` fixture.
+- `PrivateServer`: a server of a test's own, for what must not touch the shared one (a global tag
+  concurrency limit throttles every test's shard tasks while it exists).
 """
 from __future__ import annotations
 
@@ -25,10 +31,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
 TEMPLATE_ENV = "CKPTFLOW_TEST_PREFECT_TEMPLATE"
+URL_ENV = "CKPTFLOW_TEST_PREFECT_URL"  # the shared server's API URL, set by the process that owns it
+DIR_ENV = "CKPTFLOW_TEST_PREFECT_DIR"  # its folder: server.log, and `failed` if it could not start
 STARTUP_S = 240.0  # a server on a loaded 2-core machine has taken 30 s and more
 
 # Migrate (create_db) and register block types, as a server's first start does; then exit, so
@@ -47,6 +56,21 @@ async def main():
 
 asyncio.run(main())
 """
+
+# A full server's services (not an ephemeral one's: the tests need the deployments' scheduler), less
+# those no test needs. Kept: the scheduler (test_deploy's scheduled deployment), the task-run recorder
+# (task runs are recorded from events in Prefect 3), the event and log distributors (`prefect
+# deployment run --watch` streams them), the repossessor (expires concurrency-slot leases a killed
+# task held). Measured (server CPU for 8 in-process demo conversions + 10 s idle): all services 4.2 s,
+# these off 3.3 s (the event persister alone 0.2 s of it); idle, ~0.2 CPU-s a minute less.
+SERVICES_OFF = {
+    "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED": "false",  # no test reads events back
+    "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",  # no automations
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_FOREMAN_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
+}
 
 
 def _base_env(home: Path) -> dict[str, str]:
@@ -90,8 +114,8 @@ def seed_home(home: Path) -> Path:
     return home
 
 
-# The server's launcher: uvicorn, plus a thread that stops it when its stdin (a pipe from the test
-# process) closes, so a test process that dies, even by SIGKILL, leaves no server behind.
+# The server's launcher: uvicorn, plus a thread that stops it when its stdin (a pipe from the process
+# that started it) closes, so a test session that dies, even by SIGKILL, leaves no server behind.
 _LAUNCH = """
 import os, runpy, signal, sys, threading
 def watch():
@@ -103,16 +127,21 @@ runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 
 
-class _Server:
-    """A Prefect API server on a seeded home in a temporary folder, on a socket bound here."""
+class PrivateServer:
+    """A Prefect API server on a seeded home in a temporary folder, on a loopback socket bound now
+    (so its URL is known at once); the seeding and the process start run in a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, **extra_env: str) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="ckptflow-test-prefect-"))
         self.proc: subprocess.Popen | None = None
         self.log: IO[bytes] | None = None
-        self.url = ""
         self.error: BaseException | None = None
         self.answered = False
+        self._extra = extra_env
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(128)  # a client that comes early waits in the backlog
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/api"
         self._thread = threading.Thread(target=self._spawn, name="prefect-test-server", daemon=True)
         self._thread.start()
 
@@ -121,23 +150,23 @@ class _Server:
             from ckptflow.flows.runtime.server import uvicorn_command
 
             home = seed_home(self.folder / "home")
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.listen(128)
-            # The app the CLI's temporary server runs (flows/runtime/server.py), services of an ephemeral
-            # server only, no UI; the copied database is at head and its block types registered.
+            # The app the CLI's servers run (flows/runtime/server.py), no UI, the services SERVICES_OFF
+            # leaves on; the copied database is at head and its block types registered.
             env = {**_base_env(home), "PREFECT_UI_ENABLED": "0", "PREFECT_SERVER_UI_ENABLED": "0",
-                   "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-                   "PREFECT_API_BLOCKS_REGISTER_ON_START": "false"}
+                   "PREFECT__SERVER_FINAL": "1", "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+                   **SERVICES_OFF, **self._extra}
             self.log = open(self.folder / "server.log", "wb")
-            command = uvicorn_command(sock.fileno())
+            fd = self._sock.fileno()
+            command = uvicorn_command(fd)
             assert command[1:3] == ["-m", "uvicorn"], command
-            self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, *command[3:]], pass_fds=[sock.fileno()],
-                                         env=env, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT)
-            self.url = f"http://127.0.0.1:{sock.getsockname()[1]}/api"
-            sock.close()
+            self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, *command[3:]], pass_fds=[fd], env=env,
+                                         stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT)
+            (self.folder / "pid").write_text(str(self.proc.pid))
         except BaseException as exc:  # noqa: BLE001 - reported to whoever waits for the URL
             self.error = exc
+            (self.folder / "failed").write_text(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._sock.close()  # the server holds its own copy
 
     def ready(self) -> str:
         from ckptflow.flows.runtime.server import wait_until_answers
@@ -151,8 +180,8 @@ class _Server:
         why = wait_until_answers(self.url, self.proc, STARTUP_S, interval=0.1)
         self.answered = why is None
         if why is not None:
-            log = (self.folder / "server.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"the tests' Prefect server {why} before it answered at {self.url}:\n{log}")
+            raise RuntimeError(f"the tests' Prefect server {why} before it answered at {self.url}:\n"
+                               + _log_tail(self.folder))
         return self.url
 
     def stop(self) -> None:
@@ -169,29 +198,106 @@ class _Server:
             self.log.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    def cpu_seconds(self) -> float:
+        """The server process's user + system CPU so far (for the session's report)."""
+        if self.proc is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-_server: _Server | None = None
+
+def rest(url: str, body: object = None, method: str | None = None, attempts: int = 6) -> object:
+    """One call to a Prefect server's REST API (`url` is the full endpoint: GET, or POST of `body`),
+    its JSON answer. A 503 is retried, as Prefect's own client does: the server answers 503 to what
+    may pass on a retry (SQLite's "database is locked" when writers of several test processes meet
+    on the shared server)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in range(attempts):
+        request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                text = response.read()
+                return json.loads(text) if text else None
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == attempts - 1:
+                raise
+        time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+def _log_tail(folder: Path) -> str:
+    try:
+        return (folder / "server.log").read_text(errors="replace")[-3000:]
+    except OSError:
+        return ""
+
+
+def _wait_for_shared(url: str, folder: Path) -> None:
+    """Wait for the shared server another process (xdist's controller) started."""
+    from ckptflow.flows.runtime.server import health
+
+    deadline = time.monotonic() + STARTUP_S
+    while not health(url, timeout=2.0):
+        if (folder / "failed").exists():
+            raise RuntimeError(f"the tests' Prefect server did not start: {(folder / 'failed').read_text()}")
+        pid = (folder / "pid").read_text() if (folder / "pid").exists() else ""
+        if pid and not Path(f"/proc/{pid}").exists():
+            raise RuntimeError(f"the tests' Prefect server exited before it answered at {url}:\n"
+                               + _log_tail(folder))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the tests' Prefect server did not answer at {url} within {STARTUP_S:.0f} s:\n"
+                               + _log_tail(folder))
+        time.sleep(0.1)
+
+
+_server: PrivateServer | None = None  # the shared server, in the process that owns it
+_answered = False
 _lock = threading.Lock()
 
 
-def start() -> None:
-    """Start this process's server in the background (idempotent); `api_url()` waits for it."""
+def start_shared() -> None:
+    """Start the session's shared server in the background (idempotent) and name it in the
+    environment, for this process and every process it starts from now on (xdist's workers)."""
     global _server
     with _lock:
-        if _server is None:
-            _server = _Server()
+        if _server is None and not os.environ.get(URL_ENV):
+            _server = PrivateServer()
+            os.environ[URL_ENV] = _server.url
+            os.environ[DIR_ENV] = str(_server.folder)
 
 
 def api_url() -> str:
-    """This process's server's API URL, once it answers (started now if `start()` was not called)."""
-    start()
-    assert _server is not None
-    return _server.ready()
+    """The shared server's API URL, once it answers (started now, in this process, if no process
+    started it yet)."""
+    global _answered
+    start_shared()
+    if _server is not None:
+        return _server.ready()
+    url = os.environ[URL_ENV]
+    if not _answered:
+        _wait_for_shared(url, Path(os.environ[DIR_ENV]))
+        _answered = True
+    return url
+
+
+def cpu_seconds() -> float | None:
+    """The shared server's CPU seconds so far, in the process that owns it (None elsewhere)."""
+    return None if _server is None else _server.cpu_seconds()
 
 
 def stop() -> None:
+    """Stop the shared server if this process owns it."""
     global _server
     with _lock:
         if _server is not None:
             _server.stop()
             _server = None
+            os.environ.pop(URL_ENV, None)
+            os.environ.pop(DIR_ENV, None)

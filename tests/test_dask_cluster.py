@@ -4,9 +4,9 @@
 HOME and working directory and an environment of its own (what README's "Running on a Dask
 cluster" tells an operator to set on every worker); the CLI runs from yet another HOME. SOURCE,
 DEST and, by default, the work location (journal, shard records) are in a moto S3 bucket; the
-Prefect server is `prefect server start` on loopback. Faults: the client SIGKILLed mid-run and
-rerun from a third HOME; a worker SIGKILLed after its shard committed; a worker without storage
-credentials. Worker-side timing comes from `tests/dask_preload.py`.
+Prefect server is the session's shared one on loopback (conftest's `prefect_server`). Faults: the
+client SIGKILLed mid-run and rerun from a third HOME; a worker SIGKILLed after its shard committed;
+a worker without storage credentials. Worker-side timing comes from `tests/dask_preload.py`.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, dequant_reference, free_port, kill_group, s3_tree, sigkill_when, tree
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ def cluster(tmp_path):
 
 
 @pytest.fixture
-def bucket_ckpt(s3_options, demo_ckpt, prefect_harness, tmp_path):
+def bucket_ckpt(s3_options, demo_ckpt, tmp_path):
     """The demo checkpoint (6 output shards) uploaded to s3://BUCKET/src, and its local conversion:
     the bytes every cluster run must give."""
     import s3fs
@@ -159,12 +160,9 @@ def etags(fs, bucket: str, files) -> dict[str, tuple[str, Any]]:
 
 
 def flow_run_state(flow_run_id: str, api_url: str) -> str:
-    code = ("import sys, uuid; from prefect.client.orchestration import get_client\n"
-            "with get_client(sync_client=True) as c: print(c.read_flow_run(uuid.UUID(sys.argv[1])).state_type.value)")
-    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), "PREFECT_API_URL": api_url}
-    proc = subprocess.run([PYTHON, "-c", code, flow_run_id], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+    """The flow run's state type as the server records it, read over its REST API (a `get_client()`
+    subprocess would spend seconds importing Prefect)."""
+    return prefect_servers.rest(f"{api_url}/flow_runs/{flow_run_id}")["state_type"]
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
-# One xdist worker runs this module and test_ops.py (pyproject: --dist loadgroup): one
-# `prefect server start` (the session's `prefect_server`) and one deployment fixture serve them all.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_server")]
+# One xdist worker runs this module (pyproject: --dist loadgroup): its deployment fixture (a work pool,
+# `prefect deploy`, a `prefect worker`) is made once, and its pool and deployments, on the session's
+# shared server, are this module's alone: `prefect deploy --all` of the yaml takes no other pool name.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_deploy")]
 
 
 def prefect(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -40,16 +42,26 @@ def users_prefect_project(dest: Path) -> Path:
     return dest
 
 
-def api(env: dict[str, str], path: str, body: dict | None = None) -> object:
+def api(env: dict[str, str], path: str, body: dict | None = None, method: str | None = None) -> object:
     """The server's REST API in `env` (GET, or POST of `body`), read here: a `get_client()` in a
     subprocess would import Prefect (seconds of CPU) for every poll."""
-    import urllib.request
+    return prefect_servers.rest(env["PREFECT_API_URL"] + path, body, method)
 
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(env["PREFECT_API_URL"] + path, data=data,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
+
+def create_process_pool(env: dict[str, str], name: str) -> None:
+    """What `prefect work-pool create NAME --type process` does, over REST (setup, not what a test is
+    about: the CLI would cost a process start): the pool with the process worker's default job
+    template. One a previous fixture of this session made is kept."""
+    import urllib.error
+
+    from prefect.workers.process import ProcessWorker
+
+    try:
+        api(env, "/work_pools/", {"name": name, "type": "process",
+                                  "base_job_template": ProcessWorker.get_default_base_job_template()})
+    except urllib.error.HTTPError as exc:
+        if exc.code != 409:  # 409: it exists
+            raise
 
 
 def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
@@ -58,9 +70,10 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
              "auto_scheduled": r["auto_scheduled"]} for r in runs]
 
 
-@pytest.fixture(scope="module")
-def deployed(prefect_server, s3_endpoint, tmp_path_factory):
-    """The yaml deployed to the server, a process worker polling its pool, and a bucket."""
+@pytest.fixture(scope="session")
+def yaml_deployed(prefect_server, s3_endpoint, tmp_path_factory):
+    """The yaml deployed to the server, and a bucket: made once per xdist worker (this module's group
+    runs on one), even if that worker gets the module's tests in more than one batch."""
     import uuid
 
     import s3fs
@@ -77,8 +90,7 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     # `flows` and `tasks` are importable there too, as a worker serving that project would have them.
     env["PYTHONPATH"] = str(project)
 
-    pool = prefect(["work-pool", "create", "ckptflow-process", "--type", "process", "--overwrite"], env, base)
-    assert pool.returncode == 0, pool.stdout + pool.stderr
+    create_process_pool(env, "ckptflow-process")
     # ckptflow's yaml, deployed from the user's project folder (README: `--prefect-file path/to/…`).
     dep = prefect(["--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"), "--all"],
                   env, project)
@@ -90,24 +102,30 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     both = subprocess.run([PYTHON, "-c", code], env=env, cwd=base, capture_output=True, text=True, timeout=120)
     assert both.stdout.split() == ["True", "True", "ckptflow-convert"], both.stdout + both.stderr
 
-    worker_dir = base / "worker"
-    worker_dir.mkdir()
-    log = open(base / "worker.log", "wb")
-    worker = subprocess.Popen([PYTHON, "-m", "prefect", "worker", "start", "--pool", "ckptflow-process",
-                               "--type", "process", "--prefetch-seconds", "5"],
-                              env=env, cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, key="testing", secret="testing",
                            client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir(bucket)
+    return {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project, "deploy_output": dep.stdout}
+
+
+@pytest.fixture(scope="module")
+def deployed(yaml_deployed, tmp_path_factory):
+    """The deployment, and a process worker polling its pool while this module's tests run (it polls
+    the shared server every 2 s: it does not outlive them)."""
+    worker_dir = tmp_path_factory.mktemp("worker")
+    log = open(worker_dir / "worker.log", "wb")
+    worker = subprocess.Popen([PYTHON, "-m", "prefect", "worker", "start", "--pool", "ckptflow-process",
+                               "--type", "process", "--prefetch-seconds", "5"], env=yaml_deployed["env"],
+                              cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project, "deploy_output": dep.stdout}
+        yield {**yaml_deployed, "worker_log": worker_dir / "worker.log"}
     finally:
         kill_group(worker)
         log.close()
 
 
 def worker_log(deployed) -> str:
-    return (deployed["base"] / "worker.log").read_text(errors="replace")[-6000:]
+    return deployed["worker_log"].read_text(errors="replace")[-6000:]
 
 
 def test_convert_deployment_runs_from_the_yaml_against_a_bucket(deployed, demo_ckpt, tmp_path):
@@ -197,8 +215,9 @@ def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt,
         assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
         assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
         assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    finally:
-        prefect(["deployment", "delete", "ckptflow-convert/scheduled-convert"], env, project, timeout=120)
+    finally:  # its schedule would go on making runs on the shared server
+        api(env, "/deployments/" + api(env, "/deployments/name/ckptflow-convert/scheduled-convert")["id"],
+            method="DELETE")
 
 
 def deployment(env: dict[str, str], name: str) -> dict:

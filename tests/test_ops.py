@@ -1,9 +1,10 @@
 """Operations: scale-out runners against a real Prefect server, storage faults, parameter checks.
 
-The runner tests start `prefect server start` on loopback (one per module) and run the CLI in
-subprocesses with `PREFECT_API_URL` pointing at it: multi-process runners need a server every
-process talks to, and the rest of the session runs under `prefect_test_harness`, which must
-not leak into them. The fault tests put a small HTTP proxy in front of moto that drops
+The runner tests run the CLI in subprocesses with `PREFECT_API_URL` pointing at the session's
+shared Prefect server (conftest's `prefect_server`): multi-process runners need a server every
+process talks to. That server is shared with every other test, so a test here finds its own runs
+(by flow run id or parameters), and the one that sets a global tag concurrency limit does it on a
+server of its own. The fault tests put a small HTTP proxy in front of moto that drops
 connections on chosen requests, so every byte still goes over real HTTP.
 """
 from __future__ import annotations
@@ -19,12 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
-
-# One xdist worker runs this module and test_deploy.py (pyproject: --dist loadgroup): one
-# `prefect server start` serves both, and the module's fixtures are made once.
-pytestmark = pytest.mark.xdist_group("prefect_server")
 
 # ------------------------------------------------------------------------ a real Prefect server
 
@@ -57,9 +55,11 @@ def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def threaded_output(prefect_server, tmp_path_factory):
-    """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce."""
+    """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce. Made once per
+    xdist worker that runs a test needing it: a worker may get this module's tests in several batches,
+    between which a module-scoped fixture would be torn down and made again."""
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
@@ -90,20 +90,23 @@ def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
     out, work = t["base"] / "out-processes", t["base"] / "work-processes"
     code = ("import asyncio, json, sys; from ckptflow.flows.convert import convert_flow\n"
             "from prefect.client.orchestration import get_client\n"
-            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, ArtifactFilter, "
+            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime, ArtifactFilter, "
             "ArtifactFilterFlowRunId\n"
-            "async def runs():\n"
+            "from datetime import datetime, timezone\n"
+            "async def runs(since):\n"  # this run's DEST is its own: other tests' runs on the server never match
             "    async with get_client() as c:\n"
-            "        return [r.id for r in await c.read_flow_runs()]\n"
+            "        runs = await c.read_flow_runs(flow_run_filter=FlowRunFilter(\n"
+            "            start_time=FlowRunFilterStartTime(after_=since)))\n"
+            "        return [r.id for r in runs if r.parameters.get('dest') == sys.argv[2]]\n"
             "async def artifacts(run):\n"
             "    async with get_client() as c:\n"
             "        return len(await c.read_artifacts(artifact_filter=ArtifactFilter(\n"
             "            flow_run_id=ArtifactFilterFlowRunId(any_=[run]))))\n"
-            "before = set(asyncio.run(runs()))\n"
+            "since = datetime.now(timezone.utc)\n"
             "state = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], dequant=True, task_runner='processes', "
             "max_workers=2, return_state=True)\n"
             "s = state.result()\n"
-            "new = set(asyncio.run(runs())) - before\n"
+            "new = set(asyncio.run(runs(since)))\n"
             "print(json.dumps({**{k: s[k] for k in ('shards', 'cached_shards')}, 'flow_runs': len(new), "
             "'artifacts': asyncio.run(artifacts(state.state_details.flow_run_id))}))\n")
     proc = subprocess.run([PYTHON, "-c", code, str(t["source"]), str(out), str(work)], env=t["env"], cwd=ROOT,
@@ -516,8 +519,8 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
 
 def _shard_task_runs(env: dict[str, str], flow_name_prefix: str = "dequant ") -> list[dict]:
     """Tags and running interval of the shard task runs the server knows of (its newest 200, as
-    `read_task_runs()` gives them), read over its REST API here: a `get_client()` subprocess would
-    import Prefect for each read."""
+    `read_task_runs()` gives them; the test's own server holds no others), read over its REST API
+    here: a `get_client()` subprocess would import Prefect for each read."""
     import datetime
     import urllib.request
 
@@ -536,11 +539,25 @@ def _overlaps(runs: list[dict]) -> int:
     return sum(1 for (_, end), (start, _) in zip(spans, spans[1:]) if start < end)
 
 
+@pytest.fixture
+def private_prefect_server():
+    """A Prefect server of the test's own: a tag concurrency limit on `ckptflow-shard` is global, and on
+    the shared server it would throttle every other test's shard tasks while it exists. A task that
+    finds no free slot asks again after 1 s, not the default 30 s."""
+    server = prefect_servers.PrivateServer(PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="1")
+    try:
+        yield server.ready()
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
-def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_output, faulty_s3, tmp_path):
+def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_output, faulty_s3,
+                                                                   private_prefect_server, tmp_path):
     """`prefect concurrency-limit create ckptflow-shard 1` serialises shard tasks even on a
     2-process pool, where they otherwise overlap."""
-    env, proxy, bucket = threaded_output["env"], faulty_s3["proxy"], faulty_s3["bucket"]
+    env = {**threaded_output["env"], "PREFECT_API_URL": private_prefect_server}
+    proxy, bucket = faulty_s3["proxy"], faulty_s3["bucket"]
     faulty_s3["direct"].put(str(threaded_output["source"]) + "/", f"{bucket}/src/", recursive=True)
     proxy.delay = 0.03  # every tensor read waits: the bigger shard tasks take seconds, as on a slow store
     proxy.add_rule(data_range_read, "delay", 100_000)
@@ -558,11 +575,8 @@ def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_outp
         return runs
 
     assert _overlaps(run("free")) >= 1
+    # as the README writes it; the limit goes with the test's own server
     limit = subprocess.run([PYTHON, "-m", "prefect", "concurrency-limit", "create", "ckptflow-shard", "1"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert limit.returncode == 0, limit.stdout + limit.stderr
-    try:
-        assert _overlaps(run("limited")) == 0
-    finally:
-        subprocess.run([PYTHON, "-m", "prefect", "concurrency-limit", "delete", "ckptflow-shard"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    assert _overlaps(run("limited")) == 0

@@ -11,6 +11,7 @@ import urllib.request
 
 import pytest
 
+from . import prefect_servers
 from .helpers import PYTHON, ROOT, cli_env, seed_prefect_home, tree
 
 
@@ -24,6 +25,17 @@ def _flow_run_names(url: str) -> list[str]:
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=10) as response:
         return [run["name"] for run in json.loads(response.read())]
+
+
+def _runs_writing(url: str, dest, since: float) -> list[str]:
+    """The names of the flow runs started since `since` (epoch seconds) with parameter `dest`: the
+    session's server is shared with every other test, and a test's DEST is its own."""
+    import datetime
+
+    after = datetime.datetime.fromtimestamp(since - 1, datetime.timezone.utc).isoformat()
+    runs = prefect_servers.rest(f"{url}/flow_runs/filter",
+                                {"flow_runs": {"start_time": {"after_": after}}, "sort": "START_TIME_DESC"})
+    return [run["name"] for run in runs if run["parameters"].get("dest") == str(dest)]
 
 
 def _convert_json(src, tmp_path, env: dict[str, str]) -> dict:
@@ -96,32 +108,30 @@ def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt
     URL in the environment is used as is; no temporary server is started, nothing waits for one."""
     env = cli_env()
     url = env["PREFECT_API_URL"]
-    before = set(_flow_run_names(url))
+    since = time.time()
     summary = _convert_json(demo_ckpt, tmp_path, env)
     assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
     assert "your server" in summary["text"] and "temporary server" not in summary["text"]
-    assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded on that server
+    assert len(_runs_writing(url, tmp_path / "out", since)) == 1  # this run, recorded on that server
 
 
 def test_a_server_named_in_prefect_toml_wins_in_the_same_process(demo_ckpt, tmp_path):
     """No URL in the environment or the profile, but ./prefect.toml names a server: the temporary
     server started early is stopped and Prefect's settings are read again in the same process
     (no re-executed CLI), so the run is recorded on the server the user named."""
-    from . import prefect_servers
-
     url = prefect_servers.api_url()
     project = tmp_path / "project"
     project.mkdir()
     (project / "prefect.toml").write_text(f'[api]\nurl = "{url}"\n')
     env = cli_env(temporary_server=True, CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
-    before = set(_flow_run_names(url))
+    since = time.time()
     run = subprocess.run([PYTHON, "-m", "ckptflow.flows.cli", "convert", str(demo_ckpt), str(tmp_path / "out"),
                           "--dequant", "--work", str(tmp_path / "w"), "--json"], cwd=project, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
-    assert len(set(_flow_run_names(url)) - before) == 1  # this run, recorded where prefect.toml said
+    assert len(_runs_writing(url, tmp_path / "out", since)) == 1  # this run, recorded where prefect.toml said
     assert tree(tmp_path / "out")
 
 
