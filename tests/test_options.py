@@ -40,8 +40,9 @@ def test_every_field_is_a_convert_flow_parameter_with_the_same_default_and_const
 
     props = convert_flow.parameters.properties
     model = ConvertOptions.model_json_schema()["properties"]
-    # `runtime`: the CLI's in-process Runtime (flows/runtime/process.py), recorded as "<Runtime>"
-    assert set(props) == {"source", "dest", "work", "storage_options", "runtime", *FIELDS}
+    # `runtime` (the CLI's in-process Runtime) is a parameter with no schema: a deployment's form
+    # never shows it (test_ops: test_deployed_parameter_schemas_have_no_runtime…)
+    assert set(props) == {"source", "dest", "work", "storage_options", *FIELDS}
     for name, info in FIELDS.items():
         assert props[name].get("default") == json.loads(json.dumps(info.default)), name
         for key in ("pattern", "enum", "minimum"):
