@@ -15,7 +15,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-# A developer's own `ckptflow server start` must not serve the tests' CLI runs (flows/runtime/local_server.py).
+# A developer's own `ckptflow server start` must not serve the tests' CLI runs (flows/runtime/persistent_server.py).
 os.environ["CKPTFLOW_SERVER_HOME"] = __import__("tempfile").mkdtemp(prefix="ckptflow-test-server-")
 # Without a GPU, Triton kernels run on the CPU interpreter; it must be on before triton.jit runs.
 if not __import__("torch").cuda.is_available():
@@ -45,6 +45,14 @@ def pytest_configure(config):
                               capture_output=True, text=True, timeout=600)
         if made.returncode != 0:
             raise pytest.UsageError(f"could not create Prefect's database in {home}:\n{made.stderr[-2000:]}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with a `slow` test run first (each module's tests kept together and in order): under
+    xdist the long server, Dask and stall tests start while the short ones fill in around them,
+    instead of the last of them running alone at the end."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
 
 
 def pytest_terminal_summary(terminalreporter):
