@@ -47,14 +47,6 @@ def pytest_configure(config):
             raise pytest.UsageError(f"could not create Prefect's database in {home}:\n{made.stderr[-2000:]}")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Modules with a `slow` test run first (each module's tests kept together and in order): under
-    xdist the long server, Dask and stall tests start while the short ones fill in around them,
-    instead of the last of them running alone at the end."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow_modules)
-
-
 def pytest_terminal_summary(terminalreporter):
     """The shared server's CPU, where it ran (the controller under xdist): what the suite spends on it."""
     cpu = prefect_servers.cpu_seconds()

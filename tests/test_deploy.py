@@ -71,9 +71,23 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def yaml_deployed(prefect_server, s3_endpoint, tmp_path_factory):
-    """The yaml deployed to the server, and a bucket: made once per xdist worker (this module's group
-    runs on one), even if that worker gets the module's tests in more than one batch."""
+def deploy_server():
+    """A Prefect server for this module's deployments, one per xdist worker that runs them: deployment
+    and work-pool names are global on a server (`prefect deploy --all` takes the yaml's pool), so two
+    workers deploying the yaml on the shared server would overwrite each other's deployments and each
+    one's process worker would take the other's runs (xdist may hand this module's tests to several
+    workers)."""
+    server = prefect_servers.PrivateServer()
+    try:
+        yield server.ready()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def yaml_deployed(prefect_server, deploy_server, s3_endpoint, tmp_path_factory):
+    """The yaml deployed to this worker's deployment server, and a bucket: made once per xdist worker,
+    even if that worker gets the module's tests in more than one batch."""
     import uuid
 
     import s3fs
@@ -81,7 +95,7 @@ def yaml_deployed(prefect_server, s3_endpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
     project = users_prefect_project(base / "project")
     bucket = "models-" + uuid.uuid4().hex[:8]
-    env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"],
+    env = server_env(prefect_server["home"], PREFECT_API_URL=deploy_server,
                      AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                      AWS_ENDPOINT_URL=s3_endpoint, CKPTFLOW_WORK=str(base / "cache"),
                      # the worker asks for due runs every 2 s, not every 10 s: each run starts sooner
