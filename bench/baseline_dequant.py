@@ -60,6 +60,6 @@ def main(src: str, dst: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
-    from ckptflow.flows.convert import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's peak
+    from ckptflow.tasks.run.summary import peak_rss_bytes  # VmHWM: ru_maxrss would include the parent's peak
 
     print(json.dumps({"peak_rss_bytes": peak_rss_bytes()}))

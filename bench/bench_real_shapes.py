@@ -131,7 +131,7 @@ def make_sparse(path: Path, shards: int) -> dict[str, int]:
 
 def child(mode: str, src: str, dst: str) -> None:
     """ckptflow's passes for `mode`, no Prefect: plan, write every shard, finalize."""
-    from ckptflow.flows.convert import peak_rss_bytes
+    from ckptflow.tasks.run.summary import peak_rss_bytes
     from ckptflow.tasks.run.passes import finalize
     from ckptflow.flows.recipe import Recipe, plan_passes
     from ckptflow.storage.checkpoint import scan_checkpoint

@@ -16,7 +16,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ckptflow.flows.conversion import run_convert
 from ckptflow.tasks.run.engine import EngineHooks
-from ckptflow.tasks.run.summary import peak_rss_bytes  # noqa: F401 - benches import it from here
 
 from ckptflow.flows.params import ConvertOptions, RuntimeParameter, flow_signature
 from ckptflow.flows.preflight import Preflight

@@ -21,9 +21,9 @@ from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
-# One xdist worker runs this module (pyproject: --dist loadgroup): its deployment fixture (a work pool,
-# `prefect deploy`, a `prefect worker`) is made once, and its pool and deployments, on the session's
-# shared server, are this module's alone: `prefect deploy --all` of the yaml takes no other pool name.
+# Marked as one xdist group, but xdist 3.8 has been seen to hand this module's tests to several workers:
+# each worker that gets them deploys on a Prefect server of its own (`deploy_server`), since
+# `prefect deploy --all` of the yaml takes no other pool name and deployment names are global.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_deploy")]
 
 
