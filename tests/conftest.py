@@ -47,6 +47,28 @@ def pytest_configure(config):
             raise pytest.UsageError(f"could not create Prefect's database in {home}:\n{made.stderr[-2000:]}")
 
 
+_UNGROUPED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Under `--dist loadgroup`, xdist sends a group's tests to one worker by suffixing their node ids
+    with `@NAME` in each worker. Where that did not happen (pytest 9.2 ignores what xdist 3.8 sets),
+    every group is split over the workers: its tests fail, saying so, rather than let test_deploy's
+    deployments or the llm-compressor fixture run on several workers at once."""
+    if hasattr(config, "workerinput") and getattr(config.option, "loadgroup", False):  # set by xdist
+        for item in items:
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
+                item.stash[_UNGROUPED] = True
+
+
+def pytest_runtest_setup(item):
+    if item.stash.get(_UNGROUPED, False):
+        pytest.fail("pytest-xdist did not keep this test's xdist_group on one worker: this pytest and "
+                    "pytest-xdist pair cannot run `--dist loadgroup`; install the versions pyproject.toml "
+                    "names", pytrace=False)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The shared server's CPU, where it ran (the controller under xdist): what the suite spends on it."""
     cpu = prefect_servers.cpu_seconds()
@@ -129,14 +151,6 @@ def demo_ckpt(tmp_path):
     path = tmp_path / "fp8"
     make_deepseek_v3_fp8(open_location(str(path)))
     return path
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="session")
