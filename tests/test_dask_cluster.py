@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -82,6 +83,14 @@ class Cluster:
             while sum(client.run(lambda dask_worker: len(dask_worker.active_threads)).values()):
                 assert time.monotonic() < deadline, "the workers never went idle"
                 time.sleep(0.2)
+
+    def no_shard_delay(self) -> None:
+        """Every worker's CKPTFLOW_TEST_SHARD_DELAY off from now on (`tests/dask_preload.py`, loaded as
+        the module `dask_preload` in each worker)."""
+        from distributed import Client
+
+        with Client(self.address, timeout=30) as client:
+            client.run(lambda: setattr(sys.modules["dask_preload"], "_DELAY", 0.0))
 
     def log(self, name: str) -> str:
         return (self.base / f"{name}.log").read_text(errors="replace")
@@ -236,6 +245,8 @@ def test_a_killed_client_resumes_from_another_machine(prefect_server, s3_endpoin
     held = json.loads(fs.cat_file(f"{b}/out/{LOCK_NAME}"))
     assert held["pid"] == first.pid
     time.sleep(max(0.0, float(held["heartbeat"]) + 4 + 1 - time.time()))
+    cluster.no_shard_delay()  # the delay gave time to kill the first client; nothing kills the rerun
+
 
     log = tmp_path / "client3.log"
     third = start_cli(command, machine_env(tmp_path / "client3", api, s3_endpoint, **stale), log)
