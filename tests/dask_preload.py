@@ -5,7 +5,9 @@ class method, which the shard task reaches however its own code was shipped to t
 only that worker is slowed or stopped, at instants a test can see in the bucket:
 
     CKPTFLOW_TEST_SHARD_DELAY=S        each output shard waits S seconds before it is published
-                                       (a run lasts long enough to be killed mid-way)
+                                       (a run lasts long enough to be killed mid-way; a test
+                                       sets the module's `_DELAY` to 0 through `client.run`
+                                       once nothing is to be killed)
     CKPTFLOW_TEST_HOLD_AFTER_COMMIT=1  the first shard task whose final journal entry lands in
                                        this worker never returns: its shard is committed and
                                        journaled, and the worker can be killed before Dask

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from . import prefect_servers
-from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
+from .helpers import PYTHON, ROOT, dequant_reference, kill_group, run_main, server_env
 from .helpers import tree
 
 # ------------------------------------------------------------------------ a real Prefect server
@@ -56,10 +56,12 @@ def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra:
 
 
 @pytest.fixture(scope="session")
-def threaded_output(prefect_server, tmp_path_factory):
+def threaded_output(prefect_server, prefect_harness, tmp_path_factory):
     """The threaded CLI run of the demo checkpoint: the bytes every runner must reproduce. Made once per
     xdist worker that runs a test needing it: a worker may get this module's tests in several batches,
-    between which a module-scoped fixture would be torn down and made again."""
+    between which a module-scoped fixture would be torn down and made again. It runs in this process
+    (`run_main`: the CLI's main(argv), its flow on the shared server): only the runners under test need
+    processes of their own, and a CLI subprocess spent seconds of CPU importing torch and Prefect."""
     from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
     from ckptflow.storage.urls import open_location
 
@@ -67,8 +69,12 @@ def threaded_output(prefect_server, tmp_path_factory):
     src = base / "fp8"
     make_deepseek_v3_fp8(open_location(str(src)))
     env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"])
-    out = convert(src, base, "threads", env)
-    return {"source": src, "base": base, "env": env, "tree": tree(out), "work": base / "work-threads"}
+    out, work = base / "out-threads", base / "work-threads"
+    proc = run_main("convert", str(src), str(out), "--dequant", "--work", str(work), "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["cached_shards"] == 0 and summary["shards"] == 6
+    return {"source": src, "base": base, "env": env, "tree": tree(out), "work": work}
 
 
 @pytest.mark.slow
@@ -83,42 +89,46 @@ def test_dask_local_cluster_matches_threads_on_two_workers(threaded_output):
 
 
 @pytest.mark.slow
-def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output):
+def test_process_pool_as_a_flow_parameter_matches_threads(threaded_output, prefect_harness):
     """`task_runner="processes"` as a parameter (as a deployment run passes it, with no
-    `with_options`): the flow submits its shards to a process pool, within the one flow run."""
+    `with_options`): the flow submits its shards to a process pool, within the one flow run. The flow
+    runs in this process (the pool's workers are processes of their own), as the threaded reference did:
+    no shard record may name this process."""
+    import asyncio
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter,
+                                                FlowRunFilterStartTime)
+
+    from ckptflow.flows.convert import convert_flow
+
     t = threaded_output
     out, work = t["base"] / "out-processes", t["base"] / "work-processes"
-    code = ("import asyncio, json, sys; from ckptflow.flows.convert import convert_flow\n"
-            "from prefect.client.orchestration import get_client\n"
-            "from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterStartTime, ArtifactFilter, "
-            "ArtifactFilterFlowRunId\n"
-            "from datetime import datetime, timezone\n"
-            "async def runs(since):\n"  # this run's DEST is its own: other tests' runs on the server never match
-            "    async with get_client() as c:\n"
-            "        runs = await c.read_flow_runs(flow_run_filter=FlowRunFilter(\n"
-            "            start_time=FlowRunFilterStartTime(after_=since)))\n"
-            "        return [r.id for r in runs if r.parameters.get('dest') == sys.argv[2]]\n"
-            "async def artifacts(run):\n"
-            "    async with get_client() as c:\n"
-            "        return len(await c.read_artifacts(artifact_filter=ArtifactFilter(\n"
-            "            flow_run_id=ArtifactFilterFlowRunId(any_=[run]))))\n"
-            "since = datetime.now(timezone.utc)\n"
-            "state = convert_flow(sys.argv[1], sys.argv[2], work=sys.argv[3], dequant=True, task_runner='processes', "
-            "max_workers=2, return_state=True)\n"
-            "s = state.result()\n"
-            "new = set(asyncio.run(runs(since)))\n"
-            "print(json.dumps({**{k: s[k] for k in ('shards', 'cached_shards')}, 'flow_runs': len(new), "
-            "'artifacts': asyncio.run(artifacts(state.state_details.flow_run_id))}))\n")
-    proc = subprocess.run([PYTHON, "-c", code, str(t["source"]), str(out), str(work)], env=t["env"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    async def runs(since):  # this run's DEST is its own: other tests' runs on the server never match
+        async with get_client() as c:
+            found = await c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)))
+            return [r.id for r in found if r.parameters.get("dest") == str(out)]
+
+    async def artifacts(run):
+        async with get_client() as c:
+            return len(await c.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run]))))
+
+    since = datetime.now(timezone.utc)
+    state = convert_flow(str(t["source"]), str(out), work=str(work), dequant=True, task_runner="processes",
+                         max_workers=2, return_state=True)
+    s = state.result()
+    got = {**{k: s[k] for k in ("shards", "cached_shards")}, "flow_runs": len(set(asyncio.run(runs(since)))),
+           "artifacts": asyncio.run(artifacts(state.state_details.flow_run_id))}
     # One flow run (no subflow on the other runner), and the run the caller started holds the artifacts.
     assert {k: got[k] for k in ("shards", "cached_shards", "flow_runs")} == {"shards": 6, "cached_shards": 0,
                                                                               "flow_runs": 1}, got
     assert got["artifacts"] >= 1, got
     assert tree(out) == t["tree"]
-    assert not shard_workers(t["base"] / "work-processes") & shard_workers(t["work"])
+    assert not shard_workers(work) & shard_workers(t["work"])
 
 
 @pytest.mark.slow
@@ -143,6 +153,9 @@ def test_remote_dask_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
     assert proc.returncode == 2
     assert "PREFECT_API_URL" in proc.stderr and "--dask-address" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+    # Refused with no temporary server started for it (its workers could not reach one): a server would
+    # have opened the database on this PREFECT_HOME (prefect.db-wal, -shm), seconds of start-up spent.
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["prefect.db"]
 
 
 # ---------------------------------------------------------------------------- runner selection
@@ -353,7 +366,13 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
                                                              monkeypatch):
     from ckptflow.flows.convert import convert_flow
 
+    from ckptflow.tasks.run.shard_task import write_shard_task
+
     monkeypatch.setattr("ckptflow.tasks.run.scale_preflight.MERGE_GAP", 0)  # planning's scale reads stay tiny
+    # The shard task's retries wait 0.1 s instead of 1, 4 and 15 s (here one retry, 1 s saved): how long
+    # Prefect waits is not what this test proves; that it runs the task again (run_count) and the bytes
+    # come out exact is, whatever the delay. `with_options` (flows/passes.py) copies the task's delays.
+    monkeypatch.setattr(write_shard_task, "retry_delay_seconds", [0.1, 0.1, 0.1])
 
     proxy, bucket, fs = faulty_s3["proxy"], faulty_s3["bucket"], faulty_s3["direct"]
     fs.put(str(demo_ckpt) + "/", f"{bucket}/src/", recursive=True)

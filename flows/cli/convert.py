@@ -40,11 +40,15 @@ def run_convert(args: argparse.Namespace, runtime: Runtime, source: str, dest: s
 
         return dry_run_report(planned, source, dest, work or default_work(dest))
     server = runtime.server
-    server.prestart(temporary=runtime.owns_process)  # boots while torch and Prefect import below
+    # No temporary server for --dask-address: the remote workers could not reach its loopback URL,
+    # so the run is refused below unless Prefect's settings name a server (seconds of start-up for nothing).
+    server.prestart(temporary=runtime.owns_process and not validated.dask_address)  # boots while torch loads
+    from ckptflow.flows.runtime.runners import check_runner, make_task_runner
+
+    check_runner(validated.task_runner, validated.dask_address, server)  # refused before torch loads
     from ckptflow.flows.cli.bars import open_bars
     from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.cli.run_link import linked
-    from ckptflow.flows.runtime.runners import make_task_runner
 
     sink = runtime.progress = runtime.new_progress(*open_bars(planned.total_bytes, planned.total_shards))
     # (totals from the first frame)
