@@ -34,7 +34,9 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 240) -> subpr
         out, err = proc.communicate(timeout=timeout)
     finally:
         kill_group(proc, grace=5)  # a Dask LocalCluster's workers go with their group
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    done.pid = proc.pid  # the CLI process, as shard records name their worker
+    return done
 
 
 def shard_workers(work: Path) -> set[str]:
@@ -46,13 +48,15 @@ def shard_workers(work: Path) -> set[str]:
     return workers
 
 
-def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra: str) -> Path:
+def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra: str) -> tuple[Path, str]:
+    """The CLI's conversion of `demo_ckpt` under `base`: its output folder, and the CLI process as shard
+    records name a worker (host:pid)."""
     out, work = base / f"out-{name}", base / f"work-{name}"
     proc = run_cli(["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(work), "--json", *extra], env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["cached_shards"] == 0 and summary["shards"] == 6
-    return out
+    return out, f"{socket.gethostname()}:{proc.pid}"
 
 
 @pytest.fixture(scope="session")
@@ -80,12 +84,11 @@ def threaded_output(prefect_server, prefect_harness, tmp_path_factory):
 @pytest.mark.slow
 def test_dask_local_cluster_matches_threads_on_two_workers(threaded_output):
     t = threaded_output
-    out = convert(t["source"], t["base"], "dask", t["env"], "--task-runner", "dask", "--max-workers", "2")
+    out, cli = convert(t["source"], t["base"], "dask", t["env"], "--task-runner", "dask", "--max-workers", "2")
     assert tree(out) == t["tree"]
     workers = shard_workers(t["base"] / "work-dask")
-    main = shard_workers(t["work"])
     assert len(workers) == 2, f"shard tasks ran on {workers}, expected both Dask workers"
-    assert not workers & main, "Dask shard tasks ran in the CLI's own process"
+    assert cli not in workers, "Dask shard tasks ran in the CLI's own process"
 
 
 @pytest.mark.slow
@@ -138,10 +141,11 @@ def test_local_workers_on_the_temporary_server_match_threads(threaded_output, tm
     pool, a Dask LocalCluster), which run the shards, on both workers, with the same bytes."""
     t = threaded_output
     env = server_env(tmp_path / "home")  # no server URL at all
-    out = convert(t["source"], tmp_path, kind, env, "--task-runner", kind, "--max-workers", "2")
+    out, cli = convert(t["source"], tmp_path, kind, env, "--task-runner", kind, "--max-workers", "2")
     assert tree(out) == t["tree"]
     workers = shard_workers(tmp_path / f"work-{kind}")
     assert len(workers) == 2, f"shard tasks ran on {workers}, expected both local workers"
+    assert cli not in workers, f"{kind} shard tasks ran in the CLI's own process"
 
 
 @pytest.mark.slow
