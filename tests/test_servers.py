@@ -27,15 +27,15 @@ def _flow_run_names(url: str) -> list[str]:
         return [run["name"] for run in json.loads(response.read())]
 
 
-def _runs_writing(url: str, dest, since: float) -> list[str]:
-    """The names of the flow runs started since `since` (epoch seconds) with parameter `dest`: the
-    session's server is shared with every other test, and a test's DEST is its own."""
+def _runs_writing(url: str, dest, since: float, field: str = "name") -> list[str]:
+    """The names (or another `field`) of the flow runs started since `since` (epoch seconds) with
+    parameter `dest`: the session's server is shared with every other test, and a test's DEST is its own."""
     import datetime
 
     after = datetime.datetime.fromtimestamp(since - 1, datetime.timezone.utc).isoformat()
     runs = prefect_servers.rest(f"{url}/flow_runs/filter",
                                 {"flow_runs": {"start_time": {"after_": after}}, "sort": "START_TIME_DESC"})
-    return [run["name"] for run in runs if run["parameters"].get("dest") == str(dest)]
+    return [run[field] for run in runs if run["parameters"].get("dest") == str(dest)]
 
 
 def _convert_json(src, tmp_path, env: dict[str, str]) -> dict:
@@ -103,16 +103,46 @@ def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_pat
     assert tree(tmp_path / "out")  # the run itself is whole
 
 
+# The `ckptflow` script (console_main), with two witnesses of how its process ends: an atexit handler
+# registered before Prefect's (so it runs after every one of them), and an object that only the
+# interpreter's final clean-up frees.
+WITNESSED_CLI = """
+import atexit, sys
+class Witness:
+    def __del__(self, write=sys.stderr.write):  # bound now: the clean-up may have emptied `sys` by then
+        write("witness: freed at finalization\\n")
+witness = Witness()
+atexit.register(lambda: sys.stderr.write("witness: last atexit handler ran\\n"))
+from ckptflow.flows.cli import console_main
+sys.argv = ["ckptflow", *sys.argv[1:]]
+sys.exit(console_main())
+"""
+
+
 def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt, tmp_path):
     """The first rule of flows/runtime/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
-    URL in the environment is used as is; no temporary server is started, nothing waits for one."""
+    URL in the environment is used as is; no temporary server is started, nothing waits for one.
+
+    On that server, which outlives the run, the CLI leaves after Prefect's exit teardown (its last
+    log line reaches the server) but before the interpreter frees every object (~1 CPU-s, seconds
+    of wall on a busy machine: flows/runtime/interrupt.py `leave`)."""
     env = cli_env()
     url = env["PREFECT_API_URL"]
     since = time.time()
-    summary = _convert_json(demo_ckpt, tmp_path, env)
+    run = subprocess.run([PYTHON, "-c", WITNESSED_CLI, "convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant",
+                          "--work", str(tmp_path / "w"), "--json"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = {**json.loads(run.stdout), "text": run.stderr}
     assert (summary["timing"]["server"], summary["timing"]["server_url"]) == ("yours", None)
     assert "your server" in summary["text"] and "temporary server" not in summary["text"]
-    assert len(_runs_writing(url, tmp_path / "out", since)) == 1  # this run, recorded on that server
+    (flow_run,) = _runs_writing(url, tmp_path / "out", since, "id")  # this run, recorded on that server
+    assert run.stderr.rstrip().endswith("witness: last atexit handler ran"), run.stderr[-2000:]
+    assert "witness: freed at finalization" not in run.stderr
+    logs = prefect_servers.rest(f"{url}/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run]}}})
+    # the flow's last line, logged as it ended: only the teardown's drain sends it
+    assert any(log["message"].startswith("Finished in state Completed") for log in logs), \
+        [log["message"] for log in logs]
 
 
 def test_a_server_named_in_prefect_toml_wins_in_the_same_process(demo_ckpt, tmp_path):

@@ -108,8 +108,10 @@ def console_main() -> int:
     """The `ckptflow` script and `python -m ckptflow.flows.cli`: the process is ckptflow's own.
     A command that starts Prefect arms Ctrl-C / SIGTERM (one line, exit 130 / 143, within a
     second), starts the orphan watchdog and, with no server configured, a temporary server; the
-    process leaves without Prefect's slow teardown of that server. `time:` counts from this
-    module's import (a shell's earlier work, `bash -c "sleep 3 && exec ckptflow …"`, is not counted)."""
+    process leaves without Prefect's slow teardown of that server, and after a flow run on any
+    other server without the interpreter's final clean-up (flows/runtime/interrupt.py). `time:`
+    counts from this module's import (a shell's earlier work, `bash -c "sleep 3 && exec ckptflow …"`,
+    is not counted)."""
     runtime = Runtime(started=_STARTED, owns_process=True)
     code = _main(None, runtime)
     from ckptflow.flows.runtime import user_dirs
