@@ -391,9 +391,13 @@ def test_a_stopped_run_whose_lock_was_taken_over_writes_nothing_more(demo_ckpt, 
     assert not fs.exists(lock_key)
 
 
-def test_taking_over_a_stale_object_lock_reports_the_dead_holder(s3_dest):
+def test_taking_over_a_stale_object_lock_reports_the_dead_holder(s3_dest, monkeypatch):
     """The hook `convert_flow` uses to mark the dead run's flow run Crashed hears of a takeover, with
     the dead holder's record; a lock that is free, or live, reports nothing."""
+    # Stale after 30 s, not s3_dest's 1 s: the live lease below has no heartbeat thread, and on a
+    # loaded machine more than 1 s passed before the second acquire (it took the lock over). The
+    # dead holder's heartbeat is 60 s old: stale either way.
+    monkeypatch.setenv("CKPTFLOW_LOCK_STALE_S", "30")
     heard = []
     dead = {"flow_run_id": "6f1c0000-0000-0000-0000-000000000001", "pid": 9, "host": "gone", "token": "t",
             "heartbeat": time.time() - 60}
