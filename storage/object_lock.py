@@ -81,6 +81,15 @@ class Lease:
                            "ckptflow run may be writing DEST: let it finish, or run the same command again "
                            "once no other run is writing DEST")
 
+    def ensure_recent(self, what: str) -> None:
+        """`ensure`, asking the store only when the lease is not known fresh: called before a file
+        under DEST is started. While the heartbeat keeps it confirmed this costs nothing; a run
+        woken from a pause (its last confirmation older than two heartbeats) or one already
+        lost refuses now, before computing bytes it could never publish."""
+        if self.lost is None and time.monotonic() - self.confirmed <= 2 * self.beat_s:
+            return
+        self.ensure(what)
+
     def release(self) -> None:
         with self._mutex:
             if self.lost is None:
@@ -88,19 +97,33 @@ class Lease:
             self.lost = self.lost or "released"
 
 
-# Leases this process holds, for `ensure_held` (publishes) and `release_held` (Ctrl-C).
+# Leases this process holds, for `ensure_held` (publishes), `ensure_not_lost` (a file's start)
+# and `release_held` (Ctrl-C).
 _LEASES: dict[int, Lease] = {}
+
+
+def _leases_over(loc: Location, name: str) -> list[Lease]:
+    path = loc.path(name)
+    return [lease for lease in list(_LEASES.values())
+            if lease.dst.fs.protocol == loc.fs.protocol and path.startswith(lease.dst.root.rstrip("/") + "/")]
 
 
 def ensure_held(loc: Location, name: str) -> None:
     """Before publishing `name` under `loc`: refuse if `loc` lies under an object-store DEST whose
     lock this process held and has lost. Shard tasks on other processes (Dask workers) hold no
     lease here and are not checked."""
-    path = loc.path(name)
-    for lease in list(_LEASES.values()):
-        root = lease.dst.root.rstrip("/") + "/"
-        if lease.dst.fs.protocol == loc.fs.protocol and path.startswith(root):
-            lease.ensure(loc.url_of(name))
+    for lease in _leases_over(loc, name):
+        lease.ensure(loc.url_of(name))
+
+
+def ensure_not_lost(loc: Location, name: str) -> None:
+    """Before starting `name` under `loc`: refuse if that DEST's lease is lost, or turns out lost
+    when a lease unconfirmed for a while is checked (`Lease.ensure_recent`). Without it, a run
+    woken after its lock was taken over read, computed and uploaded each shard still to come
+    (importing torch for the first) only for its publish to refuse: seconds of CPU and minutes
+    of bandwidth at scale, for bytes it could never publish."""
+    for lease in _leases_over(loc, name):
+        lease.ensure_recent(loc.url_of(name))
 
 
 def release_held() -> None:

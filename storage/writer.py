@@ -21,7 +21,7 @@ from typing import Any
 
 from ckptflow.storage import direct_io
 from ckptflow.storage.listing import file_identity, local_identity_before_rename
-from ckptflow.storage.object_lock import ensure_held
+from ckptflow.storage.object_lock import ensure_held, ensure_not_lost
 from ckptflow.storage.safetensors_format import SHARD_METADATA, TensorSpec, build_header
 from ckptflow.storage.urls import Location, StorageError
 from ckptflow.storage.writeback import WINDOW, RollingWriteback, drop_cached
@@ -67,6 +67,7 @@ class AtomicFile:
         """`direct`: a local file of at least `direct_io.MIN_BYTES` (`expected_size`) is written
         with O_DIRECT where the filesystem allows (`direct_io.DirectSink`)."""
         self.loc, self.name, self.expected_size = loc, name, expected_size
+        ensure_not_lost(loc, name)  # a run that lost DEST's lock starts no file there (no-op elsewhere)
         self.final = loc.path(name)
         parent = os.path.dirname(self.final)
         if parent and not loc.is_object_store:  # s3fs's makedirs creates a missing bucket

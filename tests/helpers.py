@@ -173,14 +173,16 @@ def fake_ckpt(files: dict[str, list[tuple[str, str, tuple[int, ...]]]], config=N
                       index={"metadata": {}, "weight_map": weight_map}, config=config)
 
 
-def sigkill_when(child: subprocess.Popen, ready: Callable[[], bool], timeout: float = 180) -> None:
-    """SIGKILL `child`'s process group the moment `ready()` holds (polled), then reap it."""
+def sigkill_when(child: subprocess.Popen, ready: Callable[[], bool], timeout: float = 180,
+                 interval: float = 0.02) -> None:
+    """SIGKILL `child`'s process group the moment `ready()` holds (polled every `interval` s: longer
+    where `ready()` is a request to a server in this process), then reap it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.poll() is None:
         if ready():
             os.killpg(child.pid, signal.SIGKILL)
             break
-        time.sleep(0.02)
+        time.sleep(interval)
     child.wait()
 
 
@@ -198,11 +200,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def kill_slow_cli(args: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None) -> None:
-    """`ckptflow ARGS` in a child that pauses before each shard, SIGKILLed the moment `ready()` holds."""
+def kill_slow_cli(args: list[str], ready: Callable[[], bool], env: dict[str, str] | None = None,
+                  interval: float = 0.02) -> None:
+    """`ckptflow ARGS` in a child that pauses before each shard, SIGKILLed the moment `ready()` holds
+    (polled every `interval` s)."""
     child = subprocess.Popen([PYTHON, "-c", SLOW_CHILD, *args], cwd=ROOT, env=env or cli_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    sigkill_when(child, ready)
+    sigkill_when(child, ready, interval=interval)
     assert child.returncode == -signal.SIGKILL, child.stderr.read().decode()[-2000:]
 
 

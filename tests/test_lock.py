@@ -171,6 +171,44 @@ def test_a_paused_holder_loses_its_lock_and_publishes_nothing(s3_dest, s3_option
     second.release()
 
 
+def test_a_run_woken_after_a_takeover_starts_no_file_and_a_fresh_lease_costs_no_request(s3_dest, s3_options,
+                                                                                        monkeypatch):
+    """A file under DEST is not started once the lease is lost: a paused run that wakes (its last
+    confirmation long past) checks with the store before computing a shard, not at its publish.
+    While the heartbeat keeps the lease fresh, starting a file asks the store nothing."""
+    from ckptflow.storage import conditional
+    from ckptflow.storage.writer import AtomicFile
+
+    lease = object_lock.acquire(s3_dest)  # no heartbeat thread: its freshness is set by hand below
+    lease.beat_s = 30.0  # "fresh" then holds however slowly a loaded machine runs this test
+    object_lock._LEASES[id(lease)] = lease
+    real_replace, writes = conditional.replace, []
+    monkeypatch.setattr(conditional, "replace", lambda *a, **k: writes.append(a[1]) or real_replace(*a, **k))
+    try:
+        AtomicFile(s3_dest, "fresh.bin").abort()
+        assert writes == []  # confirmed just now: no request
+        lease.confirmed -= 10 * lease.beat_s  # unconfirmed for long: asked, still ours, so the file starts
+        AtomicFile(s3_dest, "renewed.bin").abort()
+        assert writes == [lock.LOCK_NAME]
+        # Another run took it over while this one was paused.
+        put_lock(s3_dest, json.dumps({"pid": 7, "host": "other", "token": "theirs",
+                                      "heartbeat": time.time()}).encode())
+        lease.confirmed -= 10 * lease.beat_s
+        with pytest.raises(lock.LockLost, match=r"pid 7 on other holds it now; it stopped before writing "
+                                                 r"s3://.*/out/model-00002\.safetensors"):
+            AtomicFile(s3_dest, "model-00002.safetensors")
+        assert lease.lost
+        with pytest.raises(lock.LockLost):  # lost: every later start refuses at once
+            AtomicFile(s3_dest, "model-00003.safetensors")
+    finally:
+        object_lock._LEASES.pop(id(lease))
+    bucket = s3_options["bucket"]
+    s3_dest.fs.invalidate_cache()
+    assert sorted(s3_dest.fs.find(bucket)) == [s3_dest.path(lock.LOCK_NAME)]  # nothing else started
+    assert s3_dest.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) == []
+    assert lock_json(s3_dest)["token"] == "theirs"
+
+
 def test_heartbeat_thread_notices_a_takeover(s3_dest):
     from ckptflow.storage.files import write_json
 
@@ -179,8 +217,10 @@ def test_heartbeat_thread_notices_a_takeover(s3_dest):
         # Another run's version replaces ours (what a takeover after a pause leaves).
         put_lock(s3_dest, json.dumps({"pid": 7, "host": "other", "token": "theirs",
                                       "heartbeat": time.time()}).encode())
-        time.sleep(0.6)  # a few heartbeats
         (lease,) = object_lock._LEASES.values()
+        deadline = time.monotonic() + 10  # a heartbeat comes every 0.2 s; a loaded machine may delay a few
+        while lease.lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert lease.lost and "pid 7 on other holds it now" in lease.lost
         with pytest.raises(lock.LockLost):
             write_json(s3_dest, "b.json", 2)
@@ -351,9 +391,13 @@ def test_a_stopped_run_whose_lock_was_taken_over_writes_nothing_more(demo_ckpt, 
     assert not fs.exists(lock_key)
 
 
-def test_taking_over_a_stale_object_lock_reports_the_dead_holder(s3_dest):
+def test_taking_over_a_stale_object_lock_reports_the_dead_holder(s3_dest, monkeypatch):
     """The hook `convert_flow` uses to mark the dead run's flow run Crashed hears of a takeover, with
     the dead holder's record; a lock that is free, or live, reports nothing."""
+    # Stale after 30 s, not s3_dest's 1 s: the live lease below has no heartbeat thread, and on a
+    # loaded machine more than 1 s passed before the second acquire (it took the lock over). The
+    # dead holder's heartbeat is 60 s old: stale either way.
+    monkeypatch.setenv("CKPTFLOW_LOCK_STALE_S", "30")
     heard = []
     dead = {"flow_run_id": "6f1c0000-0000-0000-0000-000000000001", "pid": 9, "host": "gone", "token": "t",
             "heartbeat": time.time() - 60}

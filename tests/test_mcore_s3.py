@@ -210,7 +210,10 @@ def test_sigkill_mid_run_resumes_from_the_bucket(prefect_harness, s3_options, tm
     # Killed once 3 shards are in the bucket. Shards commit one at a time and each is recorded in
     # the journal right after it is published, so the kill may leave the last one published without
     # its final record: the rerun computes that one again and reuses the rest.
-    kill_slow_cli(args, lambda: len(shards()) >= 3)
+    # Polled every 0.2 s, not 0.02: each poll is a listing served by moto's thread in this process
+    # (CPU of this test's own), and a shard takes over 0.8 s (SLOW_CHILD), so the kill still lands
+    # with the 4th shard not yet committed.
+    kill_slow_cli(args, lambda: len(shards()) >= 3, interval=0.2)
     committed = shards()
     assert not fs.exists(f"{bucket}/hf/model.safetensors.index.json")
     assert fs.find(f"{bucket}/.ckptflow-work/hf/journal")  # the record of what is done is in the bucket

@@ -109,8 +109,10 @@ def convert(src, dest: str, opts: dict, env: dict[str, str], timeout: float) -> 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("instant, request_line, deadline_env, limit", [
-    # The defaults: 30 s a call plus a 5 MiB body at 2 MiB/s.
-    ("upload", rb"PUT /[^ ]*/" + STALLED_SHARD.encode() + rb"\?[^ ]*partNumber=1", None, "33 s (upload_part"),
+    # 5 s a call plus the part's body (a little over 5 MiB) at 2 MiB/s: the body's share of the limit
+    # shows as it does at the default 30 s (33 s), in a few seconds. That a CLI without the variable
+    # gets the default 30 s is `test_the_cli_gets_the_default_deadline_without_the_variable`.
+    ("upload", rb"PUT /[^ ]*/" + STALLED_SHARD.encode() + rb"\?[^ ]*partNumber=1", "5", "8 s (upload_part"),
     # A short limit, so this case costs seconds, not half a minute.
     ("complete", rb"POST /[^ ]*/" + STALLED_SHARD.encode() + rb"\?uploadId=", "5",
      "5 s (complete_multipart_upload"),
@@ -243,6 +245,31 @@ def test_a_body_the_endpoint_never_reads_ends_at_its_deadline(unanswered, monkey
     with pytest.raises(EndpointSilent, match=r"within 5 s \(put_object of s3://bkt/x/big\)"):
         fs.pipe_file("bkt/x/big", bytes(8 * MiB))
     assert 4.9 < time.monotonic() - t0 < 8
+
+
+def test_the_cli_gets_the_default_deadline_without_the_variable(s3_options, demo_ckpt, monkeypatch):
+    """The CLI's code path (main(argv), `convert --dry-run`, which opens DEST and the work location
+    and probes DEST as a run does before Prefect starts) with CKPTFLOW_S3_DEADLINE_S unset: every S3
+    filesystem it opens is bounded at the default 30 s a call, the value the stall cases above,
+    run with a short limit, would wait with no variable set."""
+    import s3fs
+
+    from ckptflow.storage import deadline
+
+    monkeypatch.delenv("CKPTFLOW_S3_DEADLINE_S", raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()  # no instance bounded earlier in this process is reused
+    real, bounded = deadline.bound_s3_calls, []
+
+    def spy(fs) -> None:
+        real(fs)
+        bounded.append(fs._ckptflow_deadline)
+
+    monkeypatch.setattr(deadline, "bound_s3_calls", spy)
+    opts = {**s3_options["options"], "default_block_size": 5 * MiB}
+    run = run_main("convert", str(demo_ckpt), f"s3://{s3_options['bucket']}/out", "--dequant",
+                   "--dry-run", "--storage-options", json.dumps(opts))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert len(bounded) >= 2 and set(bounded) == {deadline.DEADLINE_S} == {30}, bounded  # DEST and work
 
 
 def test_deadline_defaults_env_and_a_users_longer_timeouts(monkeypatch):
