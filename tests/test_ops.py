@@ -587,10 +587,25 @@ def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_outp
     options = json.dumps({k: v for k, v in faulty_s3["options"].items() if k != "skip_instance_cache"})
 
     def run(name: str, env: dict[str, str]) -> list[dict]:
+        """The CLI's `main` in this process (no process importing torch and Prefect to start it: the
+        processes that matter are the pool's two workers), against env's server."""
+        from prefect.context import _temporary_global_settings_context, get_settings_context
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
         since, out = time.time(), tmp_path / f"out-{name}"
-        proc = run_cli(["convert", f"s3://{bucket}/src", str(out), "--dequant", "--work",
-                        str(tmp_path / f"work-{name}"), "--storage-options", options,
-                        "--task-runner", "processes", "--max-workers", "2"], env)
+        # The pool's workers send their task runs' events through this process's events worker, which
+        # keeps the server it was made for (on a thread that reads the global settings, as in
+        # conftest's prefect_harness): earlier flows' events go there now, this run's to `env`'s.
+        EventsWorker.drain_all()
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), \
+                _temporary_global_settings_context(get_settings_context()):
+            proc = run_main("convert", f"s3://{bucket}/src", str(out), "--dequant", "--work",
+                            str(tmp_path / f"work-{name}"), "--storage-options", options,
+                            "--task-runner", "processes", "--max-workers", "2", PREFECT_API_URL=env["PREFECT_API_URL"])
+            EventsWorker.drain_all()  # sent while the server is up (the private one stops after the test)
+            APILogWorker.drain_all()
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs = _shard_task_runs(env, out, since)
         assert len(runs) == 6 and all("ckptflow-shard" in r["tags"] for r in runs), runs
