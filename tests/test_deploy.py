@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,56 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
              "auto_scheduled": r["auto_scheduled"]} for r in runs]
 
 
+def scheduled_deployment(env: dict[str, str], base: Path, stop: threading.Event) -> dict:
+    """A deployment of convert_flow with an interval schedule, made as `prefect deploy` made the yaml's
+    (same flow, entrypoint, pool, parameter schema, no pull steps) but over REST, and a thread that
+    records its flow runs until one completed (or `stop`), then deletes it: its schedule would go on
+    making runs on the shared server.
+
+    Made over REST, its first run can fall due a few seconds after the deployment exists, not after a
+    `prefect deploy` process whose duration a loaded machine stretches. The server schedules a new
+    deployment within ~6 s (its recent-deployments loop runs every 5 s) and a run due before that is
+    never created: the first is due 12 s from now; on a machine so loaded that the scheduler is later,
+    the next a minute later. A later run may start while the first still holds DEST's lock and fail
+    (DestBusy): only a completed run counts."""
+    import datetime
+    import urllib.error
+
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
+
+    base.mkdir()
+    make_deepseek_v3_fp8(open_location(str(base / "fp8")))
+    template = api(env, "/deployments/name/ckptflow-convert/convert-fp8-to-bf16")
+    first_due = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=12)
+    made = api(env, "/deployments/", {
+        "name": "scheduled-convert", "flow_id": template["flow_id"], "entrypoint": template["entrypoint"],
+        "path": template["path"], "pull_steps": template["pull_steps"], "work_pool_name": "ckptflow-process",
+        "parameter_openapi_schema": template["parameter_openapi_schema"], "enforce_parameter_schema": True,
+        "parameters": {"source": str(base / "fp8"), "dest": str(base / "out"), "work": str(base / "work"),
+                       "dequant": True},
+        "schedules": [{"schedule": {"interval": 60, "anchor_date": (first_due - datetime.timedelta(seconds=60))
+                                    .isoformat()}, "active": True}]})
+    scheduled = {"out": base / "out", "runs": []}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline and not stop.wait(1):
+                scheduled["runs"] = flow_runs(env, "scheduled-convert")
+                if any(r["state"] == "COMPLETED" for r in scheduled["runs"]):
+                    break
+        finally:
+            try:
+                api(env, "/deployments/" + made["id"], method="DELETE")
+            except urllib.error.URLError:  # a server already gone (the session ends) took it along
+                pass
+
+    scheduled["thread"] = threading.Thread(target=watch, name="scheduled-deployment", daemon=True)
+    scheduled["thread"].start()
+    return scheduled
+
+
 @pytest.fixture(scope="module")
 def deployed(prefect_server, s3_endpoint, tmp_path_factory):
     """The yaml deployed to the session's shared server, a bucket, and a process worker polling the
@@ -116,11 +168,17 @@ def deployed(prefect_server, s3_endpoint, tmp_path_factory):
         assert dep.returncode == 0, dep.stdout + dep.stderr
         assert out.split() == ["True", "True", "ckptflow-convert"], out + err
 
+        stop = threading.Event()
+        scheduled = scheduled_deployment(env, base / "scheduled", stop)
         fs = s3fs.S3FileSystem(skip_instance_cache=True, key="testing", secret="testing",
                                client_kwargs={"endpoint_url": s3_endpoint})
         fs.mkdir(bucket)
-        yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project,
-               "deploy_output": dep.stdout, "worker_log": worker_dir / "worker.log"}
+        try:
+            yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project,
+                   "deploy_output": dep.stdout, "worker_log": worker_dir / "worker.log", "scheduled": scheduled}
+        finally:
+            stop.set()
+            scheduled["thread"].join(60)
     finally:
         kill_group(worker, grace=2)  # its runs are over; a SIGTERMed worker takes seconds to wind down
         log.close()
@@ -196,45 +254,18 @@ def test_watch_deployment_converts_what_is_missing_under_the_prefix(deployed, de
     assert markers == ["one", "two"]
 
 
-def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt, tmp_path):
+def test_a_scheduled_deployment_fires_and_its_run_completes(deployed):
     """The server's scheduler creates a flow run from an interval schedule and the worker runs it to
     Completed. With SQLAlchemy 2.1 every scheduler tick failed ("Can't evaluate bulk DML statement")
-    and no scheduled run was ever created; pyproject pins sqlalchemy<2.1."""
-    import datetime
-    import time
-
-    env = deployed["env"]
-    # A deployment of convert_flow with an interval schedule, made as `prefect deploy` made the yaml's
-    # (same flow, entrypoint, pool, parameter schema, no pull steps), over REST: its first run can then
-    # fall due a few seconds after the deployment exists, not after a `prefect deploy` process whose
-    # duration a loaded machine stretches. The server schedules a new deployment within ~6 s (its
-    # recent-deployments loop runs every 5 s); a run due before that is never created, so the first is
-    # due 12 s from now, and on a machine so loaded that the scheduler is later, the next a minute later.
-    template = api(env, "/deployments/name/ckptflow-convert/convert-fp8-to-bf16")
-    first_due = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=12)
-    made = api(env, "/deployments/", {
-        "name": "scheduled-convert", "flow_id": template["flow_id"], "entrypoint": template["entrypoint"],
-        "path": template["path"], "pull_steps": template["pull_steps"], "work_pool_name": "ckptflow-process",
-        "parameter_openapi_schema": template["parameter_openapi_schema"], "enforce_parameter_schema": True,
-        "parameters": {"source": str(demo_ckpt), "dest": str(tmp_path / "out"), "work": str(tmp_path / "work"),
-                       "dequant": True},
-        "schedules": [{"schedule": {"interval": 60, "anchor_date": (first_due - datetime.timedelta(seconds=60))
-                                    .isoformat()}, "active": True}]})
-    try:
-        # A later run may start while the first still holds DEST's lock and fail (DestBusy): only a
-        # completed run counts.
-        deadline, runs = time.monotonic() + 300, []
-        while time.monotonic() < deadline:
-            runs = flow_runs(env, "scheduled-convert")
-            if any(r["state"] == "COMPLETED" for r in runs):
-                break
-            time.sleep(1)
-        done = [r for r in runs if r["state"] == "COMPLETED"]
-        assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
-        assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
-        assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    finally:  # its schedule would go on making runs on the shared server
-        api(env, "/deployments/" + made["id"], method="DELETE")
+    and no scheduled run was ever created; pyproject pins sqlalchemy<2.1. The deployment was made with
+    the module's fixture (`scheduled_deployment`): its run falls due and runs while the other tests run."""
+    scheduled = deployed["scheduled"]
+    scheduled["thread"].join(360)
+    runs = scheduled["runs"]
+    done = [r for r in runs if r["state"] == "COMPLETED"]
+    assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
+    assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
+    assert json.loads((scheduled["out"] / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def deployment(env: dict[str, str], name: str) -> dict:
