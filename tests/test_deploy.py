@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,12 @@ from .helpers import PYTHON, ROOT, dequant_reference, kill_group, server_env
 from .helpers import tree
 from .helpers import s3_tree
 
-# Marked as one xdist group, but xdist 3.8 has been seen to hand this module's tests to several workers:
-# each worker that gets them deploys on a Prefect server of its own (`deploy_server`), since
-# `prefect deploy --all` of the yaml takes no other pool name and deployment names are global.
+# One xdist group: every test here runs on one worker (conftest fails them if xdist split the group), so
+# the yaml is deployed once, on the session's shared server: `prefect deploy --all` of the yaml takes no
+# other pool name and deployment names are global on a server, so two workers deploying it there would
+# overwrite each other's deployments. No other test deploys anything or uses the `ckptflow-process`
+# pool, so this module's process worker takes only this module's runs (the other tests' flow runs have
+# no deployment, and a worker only takes runs of its pool's deployments).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("prefect_deploy")]
 
 
@@ -70,24 +75,63 @@ def flow_runs(env: dict[str, str], deployment: str) -> list[dict]:
              "auto_scheduled": r["auto_scheduled"]} for r in runs]
 
 
-@pytest.fixture(scope="session")
-def deploy_server():
-    """A Prefect server for this module's deployments, one per xdist worker that runs them: deployment
-    and work-pool names are global on a server (`prefect deploy --all` takes the yaml's pool), so two
-    workers deploying the yaml on the shared server would overwrite each other's deployments and each
-    one's process worker would take the other's runs (xdist may hand this module's tests to several
-    workers)."""
-    server = prefect_servers.PrivateServer()
-    try:
-        yield server.ready()
-    finally:
-        server.stop()
+def scheduled_deployment(env: dict[str, str], base: Path, stop: threading.Event) -> dict:
+    """A deployment of convert_flow with an interval schedule, made as `prefect deploy` made the yaml's
+    (same flow, entrypoint, pool, parameter schema, no pull steps) but over REST, and a thread that
+    records its flow runs until one completed (or `stop`), then deletes it: its schedule would go on
+    making runs on the shared server.
+
+    Made over REST, its first run can fall due a few seconds after the deployment exists, not after a
+    `prefect deploy` process whose duration a loaded machine stretches. The server schedules a new
+    deployment within ~6 s (its recent-deployments loop runs every 5 s) and a run due before that is
+    never created: the first is due 12 s from now; on a machine so loaded that the scheduler is later,
+    the next a minute later. A later run may start while the first still holds DEST's lock and fail
+    (DestBusy): only a completed run counts."""
+    import datetime
+    import urllib.error
+
+    from ckptflow.flows.demo.synthetic import make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
+
+    base.mkdir()
+    make_deepseek_v3_fp8(open_location(str(base / "fp8")))
+    template = api(env, "/deployments/name/ckptflow-convert/convert-fp8-to-bf16")
+    first_due = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=12)
+    made = api(env, "/deployments/", {
+        "name": "scheduled-convert", "flow_id": template["flow_id"], "entrypoint": template["entrypoint"],
+        "path": template["path"], "pull_steps": template["pull_steps"], "work_pool_name": "ckptflow-process",
+        "parameter_openapi_schema": template["parameter_openapi_schema"], "enforce_parameter_schema": True,
+        "parameters": {"source": str(base / "fp8"), "dest": str(base / "out"), "work": str(base / "work"),
+                       "dequant": True},
+        "schedules": [{"schedule": {"interval": 60, "anchor_date": (first_due - datetime.timedelta(seconds=60))
+                                    .isoformat()}, "active": True}]})
+    scheduled = {"out": base / "out", "runs": []}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        try:
+            while time.monotonic() < deadline and not stop.wait(1):
+                scheduled["runs"] = flow_runs(env, "scheduled-convert")
+                if any(r["state"] == "COMPLETED" for r in scheduled["runs"]):
+                    break
+        finally:
+            try:
+                api(env, "/deployments/" + made["id"], method="DELETE")
+            except urllib.error.URLError:  # a server already gone (the session ends) took it along
+                pass
+
+    scheduled["thread"] = threading.Thread(target=watch, name="scheduled-deployment", daemon=True)
+    scheduled["thread"].start()
+    return scheduled
 
 
-@pytest.fixture(scope="session")
-def yaml_deployed(prefect_server, deploy_server, s3_endpoint, tmp_path_factory):
-    """The yaml deployed to this worker's deployment server, and a bucket: made once per xdist worker,
-    even if that worker gets the module's tests in more than one batch."""
+@pytest.fixture(scope="module")
+def deployed(prefect_server, s3_endpoint, tmp_path_factory):
+    """The yaml deployed to the session's shared server, a bucket, and a process worker polling the
+    pool while this module's tests run (it polls the server every 2 s: it does not outlive them).
+    The shared server is a full one: its scheduler runs (the scheduled deployment), and so do the
+    event and log distributors `--watch` streams. The worker, the import check and `prefect deploy`
+    start together: each pays seconds of imports, on different cores."""
     import uuid
 
     import s3fs
@@ -95,7 +139,7 @@ def yaml_deployed(prefect_server, deploy_server, s3_endpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
     project = users_prefect_project(base / "project")
     bucket = "models-" + uuid.uuid4().hex[:8]
-    env = server_env(prefect_server["home"], PREFECT_API_URL=deploy_server,
+    env = server_env(prefect_server["home"], PREFECT_API_URL=prefect_server["url"],
                      AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                      AWS_ENDPOINT_URL=s3_endpoint, CKPTFLOW_WORK=str(base / "cache"),
                      # the worker asks for due runs every 2 s, not every 10 s: each run starts sooner
@@ -105,36 +149,38 @@ def yaml_deployed(prefect_server, deploy_server, s3_endpoint, tmp_path_factory):
     env["PYTHONPATH"] = str(project)
 
     create_process_pool(env, "ckptflow-process")
-    # ckptflow's yaml, deployed from the user's project folder (README: `--prefect-file path/to/…`).
-    dep = prefect(["--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"), "--all"],
-                  env, project)
-    assert dep.returncode == 0, dep.stdout + dep.stderr
-
-    # Where the worker runs, the project's `flows`/`tasks` and ckptflow's import side by side.
-    code = "import flows, tasks, ckptflow.flows.convert as c"  # a user's own package, on purpose
-    code += "; print(flows.USERS_OWN, tasks.USERS_OWN, c.convert_flow.name)"
-    both = subprocess.run([PYTHON, "-c", code], env=env, cwd=base, capture_output=True, text=True, timeout=120)
-    assert both.stdout.split() == ["True", "True", "ckptflow-convert"], both.stdout + both.stderr
-
-    fs = s3fs.S3FileSystem(skip_instance_cache=True, key="testing", secret="testing",
-                           client_kwargs={"endpoint_url": s3_endpoint})
-    fs.mkdir(bucket)
-    return {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project, "deploy_output": dep.stdout}
-
-
-@pytest.fixture(scope="module")
-def deployed(yaml_deployed, tmp_path_factory):
-    """The deployment, and a process worker polling its pool while this module's tests run (it polls
-    the shared server every 2 s: it does not outlive them)."""
-    worker_dir = tmp_path_factory.mktemp("worker")
+    worker_dir = base / "worker"
+    worker_dir.mkdir()
     log = open(worker_dir / "worker.log", "wb")
     worker = subprocess.Popen([PYTHON, "-m", "prefect", "worker", "start", "--pool", "ckptflow-process",
-                               "--type", "process", "--prefetch-seconds", "5"], env=yaml_deployed["env"],
+                               "--type", "process", "--prefetch-seconds", "5"], env=env,
                               cwd=worker_dir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield {**yaml_deployed, "worker_log": worker_dir / "worker.log"}
+        # Where the worker runs, the project's `flows`/`tasks` and ckptflow's import side by side.
+        code = "import flows, tasks, ckptflow.flows.convert as c"  # a user's own package, on purpose
+        code += "; print(flows.USERS_OWN, tasks.USERS_OWN, c.convert_flow.name)"
+        both = subprocess.Popen([PYTHON, "-c", code], env=env, cwd=base, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        # ckptflow's yaml, deployed from the user's project folder (README: `--prefect-file path/to/…`).
+        dep = prefect(["--no-prompt", "deploy", "--prefect-file", str(ROOT / "deployments" / "prefect.yaml"),
+                       "--all"], env, project)
+        out, err = both.communicate(timeout=120)
+        assert dep.returncode == 0, dep.stdout + dep.stderr
+        assert out.split() == ["True", "True", "ckptflow-convert"], out + err
+
+        stop = threading.Event()
+        scheduled = scheduled_deployment(env, base / "scheduled", stop)
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, key="testing", secret="testing",
+                               client_kwargs={"endpoint_url": s3_endpoint})
+        fs.mkdir(bucket)
+        try:
+            yield {"env": env, "base": base, "bucket": bucket, "fs": fs, "project": project,
+                   "deploy_output": dep.stdout, "worker_log": worker_dir / "worker.log", "scheduled": scheduled}
+        finally:
+            stop.set()
+            scheduled["thread"].join(60)
     finally:
-        kill_group(worker)
+        kill_group(worker, grace=2)  # its runs are over; a SIGTERMed worker takes seconds to wind down
         log.close()
 
 
@@ -165,12 +211,29 @@ def test_convert_deployment_runs_from_the_yaml_against_a_bucket(deployed, demo_c
 def test_an_invalid_deployment_parameter_is_rejected_before_a_run_exists(deployed, tmp_path):
     env = deployed["env"]
     before = len(flow_runs(env, "convert-fp8-to-bf16"))
-    for param, field in [("mp=two", "mp"), ("task_runner=gpu-cluster", "task_runner"),
-                         ("max_shard_size=big", "max_shard_size")]:
-        run = prefect(["deployment", "run", "ckptflow-convert/convert-fp8-to-bf16", "--param", param], env, tmp_path,
-                      timeout=120)
-        assert run.returncode != 0, run.stdout
-        assert re.search(rf"\b{field}\b", run.stdout + run.stderr), run.stdout + run.stderr
+    cases = [("mp=two", "mp"), ("task_runner=gpu-cluster", "task_runner"), ("max_shard_size=big", "max_shard_size")]
+    # `prefect deployment run … --param P` for each case, in one process (`prefect` is `prefect.cli:app`):
+    # each exit code and output as three processes would give them, for one import of Prefect, not three.
+    code = """import contextlib, io, json, sys
+from prefect.cli import app
+for param in sys.argv[1:]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        sys.argv = ["prefect", "deployment", "run", "ckptflow-convert/convert-fp8-to-bf16", "--param", param]
+        try:
+            app()  # reads sys.argv, as the `prefect` script does
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+    print(json.dumps({"code": code, "out": out.getvalue()}))
+"""
+    runs = subprocess.run([PYTHON, "-c", code, *(param for param, _ in cases)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    results = [json.loads(line) for line in runs.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(cases), runs.stdout + runs.stderr
+    for run, (_, field) in zip(results, cases):
+        assert run["code"] not in (0, None), run["out"]
+        assert re.search(rf"\b{field}\b", run["out"]), run["out"]
     assert len(flow_runs(env, "convert-fp8-to-bf16")) == before
 
 
@@ -191,47 +254,18 @@ def test_watch_deployment_converts_what_is_missing_under_the_prefix(deployed, de
     assert markers == ["one", "two"]
 
 
-def test_a_scheduled_deployment_fires_and_its_run_completes(deployed, demo_ckpt, tmp_path):
+def test_a_scheduled_deployment_fires_and_its_run_completes(deployed):
     """The server's scheduler creates a flow run from an interval schedule and the worker runs it to
     Completed. With SQLAlchemy 2.1 every scheduler tick failed ("Can't evaluate bulk DML statement")
-    and no scheduled run was ever created; pyproject pins sqlalchemy<2.1."""
-    import datetime
-    import time
-
-    env = deployed["env"]
-    # A run every minute, the first due 20 s from now: the server schedules a new deployment within
-    # 5 s (its recent-deployments loop), so the first run fires once `prefect deploy` has finished;
-    # on a machine so loaded that deploying takes longer, the next falls due a minute later (a run
-    # due before the scheduler first sees the deployment is never created).
-    anchor = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=40)
-    project = deployed["project"]
-    (project / "scheduled.yaml").write_text(json.dumps({
-        "name": "ckptflow-scheduled", "prefect-version": "3.8.0", "pull": [],
-        "deployments": [{
-            "name": "scheduled-convert", "entrypoint": "ckptflow.flows.convert.convert_flow",
-            "parameters": {"source": str(demo_ckpt), "dest": str(tmp_path / "out"), "work": str(tmp_path / "work"),
-                           "dequant": True},
-            "work_pool": {"name": "ckptflow-process", "job_variables": {}},
-            "schedules": [{"interval": 60, "anchor_date": anchor.isoformat(), "active": True}],
-        }]}))  # JSON is YAML
-    dep = prefect(["--no-prompt", "deploy", "--prefect-file", "scheduled.yaml", "--all"], env, project)
-    assert dep.returncode == 0, dep.stdout + dep.stderr
-    try:
-        # A later run may start while the first still holds DEST's lock and fail (DestBusy): only a
-        # completed run counts.
-        deadline, runs = time.monotonic() + 300, []
-        while time.monotonic() < deadline:
-            runs = flow_runs(env, "scheduled-convert")
-            if any(r["state"] == "COMPLETED" for r in runs):
-                break
-            time.sleep(1)
-        done = [r for r in runs if r["state"] == "COMPLETED"]
-        assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
-        assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
-        assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    finally:  # its schedule would go on making runs on the shared server
-        api(env, "/deployments/" + api(env, "/deployments/name/ckptflow-convert/scheduled-convert")["id"],
-            method="DELETE")
+    and no scheduled run was ever created; pyproject pins sqlalchemy<2.1. The deployment was made with
+    the module's fixture (`scheduled_deployment`): its run falls due and runs while the other tests run."""
+    scheduled = deployed["scheduled"]
+    scheduled["thread"].join(360)
+    runs = scheduled["runs"]
+    done = [r for r in runs if r["state"] == "COMPLETED"]
+    assert done, f"no scheduled run completed: {runs}\n" + worker_log(deployed)
+    assert done[0]["auto_scheduled"], done[0]  # made by the scheduler, not by `deployment run`
+    assert json.loads((scheduled["out"] / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def deployment(env: dict[str, str], name: str) -> dict:

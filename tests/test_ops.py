@@ -540,17 +540,19 @@ def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_h
 # ------------------------------------------------------------------ concurrency limits by tag
 
 
-def _shard_task_runs(env: dict[str, str], flow_name_prefix: str = "dequant ") -> list[dict]:
-    """Tags and running interval of the shard task runs the server knows of (its newest 200, as
-    `read_task_runs()` gives them; the test's own server holds no others), read over its REST API
-    here: a `get_client()` subprocess would import Prefect for each read."""
+def _shard_task_runs(env: dict[str, str], dest: Path, since: float, flow_name_prefix: str = "dequant ") -> list[dict]:
+    """Tags and running interval of the shard task runs of the convert flow run that wrote `dest`,
+    started after `since` (a time.time()), read over the server's REST API here: a `get_client()`
+    subprocess would import Prefect for each read. The run is found by its `dest` parameter, so
+    other tests' runs on the same server never count."""
     import datetime
-    import urllib.request
 
-    request = urllib.request.Request(env["PREFECT_API_URL"] + "/task_runs/filter", data=b"{}",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        runs = json.loads(response.read())
+    after = datetime.datetime.fromtimestamp(since - 5, datetime.timezone.utc).isoformat()
+    flow_runs = prefect_servers.rest(env["PREFECT_API_URL"] + "/flow_runs/filter", {
+        "flow_runs": {"start_time": {"after_": after}}, "flows": {"name": {"any_": ["ckptflow-convert"]}}})
+    ids = [r["id"] for r in flow_runs if r["parameters"].get("dest") == str(dest)]
+    assert len(ids) == 1, [(r["name"], r["parameters"].get("dest")) for r in flow_runs]
+    runs = prefect_servers.rest(env["PREFECT_API_URL"] + "/task_runs/filter", {"flow_runs": {"id": {"any_": ids}}})
     stamp = lambda text: datetime.datetime.fromisoformat(text).timestamp()  # noqa: E731
     return [{"id": r["id"], "flow_run_id": r["flow_run_id"], "tags": r["tags"],
              "start": stamp(r["start_time"]), "end": stamp(r["end_time"])}
@@ -564,12 +566,15 @@ def _overlaps(runs: list[dict]) -> int:
 
 @pytest.fixture
 def private_prefect_server():
-    """A Prefect server of the test's own: a tag concurrency limit on `ckptflow-shard` is global, and on
-    the shared server it would throttle every other test's shard tasks while it exists. A task that
-    finds no free slot asks again after 1 s, not the default 30 s."""
-    server = prefect_servers.PrivateServer(PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="1")
+    """A Prefect server of the test's own, started now and waited for by `.ready()`: a tag concurrency
+    limit on `ckptflow-shard` is global, and on the shared server it would throttle every other test's
+    shard tasks while it exists. A task that finds no free slot asks again after ~0.25 s, not the
+    default 10 s: the limited run's tasks then follow each other closely (a shorter wait only makes
+    overlap more likely, were the limit not kept). No deployments here: its scheduler stays off."""
+    server = prefect_servers.PrivateServer(PREFECT_SERVER_TASKS_TAG_CONCURRENCY_SLOT_WAIT_SECONDS="0.25",
+                                           PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false")
     try:
-        yield server.ready()
+        yield server
     finally:
         server.stop()
 
@@ -579,27 +584,43 @@ def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_outp
                                                                    private_prefect_server, tmp_path):
     """`prefect concurrency-limit create ckptflow-shard 1` serialises shard tasks even on a
     2-process pool, where they otherwise overlap."""
-    env = {**threaded_output["env"], "PREFECT_API_URL": private_prefect_server}
     proxy, bucket = faulty_s3["proxy"], faulty_s3["bucket"]
     faulty_s3["direct"].put(str(threaded_output["source"]) + "/", f"{bucket}/src/", recursive=True)
     proxy.delay = 0.03  # every tensor read waits: the bigger shard tasks take seconds, as on a slow store
     proxy.add_rule(data_range_read, "delay", 100_000)
     options = json.dumps({k: v for k, v in faulty_s3["options"].items() if k != "skip_instance_cache"})
 
-    def run(name: str) -> list[dict]:
-        before = {r["id"] for r in _shard_task_runs(env)}
-        proc = run_cli(["convert", f"s3://{bucket}/src", str(tmp_path / f"out-{name}"), "--dequant", "--work",
-                        str(tmp_path / f"work-{name}"), "--storage-options", options,
-                        "--task-runner", "processes", "--max-workers", "2"], env)
+    def run(name: str, env: dict[str, str]) -> list[dict]:
+        """The CLI's `main` in this process (no process importing torch and Prefect to start it: the
+        processes that matter are the pool's two workers), against env's server."""
+        from prefect.context import _temporary_global_settings_context, get_settings_context
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        since, out = time.time(), tmp_path / f"out-{name}"
+        # The pool's workers send their task runs' events through this process's events worker, which
+        # keeps the server it was made for (on a thread that reads the global settings, as in
+        # conftest's prefect_harness): earlier flows' events go there now, this run's to `env`'s.
+        EventsWorker.drain_all()
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), \
+                _temporary_global_settings_context(get_settings_context()):
+            proc = run_main("convert", f"s3://{bucket}/src", str(out), "--dequant", "--work",
+                            str(tmp_path / f"work-{name}"), "--storage-options", options,
+                            "--task-runner", "processes", "--max-workers", "2", PREFECT_API_URL=env["PREFECT_API_URL"])
+            EventsWorker.drain_all()  # sent while the server is up (the private one stops after the test)
+            APILogWorker.drain_all()
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        runs = [r for r in _shard_task_runs(env) if r["id"] not in before]
+        runs = _shard_task_runs(env, out, since)
         assert len(runs) == 6 and all("ckptflow-shard" in r["tags"] for r in runs), runs
-        assert tree(tmp_path / f"out-{name}") == threaded_output["tree"]
+        assert tree(out) == threaded_output["tree"]
         return runs
 
-    assert _overlaps(run("free")) >= 1
-    # as the README writes it; the limit goes with the test's own server
-    limit = subprocess.run([PYTHON, "-m", "prefect", "concurrency-limit", "create", "ckptflow-shard", "1"],
-                           env=env, capture_output=True, text=True, timeout=60)
-    assert limit.returncode == 0, limit.stdout + limit.stderr
-    assert _overlaps(run("limited")) == 0
+    # The free run goes to the shared server (no test sets a limit there) while the private one starts.
+    assert _overlaps(run("free", threaded_output["env"])) >= 1
+    env = {**threaded_output["env"], "PREFECT_API_URL": private_prefect_server.ready()}
+    # What the README's `prefect concurrency-limit create ckptflow-shard 1` asks the server (Prefect's
+    # own CLI: `client.create_concurrency_limit`), without a process that imports Prefect to say it.
+    prefect_servers.rest(env["PREFECT_API_URL"] + "/concurrency_limits/", {"tag": "ckptflow-shard",
+                                                                         "concurrency_limit": 1})
+    assert _overlaps(run("limited", env)) == 0
