@@ -55,7 +55,13 @@ def pytest_collection_modifyitems(config, items):
     """Under `--dist loadgroup`, xdist sends a group's tests to one worker by suffixing their node ids
     with `@NAME` in each worker. Where that did not happen (pytest 9.2 ignores what xdist 3.8 sets),
     every group is split over the workers: its tests fail, saying so, rather than let test_deploy's
-    deployments or the llm-compressor fixture run on several workers at once."""
+    deployments or the llm-compressor fixture run on several workers at once.
+
+    First, tests marked `slow` (servers, Dask, deployments, stalls: tens of seconds each) move to the
+    front, in their order: under xdist they start at once while the short ones fill in around them,
+    instead of the last of them running alone at the end. Every process sorts the same way, as xdist
+    requires."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if hasattr(config, "workerinput") and getattr(config.option, "loadgroup", False):  # set by xdist
         for item in items:
             if item.get_closest_marker("xdist_group") and "@" not in item.nodeid:
