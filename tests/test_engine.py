@@ -42,6 +42,7 @@ def engine(src, dest, work, **recipe) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", [{"dequant": True}, {"dequant": True, "mp": 2}], ids=["dequant", "dequant+mp2"])
 def test_the_engine_converts_without_prefect_and_matches_the_flow(prefect_harness, demo_ckpt, tmp_path, recipe):
     from ckptflow.flows.convert import convert_flow

@@ -183,6 +183,7 @@ def test_summary_counts_this_run_only(prefect_harness, ckpt, tmp_path):
     assert [p["shards"] for p in resumed["passes"]] == [6]
 
 
+@pytest.mark.slow
 def test_dry_run_numbers_match_a_real_run(prefect_harness, ckpt, tmp_path):
     from ckptflow.flows.dry_run import dry_run_report
     from ckptflow.flows.preflight import plan_conversion

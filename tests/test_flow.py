@@ -77,6 +77,7 @@ def test_failed_validation_leaves_dest_untouched(demo_ckpt, tmp_path):
     assert (out / "model.safetensors.index.json").read_text() == "{}"  # validation failed first: untouched
 
 
+@pytest.mark.slow
 def test_shard_committed_before_prefect_recorded_it_is_not_redone(prefect_harness, demo_ckpt, tmp_path):
     """A kill between a shard's commit and Prefect's result record: the commit journal covers it."""
     import shutil

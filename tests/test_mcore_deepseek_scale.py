@@ -79,6 +79,7 @@ def expected() -> dict[str, tuple[str, list[int]]]:
     return out
 
 
+@pytest.mark.slow
 def test_deepseek_v3_671b_dry_run_plans_every_tensor(tmp_path):
     src, dest, planned = write_deepseek_v3(tmp_path / "ds"), tmp_path / "hf", tmp_path / "planned.json"
     cli = subprocess.run([sys.executable, "-c", _CLI, str(planned), "megatron", str(src), str(dest), "--dry-run",

@@ -366,6 +366,7 @@ def _task_run_counts(flow_run_id) -> list[int]:
     return asyncio.run(read())
 
 
+@pytest.mark.slow
 def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, faulty_s3, demo_ckpt, tmp_path,
                                                              monkeypatch):
     from ckptflow.flows.convert import convert_flow
@@ -397,6 +398,7 @@ def test_dropped_connections_are_retried_and_output_is_exact(prefect_harness, fa
     assert len(counts) == 6 and sum(c - 1 for c in counts) >= 1, counts  # Prefect retried the shard
 
 
+@pytest.mark.slow
 def test_user_errors_are_not_retried(prefect_harness, faulty_s3, demo_ckpt, tmp_path, monkeypatch):
     """AccessDenied is the user's to fix: each shard task fails once, with no retry delay."""
     from ckptflow.flows.convert import convert_flow
@@ -483,6 +485,7 @@ def _run_artifacts(flow_run_id) -> dict[str, object]:
     return {a.key: a for a in asyncio.run(read())}
 
 
+@pytest.mark.slow
 def test_progress_artifact_advances_per_shard_and_summary_is_published(prefect_harness, demo_ckpt, tmp_path,
                                                                         monkeypatch, request):
     import logging

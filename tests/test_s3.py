@@ -109,6 +109,7 @@ def demo(demo_ckpt, reference):
 # ------------------------------------------------------------------------------ conversions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["s3->s3", "local->s3", "s3->local"])
 def test_convert_over_s3_matches_local(where, s3_options, demo, reference, tmp_path):
     opts, bucket = s3_options["options"], s3_options["bucket"]
@@ -408,6 +409,7 @@ def _put_folder_marker(fs: s3fs.S3FileSystem, bucket: str, key: str) -> None:
     fs.invalidate_cache()
 
 
+@pytest.mark.slow
 def test_s3_folder_markers_are_not_files(s3_options, demo, reference, tmp_path):
     opts, bucket = s3_options["options"], s3_options["bucket"]
     fs = fresh_fs(opts)
@@ -436,6 +438,7 @@ def test_fetch_skips_s3_folder_markers(s3_options, demo, reference, tmp_path):
     assert_same_tree(local_tree(tmp_path / "out"), reference["output"])
 
 
+@pytest.mark.slow
 def test_fetch_into_a_work_location_on_s3(prefect_harness, s3_options, demo, reference, tmp_path,
                                           monkeypatch):
     """On the flow: with the work location on the bucket, Prefect's own result storage writes there

@@ -93,6 +93,7 @@ def test_local_server_start_status_stop_and_runs_use_it(demo_ckpt, tmp_path):
     assert "no local Prefect server was running" in _cli("server", "stop", env=env).stdout
 
 
+@pytest.mark.slow
 def test_temporary_server_serves_one_run_and_is_gone_after_it(demo_ckpt, tmp_path):
     env = cli_env(temporary_server=True, CKPTFLOW_SERVER_HOME=str(tmp_path / "no-local-server"))
     summary = _convert_json(demo_ckpt, tmp_path, env)
@@ -119,6 +120,7 @@ sys.exit(console_main())
 """
 
 
+@pytest.mark.slow
 def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt, tmp_path):
     """The first rule of flows/runtime/server.py, which the suite's CLI tests rely on (helpers.cli_env): a
     URL in the environment is used as is; no temporary server is started, nothing waits for one.
@@ -145,6 +147,7 @@ def test_a_run_with_prefect_api_url_starts_no_server_and_records_there(demo_ckpt
         [log["message"] for log in logs]
 
 
+@pytest.mark.slow
 def test_a_server_named_in_prefect_toml_wins_in_the_same_process(demo_ckpt, tmp_path):
     """No URL in the environment or the profile, but ./prefect.toml names a server: the temporary
     server started early is stopped and Prefect's settings are read again in the same process
@@ -172,6 +175,7 @@ def _wait_closed(port: int, seconds: float) -> bool:
     return not _listening(port)
 
 
+@pytest.mark.slow
 def test_a_stale_local_server_record_is_ignored(demo_ckpt, tmp_path):
     """server.json naming a server that died: runs fall back to a temporary server; status says none."""
     home = tmp_path / "srv"

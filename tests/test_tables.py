@@ -143,6 +143,7 @@ def test_megatron_table_from_memory_url(tmp_path):
     assert sorted(state) == sorted(want) and all(torch.equal(state[k], want[k]) for k in want)
 
 
+@pytest.mark.slow
 def test_megatron_flow_with_table_url_caches_by_content(prefect_harness, tmp_path):
     model = tiny_gpt2(seed=6)
     src = _checkpoint_with_extra_buffer(tmp_path, model)

@@ -168,6 +168,7 @@ def watch_engine(**run) -> dict:
     return watch_without_prefect(convert=convert, **run)
 
 
+@pytest.mark.slow
 def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_harness, bucket_with_checkpoints):
     from ckptflow.flows.watch import watch_flow
 
@@ -208,6 +209,7 @@ def test_watch_converts_missing_and_stale_checkpoints_one_subflow_each(prefect_h
     assert json.loads(fs.cat_file(f"{b}/converted/beta/config.json"))["note"] == "re-uploaded"
 
 
+@pytest.mark.slow
 def test_a_broken_checkpoint_fails_the_watch_run_alone_then_fixed_and_relaid_outputs_are_pruned(
         prefect_harness, s3_options, watched_ckpt):
     """Its own bucket (so it runs beside the test above): gamma broken, delta fine, under one prefix."""
@@ -258,6 +260,7 @@ def test_a_watch_run_without_prefect_fails_as_the_flow_does(s3_options):
     assert "error" in err.value.summary["checkpoints"][0]["result"]
 
 
+@pytest.mark.slow
 def test_watch_dry_run_converts_nothing_and_options_are_typed(prefect_harness, bucket_with_checkpoints):
     from prefect.exceptions import ParameterTypeError
 
@@ -298,6 +301,7 @@ def _child_flow_runs(parent_flow_run_id) -> dict[str, str]:
     return asyncio.run(read())
 
 
+@pytest.mark.slow
 def test_watch_quantize_converts_a_checkpoint_dropped_under_the_prefix(prefect_harness, tmp_path):
     """`ckptflow watch --quantize nvfp4` (the flag, through run_main): a BF16 checkpoint dropped
     under the watched prefix is quantized, byte for byte as the engine quantizes it, once."""
