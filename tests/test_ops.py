@@ -149,11 +149,14 @@ def test_local_workers_on_the_temporary_server_match_threads(threaded_output, tm
 
 
 @pytest.mark.slow
-def test_remote_dask_without_a_server_says_what_to_do(demo_ckpt, tmp_path):
+@pytest.mark.parametrize("command", ["convert", "watch"])
+def test_remote_dask_without_a_server_says_what_to_do(demo_ckpt, tmp_path, command):
     env = server_env(tmp_path / "home")
     # --work on storage a remote cluster could reach (a local one is refused first, naming --work)
-    proc = run_cli(["convert", str(demo_ckpt), str(tmp_path / "out"), "--dequant", "--task-runner", "dask",
-                    "--dask-address", "tcp://127.0.0.1:9", "--work", "memory://ckptflow-work/out"], env, timeout=120)
+    where = [str(demo_ckpt), str(tmp_path / "out"), "--work", "memory://ckptflow-work/out"] if command == "convert" \
+        else [str(demo_ckpt.parent), "memory://ckptflow-dest/out", "--work-prefix", "memory://ckptflow-work/out"]
+    proc = run_cli([command, *where, "--dequant", "--task-runner", "dask", "--dask-address", "tcp://127.0.0.1:9"],
+                   env, timeout=120)
     assert proc.returncode == 2
     assert "PREFECT_API_URL" in proc.stderr and "--dask-address" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
