@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
 from . import prefect_servers
 from .helpers import PYTHON, free_port
 
+# Where the environment says PYTHONDONTWRITEBYTECODE (this machine's does), every process of the suite,
+# its three workers and some hundreds of CLI, server and pool children, would compile ckptflow and
+# pytest would rewrite all 100-odd test modules from source again, each time (~4 CPU-s a worker). The
+# suite writes bytecode, as Python does by default; its workers and children inherit that from here.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None):
+    sys.dont_write_bytecode = False
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # moto and s3fs need credentials to exist; they are never sent anywhere but loopback.
