@@ -223,6 +223,7 @@ class FaultyProxy:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # headers and body go out as two writes: no delayed-ACK wait
 
             def log_message(self, *a):  # quiet
                 pass

@@ -45,6 +45,8 @@ class StopOnRequest:
                 upstream = socket.create_connection(("127.0.0.1", self.port))
             except OSError:
                 return
+            for s in (client, upstream):  # each piece goes on at once: no Nagle wait for the previous one's ACK
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
 
