@@ -24,9 +24,6 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # A developer's own `ckptflow server start` must not serve the tests' CLI runs (flows/runtime/persistent_server.py).
 os.environ["CKPTFLOW_SERVER_HOME"] = __import__("tempfile").mkdtemp(prefix="ckptflow-test-server-")
-# Without a GPU, Triton kernels run on the CPU interpreter; it must be on before triton.jit runs.
-if not __import__("torch").cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 # The session's migrated Prefect database lives here: named now, in the first process that loads this
 # file (pytest's controller under xdist), so that every worker inherits the one folder.
 _MADE_TEMPLATE_DIR = not os.environ.get(prefect_servers.TEMPLATE_ENV)
@@ -40,8 +37,15 @@ def pytest_configure(config):
 
     The CLI runs of three workers that start temporary servers share the one default database
     (PREFECT_HOME/prefect.db); on a machine where it does not exist yet, they would all create and
-    migrate it at once. The controller creates it first, once (~10 s)."""
+    migrate it at once. The controller creates it first, once (~10 s).
+
+    Where tests run (a worker, or the one process without xdist), Triton kernels run on the CPU
+    interpreter when there is no GPU: it must be on before `triton.jit` runs, so before any test
+    module is collected. xdist's controller runs no test: it skips the torch import (~1.6 CPU-s
+    before the shared server and the workers could start)."""
     if hasattr(config, "workerinput") or not config.getoption("numprocesses", None):
+        if not __import__("torch").cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         return
     prefect_servers.start_shared()
     if os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
