@@ -104,32 +104,8 @@ def prefect_harness():
     """In-process flows run against the session's shared Prefect server, the one its CLI runs use
     (tests/prefect_servers.py), as Prefect's `prefect_test_harness` would run them against a
     server of their own: no server start per worker."""
-    from prefect.context import _temporary_global_settings_context, get_settings_context
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    from prefect.utilities.asyncutils import run_coro_as_sync
-
-    with temporary_settings({PREFECT_API_URL: prefect_servers.api_url()}):
-        # as the harness does: code in a context copied earlier sees the server too
-        with _temporary_global_settings_context(get_settings_context()):
-            yield
-            # flush logs and events while the server still answers, as the harness does on leaving
-            run_coro_as_sync(_drain(APILogWorker, EventsWorker))
-
-
-async def _drain(log_worker, events_worker) -> None:
-    import inspect
-
-    try:
-        drained = log_worker.instance().drain()
-        if inspect.isawaitable(drained):
-            await drained
-    except RuntimeError:  # never started
-        pass
-    drained = events_worker.drain_all()
-    if inspect.isawaitable(drained):
-        await drained
+    with prefect_servers.clients_on(prefect_servers.api_url()):
+        yield
 
 
 @pytest.fixture(scope="session")

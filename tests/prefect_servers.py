@@ -17,7 +17,7 @@ every run it records. So:
   /health. A run without xdist starts it in its own process when a test first needs it. It dies
   with the process that started it, even one killed by SIGKILL (its stdin is a pipe from there).
   CLI subprocesses reach it through PREFECT_API_URL (helpers.cli_env), in-process flows through
-  the `prefect_harness` fixture.
+  the `prefect_harness` fixture (`clients_on(url)`).
 - `PrivateServer`: a server of a test's own, for what must not touch the shared one (a global tag
   concurrency limit throttles every test's shard tasks while it exists).
 """
@@ -32,6 +32,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -265,8 +267,32 @@ def _raise_priority(pid: int) -> None:
     CAP_SYS_NICE) the server runs as it did."""
     try:
         os.setpriority(os.PRIO_PROCESS, pid, -10)
-    except (PermissionError, OSError):
+    except OSError:
         pass
+
+
+@contextmanager
+def clients_on(url: str) -> Iterator[None]:
+    """This process's Prefect (flows, and the log and event workers that send their records) talks
+    to the server at `url` inside the block, as Prefect's `prefect_test_harness` points it at a
+    server of its own: this context's settings and the global ones (code in a context copied earlier,
+    the workers' threads). The workers are drained on entry (what earlier flows sent goes to the
+    server it was meant for) and on leaving (sent while that server still answers)."""
+    from prefect.context import _temporary_global_settings_context, get_settings_context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    def drain() -> None:  # no event loop runs in this thread: each call waits until its workers are done
+        EventsWorker.drain_all()
+        APILogWorker.drain_all()
+
+    drain()
+    with temporary_settings({PREFECT_API_URL: url}), _temporary_global_settings_context(get_settings_context()):
+        try:
+            yield
+        finally:
+            drain()
 
 
 _server: PrivateServer | None = None  # the shared server, in the process that owns it

@@ -247,7 +247,6 @@ def test_a_killed_client_resumes_from_another_machine(prefect_server, s3_endpoin
     time.sleep(max(0.0, float(held["heartbeat"]) + 4 + 1 - time.time()))
     cluster.no_shard_delay()  # the delay gave time to kill the first client; nothing kills the rerun
 
-
     log = tmp_path / "client3.log"
     third = start_cli(command, machine_env(tmp_path / "client3", api, s3_endpoint, **stale), log)
     output = finish(third, log)

@@ -600,23 +600,14 @@ def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_outp
     def run(name: str, env: dict[str, str]) -> list[dict]:
         """The CLI's `main` in this process (no process importing torch and Prefect to start it: the
         processes that matter are the pool's two workers), against env's server."""
-        from prefect.context import _temporary_global_settings_context, get_settings_context
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
         since, out = time.time(), tmp_path / f"out-{name}"
         # The pool's workers send their task runs' events through this process's events worker, which
-        # keeps the server it was made for (on a thread that reads the global settings, as in
-        # conftest's prefect_harness): earlier flows' events go there now, this run's to `env`'s.
-        EventsWorker.drain_all()
-        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), \
-                _temporary_global_settings_context(get_settings_context()):
+        # keeps the server it was made for: drained on the way in and out (`clients_on`), earlier flows'
+        # events go to their server, this run's to `env`'s while it still answers.
+        with prefect_servers.clients_on(env["PREFECT_API_URL"]):
             proc = run_main("convert", f"s3://{bucket}/src", str(out), "--dequant", "--work",
                             str(tmp_path / f"work-{name}"), "--storage-options", options,
                             "--task-runner", "processes", "--max-workers", "2", PREFECT_API_URL=env["PREFECT_API_URL"])
-            EventsWorker.drain_all()  # sent while the server is up (the private one stops after the test)
-            APILogWorker.drain_all()
         assert proc.returncode == 0, proc.stdout + proc.stderr
         runs = _shard_task_runs(env, out, since)
         assert len(runs) == 6 and all("ckptflow-shard" in r["tags"] for r in runs), runs
