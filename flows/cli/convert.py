@@ -40,12 +40,9 @@ def run_convert(args: argparse.Namespace, runtime: Runtime, source: str, dest: s
 
         return dry_run_report(planned, source, dest, work or default_work(dest))
     server = runtime.server
-    # No temporary server for --dask-address: the remote workers could not reach its loopback URL,
-    # so the run is refused below unless Prefect's settings name a server (seconds of start-up for nothing).
-    server.prestart(temporary=runtime.owns_process and not validated.dask_address)  # boots while torch loads
-    from ckptflow.flows.runtime.runners import check_runner, make_task_runner
+    from ckptflow.flows.runtime.runners import make_task_runner, prestart_for
 
-    check_runner(validated.task_runner, validated.dask_address, server)  # refused before torch loads
+    prestart_for(server, runtime.owns_process, validated.task_runner, validated.dask_address)
     from ckptflow.flows.cli.bars import open_bars
     from ckptflow.flows.convert import convert_flow
     from ckptflow.flows.cli.run_link import linked

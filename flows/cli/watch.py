@@ -33,12 +33,10 @@ def cmd_watch(args: argparse.Namespace, runtime: Runtime) -> int:
         print_watch(watch_summary(args.source_prefix, args.dest_prefix, scan.plan, True, {}), args.json)
         return 0
     server = runtime.server
-    # boots while the flow imports; deaf to the terminal's Ctrl-C (flows/runtime/server.py). None for
-    # --dask-address: the remote workers could not reach a temporary server (as `convert`)
-    server.prestart(temporary=runtime.owns_process and not options.dask_address)
-    from ckptflow.flows.runtime.runners import check_runner
+    from ckptflow.flows.runtime.runners import prestart_for
 
-    check_runner(options.task_runner, options.dask_address, server)  # refused before the flow loads
+    # deaf to the terminal's Ctrl-C (flows/runtime/server.py)
+    prestart_for(server, runtime.owns_process, options.task_runner, options.dask_address)
     from ckptflow.flows.cli.run_link import linked
     from ckptflow.flows.watch import WatchFailed, watch_flow
 

@@ -40,6 +40,15 @@ def api_url() -> str | None:
     return PREFECT_API_URL.value() or os.environ.get("PREFECT_API_URL") or None
 
 
+def prestart_for(server: Server, owns_process: bool, kind: str, dask_address: str | None) -> None:
+    """A CLI run's server, started early (it boots while torch and the flow import), and its task
+    runner checked before them. No temporary server for `--dask-address`: the remote workers could
+    not reach its loopback URL, so the run is refused here unless Prefect's settings name a server
+    (seconds of start-up for nothing)."""
+    server.prestart(temporary=owns_process and not dask_address)
+    check_runner(kind, dask_address, server)
+
+
 def check_runner(kind: str, dask_address: str | None = None, server: Server | None = None) -> None:
     """Raise a `RunnerError` saying what to do when `kind` cannot run here (`server`: the run's)."""
     if kind not in RUNNERS:
