@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -183,11 +184,25 @@ def test_make_task_runner_kinds(monkeypatch):
     assert local.cluster_kwargs["processes"] is True and local.cluster_kwargs["threads_per_worker"] == 1
     remote = make_task_runner("dask", dask_address="tcp://10.0.0.1:8786")
     assert remote.address == "tcp://10.0.0.1:8786"
-    assert [runner_kind(r) for r in (threads, local)] == ["threads", "dask"]
+    assert [runner_kind(r) for r in (threads, make_task_runner("processes", 2), local)] == \
+        ["threads", "processes", "dask"]
     with pytest.raises(RunnerError, match="unknown task runner 'ray'"):
         make_task_runner("ray")
     with pytest.raises(RunnerError, match="--dask-address is for --task-runner dask"):
         make_task_runner("threads", dask_address="tcp://x:1")
+
+
+def test_process_pool_workers_fork_from_a_server_that_imported_torch():
+    """A `processes` pool's workers are forks of one fork server that has torch loaded, not fresh
+    interpreters that each import it (3.5 CPU-s and 195 MB each); duplicated runners (Prefect's
+    `with_options`) keep that."""
+    from ckptflow.flows.runtime.preloaded_pool import PreloadedProcessPool
+
+    with PreloadedProcessPool(max_workers=1).duplicate() as pool:
+        parent = pool._executor.submit(os.getppid).result(timeout=120)
+        assert parent != os.getpid()
+        assert "multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_text()
+        assert "libtorch_cpu" in Path(f"/proc/{parent}/maps").read_text()
 
 
 def test_invalid_flow_parameters_are_rejected():

@@ -75,7 +75,8 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
 
     threads:   `ThreadPoolTaskRunner(max_workers)` (default 1: a CPU shard task already uses
                every core through torch; raise it for object storage, where tasks wait on I/O).
-    processes: `ProcessPoolTaskRunner(max_workers)` (spawned processes on this machine).
+    processes: `ProcessPoolTaskRunner(max_workers)`: processes on this machine, forked from one
+               that imported the shard task's modules once (`preloaded_pool`).
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
                `distributed.LocalCluster` of `max_workers` single-threaded worker processes.
     """
@@ -87,9 +88,9 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
 
         return ThreadPoolTaskRunner(max_workers=max_workers or 1)
     if kind == "processes":
-        from prefect.task_runners import ProcessPoolTaskRunner
+        from ckptflow.flows.runtime.preloaded_pool import PreloadedProcessPool
 
-        return ProcessPoolTaskRunner(max_workers=max_workers or 2)
+        return PreloadedProcessPool(max_workers=max_workers or 2)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
@@ -101,9 +102,13 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
 
 def runner_kind(runner: Any) -> str | None:
     """The kind a task runner instance is, or None for one ckptflow did not make."""
-    name = type(runner).__name__
-    return {"ThreadPoolTaskRunner": "threads", "ProcessPoolTaskRunner": "processes",
-            "DaskTaskRunner": "dask"}.get(name)
+    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return "threads"
+    if isinstance(runner, ProcessPoolTaskRunner):
+        return "processes"
+    return "dask" if type(runner).__name__ == "DaskTaskRunner" else None
 
 
 def runner_settings(runner: Any) -> tuple[str | None, int | None, str | None]:
