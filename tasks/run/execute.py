@@ -313,6 +313,7 @@ def write_shard(shard: ShardPlan, src: Location, dst: Location, progress: Progre
             ThreadPoolExecutor(READ_AHEAD, thread_name_prefix="ckptflow-read") as pool:
         ctx = ExecContext(reader, pool, device=device, backend=backend,
                           kernel_copy=src.is_local and dst.is_local and not digest)
+        reader.expect((ref.file, ref.start, ref.end) for t in shard.tensors for ref in t.sources)
         # Computed bytes go out with O_DIRECT; a shard of whole-tensor copies (reindex) stays with
         # copy_file_range: reflinks where the filesystem shares extents, a kernel copy elsewhere.
         only_copies = ctx.kernel_copy and all(t.transform == COPY.name and cut_of(t) is None for t in shard.tensors)
