@@ -205,6 +205,19 @@ def test_process_pool_workers_fork_from_a_server_that_imported_torch():
         assert "libtorch_cpu" in Path(f"/proc/{parent}/maps").read_text()
 
 
+def test_local_cluster_workers_fork_from_the_same_kind_of_server():
+    """`--task-runner dask`'s LocalCluster: its workers too are forks of a fork server with torch loaded."""
+    import distributed
+
+    from ckptflow.flows.runtime.preloaded_pool import local_cluster
+
+    with local_cluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        (parent,) = client.run(os.getppid).values()
+        assert "multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_text()
+        assert "libtorch_cpu" in Path(f"/proc/{parent}/maps").read_text()
+
+
 def test_invalid_flow_parameters_are_rejected():
     from prefect.exceptions import ParameterTypeError
 

@@ -1,4 +1,5 @@
-"""Prefect's process pool, its workers forked from one process that has imported their modules.
+"""Local worker processes forked from one process that has imported their modules: Prefect's
+process pool, and the Dask LocalCluster of `--task-runner dask`.
 
 Prefect's `ProcessPoolTaskRunner` spawns each worker: a fresh interpreter that imports torch,
 Prefect and ckptflow before its first shard, about 3.5 CPU-seconds and 195 MB of memory of its own
@@ -7,7 +8,7 @@ once (`PRELOAD`): each worker is a fork of it, ready at once, sharing the import
 (4 workers on 2 cores: ready in 2.1 s, not 7.6 s; 4 MB of memory of their own each, not 195).
 The fork server is started fresh by Python (an `exec`, not a fork of this process), so no thread,
 lock or CUDA context of this process reaches a worker; it lives as long as this process and serves
-every pool made here.
+every pool and LocalCluster made here (a LocalCluster's workers import Dask's own modules too).
 
 Each task still gets this process's environment and Prefect settings with it, as with a spawned
 worker (Prefect sends both along). Where `forkserver` is not a start method (Windows), or Prefect's
@@ -33,6 +34,24 @@ def fork_server_context() -> Any | None:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # read when the server starts: the first pool's first worker
     return ctx
+
+
+def local_cluster(**kwargs: Any) -> Any:
+    """`distributed.LocalCluster(**kwargs)`, its worker processes forked from the fork server. Dask
+    starts workers with the start method its config names, and would set its own preload list if
+    the server were not running yet: it is started here, with ours (a 2-worker cluster: ready for
+    shard work in 4.0 s, not 5.1 s, and about 4 CPU-s less)."""
+    import dask
+    import distributed
+
+    ctx = fork_server_context()
+    if ctx is not None:
+        import multiprocessing.forkserver
+
+        ctx.set_forkserver_preload([*PRELOAD, "distributed"])
+        dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
+        multiprocessing.forkserver.ensure_running()
+    return distributed.LocalCluster(**kwargs)
 
 
 class PreloadedProcessPool(ProcessPoolTaskRunner):

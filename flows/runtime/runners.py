@@ -78,7 +78,8 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     processes: `ProcessPoolTaskRunner(max_workers)`: processes on this machine, forked from one
                that imported the shard task's modules once (`preloaded_pool`).
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
-               `distributed.LocalCluster` of `max_workers` single-threaded worker processes.
+               `distributed.LocalCluster` of `max_workers` single-threaded worker processes,
+               forked like the process pool's (`preloaded_pool.local_cluster`).
     """
     check_runner(kind, dask_address, server)
     if kind != "threads" and not api_url():
@@ -95,7 +96,7 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+    return DaskTaskRunner(cluster_class="ckptflow.flows.runtime.preloaded_pool.local_cluster",
                           cluster_kwargs={"n_workers": max_workers or 2, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None})
 
