@@ -68,7 +68,7 @@ class RunCache:
         self._keep = keep
         self._lock = threading.Lock()
         self._runs: dict[str, tuple[list[int], list[Range]]] = {}
-        self._fetched: OrderedDict[tuple[str, int], _Fetch] = OrderedDict()
+        self._fetched: OrderedDict[tuple[str, int, int], _Fetch] = OrderedDict()
         self._kept = 0
 
     def expect(self, ranges: Iterable[tuple[str, int, int]]) -> None:
@@ -95,7 +95,7 @@ class RunCache:
             return runs[i]
 
     def _run_bytes(self, name: str, run: Range) -> bytes | None:
-        key = (name, run[0])
+        key = (name, *run)  # a later `expect` may plan another run from the same offset
         with self._lock:
             entry = self._fetched.get(key)
             mine = entry is None

@@ -117,3 +117,12 @@ def test_a_shard_from_s3_reads_side_by_side_tensors_in_one_get(s3_options, tmp_p
     write_shard(plan(), open_location(str(tmp_path / "local")), open_location(str(tmp_path / "from-local")))
     assert (tmp_path / "from-s3" / "out.safetensors").read_bytes() == \
         (tmp_path / "from-local" / "out.safetensors").read_bytes()
+
+
+def test_a_new_expectation_never_serves_bytes_of_an_earlier_run():
+    data = bytes(range(200))
+    cache = RunCache(lambda name, start, end: data[start:end])
+    cache.expect([("f", 0, 10), ("f", 10, 20)])
+    assert cache.read("f", 0, 5) == data[0:5]
+    cache.expect([("f", 0, 10), ("f", 10, 20), ("f", 20, 100)])  # a longer run from the same offset
+    assert cache.read("f", 50, 100) == data[50:100]
