@@ -77,7 +77,8 @@ def convert_checkpoint(name: str, source: str, dest: str, work: str, options: di
     on a progress sink of its own (the runtime's `progress_for_flow`), so conversions running at
     once never mix their counts."""
     rt = runtime_of(runtime)
-    runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"], rt.server)
+    runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"], rt.server,
+                              cli_interrupt=rt.interrupt.armed)
 
     def subflow(options: dict[str, Any], **where: Any) -> dict[str, Any]:
         return convert_flow.with_options(flow_run_name=f"convert-{name}", task_runner=runner)(

@@ -3,6 +3,7 @@ stop a run and resume it exactly, summaries that count this run only, --dry-run,
 passes ckptflow's own validate and verify."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,6 +154,55 @@ def test_signal_stops_run_then_rerun_resumes_exactly(prefect_harness, ckpt, tmp_
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["cached_shards"] == len(committed)  # resumes exactly: nothing committed redone
     assert tree(out) == want
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_process_pool_run_prints_the_one_line_and_leaves_no_worker(prefect_harness, tmp_path):
+    """`--task-runner processes` under a terminal's Ctrl-C (the whole process group): the pool's
+    workers leave it to the CLI, so no worker's KeyboardInterrupt traceback and no resource
+    tracker's "leaked semaphore" warning follow the one line; no worker outlives the CLI; the
+    same command resumes."""
+    import psutil
+
+    from ckptflow.flows.demo.synthetic import DeepSeekDims, make_deepseek_v3_fp8
+    from ckptflow.storage.urls import open_location
+
+    src, out, work = tmp_path / "src", tmp_path / "out", tmp_path / "work"
+    make_deepseek_v3_fp8(open_location(str(src)), DeepSeekDims(num_hidden_layers=12))  # 15 shards
+    args = ["convert", str(src), str(out), "--dequant", "--work", str(work), "--task-runner", "processes",
+            "--max-workers", "2", "--json"]
+    child = subprocess.Popen([PYTHON, "-m", "ckptflow.flows.cli", *args], cwd=ROOT, env=cli_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, workers = time.monotonic() + 240, []
+    while time.monotonic() < deadline and child.poll() is None and not list(out.glob("*.safetensors")):
+        time.sleep(0.02)
+    workers = psutil.Process(child.pid).children(recursive=True)
+    commands = []
+    for proc in workers:
+        with contextlib.suppress(psutil.Error):
+            commands.append(" ".join(proc.cmdline()))
+    os.killpg(child.pid, signal.SIGINT)
+    stdout, stderr = child.communicate(timeout=60)
+    assert child.returncode == 130, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("interrupted after ") and lines[-1].endswith(" of 15 shards; run the same "
+                                                                          "command again to resume"), stderr
+    for noise in ("Traceback", "KeyboardInterrupt", "leaked", "Error"):
+        assert noise not in stderr + stdout, stderr
+    assert any("multiprocessing.forkserver" in c for c in commands), commands  # the pool had started
+    deadline = time.monotonic() + 10  # the orphan watchdog polls every 0.5 s
+    while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+                                              for p in workers):
+        time.sleep(0.1)
+    assert not [p for p in workers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    committed = len(list(out.glob("*.safetensors")))
+    assert committed < 15 and not (out / "model.safetensors.index.json").exists()
+
+    rerun = run_main(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout.strip().splitlines()[-1])["cached_shards"] == committed
+    dequant_reference(src, tmp_path / "clean", tmp_path / "work-clean")
+    assert tree(out) == tree(tmp_path / "clean")
 
 
 def test_summary_counts_this_run_only(prefect_harness, ckpt, tmp_path):

@@ -48,6 +48,9 @@ def _release_locks() -> None:
     worker.join(2.0)
 
 
+_QUIET_TRACKER = "ignore::UserWarning:multiprocessing.resource_tracker"
+
+
 class Interrupt:
     """A CLI process's Ctrl-C / SIGTERM policy: `server` is stopped on the way out; `counts()`
     and `clear_bars()` come from the runtime (every conversion's progress sink)."""
@@ -81,6 +84,11 @@ class Interrupt:
         self.armed = True
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._handler)
+        # `os._exit` skips multiprocessing's finalizers: the resource tracker (a process pool's queues)
+        # then unlinks their semaphores itself, as it should, and would warn of each "leak" under the
+        # one line. It starts with this process's -W options: its warnings go nowhere.
+        if _QUIET_TRACKER not in sys.warnoptions:
+            sys.warnoptions.append(_QUIET_TRACKER)
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)`, in a thread of its own when armed: the main thread only waits,

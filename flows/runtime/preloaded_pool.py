@@ -17,6 +17,7 @@ pool no longer looks as this was written against, the pool stays Prefect's own.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
@@ -52,6 +53,14 @@ def local_cluster(**kwargs: Any) -> Any:
         dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
         multiprocessing.forkserver.ensure_running()
     return distributed.LocalCluster(**kwargs)
+
+
+def ignore_ctrl_c() -> None:
+    """A worker's initializer under the CLI: Ctrl-C reaches every process of the terminal's group,
+    and Prefect's engine in each worker would log the KeyboardInterrupt's traceback over the CLI's
+    one line. The CLI handles it for the run (flows/runtime/interrupt.py: one line, locks released,
+    exit); its orphan watchdog then ends the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PreloadedProcessPool(ProcessPoolTaskRunner):

@@ -70,7 +70,8 @@ def check_runner(kind: str, dask_address: str | None = None, server: Server | No
 
 
 def make_task_runner(kind: str = "threads", max_workers: int | None = None,
-                     dask_address: str | None = None, server: Server | None = None) -> Any:
+                     dask_address: str | None = None, server: Server | None = None,
+                     cli_interrupt: bool = False) -> Any:
     """The Prefect task runner for `kind` ("threads" | "processes" | "dask").
 
     threads:   `ThreadPoolTaskRunner(max_workers)` (default 1: a CPU shard task already uses
@@ -80,6 +81,8 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
                `distributed.LocalCluster` of `max_workers` single-threaded worker processes,
                forked like the process pool's (`preloaded_pool.local_cluster`).
+    `cli_interrupt`: the CLI handles Ctrl-C for the run (its `Interrupt` is armed): pool workers
+    leave it to the CLI (`preloaded_pool.ignore_ctrl_c`).
     """
     check_runner(kind, dask_address, server)
     if kind != "threads" and not api_url():
@@ -89,9 +92,9 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
 
         return ThreadPoolTaskRunner(max_workers=max_workers or 1)
     if kind == "processes":
-        from ckptflow.flows.runtime.preloaded_pool import PreloadedProcessPool
+        from ckptflow.flows.runtime.preloaded_pool import PreloadedProcessPool, ignore_ctrl_c
 
-        return PreloadedProcessPool(max_workers=max_workers or 2)
+        return PreloadedProcessPool(max_workers=max_workers or 2, initializer=ignore_ctrl_c if cli_interrupt else None)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
