@@ -48,7 +48,7 @@ def convert_flow(source: str, dest: str, work: str | None = None,
     current = FlowRunContext.get()
     if current is not None:
         runner = make_task_runner(opts.task_runner, opts.max_workers, opts.dask_address, rt.server,
-                                  cli_interrupt=rt.interrupt.armed)
+                                  cli_interrupt=rt.handles_ctrl_c)
         if runner_settings(current.task_runner) != runner_settings(runner):
             # A deployment run asks for another runner as a parameter: shard tasks go to it from
             # within this same flow run (no subflow), so the operator's run is the one that holds

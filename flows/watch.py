@@ -78,7 +78,7 @@ def convert_checkpoint(name: str, source: str, dest: str, work: str, options: di
     once never mix their counts."""
     rt = runtime_of(runtime)
     runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"], rt.server,
-                              cli_interrupt=rt.interrupt.armed)
+                              cli_interrupt=rt.handles_ctrl_c)
 
     def subflow(options: dict[str, Any], **where: Any) -> dict[str, Any]:
         return convert_flow.with_options(flow_run_name=f"convert-{name}", task_runner=runner)(

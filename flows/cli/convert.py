@@ -55,7 +55,7 @@ def run_convert(args: argparse.Namespace, runtime: Runtime, source: str, dest: s
         called = time.monotonic() - runtime.started  # from here on the wait is Prefect's: server, flow run
         server.ready()  # before the runner: local workers share this same temporary server
         runner = make_task_runner(options["task_runner"], options["max_workers"], options["dask_address"], server,
-                                  cli_interrupt=runtime.interrupt.armed)
+                                  cli_interrupt=runtime.handles_ctrl_c)
         summary = runtime.call(linked(convert_flow.with_options(task_runner=runner), server),
                                source=source, dest=dest, work=work, storage_options=opts or None, runtime=runtime,
                                **options)

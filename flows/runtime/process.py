@@ -53,6 +53,13 @@ class Runtime:
     def __repr__(self) -> str:
         return f"Runtime(owns_process={self.owns_process}, server={self.server.label()})"
 
+    @property
+    def handles_ctrl_c(self) -> bool:
+        """This CLI process stops the run on Ctrl-C (armed) and its orphan watchdog ends local
+        workers: they may leave Ctrl-C to it (`runners.make_task_runner(cli_interrupt=)`). Where
+        no watchdog runs (no /proc), a worker that ignored Ctrl-C would outlive the CLI."""
+        return self.interrupt.armed and self.watchdog is not None
+
     # Process pools and Dask pickle the flow run's context, parameters included, for their workers;
     # a runtime belongs to its process: a worker gets a default one (it never uses it).
     def __reduce__(self) -> tuple[Any, tuple[()]]:

@@ -81,8 +81,8 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
                `distributed.LocalCluster` of `max_workers` single-threaded worker processes,
                forked like the process pool's (`preloaded_pool.local_cluster`).
-    `cli_interrupt`: the CLI handles Ctrl-C for the run (its `Interrupt` is armed): pool workers
-    leave it to the CLI (`preloaded_pool.ignore_ctrl_c`).
+    `cli_interrupt`: the CLI handles Ctrl-C for the run and reaps its workers
+    (`Runtime.handles_ctrl_c`): pool workers leave Ctrl-C to it (`preloaded_pool.ignore_ctrl_c`).
     """
     check_runner(kind, dask_address, server)
     if kind != "threads" and not api_url():
