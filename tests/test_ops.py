@@ -622,8 +622,8 @@ def test_a_tag_concurrency_limit_caps_shard_tasks_across_processes(threaded_outp
     proxy, bucket = faulty_s3["proxy"], faulty_s3["bucket"]
     faulty_s3["direct"].put(str(threaded_output["source"]) + "/", f"{bucket}/src/", recursive=True)
     # Every data read waits, as on a slow store: a shard's few GETs (its small tensors side by side come
-    # in one, storage/read_runs.py) then take about as long as its task's dealings with Prefect.
-    proxy.delay = 0.3
+    # in one, storage/read_runs.py) then outlast its dealings with Prefect, even on a loaded machine.
+    proxy.delay = 1.0
     proxy.add_rule(data_range_read, "delay", 100_000)
     options = json.dumps({k: v for k, v in faulty_s3["options"].items() if k != "skip_instance_cache"})
 
