@@ -2,7 +2,7 @@
 
 Each tensor a shard reads is a ranged GET of its own. For small ones (norms, biases, per-tensor
 scales, all of a small model) the request costs more than its bytes: converting the demo from S3
-made 255 GETs of a few KB each. A shard task tells its reader which ranges it is about to read
+made 243 GETs of tensor data, a few KB each (`bench/bench_s3_reads.py`: 12 with runs). A shard task tells its reader which ranges it is about to read
 (`RangeReader.expect`); `plan_runs` finds those that are small and lie byte to byte next to each
 other in one file, and the first read inside such a run fetches all of it (`RunCache`): the other
 reads of the run are cut from those bytes, or wait for them while they are on the way.

@@ -5,13 +5,14 @@ Prefect's `ProcessPoolTaskRunner` spawns each worker: a fresh interpreter that i
 Prefect and ckptflow before its first shard, about 3.5 CPU-seconds and 195 MB of memory of its own
 per worker. Here the workers come from a multiprocessing fork server that imported those modules
 once (`PRELOAD`): each worker is a fork of it, ready at once, sharing the imported modules' pages
-(4 workers on 2 cores: ready in 2.1 s, not 7.6 s; 4 MB of memory of their own each, not 195).
+(`bench/bench_worker_start.py`, 4 workers on 2 cores: ready in 2.1-2.3 s, not 7.3-7.6 s; 4-5 MB
+of memory of their own each, not 195).
 The fork server is started fresh by Python (an `exec`, not a fork of this process), so no thread,
 lock or CUDA context of this process reaches a worker; it lives as long as this process and serves
 every pool and LocalCluster made here (a LocalCluster's workers import Dask's own modules too).
 
 Each task still gets this process's environment and Prefect settings with it, as with a spawned
-worker (Prefect sends both along). Where `forkserver` is not a start method (Windows), or Prefect's
+worker (Prefect sends both along; a variable unset here after the server started stays set there). Where `forkserver` is not a start method (Windows), or Prefect's
 pool no longer looks as this was written against, the pool stays Prefect's own.
 """
 from __future__ import annotations
@@ -40,8 +41,9 @@ def fork_server_context() -> Any | None:
 def local_cluster(**kwargs: Any) -> Any:
     """`distributed.LocalCluster(**kwargs)`, its worker processes forked from the fork server. Dask
     starts workers with the start method its config names, and would set its own preload list if
-    the server were not running yet: it is started here, with ours (a 2-worker cluster: ready for
-    shard work in 4.0 s, not 5.1 s, and about 4 CPU-s less)."""
+    the server were not running yet: it is started here, with ours, and Dask's config in this
+    process names `forkserver` from then on (a 2-worker cluster: ready for shard work in 4.0 s,
+    not 5.1 s, and about 4 CPU-s less)."""
     import dask
     import distributed
 
