@@ -2,10 +2,11 @@
 
 Each tensor a shard reads is a ranged GET of its own. For small ones (norms, biases, per-tensor
 scales, all of a small model) the request costs more than its bytes: converting the demo from S3
-made 243 GETs of tensor data, a few KB each (`bench/bench_s3_reads.py`: 12 with runs). A shard task tells its reader which ranges it is about to read
-(`RangeReader.expect`); `plan_runs` finds those that are small and lie byte to byte next to each
-other in one file, and the first read inside such a run fetches all of it (`RunCache`): the other
-reads of the run are cut from those bytes, or wait for them while they are on the way.
+made 243 GETs of tensor data, a few KB each (`bench/bench_s3_reads.py`: 12 with runs). A shard
+task tells its reader which ranges it is about to read (`RangeReader.expect`); `plan_runs` finds
+those that are small and lie byte to byte next to each other in one file, and the first read
+inside such a run fetches all of it (`RunCache`): the other reads of the run are cut from those
+bytes, or wait for them while they are on the way.
 
 Nothing is fetched that was not expected (runs never reach over a gap), a run is at most `RUN_MAX`
 bytes, and fetched runs are kept up to `KEEP_MAX` bytes, the oldest dropped first: a dropped run is

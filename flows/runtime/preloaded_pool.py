@@ -12,8 +12,9 @@ lock or CUDA context of this process reaches a worker; it lives as long as this 
 every pool and LocalCluster made here (a LocalCluster's workers import Dask's own modules too).
 
 Each task still gets this process's environment and Prefect settings with it, as with a spawned
-worker (Prefect sends both along; a variable unset here after the server started stays set there). Where `forkserver` is not a start method (Windows), or Prefect's
-pool no longer looks as this was written against, the pool stays Prefect's own.
+worker (Prefect sends both along; a variable unset here after the server started stays set
+there). Where `forkserver` is not a start method (Windows), or Prefect's pool no longer looks as
+this was written against, the pool stays Prefect's own.
 """
 from __future__ import annotations
 
