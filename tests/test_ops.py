@@ -55,6 +55,9 @@ def convert(demo_ckpt: Path, base: Path, name: str, env: dict[str, str], *extra:
     out, work = base / f"out-{name}", base / f"work-{name}"
     proc = run_cli(["convert", str(demo_ckpt), str(out), "--dequant", "--work", str(work), "--json", *extra], env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Without -v no log record at INFO reaches the terminal, the workers' included (Dask's worker banners
+    # did, from LocalCluster workers forked where Prefect had set up logging first).
+    assert "| INFO" not in proc.stderr, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["cached_shards"] == 0 and summary["shards"] == 6
     return out, f"{socket.gethostname()}:{proc.pid}"
@@ -201,19 +204,6 @@ def test_process_pool_workers_fork_from_a_server_that_imported_torch():
     with PreloadedProcessPool(max_workers=1).duplicate() as pool:
         parent = pool._executor.submit(os.getppid).result(timeout=120)
         assert parent != os.getpid()
-        assert "multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_text()
-        assert "libtorch_cpu" in Path(f"/proc/{parent}/maps").read_text()
-
-
-def test_local_cluster_workers_fork_from_the_same_kind_of_server():
-    """`--task-runner dask`'s LocalCluster: its workers too are forks of a fork server with torch loaded."""
-    import distributed
-
-    from ckptflow.flows.runtime.preloaded_pool import local_cluster
-
-    with local_cluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
-        (parent,) = client.run(os.getppid).values()
         assert "multiprocessing.forkserver" in Path(f"/proc/{parent}/cmdline").read_text()
         assert "libtorch_cpu" in Path(f"/proc/{parent}/maps").read_text()
 

@@ -1,5 +1,4 @@
-"""Local worker processes forked from one process that has imported their modules: Prefect's
-process pool, and the Dask LocalCluster of `--task-runner dask`.
+"""Process-pool workers forked from one process that has imported their modules.
 
 Prefect's `ProcessPoolTaskRunner` spawns each worker: a fresh interpreter that imports torch,
 Prefect and ckptflow before its first shard, about 3.5 CPU-seconds and 195 MB of memory of its own
@@ -9,7 +8,7 @@ once (`PRELOAD`): each worker is a fork of it, ready at once, sharing the import
 of memory of their own each, not 195).
 The fork server is started fresh by Python (an `exec`, not a fork of this process), so no thread,
 lock or CUDA context of this process reaches a worker; it lives as long as this process and serves
-every pool and LocalCluster made here (a LocalCluster's workers import Dask's own modules too).
+every pool made here.
 
 Each task still gets this process's environment and Prefect settings with it, as with a spawned
 worker (Prefect sends both along; a variable unset here after the server started stays set
@@ -37,25 +36,6 @@ def fork_server_context() -> Any | None:
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # read when the server starts: the first pool's first worker
     return ctx
-
-
-def local_cluster(**kwargs: Any) -> Any:
-    """`distributed.LocalCluster(**kwargs)`, its worker processes forked from the fork server. Dask
-    starts workers with the start method its config names, and would set its own preload list if
-    the server were not running yet: it is started here, with ours, and Dask's config in this
-    process names `forkserver` from then on (a 2-worker cluster: ready for shard work in 4.0 s,
-    not 5.1 s, and about 4 CPU-s less)."""
-    import dask
-    import distributed
-
-    ctx = fork_server_context()
-    if ctx is not None:
-        import multiprocessing.forkserver
-
-        ctx.set_forkserver_preload([*PRELOAD, "distributed"])
-        dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})
-        multiprocessing.forkserver.ensure_running()
-    return distributed.LocalCluster(**kwargs)
 
 
 def ignore_ctrl_c() -> None:

@@ -79,8 +79,9 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     processes: `ProcessPoolTaskRunner(max_workers)`: processes on this machine, forked from one
                that imported the shard task's modules once (`preloaded_pool`).
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
-               `distributed.LocalCluster` of `max_workers` single-threaded worker processes,
-               forked like the process pool's (`preloaded_pool.local_cluster`).
+               `distributed.LocalCluster` of `max_workers` single-threaded worker processes
+               (spawned: forked from the pool's server, whose Prefect set up logging before Dask
+               did, their Dask logs reached the terminal at INFO).
     `cli_interrupt`: the CLI handles Ctrl-C for the run and reaps its workers
     (`Runtime.handles_ctrl_c`): pool workers leave Ctrl-C to it (`preloaded_pool.ignore_ctrl_c`).
     """
@@ -99,7 +100,7 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(cluster_class="ckptflow.flows.runtime.preloaded_pool.local_cluster",
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                           cluster_kwargs={"n_workers": max_workers or 2, "threads_per_worker": 1,
                                           "processes": True, "dashboard_address": None})
 
