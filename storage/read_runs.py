@@ -18,12 +18,32 @@ import bisect
 import threading
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 SMALL = 1 << 20     # ranges at least this big get a GET of their own (the request is cheap beside them)
 RUN_MAX = 4 << 20   # the most one run's GET reads
 KEEP_MAX = 16 << 20  # fetched runs a reader keeps at once
 
 Range = tuple[int, int]
+T = TypeVar("T")
+
+
+def join_ranges(items: Iterable[T], span: Callable[[T], Range], gap: int, most: int
+                ) -> list[tuple[int, int, list[T]]]:
+    """`items` in order of their byte ranges (`span(item)` = (start, end)), joined into runs
+    (start, end, members): an item that starts at most `gap` bytes past a run's end joins it while
+    the run stays within `most` bytes. Reads that merge neighbours use it (here, Megatron-Core's
+    chunk reads, the scale preflight)."""
+    runs: list[tuple[int, int, list[T]]] = []
+    for item in sorted(items, key=span):
+        start, end = span(item)
+        if runs and start - runs[-1][1] <= gap and max(runs[-1][1], end) - runs[-1][0] <= most:
+            first, last, members = runs[-1]
+            members.append(item)
+            runs[-1] = (first, max(last, end), members)
+        else:
+            runs.append((start, end, [item]))
+    return runs
 
 
 def plan_runs(ranges: Iterable[tuple[str, int, int]], small: int = SMALL, most: int = RUN_MAX
@@ -36,17 +56,7 @@ def plan_runs(ranges: Iterable[tuple[str, int, int]], small: int = SMALL, most: 
             by_file[name].add((start, end))
     out: dict[str, list[Range]] = {}
     for name, found in by_file.items():
-        runs: list[Range] = []
-        first, last, count = -1, -1, 0
-        for start, end in sorted(found):
-            if count and start <= last and max(last, end) - first <= most:
-                last, count = max(last, end), count + 1
-                continue
-            if count > 1:
-                runs.append((first, last))
-            first, last, count = start, end, 1
-        if count > 1:
-            runs.append((first, last))
+        runs = [(a, b) for a, b, members in join_ranges(found, lambda r: r, 0, most) if len(members) > 1]
         if runs:
             out[name] = runs
     return out

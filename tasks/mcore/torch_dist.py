@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from ckptflow.storage.read_runs import join_ranges
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.mcore.archive import HEAD, TAIL, ArchiveError, Member, find_payload_member, payload_offset
 from ckptflow.tasks.mcore.dcp_metadata import ITEMSIZE, METADATA_CAP, DcpChunk, DcpMetadata, parse_metadata
@@ -38,13 +39,7 @@ def read_metadata(loc: Location) -> DcpMetadata:
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[list[int]] = []
-    for a, b in sorted(ranges):
-        if out and a <= out[-1][1] + MERGE_GAP and max(b, out[-1][1]) - out[-1][0] <= MERGE_MAX:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return [(a, b) for a, b in out]
+    return [(a, b) for a, b, _ in join_ranges(ranges, lambda r: r, MERGE_GAP, MERGE_MAX)]
 
 
 def _fetch(loc: Location, name: str, ranges: list[tuple[int, int]]) -> Iterable[tuple[int, bytes]]:

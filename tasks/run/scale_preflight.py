@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from ckptflow.storage.errors import problem_list
 from ckptflow.storage.reader import RangeReader
+from ckptflow.storage.read_runs import join_ranges
 from ckptflow.storage.transient import with_transient_retries
 from ckptflow.storage.urls import Location
 from ckptflow.tasks.kernels.finite import bad_scales
@@ -43,14 +44,7 @@ def small_scales(plans: Iterable[StagePlan]) -> dict[tuple[str, str], tuple[Sour
 
 def _spans(refs: list[SourceRef]) -> list[tuple[int, int, list[SourceRef]]]:
     """Refs of one file, sorted, grouped into ranges to read at once."""
-    spans: list[tuple[int, int, list[SourceRef]]] = []
-    for ref in sorted(refs, key=lambda r: r.start):
-        if spans and ref.start - spans[-1][1] <= MERGE_GAP and ref.end - spans[-1][0] <= MAX_SPAN:
-            a, b, group = spans[-1]
-            spans[-1] = (a, max(b, ref.end), group + [ref])
-        else:
-            spans.append((ref.start, ref.end, [ref]))
-    return spans
+    return join_ranges(refs, lambda r: (r.start, r.end), MERGE_GAP, MAX_SPAN)
 
 
 def check_small_scales(src: Location, plans: Iterable[StagePlan]) -> None:
