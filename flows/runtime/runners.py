@@ -79,9 +79,9 @@ def make_task_runner(kind: str = "threads", max_workers: int | None = None,
     processes: `ProcessPoolTaskRunner(max_workers)`: processes on this machine, forked from one
                that imported the shard task's modules once (`preloaded_pool`).
     dask:      `DaskTaskRunner(address=dask_address)` for an existing cluster, else a
-               `distributed.LocalCluster` of `max_workers` single-threaded worker processes
-               (spawned: forked from the pool's server, whose Prefect set up logging before Dask
-               did, their Dask logs reached the terminal at INFO).
+               `distributed.LocalCluster` of `max_workers` single-threaded worker processes,
+               spawned (forked from the pool's preloaded server, where Prefect sets up logging
+               before Dask does, their Dask INFO logs reached the terminal).
     `cli_interrupt`: the CLI handles Ctrl-C for the run and reaps its workers
     (`Runtime.handles_ctrl_c`): pool workers leave Ctrl-C to it (`preloaded_pool.ignore_ctrl_c`).
     """
